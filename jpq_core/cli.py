@@ -1,0 +1,165 @@
+"""Command line: `python -m jpq_core COMMAND --help` for each command.
+
+    python -m jpq_core train stereo                     # train the stereo network on synthetic scenes
+    python -m jpq_core train resnet20 --data digits     # train ResNet-20 on scikit-learn's digits
+    python -m jpq_core evaluate --network stereo --data middlebury --json
+    python -m jpq_core baselines --json                 # OpenCV SGBM and BM on the same pair and metric
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from jpq_core.errors import JPQError
+
+# Training recipes of the shipped checkpoints; flags override any field.
+RECIPES = {
+    "stereo": dict(data="synthetic", steps=5000, batch_size=4, lr=1e-3, height=192, width=384),
+    "resnet20": dict(data="digits", steps=600, batch_size=64, lr=0.1),
+    "resnet18": dict(data="digits", steps=600, batch_size=64, lr=0.05),
+}
+SYNTHETIC_VALIDATION_SCENES = 8
+
+
+def _stereo_samples(args) -> list:
+    from jpq_core.data import stereo_files, synthetic_stereo
+
+    if args.left or args.right:
+        if not (args.left and args.right):
+            raise JPQError("give both --left and --right (and optionally --gt).")
+        return [stereo_files.load_pair(args.left, args.right, args.gt, args.gt_scale)]
+    if args.data == "middlebury":
+        return [stereo_files.middlebury_motorcycle()]
+    if args.data == "synthetic":
+        return [synthetic_stereo.make_scene(synthetic_stereo.scene_seed("validation", i), 256, 512) for i in range(SYNTHETIC_VALIDATION_SCENES)]
+    raise JPQError(f"--data {args.data!r} is not stereo data; use middlebury, synthetic or --left/--right.")
+
+
+def evaluate_network(network: str, model, data: str) -> dict:
+    """Metrics of `model` on a named data set (what `evaluate` prints under "metrics")."""
+    from jpq_core.data import stereo_files, synthetic_stereo
+    from jpq_core.data.classification import load_classification
+    from jpq_core.evaluation import evaluate_classifier, evaluate_stereo
+    from jpq_core.models import task_of
+
+    if task_of(network) == "stereo":
+        if data == "middlebury":
+            samples = [stereo_files.middlebury_motorcycle()]
+        else:
+            samples = [synthetic_stereo.make_scene(synthetic_stereo.scene_seed("validation", i), 256, 512) for i in range(SYNTHETIC_VALIDATION_SCENES)]
+        return evaluate_stereo(model, samples)
+    images, labels = load_classification(data, "test")
+    return evaluate_classifier(model, images, labels)
+
+
+def cmd_train(args) -> int:
+    from jpq_core.models import shipped_checkpoint, task_of
+    from jpq_core.training import TrainConfig, train
+
+    recipe = dict(RECIPES[args.network])
+    for key in ("data", "steps", "batch_size", "lr", "seed", "threads"):
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    cfg = TrainConfig(network=args.network, **recipe)
+    out = Path(args.out or f"runs/{args.network}")
+
+    def evaluate(model):
+        if task_of(args.network) == "stereo":
+            return {"middlebury": evaluate_network("stereo", model, "middlebury"),
+                    "synthetic_validation": evaluate_network("stereo", model, "synthetic")}
+        return {cfg.data: evaluate_network(args.network, model, cfg.data)}
+
+    sidecar = train(cfg, out, evaluate=evaluate, progress=not args.quiet)
+    weights = out / f"{args.network}.safetensors"
+    if args.ship:
+        target = shipped_checkpoint(args.network)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights, target)
+        shutil.copyfile(weights.with_suffix(".json"), target.with_suffix(".json"))
+    print(json.dumps({"weights": str(weights), "metrics": sidecar["metrics"], "train_seconds": sidecar["train_seconds"]}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from jpq_core.evaluation import evaluate_stereo
+    from jpq_core.models import load_network, task_of
+
+    model = load_network(args.network, args.checkpoint)
+    if task_of(args.network) == "stereo":
+        samples = _stereo_samples(args)
+        if any(s.disparity is None for s in samples):
+            raise JPQError("this pair has no ground truth; give --gt to score it.")
+        data = "user-pair" if args.left else args.data
+        metrics = evaluate_stereo(model, samples)
+    else:
+        data = args.data if args.data != "middlebury" else "digits"
+        metrics = evaluate_network(args.network, model, data)
+    result = {"network": args.network, "data": data, "checkpoint": str(args.checkpoint or "shipped"), "metrics": metrics}
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_baselines(args) -> int:
+    from jpq_core.baselines import run_baselines
+
+    samples = _stereo_samples(args)
+    if any(s.disparity is None for s in samples):
+        raise JPQError("this pair has no ground truth; give --gt to score the baselines.")
+    result = {"data": "user-pair" if args.left else args.data, "baselines": run_baselines(samples)}
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jpq_core", description="JPQ Explorer: joint pruning and quantization.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a network from scratch (resumable)")
+    p.add_argument("network", choices=sorted(RECIPES))
+    p.add_argument("--data", help="classification data: digits, cifar10:PATH or imagefolder:PATH")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="PyTorch threads (default 1)")
+    p.add_argument("--out", help="run folder (default runs/NETWORK); re-running resumes from it")
+    p.add_argument("--ship", action="store_true", help="copy the final weights to cached_runs/checkpoints/")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    def add_data_args(p, default):
+        p.add_argument("--data", default=default, help="middlebury, synthetic, digits, cifar10:PATH, imagefolder:PATH")
+        p.add_argument("--left", help="left image of your own pair")
+        p.add_argument("--right", help="right image of your own pair")
+        p.add_argument("--gt", help="ground-truth disparity (.pfm, .npy, or 16-bit .png)")
+        p.add_argument("--gt-scale", type=float, default=256.0, help="PNG ground truth = disparity * scale (default 256)")
+        p.add_argument("--json", action="store_true", help="one line of JSON")
+
+    p = sub.add_parser("evaluate", help="score a network (shipped or --checkpoint) on data")
+    p.add_argument("--network", default="stereo")
+    p.add_argument("--checkpoint", help="your own .safetensors or .pt state dict (loaded as weights only)")
+    add_data_args(p, "middlebury")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("baselines", help="OpenCV StereoSGBM and StereoBM on the same data and metrics")
+    add_data_args(p, "middlebury")
+    p.set_defaults(func=cmd_baselines)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.time()
+    try:
+        return args.func(args)
+    except JPQError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if getattr(args, "verbose", False):
+            print(f"{time.time() - start:.1f}s", file=sys.stderr)
