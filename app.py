@@ -47,12 +47,12 @@ st.caption("bad-3: share of pixels with valid ground truth whose disparity is of
 zmax = float(np.nanmax(np.where(np.isfinite(sample.disparity), sample.disparity, np.nan))) * 1.1
 error = np.where(np.isfinite(sample.disparity), np.abs(net["disparity"] - sample.disparity), np.nan)
 row1 = st.columns(3)
-row1[0].plotly_chart(rgb_figure(sample.left, "Left image"), use_container_width=True)
-row1[1].plotly_chart(disparity_figure(sample.disparity, "Ground truth", zmax), use_container_width=True)
-row1[2].plotly_chart(disparity_figure(net["disparity"], "Network (dense)", zmax), use_container_width=True)
+row1[0].plotly_chart(rgb_figure(sample.left, "Left image"), width="stretch")
+row1[1].plotly_chart(disparity_figure(sample.disparity, "Ground truth", zmax), width="stretch")
+row1[2].plotly_chart(disparity_figure(net["disparity"], "Network (dense)", zmax), width="stretch")
 row2 = st.columns(3)
-row2[0].plotly_chart(disparity_figure(error, "Network error", 10.0, error=True), use_container_width=True)
-row2[1].plotly_chart(disparity_figure(sgbm["disparity"], "OpenCV SGBM", zmax), use_container_width=True)
+row2[0].plotly_chart(disparity_figure(error, "Network error", 10.0, error=True), width="stretch")
+row2[1].plotly_chart(disparity_figure(sgbm["disparity"], "OpenCV SGBM", zmax), width="stretch")
 row2[2].markdown(
     "**What you are looking at.** The network sees only the two images. It was trained from scratch on "
     "synthetic scenes with exact ground truth, never on this pair. SGBM is the classical semi-global "

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,7 +78,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors" or (len(head) == 8 and head[:2] != b"PK" and head[0:1] != b"\x80"):
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; our own error says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
         raise JPQError(
             f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:200]}). "

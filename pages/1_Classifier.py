@@ -37,7 +37,7 @@ cols[0].metric("Top-1 accuracy", f"{top1(logits, labels):.2%}")
 cols[1].metric("Test images", f"{len(labels)}")
 cols[2].metric("Mistakes", f"{int((predicted != labels).sum())}")
 left, right = st.columns([3, 2])
-left.plotly_chart(confusion_figure(confusion_matrix(predicted, labels, 10), range(10)), use_container_width=True)
+left.plotly_chart(confusion_figure(confusion_matrix(predicted, labels, 10), range(10)), width="stretch")
 wrong = np.flatnonzero(predicted != labels)[:12]
 right.markdown("**Mistakes** (true → predicted)")
 if len(wrong) == 0:

@@ -31,7 +31,7 @@ VALIDATION_SEED_BASE = 1_000_000_000
 _SKIMAGE_TEXTURES = (
     "astronaut", "camera", "coffee", "chelsea", "coins", "moon", "page", "text", "rocket",
     "hubble_deep_field", "immunohistochemistry", "brick", "grass", "gravel", "clock", "cat",
-    "colorwheel", "logo", "horse", "retina", "shepp_logan_phantom", "cell", "human_mitosis",
+    "colorwheel", "logo", "horse", "retina", "shepp_logan_phantom", "cell",
 )
 
 

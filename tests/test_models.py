@@ -1,0 +1,47 @@
+"""Networks take any input size and have the documented size."""
+
+import pytest
+import torch
+
+from jpq_core.errors import JPQError
+from jpq_core.models import build_network
+from jpq_core.models.stereo import correlation_volume, soft_argmin
+
+
+@pytest.mark.parametrize("h,w", [(37, 53), (64, 129), (101, 96)])
+def test_stereo_output_matches_odd_input_sizes(h, w):
+    model = build_network("stereo").eval()
+    with torch.inference_mode():
+        out = model(torch.rand(2, 3, h, w), torch.rand(2, 3, h, w))
+    assert out.shape == (2, h, w)
+    assert torch.all(out >= 0)
+
+
+def test_stereo_network_is_compact():
+    model = build_network("stereo")
+    assert sum(p.numel() for p in model.parameters()) <= 1_000_000
+    assert model.max_disparity >= 64
+
+
+def test_correlation_peaks_at_the_true_shift():
+    torch.manual_seed(0)
+    right = torch.randn(1, 64, 6, 40)
+    left = torch.zeros_like(right)
+    left[..., 5:] = right[..., :-5]  # left x sees right x - 5
+    cost = correlation_volume(left, right, 12)
+    assert cost[0, :, :, 20:].argmax(0).eq(5).all()
+    # soft-argmin of sharp logits recovers the shift
+    assert soft_argmin(cost * 100)[0, 0, :, 20:].sub(5).abs().max() < 1e-3
+
+
+def test_resnets_classify_32x32():
+    r20 = build_network("resnet20")
+    n = sum(p.numel() for p in r20.parameters())
+    assert 260_000 < n < 290_000  # He et al.: 0.27M
+    assert r20(torch.rand(3, 3, 32, 32)).shape == (3, 10)
+    assert build_network("resnet18")(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_unknown_network_is_a_clear_error():
+    with pytest.raises(JPQError, match="unknown network 'vgg'"):
+        build_network("vgg")
