@@ -12,6 +12,7 @@ Sources, named by a spec string:
 
 from __future__ import annotations
 
+import pickle
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,24 +51,46 @@ def _digits(split: str):
     return _normalise(x[idx], "digits"), y[idx]
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10's batch files (dicts, lists, bytes, NumPy arrays) and refuses anything else."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch file")
+        return super().find_class(module, name)
+
+
+CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
 def _cifar10(root: Path, split: str):
-    from torchvision.datasets import CIFAR10
+    """CIFAR-10's python version in torchvision's layout: ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch}.
 
-    class LocalCIFAR10(CIFAR10):
-        # torchvision checks the official archives' MD5 sums; a local copy or a subset written in the same
-        # format has other sums, so only the files' presence is checked here.
-        def _check_integrity(self) -> bool:
-            base = Path(self.root) / self.base_folder
-            return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
-
-    if not (root / "cifar-10-batches-py").is_dir():
+    Read here rather than through torchvision.datasets.CIFAR10, which insists on the official archives' MD5
+    sums (a subset or re-packed copy fails) and unpickles without restriction.
+    """
+    folder = root / "cifar-10-batches-py"
+    if not folder.is_dir():
         raise JPQError(f"{root}: no cifar-10-batches-py folder inside; unpack CIFAR-10's python version there (nothing is downloaded).")
-    try:
-        ds = LocalCIFAR10(str(root), train=(split == "train"), download=False)
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as exc:
-        raise JPQError(f"{root}: CIFAR-10 files are missing or corrupt ({exc}).") from None
-    x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).float() / 255.0
-    return _normalise(x, "cifar10"), torch.as_tensor(ds.targets, dtype=torch.int64)
+    images, labels = [], []
+    for name in CIFAR10_FILES[split]:
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                entry = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+            entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+            images.append(np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(int(v) for v in entry["labels"])
+        except (OSError, EOFError, KeyError, ValueError, AttributeError, pickle.UnpicklingError) as exc:
+            raise JPQError(f"{path}: CIFAR-10 file is missing or corrupt ({exc}).") from None
+    x = torch.from_numpy(np.concatenate(images)).float() / 255.0
+    return _normalise(x, "cifar10"), torch.as_tensor(labels, dtype=torch.int64)
 
 
 def _image_folder(root: Path, split: str):
