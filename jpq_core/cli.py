@@ -23,36 +23,25 @@ RECIPES = {
     "resnet20": dict(data="digits", steps=600, batch_size=64, lr=0.1),
     "resnet18": dict(data="digits", steps=600, batch_size=64, lr=0.05),
 }
-SYNTHETIC_VALIDATION_SCENES = 8
-
-
 def _stereo_samples(args) -> list:
-    from jpq_core.data import stereo_files, synthetic_stereo
+    from jpq_core.data import stereo_eval_samples, stereo_files
 
     if args.left or args.right:
         if not (args.left and args.right):
             raise JPQError("give both --left and --right (and optionally --gt).")
         return [stereo_files.load_pair(args.left, args.right, args.gt, args.gt_scale)]
-    if args.data == "middlebury":
-        return [stereo_files.middlebury_motorcycle()]
-    if args.data == "synthetic":
-        return [synthetic_stereo.make_scene(synthetic_stereo.scene_seed("validation", i), 256, 512) for i in range(SYNTHETIC_VALIDATION_SCENES)]
-    raise JPQError(f"--data {args.data!r} is not stereo data; use middlebury, synthetic or --left/--right.")
+    return stereo_eval_samples(args.data)
 
 
 def evaluate_network(network: str, model, data: str) -> dict:
     """Metrics of `model` on a named data set (what `evaluate` prints under "metrics")."""
-    from jpq_core.data import stereo_files, synthetic_stereo
+    from jpq_core.data import stereo_eval_samples
     from jpq_core.data.classification import load_classification
     from jpq_core.evaluation import evaluate_classifier, evaluate_stereo
     from jpq_core.models import task_of
 
     if task_of(network) == "stereo":
-        if data == "middlebury":
-            samples = [stereo_files.middlebury_motorcycle()]
-        else:
-            samples = [synthetic_stereo.make_scene(synthetic_stereo.scene_seed("validation", i), 256, 512) for i in range(SYNTHETIC_VALIDATION_SCENES)]
-        return evaluate_stereo(model, samples)
+        return evaluate_stereo(model, stereo_eval_samples(data))
     images, labels = load_classification(data, "test")
     return evaluate_classifier(model, images, labels)
 

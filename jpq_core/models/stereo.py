@@ -3,7 +3,8 @@
     left, right (full res)
       -> shared feature extractor: 1/2 res (24 ch) -> 1/4 res (32 ch, two residual blocks)
       -> correlation cost volume at 1/4 res over D = max_disparity / 4 shifts   (DispNetC)
-      -> 2D aggregation of [cost volume, left context] with dilated convolutions -> D logits
+      -> 2D aggregation of [cost volume, left context] with dilated convolutions, added to the scaled
+         cost volume (a residual path, so matching works from the first step) -> D logits
       -> soft-argmin over the D shifts -> coarse disparity                          (GC-Net)
       -> bilinear upsampling to 1/2 res, refinement on [disparity, left 1/2-res features]
          predicting a residual (StereoNet's edge-aware refinement) -> upsampling to full res
@@ -106,6 +107,9 @@ class StereoNet(nn.Module):
             conv_bn_relu(a, a),
             nn.Conv2d(a, self.shifts, 3, 1, 1),
         )
+        # The aggregation refines the raw matching cost instead of replacing it: logits = agg + scale * cost.
+        # Without this path a 2D aggregation must first discover matching on its own, which it does slowly.
+        self.cost_scale = nn.Parameter(torch.tensor(8.0))
         r = refine_channels
         self.refine = nn.Sequential(
             conv_bn_relu(half_channels + 1, r),
@@ -124,7 +128,7 @@ class StereoNet(nn.Module):
         half_left, quarter_left = self.features(left)
         _, quarter_right = self.features(right)
         cost = correlation_volume(quarter_left, quarter_right, self.shifts)
-        logits = self.aggregation(torch.cat([cost, self.context(quarter_left)], 1))
+        logits = self.aggregation(torch.cat([cost, self.context(quarter_left)], 1)) + self.cost_scale * cost
         coarse = soft_argmin(logits) * 4.0  # in full-resolution pixels
 
         coarse_half = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)

@@ -1,0 +1,149 @@
+"""From scores to masks, and applying masks.
+
+`make_masks` turns importance scores into keep-masks at an exact sparsity:
+- allocation "global": one threshold over all layers (scores must be comparable across layers);
+- allocation "uniform": every unprotected layer pruned to the same sparsity;
+- allocation {layer: sparsity}: per-layer sparsities, e.g. from a sensitivity scan.
+Sparsity is counted over all prunable weights (protected layers included), exactly: ties are broken by
+position, so the count of removed weights is always round(sparsity * total). Protected layers (the first
+and last, typically) stay dense; every other layer keeps at least `min_keep` weights unless min_keep=0.
+
+Channel-level scores (one per output channel) give masks that remove whole filters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from jpq_core.criteria import prunable_layers
+from jpq_core.errors import JPQError
+
+MAX_SPARSITY = 0.999
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not 0.0 <= sparsity < 1.0:
+        raise JPQError(f"sparsity must be in [0, 1), got {sparsity}; 0.95 removes 95% of the weights.")
+    return float(sparsity)
+
+
+def first_and_last(model: nn.Module) -> set[str]:
+    """Names of the first and the last prunable layer, the usual candidates for protection."""
+    names = list(prunable_layers(model))
+    return {names[0], names[-1]} if names else set()
+
+
+def _expand(score: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Per-channel scores broadcast to the weight's shape; per-weight scores unchanged."""
+    if score.shape == shape:
+        return score
+    return score.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+
+
+def _prune_lowest(scores: list[torch.Tensor], count: int, reserved: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Keep-masks that remove the `count` lowest scores among positions not `reserved`, ties by position."""
+    flat = torch.cat([s.flatten().double() for s in scores])
+    blocked = torch.cat([r.flatten() for r in reserved])
+    flat = torch.where(blocked, torch.full_like(flat, float("inf")), flat)
+    order = torch.argsort(flat, stable=True)
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[order[:count]] = False
+    out, start = [], 0
+    for s in scores:
+        out.append(keep[start : start + s.numel()].view(s.shape))
+        start += s.numel()
+    return out
+
+
+def _reserve_top(score: torch.Tensor, min_keep: int) -> torch.Tensor:
+    reserved = torch.zeros(score.numel(), dtype=torch.bool)
+    if min_keep > 0:
+        reserved[torch.argsort(score.flatten().double(), descending=True, stable=True)[:min_keep]] = True
+    return reserved.view(score.shape)
+
+
+def make_masks(
+    scores: dict[str, torch.Tensor],
+    shapes: dict[str, torch.Size],
+    sparsity: float,
+    allocation="global",
+    protect: set[str] = frozenset(),
+    min_keep: int = 1,
+) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks (True = kept), one per layer, with the weight's shape."""
+    sparsity = check_sparsity(sparsity)
+    unknown = set(protect) - set(shapes)
+    if unknown:
+        raise JPQError(f"cannot protect unknown layers: {', '.join(sorted(unknown))}.")
+    channel_level = any(scores[k].shape != shapes[k] for k in shapes)
+    # Per-channel scores prune whole filters: count in filters, then expand.
+    units = {k: (scores[k].numel(), int(torch.Size(shapes[k]).numel() // scores[k].numel())) for k in shapes}
+    free = [k for k in shapes if k not in protect]
+    total_weights = sum(torch.Size(s).numel() for s in shapes.values())
+    masks = {k: torch.ones(shapes[k], dtype=torch.bool) for k in protect}
+
+    if allocation == "global":
+        target = round(sparsity * total_weights)
+        if channel_level:
+            # remove filters from the lowest until the weight count is reached (filters differ in size)
+            per_unit = [torch.full((units[k][0],), float(units[k][1])) for k in free]
+            reserved = [_reserve_top(scores[k], min(min_keep, units[k][0])) for k in free]
+            flat = torch.cat([scores[k].flatten().double() for k in free])
+            blocked = torch.cat(reserved)
+            order = torch.argsort(torch.where(blocked, torch.full_like(flat, float("inf")), flat), stable=True)
+            sizes = torch.cat(per_unit)[order]
+            n_units = int(torch.searchsorted(torch.cumsum(sizes, 0), torch.tensor(float(target)), right=True))
+            n_units = min(n_units, int((~blocked).sum()))
+            keep = torch.ones(flat.numel(), dtype=torch.bool)
+            keep[order[:n_units]] = False
+            start = 0
+            for k in free:
+                masks[k] = _expand(keep[start : start + units[k][0]], shapes[k]).clone()
+                start += units[k][0]
+            return {k: masks[k] for k in shapes}
+        prunable = sum(torch.Size(shapes[k]).numel() for k in free)
+        reserved = [_reserve_top(scores[k], min(min_keep, scores[k].numel())) for k in free]
+        available = prunable - int(sum(r.sum() for r in reserved))
+        if target > available:
+            raise JPQError(
+                f"sparsity {sparsity:.4g} needs {target} weights removed but only {available} can be "
+                f"(protected layers and min_keep={min_keep} per layer keep the rest); lower the sparsity or protect fewer layers."
+            )
+        for k, m in zip(free, _prune_lowest([scores[k] for k in free], target, reserved)):
+            masks[k] = m
+        return {k: masks[k] for k in shapes}
+
+    per_layer = {k: sparsity for k in free} if allocation == "uniform" else dict(allocation)
+    if not isinstance(per_layer, dict):
+        raise JPQError(f"allocation must be 'global', 'uniform' or a dict of per-layer sparsities, not {allocation!r}.")
+    for k in free:
+        s = check_sparsity(per_layer.get(k, 0.0))
+        n_units, unit_size = units[k]
+        count = min(round(s * n_units), n_units - min(min_keep, n_units))
+        reserved = _reserve_top(scores[k], min(min_keep, n_units))
+        masks[k] = _expand(_prune_lowest([scores[k]], count, [reserved])[0], shapes[k]).clone()
+    return {k: masks[k] for k in shapes}
+
+
+def sparsity_of(masks: dict[str, torch.Tensor]) -> float:
+    """Share of removed weights over all masked layers."""
+    total = sum(m.numel() for m in masks.values())
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(1, total)
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Zero the pruned weights in place."""
+    layers = prunable_layers(model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            layers[name].weight.mul_(mask.to(layers[name].weight.dtype))
+    return model
+
+
+def agp_sparsity(step: int, total_steps: int, final: float, initial: float = 0.0, start: int = 0) -> float:
+    """Automated gradual pruning (Zhu & Gupta 2017): s_t = s_f + (s_i - s_f) * (1 - (t - t0)/n)^3."""
+    if step <= start:
+        return initial
+    progress = min(1.0, (step - start) / max(1, total_steps - start))
+    return final + (initial - final) * (1.0 - progress) ** 3

@@ -1,0 +1,165 @@
+"""Uniform quantization of weights and activations, with exact zeros so that pruning and quantization compose.
+
+Weights (`quantize_weight`):
+- 3 to 16 bits: uniform affine q = clamp(round(x / s) + z, qmin, qmax), x_hat = s * (q - z) (Jacob et al.
+  2018). Symmetric: z = 0, q in [-(2^(b-1) - 1), 2^(b-1) - 1], s = max|x| / qmax. Asymmetric: s = (max - min)
+  / (2^b - 1) with an integer zero point, so 0 still maps to an exact 0.
+- 2 bits: ternary {-a, 0, +a} with threshold 0.7 * mean|x| and a = mean of |x| above it (Li & Liu 2016, TWN).
+- 1 bit: binary {-a, +a} with a = mean|x| (Rastegari et al. 2016, XNOR-Net).
+- None: float, unchanged.
+Scales are per tensor or per output channel. Pruned weights (exact zeros) stay exactly zero at every width,
+binary included (sparse binary: {-a, 0, +a} on the kept weights only).
+
+Activations (`ActivationQuantizer`): asymmetric per tensor, range calibrated on data by min/max, a
+percentile, or the MSE-optimal clipping.
+
+Fake quantization in training uses the straight-through estimator (Bengio et al. 2013): the forward pass
+sees x_hat, the backward pass treats rounding as the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jpq_core.errors import JPQError
+
+WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, None)
+ACTIVATION_BITS = (4, 5, 6, 7, 8, 10, 12, 16, None)
+
+
+def check_bits(bits, allowed=WEIGHT_BITS, what="weight") -> int | None:
+    if bits in (None, 32, "float"):
+        return None
+    if bits not in allowed:
+        shown = ", ".join("float" if b is None else str(b) for b in allowed)
+        raise JPQError(f"{what} bits must be one of {shown}; got {bits}.")
+    return int(bits)
+
+
+def _per_channel_reduce(x: torch.Tensor, per_channel: bool, fn) -> torch.Tensor:
+    """fn over the whole tensor, or over each output channel (dim 0) broadcastable back to x."""
+    if not per_channel or x.dim() < 2:
+        return fn(x.flatten())
+    return fn(x.flatten(1), dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
+def _amax(v, dim=None):
+    return v.abs().amax() if dim is None else v.abs().amax(dim=dim)
+
+
+def uniform_params(x: torch.Tensor, bits: int, symmetric: bool, per_channel: bool):
+    """(scale, zero_point, qmin, qmax) for uniform quantization of x."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = _per_channel_reduce(x, per_channel, _amax) / qmax
+        zero = torch.zeros_like(scale)
+        qmin = -qmax
+    else:
+        qmin, qmax = 0, 2**bits - 1
+        lo = _per_channel_reduce(x, per_channel, lambda v, dim=None: v.amin() if dim is None else v.amin(dim=dim)).clamp(max=0)
+        hi = _per_channel_reduce(x, per_channel, lambda v, dim=None: v.amax() if dim is None else v.amax(dim=dim)).clamp(min=0)
+        scale = (hi - lo) / qmax
+        zero = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale)))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero channel stays zero
+    return scale, zero, qmin, qmax
+
+
+def fake_quantize(x: torch.Tensor, scale, zero, qmin: int, qmax: int) -> torch.Tensor:
+    """s * (clamp(round(x / s) + z, qmin, qmax) - z)."""
+    return scale * (torch.clamp(torch.round(x / scale) + zero, qmin, qmax) - zero)
+
+
+def _ternary(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    mean_abs = _per_channel_reduce(x, per_channel, lambda v, dim=None: v.abs().mean() if dim is None else v.abs().mean(dim=dim))
+    delta = 0.7 * mean_abs
+    big = x.abs() > delta
+    if per_channel and x.dim() >= 2:
+        alpha = (x.abs() * big).flatten(1).sum(1) / big.flatten(1).sum(1).clamp(min=1)
+        alpha = alpha.view(-1, *([1] * (x.dim() - 1)))
+    else:
+        alpha = (x.abs() * big).sum() / big.sum().clamp(min=1)
+    return alpha * torch.sign(x) * big
+
+
+def _binary(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    nonzero = x != 0
+    if per_channel and x.dim() >= 2:
+        alpha = x.abs().flatten(1).sum(1) / nonzero.flatten(1).sum(1).clamp(min=1)
+        alpha = alpha.view(-1, *([1] * (x.dim() - 1)))
+    else:
+        alpha = x.abs().sum() / nonzero.sum().clamp(min=1)
+    return alpha * torch.sign(x)  # sign(0) = 0: pruned weights stay pruned
+
+
+def quantize_weight(w: torch.Tensor, bits, symmetric: bool = True, per_channel: bool = True) -> torch.Tensor:
+    """The de-quantized weight x_hat (same dtype and shape); exact zeros stay exact zeros."""
+    bits = check_bits(bits)
+    if bits is None:
+        return w
+    if bits == 1:
+        return _binary(w, per_channel)
+    if bits == 2:
+        return _ternary(w, per_channel)
+    scale, zero, qmin, qmax = uniform_params(w, bits, symmetric, per_channel)
+    return fake_quantize(w, scale, zero, qmin, qmax) * (w != 0)
+
+
+def ste(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Straight-through estimator: value of x_hat, gradient of x."""
+    return x + (x_hat - x).detach()
+
+
+class ActivationQuantizer(torch.nn.Module):
+    """Per-tensor asymmetric fake quantization of a layer's input, calibrated on data.
+
+    While `calibrating`, it records the inputs' statistics and passes them through; `finish_calibration`
+    fixes the range by `method`: "minmax", "percentile" (99.99th of |x| tails), or "mse" (the clipping of
+    the min/max range, among 100 candidates, that minimises the squared quantization error).
+    """
+
+    def __init__(self, bits: int, method: str = "minmax"):
+        super().__init__()
+        self.register_buffer("lo", torch.tensor(0.0))
+        self.register_buffer("hi", torch.tensor(0.0))
+        self.reset(bits, method)
+
+    def reset(self, bits: int, method: str = "minmax") -> None:
+        """Forget the range and start calibrating again, at `bits` with `method`."""
+        self.bits = check_bits(bits, ACTIVATION_BITS, "activation")
+        if method not in ("minmax", "percentile", "mse"):
+            raise JPQError(f"calibration must be minmax, percentile or mse, not {method!r}.")
+        self.method = method
+        self.calibrating = True
+        self.samples: list[torch.Tensor] = []
+
+    def _error(self, x, lo, hi):
+        scale, zero, qmin, qmax = uniform_params(torch.stack([lo, hi]), self.bits, symmetric=False, per_channel=False)
+        return ((fake_quantize(x, scale, zero, qmin, qmax) - x) ** 2).mean()
+
+    def finish_calibration(self) -> None:
+        if not self.samples:
+            raise JPQError("activation calibration saw no data; run calibration batches through the network first.")
+        x = torch.cat([s.flatten() for s in self.samples])
+        lo, hi = x.min(), x.max()
+        if self.method == "percentile":
+            sample = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+            lo, hi = torch.quantile(sample, 1e-4), torch.quantile(sample, 1 - 1e-4)
+        elif self.method == "mse":
+            sample = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
+            candidates = torch.linspace(0.05, 1.0, 100)
+            errors = torch.stack([self._error(sample, lo * c, hi * c) for c in candidates])
+            best = candidates[int(errors.argmin())]
+            lo, hi = lo * best, hi * best
+        self.lo.fill_(float(min(lo, 0.0)))
+        self.hi.fill_(float(max(hi, 0.0)))
+        self.samples.clear()
+        self.calibrating = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits is None:
+            return x
+        if self.calibrating:
+            self.samples.append(x.detach()[:, :, ::2, ::2] if x.dim() == 4 else x.detach())
+            return x
+        scale, zero, qmin, qmax = uniform_params(torch.stack([self.lo, self.hi]), self.bits, symmetric=False, per_channel=False)
+        return ste(x, fake_quantize(x, scale, zero, qmin, qmax))

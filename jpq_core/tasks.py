@@ -1,0 +1,107 @@
+"""What the compression pipeline needs to know about a task: data, loss, distillation, evaluation.
+
+Two tasks: stereo (synthetic training scenes for calibration and fine-tuning, Middlebury or synthetic
+validation for evaluation) and classification (a data spec from `jpq_core.data.classification`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from jpq_core.data.synthetic_stereo import make_batch, scene_seed
+from jpq_core.evaluation import evaluate_classifier, evaluate_stereo
+
+# Fine-tuning and calibration draw training scenes from here on, away from the first million that
+# trained the shipped network, so "fine-tuning data" is never "the data it memorised".
+STEREO_FINETUNE_SEED_BASE = 500_000_000
+
+
+class StereoTask:
+    name = "stereo"
+
+    def __init__(self, eval_data: str = "middlebury", crop=(192, 384), batch_size: int = 4):
+        self.eval_data, self.crop, self.batch_size = eval_data, crop, batch_size
+        self._eval_samples = None
+
+    def batches(self, count: int, seed: int = 0):
+        """`count` synthetic training batches (left, right, disparity)."""
+        h, w = self.crop
+        for i in range(count):
+            first = STEREO_FINETUNE_SEED_BASE + seed * 1_000_000 + i * self.batch_size
+            yield tuple(torch.from_numpy(a) for a in make_batch([scene_seed("train", first + j) for j in range(self.batch_size)], h, w))
+
+    @staticmethod
+    def predict(model, batch):
+        return model(batch[0], batch[1])
+
+    def loss(self, model, batch):
+        pred = self.predict(model, batch)
+        full = pred[0] if isinstance(pred, tuple) else pred
+        gt = batch[2]
+        valid = torch.isfinite(gt) & (gt < model.max_disparity)
+        return F.smooth_l1_loss(full[valid], gt[valid])
+
+    def distill_loss(self, model, teacher_output, batch):
+        """Half task loss, half distance to the dense network's own disparity (its soft target)."""
+        pred = self.predict(model, batch)
+        full = pred[0] if isinstance(pred, tuple) else pred
+        return 0.5 * self.loss(model, batch) + 0.5 * F.smooth_l1_loss(full, teacher_output)
+
+    def example_inputs(self):
+        from jpq_core.data.stereo_files import middlebury_motorcycle
+
+        s = middlebury_motorcycle()
+        shape = (1, 3, *s.shape)
+        return torch.zeros(shape), torch.zeros(shape)
+
+    def evaluate(self, model) -> dict:
+        if self._eval_samples is None:
+            from jpq_core.data import stereo_eval_samples
+
+            self._eval_samples = stereo_eval_samples(self.eval_data)
+        return evaluate_stereo(model, self._eval_samples)
+
+
+class ClassificationTask:
+    name = "classification"
+
+    def __init__(self, data: str = "digits", batch_size: int = 64):
+        from jpq_core.data.classification import load_classification
+
+        self.data, self.batch_size = data, batch_size
+        self.train_x, self.train_y = load_classification(data, "train")
+        self.test_x, self.test_y = load_classification(data, "test")
+
+    def batches(self, count: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(count):
+            idx = torch.randint(0, len(self.train_x), (self.batch_size,), generator=g)
+            yield self.train_x[idx], self.train_y[idx]
+
+    @staticmethod
+    def predict(model, batch):
+        return model(batch[0])
+
+    def loss(self, model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    def distill_loss(self, model, teacher_output, batch, temperature: float = 4.0):
+        """Hinton et al. 2015: KL to the dense network's softened outputs plus the task loss."""
+        logits = model(batch[0])
+        soft = F.kl_div(F.log_softmax(logits / temperature, 1), F.softmax(teacher_output / temperature, 1), reduction="batchmean")
+        return 0.5 * F.cross_entropy(logits, batch[1]) + 0.5 * soft * temperature**2
+
+    def example_inputs(self):
+        return (torch.zeros(1, 3, 32, 32),)
+
+    def evaluate(self, model) -> dict:
+        return {"top1": evaluate_classifier(model, self.test_x, self.test_y)["top1"]}
+
+
+def make_task(network: str, data: str | None = None):
+    from jpq_core.models import task_of
+
+    if task_of(network) == "stereo":
+        return StereoTask(eval_data=data or "middlebury")
+    return ClassificationTask(data or "digits")
