@@ -54,7 +54,7 @@ class CompressionConfig:
     per_channel: bool = True
     calibration: str = "minmax"
     calibration_batches: int = 8
-    lr: float = 1e-4
+    lr: float | None = None  # None: the task's default (fine-tuning rates differ by task)
     seed: int = 0
 
     def check(self) -> "CompressionConfig":
@@ -245,7 +245,8 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None) -
     prune = config.pipeline != "quantize-only"
     quant = config.pipeline != "prune-only"
     wbits, abits = (config.wbits, config.abits) if quant else (None, None)
-    ft = dict(task=task, mode=config.finetune, lr=config.lr, teacher=dense, progress=progress)
+    lr = config.lr if config.lr is not None else task.default_lr
+    ft = dict(task=task, mode=config.finetune, lr=lr, teacher=dense, progress=progress)
     attach(net, None, None)
 
     def quantize_now():

@@ -1,0 +1,68 @@
+"""The compression pipeline: budgets, zeros that stay zero, and the stereo network kept close."""
+
+import pytest
+import torch
+
+from jpq_core.criteria import prunable_layers
+from jpq_core.errors import JPQError
+from jpq_core.models import load_network
+from jpq_core.pipeline import PIPELINES, CompressionConfig, bake, compress, current_masks
+from jpq_core.tasks import ClassificationTask, StereoTask
+
+
+@pytest.fixture(scope="module")
+def digits_task():
+    return ClassificationTask("digits")
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    return load_network("resnet20")
+
+
+def _cfg(**kw):
+    base = dict(network="resnet20", criterion="taylor", sparsity=0.8, wbits=4, abits=8, finetune="masked", steps=6, calibration_batches=2)
+    return CompressionConfig(**{**base, **kw})
+
+
+def test_masked_finetuning_keeps_pruned_weights_exactly_zero(digits_task, resnet20):
+    net, report = compress(resnet20, digits_task, _cfg(pipeline="prune-then-quantize"))
+    masks = current_masks(net)
+    baked = bake(net)
+    for name, layer in prunable_layers(baked).items():
+        assert torch.all(layer.weight[~masks[name]] == 0), name
+    assert report["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    assert report["cost"]["sparsity"] == pytest.approx(report["sparsity"])
+    assert resnet20.fc.weight.count_nonzero() == resnet20.fc.weight.numel()  # the input network is untouched
+
+
+def test_every_pipeline_spends_the_same_budget(digits_task, resnet20):
+    used = {p: compress(resnet20, digits_task, _cfg(pipeline=p, criterion="magnitude"))[1]["finetune_steps"] for p in PIPELINES}
+    assert set(used.values()) == {6}
+
+
+def test_more_sparsity_costs_less_memory_and_accuracy_does_not_improve(digits_task, resnet20):
+    low = compress(resnet20, digits_task, _cfg(sparsity=0.5, finetune="none", criterion="magnitude"))[1]
+    high = compress(resnet20, digits_task, _cfg(sparsity=0.98, finetune="none", criterion="magnitude"))[1]
+    assert high["cost"]["memory_ratio"] < low["cost"]["memory_ratio"]
+    assert high["cost"]["bops_ratio"] < low["cost"]["bops_ratio"]
+    assert high["metrics"]["top1"] <= low["metrics"]["top1"]
+
+
+def test_bad_configuration_is_refused_with_a_clear_message(digits_task, resnet20):
+    for kw, msg in (({"sparsity": 1.0}, "sparsity must be"), ({"wbits": 9}, "weight bits"), ({"pipeline": "x"}, "unknown pipeline"),
+                    ({"finetune": "x"}, "fine-tuning mode"), ({"criterion": "x"}, "unknown criterion")):
+        with pytest.raises(JPQError, match=msg):
+            compress(resnet20, digits_task, _cfg(**kw))
+
+
+def test_short_prune_then_quantize_keeps_the_stereo_output_close():
+    model = load_network("stereo")
+    task = StereoTask("middlebury", crop=(96, 192), batch_size=2)
+    cfg = CompressionConfig(network="stereo", criterion="taylor", sparsity=0.5, wbits=8, abits=8, finetune="none",
+                            steps=0, calibration_batches=2)
+    net, report = compress(model, task, cfg)
+    dense, compressed = report["dense_metrics"], report["metrics"]
+    assert compressed["epe"] < dense["epe"] + 0.5
+    assert compressed["bad3"] < dense["bad3"] + 0.03
+    assert report["cost"]["memory_ratio"] < 0.25 * 1.05  # 8-bit and half the weights
