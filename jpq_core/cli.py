@@ -4,6 +4,7 @@
     python -m jpq_core train resnet20 --data digits     # train ResNet-20 on scikit-learn's digits
     python -m jpq_core evaluate --network stereo --data middlebury --json
     python -m jpq_core baselines --json                 # OpenCV SGBM and BM on the same pair and metric
+    python -m jpq_core compress --network stereo --criterion taylor --sparsity 0.95 --wbits 4 --abits 8 --json
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ RECIPES = {
     "resnet20": dict(data="digits", steps=600, batch_size=64, lr=0.1),
     "resnet18": dict(data="digits", steps=600, batch_size=64, lr=0.05),
 }
+# Fine-tuning budget of `compress` when --steps is not given: a few minutes each on this 2-core machine.
+DEFAULT_FINETUNE_STEPS = {"stereo": 150, "classification": 300}
 def _stereo_samples(args) -> list:
     from jpq_core.data import stereo_eval_samples, stereo_files
 
@@ -104,6 +107,64 @@ def cmd_baselines(args) -> int:
     return 0
 
 
+def _bits(text: str):
+    try:
+        return None if text in ("float", "32", "none") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bit width (a whole number or 'float')") from None
+
+
+def _layer_bits(text: str | None) -> dict:
+    """"stem.0=8,fc=8" -> {"stem.0": 8, "fc": 8}."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        name, sep, bits = item.partition("=")
+        if not sep:
+            raise JPQError(f"--layer-wbits wants LAYER=BITS pairs separated by commas, got {item!r}.")
+        out[name.strip()] = _bits(bits.strip())
+    return out
+
+
+def cmd_compress(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from jpq_core.models import load_network, task_of
+    from jpq_core.pipeline import CompressionConfig, compress, save_compressed
+    from jpq_core.tasks import make_task
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    config = CompressionConfig(
+        network=args.network, criterion=args.criterion, sparsity=args.sparsity, wbits=args.wbits, abits=args.abits,
+        pipeline=args.pipeline, finetune=args.finetune, allocation=args.allocation, schedule=args.schedule,
+        layer_wbits=_layer_bits(args.layer_wbits),
+        steps=args.steps if args.steps is not None else DEFAULT_FINETUNE_STEPS[task_of(args.network)],
+        protect_first_last=not args.no_protect, per_channel=not args.per_tensor, symmetric=not args.asymmetric,
+        calibration=args.calibration, lr=args.lr, seed=args.seed,
+    ).check()
+    model = load_network(args.network, args.checkpoint)
+    data = args.data if args.data else ("middlebury" if task_of(args.network) == "stereo" else "digits")
+    task = make_task(args.network, data)
+    bar = tqdm(desc="compress", disable=args.quiet or args.json, unit="step")
+
+    def progress(i, n):
+        bar.total = n
+        bar.n = i
+        bar.refresh()
+
+    net, report = compress(model, task, config, progress=progress)
+    bar.close()
+    report["data"] = data
+    if args.save:
+        report["saved"] = str(save_compressed(net, args.save, report))
+    if not args.layers:
+        report["cost"]["layers"] = [{k: l[k] for k in ("name", "sparsity", "wbits", "abits", "weight_bits", "macs", "bops")} for l in report["cost"]["layers"]]
+    print(json.dumps(report, indent=None if args.json else 2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jpq_core", description="JPQ Explorer: joint pruning and quantization.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -134,6 +195,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="your own .safetensors or .pt state dict (loaded as weights only)")
     add_data_args(p, "middlebury")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compress", help="prune and quantize a network, fine-tune, report accuracy and cost")
+    p.add_argument("--network", default="stereo")
+    p.add_argument("--checkpoint", help="start from your own weights instead of the shipped ones")
+    p.add_argument("--data", help="evaluation data (stereo: middlebury or synthetic; classifiers: digits, cifar10:PATH, ...)")
+    p.add_argument("--criterion", default="taylor", help="magnitude, taylor(-abs|-square)(-norm), fisher, snip, gradient, random, l1-filter, l2-filter, taylor-channel")
+    p.add_argument("--sparsity", type=float, default=0.9, help="share of prunable weights removed, in [0, 1)")
+    p.add_argument("--wbits", type=_bits, default=8, help="weight bits: 1, 2, 3..8, 16 or float")
+    p.add_argument("--abits", type=_bits, default=8, help="activation bits: 4..16 or float")
+    p.add_argument("--pipeline", default="prune-then-quantize", help="prune-then-quantize, quantize-then-prune, joint, prune-only, quantize-only")
+    p.add_argument("--finetune", default="masked", help="none, masked, distill, regrow")
+    p.add_argument("--steps", type=int, help="fine-tuning steps in all (default: a few minutes on 2 cores)")
+    p.add_argument("--schedule", default="oneshot", help="oneshot, iterative (4 rounds) or gradual (AGP); joint is always gradual")
+    p.add_argument("--layer-wbits", help="per-layer weight bits overriding --wbits, e.g. 'stem.0=8,fc=8'")
+    p.add_argument("--allocation", default="global", help="global (one threshold) or uniform (same sparsity per layer)")
+    p.add_argument("--no-protect", action="store_true", help="also prune the first and last layers")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
+    p.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (zero point)")
+    p.add_argument("--calibration", default="minmax", help="activation range: minmax, percentile or mse")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default per task)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--save", help="save the compressed weights (masked and quantized) as safetensors + JSON")
+    p.add_argument("--layers", action="store_true", help="full per-layer cost detail")
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("baselines", help="OpenCV StereoSGBM and StereoBM on the same data and metrics")
     add_data_args(p, "middlebury")

@@ -10,7 +10,9 @@ recomputes gradients. With g_b = dL/dw on calibration batch b (b = 1..B) and w t
 
     mean_gw_abs = 1/B sum_b |g_b * w|        mean_gw_sq = 1/B sum_b (g_b * w)^2
     mean_g_sq   = 1/B sum_b g_b^2             mean_g_abs = 1/B sum_b |g_b|
-    channel_gw_sq[c] = 1/B sum_b (sum_{s in filter c} g_b,s * w_s)^2
+
+Channel-level criteria, which must score coupled channels (residual adds, shared layers) together, live in
+`jpq_core.channels`; `get_criterion` returns either kind by name.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ class GradientStats:
     mean_gw_sq: Scores
     mean_g_sq: Scores
     mean_g_abs: Scores
-    channel_gw_sq: Scores
     batches: int
 
 
@@ -54,7 +55,6 @@ def gather_gradient_stats(model: nn.Module, batches, loss_fn, progress=None) -> 
     layers = prunable_layers(model)
     model.eval()
     acc = {k: {n: torch.zeros_like(m.weight) for n, m in layers.items()} for k in ("gw_abs", "gw_sq", "g_sq", "g_abs")}
-    chan = {n: torch.zeros(m.weight.shape[0]) for n, m in layers.items()}
     batches = list(batches)
     for i, batch in enumerate(batches):
         model.zero_grad(set_to_none=True)
@@ -69,13 +69,12 @@ def gather_gradient_stats(model: nn.Module, batches, loss_fn, progress=None) -> 
             acc["gw_sq"][name] += gw**2
             acc["g_sq"][name] += g**2
             acc["g_abs"][name] += g.abs()
-            chan[name] += gw.flatten(1).sum(1) ** 2
         if progress:
             progress(i + 1, len(batches))
     model.zero_grad(set_to_none=True)
     n = max(1, len(batches))
     mean = {k: {name: v / n for name, v in d.items()} for k, d in acc.items()}
-    return GradientStats(mean["gw_abs"], mean["gw_sq"], mean["g_sq"], mean["g_abs"], {k: v / n for k, v in chan.items()}, len(batches))
+    return GradientStats(mean["gw_abs"], mean["gw_sq"], mean["g_sq"], mean["g_abs"], len(batches))
 
 
 class Criterion:
@@ -174,33 +173,6 @@ class Random(Criterion):
         return {k: torch.rand(w.shape, generator=g) for k, w in weights.items()}
 
 
-# ---- channel level (one score per output channel / filter) -------------------------------------------
-
-
-class FilterNorm(Criterion):
-    """L1 or L2 norm of each filter (Li et al., ICLR 2017, "Pruning Filters for Efficient ConvNets")."""
-
-    level = "channel"
-
-    def __init__(self, p: int = 1):
-        self.p = p
-        self.name = f"l{p}-filter"
-
-    def scores(self, weights, stats=None):
-        return {k: w.flatten(1).norm(p=self.p, dim=1) for k, w in weights.items()}
-
-
-class ChannelTaylor(Criterion):
-    """Group Taylor score of a filter: mean_b (sum_{s in filter} g_b,s * w_s)^2 (Molchanov et al., CVPR 2019)."""
-
-    name = "taylor-channel"
-    level = "channel"
-    needs_gradients = True
-
-    def scores(self, weights, stats):
-        return {k: stats.channel_gw_sq[k].clone() for k in weights}
-
-
 WEIGHT_CRITERIA = {
     "magnitude": Magnitude,
     "taylor": lambda: Taylor("abs"),
@@ -213,17 +185,16 @@ WEIGHT_CRITERIA = {
     "gradient": GradientMagnitude,
     "random": Random,
 }
-CHANNEL_CRITERIA = {
-    "l1-filter": lambda: FilterNorm(1),
-    "l2-filter": lambda: FilterNorm(2),
-    "taylor-channel": ChannelTaylor,
-}
 
 
-def get_criterion(name: str) -> Criterion:
+def get_criterion(name: str):
+    """A weight-level criterion (this module) or a channel-level one (`jpq_core.channels`) by name."""
+    from jpq_core.channels import GROUP_CRITERIA
     from jpq_core.errors import JPQError
 
-    table = {**WEIGHT_CRITERIA, **CHANNEL_CRITERIA}
-    if name not in table:
-        raise JPQError(f"unknown criterion {name!r}; choose one of: {', '.join(table)}.")
-    return table[name]()
+    if name in WEIGHT_CRITERIA:
+        return WEIGHT_CRITERIA[name]()
+    if name in GROUP_CRITERIA:
+        return GROUP_CRITERIA[name]()
+    raise JPQError(f"unknown criterion {name!r}; weight level: {', '.join(WEIGHT_CRITERIA)}; "
+                   f"channel level: {', '.join(GROUP_CRITERIA)}.")

@@ -22,12 +22,14 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from jpq_core.channels import channel_groups, channel_masks, gather_group_stats
 from jpq_core.costs import layer_geometry, network_cost
 from jpq_core.criteria import gather_gradient_stats, get_criterion, layer_weights, prunable_layers
 from jpq_core.errors import JPQError
@@ -36,6 +38,8 @@ from jpq_core.quantization import ACTIVATION_BITS, ActivationQuantizer, check_bi
 
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint", "prune-only", "quantize-only")
 FINETUNE_MODES = ("none", "masked", "distill", "regrow")
+SCHEDULES = ("oneshot", "iterative", "gradual")
+ITERATIVE_ROUNDS = 4
 
 
 @dataclass
@@ -48,7 +52,10 @@ class CompressionConfig:
     pipeline: str = "prune-then-quantize"
     finetune: str = "masked"
     steps: int = 200
+    schedule: str = "oneshot"  # oneshot, iterative, gradual (the joint pipeline always prunes gradually)
     allocation: str = "global"
+    layer_wbits: dict = field(default_factory=dict)  # per-layer overrides: {layer: bits or None}
+    layer_abits: dict = field(default_factory=dict)
     protect_first_last: bool = True
     symmetric: bool = True
     per_channel: bool = True
@@ -68,6 +75,10 @@ class CompressionConfig:
             raise JPQError(f"unknown fine-tuning mode {self.finetune!r}; choose one of: {', '.join(FINETUNE_MODES)}.")
         if self.steps < 0:
             raise JPQError("steps must be 0 or more.")
+        if self.schedule not in SCHEDULES:
+            raise JPQError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
+        self.layer_wbits = {k: check_bits(v) for k, v in self.layer_wbits.items()}
+        self.layer_abits = {k: check_bits(v, ACTIVATION_BITS, "activation") for k, v in self.layer_abits.items()}
         if self.allocation not in ("global", "uniform"):
             raise JPQError("allocation must be 'global' or 'uniform'.")
         return self
@@ -98,16 +109,25 @@ def _transform(layer) -> MaskedQuantizedWeight:
     return layer.parametrizations.weight[0]
 
 
+def bits_for(spec, name):
+    """Bit width of layer `name` from one width for all layers or a {layer: width} dict."""
+    return spec.get(name) if isinstance(spec, dict) else spec
+
+
 def attach(model: nn.Module, masks: dict | None, wbits, symmetric=True, per_channel=True) -> nn.Module:
-    """Give every prunable layer its mask and weight quantizer (replacing earlier ones)."""
+    """Give every prunable layer its mask and weight quantizer (replacing earlier ones).
+
+    `wbits` is one width for all layers or {layer: width}; None means float.
+    """
     for name, layer in prunable_layers(model).items():
         mask = masks[name] if masks is not None else torch.ones_like(layer.weight, dtype=torch.bool)
+        bits = bits_for(wbits, name)
         if parametrize.is_parametrized(layer, "weight"):
             t = _transform(layer)
             t.mask.copy_(mask)
-            t.bits, t.symmetric, t.per_channel = wbits, symmetric, per_channel
+            t.bits, t.symmetric, t.per_channel = bits, symmetric, per_channel
         else:
-            parametrize.register_parametrization(layer, "weight", MaskedQuantizedWeight(mask, wbits, symmetric, per_channel))
+            parametrize.register_parametrization(layer, "weight", MaskedQuantizedWeight(mask, bits, symmetric, per_channel))
     return model
 
 
@@ -115,32 +135,41 @@ def current_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: _transform(l).mask.clone() for n, l in prunable_layers(model).items() if parametrize.is_parametrized(l, "weight")}
 
 
-def attach_activation_quantizers(model: nn.Module, abits, method: str, task, batches: int, seed: int) -> nn.Module:
-    """Quantize every prunable layer's input to `abits`, with ranges calibrated on training batches."""
-    if abits is None:
-        return model
-    for layer in prunable_layers(model).values():
-        if not hasattr(layer, "input_quantizer"):
-            layer.input_quantizer = ActivationQuantizer(abits, method)
-            layer.register_forward_pre_hook(lambda mod, args: (mod.input_quantizer(args[0]), *args[1:]))
+def add_activation_quantizers(model: nn.Module, abits, method: str = "minmax") -> nn.Module:
+    """Put an (uncalibrated) input quantizer on every prunable layer; `abits` one width or {layer: width}."""
+    for name, layer in prunable_layers(model).items():
+        bits = bits_for(abits, name)
+        if hasattr(layer, "input_quantizer"):
+            layer.input_quantizer.reset(bits, method)
         else:
-            layer.input_quantizer.reset(abits, method)
+            layer.input_quantizer = ActivationQuantizer(bits, method)
+            layer.register_forward_pre_hook(lambda mod, args: (mod.input_quantizer(args[0]), *args[1:]))
+    return model
+
+
+def calibrate_activations(model: nn.Module, task, batches: int, seed: int) -> nn.Module:
+    """Run training batches through the network and fix every input quantizer's range."""
     model.eval()
     with torch.inference_mode():
         for batch in task.batches(batches, seed=seed + 17):
             task.predict(model, batch)
     for layer in prunable_layers(model).values():
-        layer.input_quantizer.finish_calibration()
+        if layer.input_quantizer.bits is not None:
+            layer.input_quantizer.finish_calibration()
+        else:
+            layer.input_quantizer.samples.clear()
+            layer.input_quantizer.calibrating = False
     return model
 
 
-def bake(model: nn.Module) -> nn.Module:
-    """A copy whose weights are the effective (masked, quantized) values, parametrizations removed."""
-    baked = copy.deepcopy(model)
-    for layer in prunable_layers(baked).values():
-        if parametrize.is_parametrized(layer, "weight"):
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-    return baked
+def effective_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the plain network that computes what `model` computes: each parametrized weight
+    replaced by its effective (masked, quantized) value. (Removing parametrizations from a deep copy is no
+    option: the copy shares its parametrized class with the original and would break it.)"""
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations.weight." not in k}
+    for name, layer in prunable_layers(model).items():
+        state[f"{name}.weight"] = layer.weight.detach().clone()
+    return state
 
 
 class _Budget:
@@ -217,21 +246,104 @@ def _regrow(layers, drop_fraction: float) -> None:
         t.dense_grad.zero_()
 
 
-def prune_masks(model, task, config: CompressionConfig, sparsity: float, stats_cache=None, progress=None):
-    """Masks for `sparsity` from the config's criterion, computed on the model as it is now."""
+def prune_masks(model, task, config: CompressionConfig, sparsity: float, stats=None, groups=None, progress=None):
+    """Masks for `sparsity` from the config's criterion, computed on the model as it is now.
+
+    Weight-level criteria score every weight; channel-level ones score the coupled channel `groups`
+    (from `jpq_core.channels.channel_groups`) and remove whole channels. `stats` are reused when given.
+    """
     criterion = get_criterion(config.criterion)
+    if criterion.needs_gradients and stats is None:
+        stats = gradient_stats(model, task, config, criterion, groups, progress)
+    if criterion.level == "channel":
+        return channel_masks(model, groups, criterion.group_scores(model, groups, stats), sparsity)
     weights = {k: v.detach().clone() for k, v in _effective_weights(model).items()}
-    stats = None
-    if criterion.needs_gradients:
-        stats = stats_cache if stats_cache is not None else gather_gradient_stats(
-            model, task.batches(config.calibration_batches, seed=config.seed + 1), task.loss, progress)
     scores = criterion.scores(weights, stats)
     protect = first_and_last(model) if config.protect_first_last else set()
     return make_masks(scores, {k: w.shape for k, w in weights.items()}, sparsity, config.allocation, protect)
 
 
+def gradient_stats(model, task, config: CompressionConfig, criterion, groups=None, progress=None):
+    """One pass over the calibration batches: per-weight statistics, or per-channel ones for channel criteria."""
+    batches = task.batches(config.calibration_batches, seed=config.seed + 1)
+    if criterion.level == "channel":
+        return gather_group_stats(model, groups, batches, task.loss, progress)
+    return gather_gradient_stats(model, batches, task.loss, progress)
+
+
 def _effective_weights(model):
     return {n: l.weight.detach() for n, l in prunable_layers(model).items()}
+
+
+class _Run:
+    """One compression run: the network being compressed, its budget, and the stages pipelines combine."""
+
+    def __init__(self, model, task, config: CompressionConfig, progress):
+        self.task, self.config, self.progress = task, config, progress
+        self.dense = copy.deepcopy(model).eval()
+        self.net = attach(copy.deepcopy(model).eval(), None, None)
+        self.budget = _Budget(config.steps if config.finetune != "none" else 0)
+        self.wbits = None  # weight widths in force: float until the network is quantized
+        self.abits = None
+        self.lr = config.lr if config.lr is not None else task.default_lr
+        self._seed = config.seed
+        self._groups = None
+
+    @property
+    def groups(self):
+        """Coupled channel groups, traced once on the dense copy (same layer names as the compressed net)."""
+        if self._groups is None:
+            ignored = [next(iter(prunable_layers(self.dense)))] if self.config.protect_first_last else []
+            self._groups = channel_groups(self.dense, self.task.trace_inputs(), ignored_layers=ignored)
+        return self._groups
+
+    def masks(self, sparsity, stats=None):
+        criterion = get_criterion(self.config.criterion)
+        groups = self.groups if criterion.level == "channel" else None
+        return prune_masks(self.net, self.task, self.config, sparsity, stats, groups)
+
+    def layer_bits(self, default, overrides):
+        return {name: overrides.get(name, default) for name in prunable_layers(self.net)}
+
+    def set_masks(self, masks):
+        attach(self.net, masks, self.wbits, self.config.symmetric, self.config.per_channel)
+
+    def finetune(self, steps: int, on_step=None):
+        self._seed += 1
+        finetune(self.net, self.task, steps, self.config.finetune, self.lr, self._seed, teacher=self.dense,
+                 on_step=on_step, progress=self.progress)
+
+    def quantize(self):
+        c = self.config
+        self.wbits = self.layer_bits(c.wbits, c.layer_wbits)
+        self.abits = self.layer_bits(c.abits, c.layer_abits)
+        self.set_masks(current_masks(self.net))
+        add_activation_quantizers(self.net, self.abits, c.calibration)
+        calibrate_activations(self.net, self.task, c.calibration_batches, c.seed)
+
+    def prune(self, share: float, schedule: str, final: bool):
+        """Prune to the target sparsity under `schedule`, fine-tuning with `share` of the budget."""
+        c = self.config
+        if schedule == "oneshot":
+            self.set_masks(self.masks(c.sparsity))
+            self.finetune(self.budget.take(1.0 if final else share))
+        elif schedule == "iterative":  # equal pruning ratios per round: s_i = 1 - (1 - s)^(i / rounds)
+            for i in range(1, ITERATIVE_ROUNDS + 1):
+                self.set_masks(self.masks(1 - (1 - c.sparsity) ** (i / ITERATIVE_ROUNDS)))
+                last = i == ITERATIVE_ROUNDS
+                self.finetune(self.budget.take(1.0 if final and last else share / ITERATIVE_ROUNDS))
+        else:  # gradual (AGP), scores gathered once so that the masks are nested as sparsity grows
+            criterion = get_criterion(c.criterion)
+            groups = self.groups if criterion.level == "channel" else None
+            stats = gradient_stats(self.net, self.task, c, criterion, groups) if criterion.needs_gradients else None
+            steps = self.budget.take(1.0 if final else share)
+            every = max(1, steps // 10)
+
+            def on_step(step, total):
+                if step % every == 0:
+                    self.set_masks(self.masks(agp_sparsity(step + every, total, c.sparsity), stats))
+            self.finetune(steps, on_step=on_step)
+            self.set_masks(self.masks(c.sparsity, stats))
 
 
 def compress(model: nn.Module, task, config: CompressionConfig, progress=None) -> tuple[nn.Module, dict]:
@@ -239,60 +351,88 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None) -
     config = config.check()
     start = time.time()
     torch.manual_seed(config.seed)
-    dense = copy.deepcopy(model).eval()
-    net = copy.deepcopy(model).eval()
-    budget = _Budget(config.steps if config.finetune != "none" else 0)
-    prune = config.pipeline != "quantize-only"
-    quant = config.pipeline != "prune-only"
-    wbits, abits = (config.wbits, config.abits) if quant else (None, None)
-    lr = config.lr if config.lr is not None else task.default_lr
-    ft = dict(task=task, mode=config.finetune, lr=lr, teacher=dense, progress=progress)
-    attach(net, None, None)
-
-    def quantize_now():
-        attach(net, current_masks(net), wbits, config.symmetric, config.per_channel)
-        attach_activation_quantizers(net, abits, config.calibration, task, config.calibration_batches, config.seed)
-
-    if config.pipeline in ("prune-only", "prune-then-quantize"):
-        attach(net, prune_masks(net, task, config, config.sparsity), None)
-        finetune(net, steps=budget.take(0.5 if quant else 1.0), seed=config.seed, **ft)
-        if quant:
-            quantize_now()
-            finetune(net, steps=budget.take(1.0), seed=config.seed + 1, **ft)
-    elif config.pipeline in ("quantize-only", "quantize-then-prune"):
-        quantize_now()
-        finetune(net, steps=budget.take(0.5 if prune else 1.0), seed=config.seed, **ft)
-        if prune:
-            attach(net, prune_masks(net, task, config, config.sparsity), wbits, config.symmetric, config.per_channel)
-            finetune(net, steps=budget.take(1.0), seed=config.seed + 1, **ft)
-    else:  # joint: gradual pruning during quantization-aware training
-        quantize_now()
-        steps = budget.take(1.0)
-        stats = gather_gradient_stats(net, task.batches(config.calibration_batches, seed=config.seed + 1), task.loss) \
-            if get_criterion(config.criterion).needs_gradients else None
-        prune_every = max(1, steps // 10)
-
-        def gradual(step, total):
-            if step % prune_every == 0:
-                s = agp_sparsity(step + prune_every, total, config.sparsity)
-                attach(net, prune_masks(net, task, config, s, stats), wbits, config.symmetric, config.per_channel)
-        if steps == 0:
-            attach(net, prune_masks(net, task, config, config.sparsity, stats), wbits, config.symmetric, config.per_channel)
-        else:
-            finetune(net, steps=steps, seed=config.seed, on_step=gradual, **ft)
-            attach(net, prune_masks(net, task, config, config.sparsity, stats), wbits, config.symmetric, config.per_channel)
-    net.eval()
+    run = _Run(model, task, config, progress)
+    if config.pipeline == "prune-only":
+        run.prune(1.0, config.schedule, final=True)
+    elif config.pipeline == "quantize-only":
+        run.quantize()
+        run.finetune(run.budget.take(1.0))
+    elif config.pipeline == "prune-then-quantize":
+        run.prune(0.5, config.schedule, final=False)
+        run.quantize()
+        run.finetune(run.budget.take(1.0))
+    elif config.pipeline == "quantize-then-prune":
+        run.quantize()
+        run.finetune(run.budget.take(0.5))
+        run.prune(0.5, config.schedule, final=True)
+    else:  # joint: pruning happens gradually during quantization-aware training
+        run.quantize()
+        run.prune(1.0, "gradual", final=True)
+    net = run.net.eval()
     masks = current_masks(net)
     geometry = layer_geometry(net, task.example_inputs())
-    cost = network_cost(net, masks, wbits, abits, geometry, config.per_channel)
     report = {
         "network": config.network,
+        "granularity": get_criterion(config.criterion).level,
         "config": asdict(config),
         "metrics": task.evaluate(net),
-        "dense_metrics": task.evaluate(dense),
+        "dense_metrics": task.evaluate(run.dense),
         "sparsity": sparsity_of(masks),
-        "cost": cost,
-        "finetune_steps": budget.used,
+        "cost": network_cost(net, masks, run.wbits, run.abits, geometry, config.per_channel),
+        "finetune_steps": run.budget.used,
         "seconds": round(time.time() - start, 1),
     }
     return net, report
+
+
+MASK_PREFIX = "jpq_mask::"
+
+
+def save_compressed(net: nn.Module, path, report: dict) -> Path:
+    """One safetensors file with the effective weights, the masks and the activation ranges, plus a JSON
+    sidecar with the configuration and per-layer bit widths: everything the engine and the app need."""
+    from jpq_core.checkpoints import save_checkpoint
+
+    baked = effective_state_dict(net)
+    layers = prunable_layers(net)
+    extra = {MASK_PREFIX + k: m.to(torch.uint8) for k, m in current_masks(net).items()}
+    wbits = {k: _transform(l).bits for k, l in layers.items()}
+    abits = {k: (l.input_quantizer.bits if hasattr(l, "input_quantizer") else None) for k, l in layers.items()}
+
+    class _WithMasks(nn.Module):  # save_checkpoint writes a module's state dict; add the masks to it
+        def state_dict(self, *a, **kw):
+            return {**baked, **extra}
+
+    path = Path(path).with_suffix(".safetensors")
+    save_checkpoint(_WithMasks(), path, {
+        "config": {"network": report["network"], "architecture": {}},
+        "compressed": True, "compression": report["config"], "layer_wbits": wbits, "layer_abits": abits,
+        "metrics": report["metrics"], "sparsity": report["sparsity"],
+    })
+    return path
+
+
+def load_compressed(path) -> tuple[nn.Module, dict]:
+    """A network saved by `save_compressed`, with its masks, quantizers and activation ranges restored."""
+    from jpq_core.checkpoints import read_sidecar, read_state_dict
+    from jpq_core.models import build_network
+
+    path = Path(path)
+    side = read_sidecar(path)
+    if not side.get("compressed"):
+        raise JPQError(f"{path}: not a compressed network (no 'compressed' entry in its sidecar); save one with `compress --save`.")
+    state = read_state_dict(path)
+    masks = {k[len(MASK_PREFIX):]: v.bool() for k, v in state.items() if k.startswith(MASK_PREFIX)}
+    weights = {k: v for k, v in state.items() if not k.startswith(MASK_PREFIX)}
+    net = build_network(side["config"]["network"]).eval()
+    cfg = side["compression"]
+    if any(b is not None for b in side["layer_abits"].values()):
+        add_activation_quantizers(net, side["layer_abits"], cfg["calibration"])
+        for layer in prunable_layers(net).values():
+            layer.input_quantizer.calibrating = False
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise JPQError(f"{path}: does not fit the {side['config']['network']} network ({str(exc).splitlines()[0]}).") from None
+    attach(net, masks, side["layer_wbits"], cfg["symmetric"], cfg["per_channel"])
+    return net.eval(), side

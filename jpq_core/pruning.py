@@ -8,7 +8,7 @@ Sparsity is counted over all prunable weights (protected layers included), exact
 position, so the count of removed weights is always round(sparsity * total). Protected layers (the first
 and last, typically) stay dense; every other layer keeps at least `min_keep` weights unless min_keep=0.
 
-Channel-level scores (one per output channel) give masks that remove whole filters.
+Channel-level masks, which must remove coupled channels together, come from `jpq_core.channels`.
 """
 
 from __future__ import annotations
@@ -32,13 +32,6 @@ def first_and_last(model: nn.Module) -> set[str]:
     """Names of the first and the last prunable layer, the usual candidates for protection."""
     names = list(prunable_layers(model))
     return {names[0], names[-1]} if names else set()
-
-
-def _expand(score: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Per-channel scores broadcast to the weight's shape; per-weight scores unchanged."""
-    if score.shape == shape:
-        return score
-    return score.view(-1, *([1] * (len(shape) - 1))).expand(shape)
 
 
 def _prune_lowest(scores: list[torch.Tensor], count: int, reserved: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -76,32 +69,16 @@ def make_masks(
     unknown = set(protect) - set(shapes)
     if unknown:
         raise JPQError(f"cannot protect unknown layers: {', '.join(sorted(unknown))}.")
-    channel_level = any(scores[k].shape != shapes[k] for k in shapes)
-    # Per-channel scores prune whole filters: count in filters, then expand.
-    units = {k: (scores[k].numel(), int(torch.Size(shapes[k]).numel() // scores[k].numel())) for k in shapes}
+    for k in shapes:
+        if scores[k].shape != shapes[k]:
+            raise JPQError(f"layer {k}: scores of shape {tuple(scores[k].shape)} for a weight of shape {tuple(shapes[k])}; "
+                           "channel-level criteria go through jpq_core.channels.")
     free = [k for k in shapes if k not in protect]
     total_weights = sum(torch.Size(s).numel() for s in shapes.values())
     masks = {k: torch.ones(shapes[k], dtype=torch.bool) for k in protect}
 
     if allocation == "global":
         target = round(sparsity * total_weights)
-        if channel_level:
-            # remove filters from the lowest until the weight count is reached (filters differ in size)
-            per_unit = [torch.full((units[k][0],), float(units[k][1])) for k in free]
-            reserved = [_reserve_top(scores[k], min(min_keep, units[k][0])) for k in free]
-            flat = torch.cat([scores[k].flatten().double() for k in free])
-            blocked = torch.cat(reserved)
-            order = torch.argsort(torch.where(blocked, torch.full_like(flat, float("inf")), flat), stable=True)
-            sizes = torch.cat(per_unit)[order]
-            n_units = int(torch.searchsorted(torch.cumsum(sizes, 0), torch.tensor(float(target)), right=True))
-            n_units = min(n_units, int((~blocked).sum()))
-            keep = torch.ones(flat.numel(), dtype=torch.bool)
-            keep[order[:n_units]] = False
-            start = 0
-            for k in free:
-                masks[k] = _expand(keep[start : start + units[k][0]], shapes[k]).clone()
-                start += units[k][0]
-            return {k: masks[k] for k in shapes}
         prunable = sum(torch.Size(shapes[k]).numel() for k in free)
         reserved = [_reserve_top(scores[k], min(min_keep, scores[k].numel())) for k in free]
         available = prunable - int(sum(r.sum() for r in reserved))
@@ -114,15 +91,14 @@ def make_masks(
             masks[k] = m
         return {k: masks[k] for k in shapes}
 
-    per_layer = {k: sparsity for k in free} if allocation == "uniform" else dict(allocation)
-    if not isinstance(per_layer, dict):
+    if not (allocation == "uniform" or isinstance(allocation, dict)):
         raise JPQError(f"allocation must be 'global', 'uniform' or a dict of per-layer sparsities, not {allocation!r}.")
+    per_layer = {k: sparsity for k in free} if allocation == "uniform" else allocation
     for k in free:
         s = check_sparsity(per_layer.get(k, 0.0))
-        n_units, unit_size = units[k]
-        count = min(round(s * n_units), n_units - min(min_keep, n_units))
-        reserved = _reserve_top(scores[k], min(min_keep, n_units))
-        masks[k] = _expand(_prune_lowest([scores[k]], count, [reserved])[0], shapes[k]).clone()
+        n = scores[k].numel()
+        count = min(round(s * n), n - min(min_keep, n))
+        masks[k] = _prune_lowest([scores[k]], count, [_reserve_top(scores[k], min(min_keep, n))])[0]
     return {k: masks[k] for k in shapes}
 
 

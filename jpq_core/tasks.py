@@ -56,6 +56,11 @@ class StereoTask:
         shape = (1, 3, *s.shape)
         return torch.zeros(shape), torch.zeros(shape)
 
+    @staticmethod
+    def trace_inputs():
+        """Small inputs for tracing the network's structure (channel coupling)."""
+        return torch.zeros(1, 3, 64, 128), torch.zeros(1, 3, 64, 128)
+
     def evaluate(self, model) -> dict:
         if self._eval_samples is None:
             from jpq_core.data import stereo_eval_samples
@@ -96,6 +101,8 @@ class ClassificationTask:
 
     def example_inputs(self):
         return (torch.zeros(1, 3, 32, 32),)
+
+    trace_inputs = example_inputs
 
     def evaluate(self, model) -> dict:
         return {"top1": evaluate_classifier(model, self.test_x, self.test_y)["top1"]}

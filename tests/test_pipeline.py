@@ -5,8 +5,8 @@ import torch
 
 from jpq_core.criteria import prunable_layers
 from jpq_core.errors import JPQError
-from jpq_core.models import load_network
-from jpq_core.pipeline import PIPELINES, CompressionConfig, bake, compress, current_masks
+from jpq_core.models import load_network, shipped_checkpoint
+from jpq_core.pipeline import PIPELINES, CompressionConfig, compress, current_masks, effective_state_dict, load_compressed, save_compressed
 from jpq_core.tasks import ClassificationTask, StereoTask
 
 
@@ -28,9 +28,9 @@ def _cfg(**kw):
 def test_masked_finetuning_keeps_pruned_weights_exactly_zero(digits_task, resnet20):
     net, report = compress(resnet20, digits_task, _cfg(pipeline="prune-then-quantize"))
     masks = current_masks(net)
-    baked = bake(net)
-    for name, layer in prunable_layers(baked).items():
-        assert torch.all(layer.weight[~masks[name]] == 0), name
+    state = effective_state_dict(net)
+    for name in prunable_layers(net):
+        assert torch.all(state[f"{name}.weight"][~masks[name]] == 0), name
     assert report["sparsity"] == pytest.approx(0.8, abs=1e-4)
     assert report["cost"]["sparsity"] == pytest.approx(report["sparsity"])
     assert resnet20.fc.weight.count_nonzero() == resnet20.fc.weight.numel()  # the input network is untouched
@@ -66,3 +66,37 @@ def test_short_prune_then_quantize_keeps_the_stereo_output_close():
     assert compressed["epe"] < dense["epe"] + 0.5
     assert compressed["bad3"] < dense["bad3"] + 0.03
     assert report["cost"]["memory_ratio"] < 0.25 * 1.05  # 8-bit and half the weights
+
+
+def test_saved_compressed_network_reloads_identically(digits_task, resnet20, tmp_path):
+    net, report = compress(resnet20, digits_task, _cfg(pipeline="prune-then-quantize", layer_wbits={"fc": 8}))
+    path = save_compressed(net, tmp_path / "c", report)
+    again, side = load_compressed(path)
+    x = digits_task.test_x[:32]
+    torch.testing.assert_close(again(x), net(x))
+    assert side["layer_wbits"]["fc"] == 8 and side["layer_wbits"]["stem.0"] == 4
+    for name, mask in current_masks(again).items():
+        assert torch.equal(mask, current_masks(net)[name])
+    with pytest.raises(JPQError, match="not a compressed network"):
+        load_compressed(shipped_checkpoint("resnet20"))
+
+
+@pytest.mark.parametrize("schedule", ["iterative", "gradual"])
+def test_schedules_reach_the_target_with_the_same_budget(digits_task, resnet20, schedule):
+    net, report = compress(resnet20, digits_task, _cfg(pipeline="prune-only", schedule=schedule, criterion="magnitude", steps=8))
+    assert report["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    assert report["finetune_steps"] == 8
+
+
+def test_channel_criterion_removes_whole_coupled_channels(digits_task, resnet20):
+    net, report = compress(resnet20, digits_task, _cfg(pipeline="prune-only", criterion="group-fisher", sparsity=0.3, steps=4))
+    assert report["granularity"] == "channel"
+    masks = current_masks(net)
+    rows_gone = {k: (~m.flatten(1).any(1)).sum().item() for k, m in masks.items() if m.dim() == 4}
+    assert sum(rows_gone.values()) > 0
+    for k, m in ((k, m) for k, m in masks.items() if m.dim() == 4):  # whole kernels only, never single weights
+        per_pos = m.flatten(2).all(2) | ~m.flatten(2).any(2)
+        assert per_pos.all(), k
+    # the stem feeds every residual add of stage 1: its removed outputs match stage1's conv2 removed outputs
+    assert torch.equal(masks["stem.0"].flatten(1).any(1), masks["stage1.0.conv2"].flatten(1).any(1))
+    assert report["sparsity"] >= 0.3 - 0.01

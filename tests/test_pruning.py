@@ -78,12 +78,9 @@ def test_extreme_sparsity_keeps_a_weight_per_layer_unless_asked_not_to():
     assert int(masks["a"].sum()) == 0 and masks["b"].all()
 
 
-def test_channel_scores_remove_whole_filters():
-    shapes = {"a": torch.Size((4, 2, 3, 3))}
-    masks = make_masks({"a": torch.tensor([0.1, 0.9, 0.2, 0.8])}, shapes, 0.5)
-    per_filter = masks["a"].flatten(1).all(1).tolist()
-    assert per_filter == [False, True, False, True]
-    assert masks["a"].flatten(1).any(1).tolist() == per_filter  # nothing half-pruned
+def test_per_channel_scores_are_sent_to_the_channel_module():
+    with pytest.raises(JPQError, match="jpq_core.channels"):
+        make_masks({"a": torch.rand(4)}, {"a": torch.Size((4, 2, 3, 3))}, 0.5)
 
 
 def test_agp_schedule_is_cubic_and_monotone():
