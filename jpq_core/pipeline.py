@@ -39,6 +39,7 @@ from jpq_core.quantization import ACTIVATION_BITS, ActivationQuantizer, check_bi
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint", "prune-only", "quantize-only")
 FINETUNE_MODES = ("none", "masked", "distill", "regrow")
 SCHEDULES = ("oneshot", "iterative", "gradual")
+ALLOCATIONS = ("global", "uniform", "sensitivity")
 ITERATIVE_ROUNDS = 4
 
 
@@ -79,8 +80,8 @@ class CompressionConfig:
             raise JPQError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
         self.layer_wbits = {k: check_bits(v) for k, v in self.layer_wbits.items()}
         self.layer_abits = {k: check_bits(v, ACTIVATION_BITS, "activation") for k, v in self.layer_abits.items()}
-        if self.allocation not in ("global", "uniform"):
-            raise JPQError("allocation must be 'global' or 'uniform'.")
+        if self.allocation not in ALLOCATIONS:
+            raise JPQError(f"allocation must be one of {', '.join(ALLOCATIONS)}, not {self.allocation!r}.")
         return self
 
 
@@ -246,11 +247,13 @@ def _regrow(layers, drop_fraction: float) -> None:
         t.dense_grad.zero_()
 
 
-def prune_masks(model, task, config: CompressionConfig, sparsity: float, stats=None, groups=None, progress=None):
+def prune_masks(model, task, config: CompressionConfig, sparsity: float, stats=None, groups=None, progress=None,
+                allocation=None):
     """Masks for `sparsity` from the config's criterion, computed on the model as it is now.
 
     Weight-level criteria score every weight; channel-level ones score the coupled channel `groups`
-    (from `jpq_core.channels.channel_groups`) and remove whole channels. `stats` are reused when given.
+    (from `jpq_core.channels.channel_groups`) and remove whole channels. `stats` are reused when given;
+    `allocation` (a per-layer sparsity dict) overrides the config's.
     """
     criterion = get_criterion(config.criterion)
     if criterion.needs_gradients and stats is None:
@@ -260,7 +263,9 @@ def prune_masks(model, task, config: CompressionConfig, sparsity: float, stats=N
     weights = {k: v.detach().clone() for k, v in _effective_weights(model).items()}
     scores = criterion.scores(weights, stats)
     protect = first_and_last(model) if config.protect_first_last else set()
-    return make_masks(scores, {k: w.shape for k, w in weights.items()}, sparsity, config.allocation, protect)
+    if allocation is None and config.allocation == "sensitivity":
+        raise JPQError("sensitivity allocation needs a scan; compress() runs one (see jpq_core.sensitivity).")
+    return make_masks(scores, {k: w.shape for k, w in weights.items()}, sparsity, allocation or config.allocation, protect)
 
 
 def gradient_stats(model, task, config: CompressionConfig, criterion, groups=None, progress=None):
@@ -288,6 +293,7 @@ class _Run:
         self.lr = config.lr if config.lr is not None else task.default_lr
         self._seed = config.seed
         self._groups = None
+        self.scan = None
 
     @property
     def groups(self):
@@ -300,7 +306,25 @@ class _Run:
     def masks(self, sparsity, stats=None):
         criterion = get_criterion(self.config.criterion)
         groups = self.groups if criterion.level == "channel" else None
-        return prune_masks(self.net, self.task, self.config, sparsity, stats, groups)
+        allocation = None
+        if self.config.allocation == "sensitivity" and criterion.level == "weight":
+            allocation = self.sensitivity_allocation(sparsity, criterion, stats)
+        return prune_masks(self.net, self.task, self.config, sparsity, stats, groups, allocation=allocation)
+
+    def sensitivity_allocation(self, sparsity, criterion, stats):
+        """Per-layer sparsities from a sensitivity scan of the network as it is now (scanned once per run)."""
+        from jpq_core.sensitivity import allocate, sensitivity_scan
+
+        if self.scan is None:
+            if criterion.needs_gradients and stats is None:
+                stats = gradient_stats(self.net, self.task, self.config, criterion)
+            scores = criterion.scores({k: v.detach().clone() for k, v in _effective_weights(self.net).items()}, stats)
+            kept = current_masks(self.net)
+            self.scan = sensitivity_scan(self.net, self.task, scores, set_masks=self.set_masks)
+            self.set_masks(kept)
+        sizes = {k: l.weight.numel() for k, l in prunable_layers(self.net).items()}
+        protect = first_and_last(self.net) if self.config.protect_first_last else set()
+        return allocate(self.scan, sizes, sparsity, protect)
 
     def layer_bits(self, default, overrides):
         return {name: overrides.get(name, default) for name in prunable_layers(self.net)}
@@ -371,6 +395,7 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None) -
     net = run.net.eval()
     masks = current_masks(net)
     geometry = layer_geometry(net, task.example_inputs())
+    cost = network_cost(net, masks, run.wbits, run.abits, geometry, config.per_channel)
     report = {
         "network": config.network,
         "granularity": get_criterion(config.criterion).level,
@@ -378,8 +403,10 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None) -
         "metrics": task.evaluate(net),
         "dense_metrics": task.evaluate(run.dense),
         "sparsity": sparsity_of(masks),
-        "cost": network_cost(net, masks, run.wbits, run.abits, geometry, config.per_channel),
+        "cost": cost,
+        "layers": cost.pop("layers"),
         "finetune_steps": run.budget.used,
+        "sensitivity": run.scan,
         "seconds": round(time.time() - start, 1),
     }
     return net, report

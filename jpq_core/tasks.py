@@ -20,6 +20,7 @@ STEREO_FINETUNE_SEED_BASE = 500_000_000
 class StereoTask:
     name = "stereo"
     default_lr = 2e-4
+    primary_metric = ("bad3", False)  # (name, higher is better)
 
     def __init__(self, eval_data: str = "middlebury", crop=(192, 384), batch_size: int = 4):
         self.eval_data, self.crop, self.batch_size = eval_data, crop, batch_size
@@ -72,6 +73,7 @@ class StereoTask:
 class ClassificationTask:
     name = "classification"
     default_lr = 1e-3
+    primary_metric = ("top1", True)
 
     def __init__(self, data: str = "digits", batch_size: int = 64):
         from jpq_core.data.classification import load_classification

@@ -100,3 +100,16 @@ def test_channel_criterion_removes_whole_coupled_channels(digits_task, resnet20)
     # the stem feeds every residual add of stage 1: its removed outputs match stage1's conv2 removed outputs
     assert torch.equal(masks["stem.0"].flatten(1).any(1), masks["stage1.0.conv2"].flatten(1).any(1))
     assert report["sparsity"] >= 0.3 - 0.01
+
+
+def test_sensitivity_allocation_spares_the_sensitive_layers(digits_task, resnet20, monkeypatch):
+    monkeypatch.setattr("jpq_core.sensitivity.SCAN_SPARSITIES", (0.0, 0.5, 0.9))  # a short scan
+    net, report = compress(resnet20, digits_task, _cfg(pipeline="prune-only", criterion="magnitude", allocation="sensitivity",
+                                                        sparsity=0.7, finetune="none", steps=0))
+    assert report["sparsity"] == pytest.approx(0.7, abs=0.01)
+    scan = report["sensitivity"]
+    layers = {l["name"]: l["sparsity"] for l in report["layers"]}
+    loss_at_90 = {k: v[scan["sparsities"].index(0.9)] for k, v in scan["layers"].items() if k in layers and layers[k] < 1}
+    most, least = max(loss_at_90, key=loss_at_90.get), min(loss_at_90, key=loss_at_90.get)
+    if loss_at_90[most] > loss_at_90[least]:
+        assert layers[most] <= layers[least]
