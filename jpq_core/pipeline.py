@@ -31,9 +31,10 @@ from torch.nn.utils import parametrize
 
 from jpq_core.channels import channel_groups, channel_masks, gather_group_stats
 from jpq_core.costs import layer_geometry, network_cost
-from jpq_core.criteria import gather_gradient_stats, get_criterion, layer_weights, prunable_layers
+from jpq_core.criteria import get_criterion, prunable_layers
 from jpq_core.errors import JPQError
 from jpq_core.pruning import agp_sparsity, check_sparsity, first_and_last, make_masks, sparsity_of
+from jpq_core.score_cache import cached_gradient_stats
 from jpq_core.quantization import ACTIVATION_BITS, ActivationQuantizer, check_bits, quantize_weight, ste
 
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint", "prune-only", "quantize-only")
@@ -270,10 +271,9 @@ def prune_masks(model, task, config: CompressionConfig, sparsity: float, stats=N
 
 def gradient_stats(model, task, config: CompressionConfig, criterion, groups=None, progress=None):
     """One pass over the calibration batches: per-weight statistics, or per-channel ones for channel criteria."""
-    batches = task.batches(config.calibration_batches, seed=config.seed + 1)
     if criterion.level == "channel":
-        return gather_group_stats(model, groups, batches, task.loss, progress)
-    return gather_gradient_stats(model, batches, task.loss, progress)
+        return gather_group_stats(model, groups, task.batches(config.calibration_batches, seed=config.seed + 1), task.loss, progress)
+    return cached_gradient_stats(model, task, config.calibration_batches, config.seed + 1, progress=progress)
 
 
 def _effective_weights(model):

@@ -57,6 +57,11 @@ class StereoTask:
         shape = (1, 3, *s.shape)
         return torch.zeros(shape), torch.zeros(shape)
 
+    @property
+    def data_key(self) -> str:
+        """What determines the training batches (for cache keys)."""
+        return f"synthetic{self.crop[0]}x{self.crop[1]}n{self.batch_size}"
+
     @staticmethod
     def trace_inputs():
         """Small inputs for tracing the network's structure (channel coupling)."""
@@ -100,6 +105,10 @@ class ClassificationTask:
         logits = model(batch[0])
         soft = F.kl_div(F.log_softmax(logits / temperature, 1), F.softmax(teacher_output / temperature, 1), reduction="batchmean")
         return 0.5 * F.cross_entropy(logits, batch[1]) + 0.5 * soft * temperature**2
+
+    @property
+    def data_key(self) -> str:
+        return f"{self.data.replace(':', '_').replace('/', '_')}n{self.batch_size}"
 
     def example_inputs(self):
         return (torch.zeros(1, 3, 32, 32),)

@@ -1,6 +1,5 @@
 """Checkpoints round-trip exactly, and untrusted files never run code."""
 
-import json
 import pickle
 
 import pytest

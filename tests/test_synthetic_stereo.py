@@ -43,7 +43,6 @@ def test_nearer_surface_occludes_whatever_the_drawing_order(order):
 
 
 def test_slanted_plane_maps_exactly_between_views():
-    rng = np.random.default_rng(2)
     texture = np.repeat(np.linspace(0, 1, EXT, dtype=np.float32)[None, :, None], H, 0).repeat(3, 2)
     layers = [_Layer(texture, None, a=8.0, b=0.1, c=0.05)]
     left, disp = _render_view(layers, H, W, right=False)
