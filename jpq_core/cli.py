@@ -142,7 +142,7 @@ def cmd_compress(args) -> int:
         layer_wbits=_layer_bits(args.layer_wbits),
         steps=args.steps if args.steps is not None else DEFAULT_FINETUNE_STEPS[task_of(args.network)],
         protect_first_last=not args.no_protect, per_channel=not args.per_tensor, symmetric=not args.asymmetric,
-        calibration=args.calibration, lr=args.lr, seed=args.seed,
+        calibration=args.calibration, calibration_batches=args.calibration_batches, lr=args.lr, seed=args.seed,
     ).check()
     model = load_network(args.network, args.checkpoint)
     data = args.data if args.data else ("middlebury" if task_of(args.network) == "stereo" else "digits")
@@ -162,6 +162,28 @@ def cmd_compress(args) -> int:
     if not args.layers:
         report["layers"] = [{k: l[k] for k in ("name", "sparsity", "wbits", "abits", "weight_bits", "macs", "bops")} for l in report["layers"]]
     print(json.dumps(report, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_experiments(args) -> int:
+    from jpq_core import experiments
+
+    if args.action == "run":
+        if args.name not in experiments.SETS:
+            raise JPQError(f"unknown experiment set {args.name!r}; choose one of: {', '.join(experiments.SETS)}.")
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        ran = experiments.run_set(args.name, args.network)
+        print(f"{ran} runs done; results in {experiments.RESULTS}")
+    else:
+        from jpq_core.checkpoints import atomic_write
+
+        target = Path(args.out)
+        text = experiments.report(experiments.read_results())
+        atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+        print(f"wrote {target}")
     return 0
 
 
@@ -214,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (zero point)")
     p.add_argument("--calibration", default="minmax", help="activation range: minmax, percentile or mse")
+    p.add_argument("--calibration-batches", type=int, default=8, help="batches for gradient scores and activation ranges")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default per task)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
@@ -222,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("experiments", help="run the measured experiment sets (resumable) or write docs/results.md")
+    p.add_argument("action", choices=["run", "report"])
+    p.add_argument("name", nargs="?", default="claims", help="experiment set (claims)")
+    p.add_argument("--network", default="resnet20", choices=["stereo", "resnet20"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", default="docs/results.md")
+    p.set_defaults(func=cmd_experiments)
 
     p = sub.add_parser("baselines", help="OpenCV StereoSGBM and StereoBM on the same data and metrics")
     add_data_args(p, "middlebury")
