@@ -30,19 +30,11 @@ def test_plain_torch_state_dict_loads(tmp_path):
     torch.testing.assert_close(other(x), model(x))
 
 
-class _WritesAFile:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
-def test_pickle_that_would_run_code_is_refused(tmp_path):
+def test_pickle_that_would_run_code_is_refused(tmp_path, code_running_object):
     target = tmp_path / "pwned.txt"
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as f:
-        pickle.dump({"conv.weight": _WritesAFile(str(target))}, f)
+        pickle.dump({"conv.weight": code_running_object(target)}, f)
     with pytest.raises(JPQError, match="refused to load"):
         load_weights(build_network("resnet20"), evil)
     assert not target.exists()

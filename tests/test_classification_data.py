@@ -75,19 +75,11 @@ def test_image_folder_with_train_and_test(tmp_path):
     assert torch.all(x[y == 1] > x[y == 0].max())
 
 
-class _WritesAFile:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
-def test_cifar10_batch_that_would_run_code_is_refused(tmp_path):
+def test_cifar10_batch_that_would_run_code_is_refused(tmp_path, code_running_object):
     _write_cifar(tmp_path)
     target = tmp_path / "pwned.txt"
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
-        pickle.dump({"data": _WritesAFile(str(target)), "labels": []}, f)
+        pickle.dump({"data": code_running_object(target), "labels": []}, f)
     with pytest.raises(JPQError, match="is not allowed"):
         load_classification(f"cifar10:{tmp_path}", "test")
     assert not target.exists()
