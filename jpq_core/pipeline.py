@@ -327,7 +327,11 @@ class _Run:
         return allocate(self.scan, sizes, sparsity, protect)
 
     def layer_bits(self, default, overrides):
-        return {name: overrides.get(name, default) for name in prunable_layers(self.net)}
+        names = list(prunable_layers(self.net))
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise JPQError(f"no layer named {', '.join(unknown)} in {self.config.network}; layers are: {', '.join(names)}.")
+        return {name: overrides.get(name, default) for name in names}
 
     def set_masks(self, masks):
         attach(self.net, masks, self.wbits, self.config.symmetric, self.config.per_channel)

@@ -51,7 +51,8 @@ def test_more_sparsity_costs_less_memory_and_accuracy_does_not_improve(digits_ta
 
 def test_bad_configuration_is_refused_with_a_clear_message(digits_task, resnet20):
     for kw, msg in (({"sparsity": 1.0}, "sparsity must be"), ({"wbits": 9}, "weight bits"), ({"pipeline": "x"}, "unknown pipeline"),
-                    ({"finetune": "x"}, "fine-tuning mode"), ({"criterion": "x"}, "unknown criterion")):
+                    ({"finetune": "x"}, "fine-tuning mode"), ({"criterion": "x"}, "unknown criterion"),
+                    ({"layer_wbits": {"stem.9": 4}}, "no layer named stem.9")):
         with pytest.raises(JPQError, match=msg):
             compress(resnet20, digits_task, _cfg(**kw))
 
