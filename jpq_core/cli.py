@@ -147,9 +147,10 @@ def cmd_compress(args) -> int:
     model = load_network(args.network, args.checkpoint)
     data = args.data if args.data else ("middlebury" if task_of(args.network) == "stereo" else "digits")
     task = make_task(args.network, data)
-    bar = tqdm(desc="compress", disable=args.quiet or args.json, unit="step")
+    bar = tqdm(desc="compress", disable=args.quiet or args.json, unit="batch")
 
-    def progress(i, n):
+    def progress(stage, i, n):
+        bar.set_description(stage)
         bar.total = n
         bar.n = i
         bar.refresh()

@@ -284,7 +284,9 @@ class _Run:
     """One compression run: the network being compressed, its budget, and the stages pipelines combine."""
 
     def __init__(self, model, task, config: CompressionConfig, progress):
-        self.task, self.config, self.progress = task, config, progress
+        self.task, self.config = task, config
+        # progress(stage, i, n), with stage "scores" (gradient pass) or "fine-tune"
+        self.progress = progress or (lambda stage, i, n: None)
         self.dense = copy.deepcopy(model).eval()
         self.net = attach(copy.deepcopy(model).eval(), None, None)
         self.budget = _Budget(config.steps if config.finetune != "none" else 0)
@@ -309,7 +311,8 @@ class _Run:
         allocation = None
         if self.config.allocation == "sensitivity" and criterion.level == "weight":
             allocation = self.sensitivity_allocation(sparsity, criterion, stats)
-        return prune_masks(self.net, self.task, self.config, sparsity, stats, groups, allocation=allocation)
+        return prune_masks(self.net, self.task, self.config, sparsity, stats, groups, allocation=allocation,
+                           progress=lambda i, n: self.progress("scores", i, n))
 
     def sensitivity_allocation(self, sparsity, criterion, stats):
         """Per-layer sparsities from a sensitivity scan of the network as it is now (scanned once per run)."""
@@ -339,7 +342,7 @@ class _Run:
     def finetune(self, steps: int, on_step=None):
         self._seed += 1
         finetune(self.net, self.task, steps, self.config.finetune, self.lr, self._seed, teacher=self.dense,
-                 on_step=on_step, progress=self.progress)
+                 on_step=on_step, progress=lambda i, n: self.progress("fine-tune", i, n))
 
     def quantize(self):
         c = self.config
@@ -363,7 +366,8 @@ class _Run:
         else:  # gradual (AGP), scores gathered once so that the masks are nested as sparsity grows
             criterion = get_criterion(c.criterion)
             groups = self.groups if criterion.level == "channel" else None
-            stats = gradient_stats(self.net, self.task, c, criterion, groups) if criterion.needs_gradients else None
+            stats = gradient_stats(self.net, self.task, c, criterion, groups, lambda i, n: self.progress("scores", i, n)) \
+                if criterion.needs_gradients else None
             steps = self.budget.take(1.0 if final else share)
             every = max(1, steps // 10)
 
@@ -375,7 +379,10 @@ class _Run:
 
 
 def compress(model: nn.Module, task, config: CompressionConfig, progress=None) -> tuple[nn.Module, dict]:
-    """Run the configured pipeline on a copy of `model`; returns (compressed model, report)."""
+    """Run the configured pipeline on a copy of `model`; returns (compressed model, report).
+
+    `progress(stage, i, n)` is told about the gradient pass ("scores") and fine-tuning ("fine-tune").
+    """
     config = config.check()
     start = time.time()
     torch.manual_seed(config.seed)
