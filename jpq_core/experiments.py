@@ -22,7 +22,7 @@ from jpq_core.pipeline import CompressionConfig
 RESULTS = Path(__file__).resolve().parents[1] / "cached_runs" / "results" / "compress_runs.jsonl"
 # Fine-tuning budget per run of these sets (the same for every configuration of a network).
 BUDGET = {"stereo": 150, "resnet20": 200}
-CRITERIA = ("magnitude", "taylor", "fisher", "random")
+CRITERIA = ("magnitude", "taylor", "taylor-abs-norm", "fisher", "random")
 DEFAULT_CALIBRATION = CompressionConfig().calibration_batches
 CLAIM_SPARSITIES = {"stereo": (0.95, 0.99), "resnet20": (0.9, 0.95, 0.98, 0.99)}
 
