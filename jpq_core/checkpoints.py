@@ -39,6 +39,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; saved results are for everyone who runs the app
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
