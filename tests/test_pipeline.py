@@ -60,8 +60,10 @@ def test_bad_configuration_is_refused_with_a_clear_message(digits_task, resnet20
 def test_short_prune_then_quantize_keeps_the_stereo_output_close():
     model = load_network("stereo")
     task = StereoTask("middlebury", crop=(96, 192), batch_size=2)
-    cfg = CompressionConfig(network="stereo", criterion="taylor", sparsity=0.5, wbits=8, abits=8, finetune="none",
-                            steps=0, calibration_batches=2)
+    # Measured without fine-tuning: 8-bit weights are lossless, 8-bit activations cost ~0.1 px EPE with
+    # percentile ranges, half the weights by magnitude ~0.25 px (pooled Taylor scores cost more: docs/results.md).
+    cfg = CompressionConfig(network="stereo", criterion="magnitude", sparsity=0.5, wbits=8, abits=8, finetune="none",
+                            steps=0, calibration_batches=2, calibration="percentile")
     net, report = compress(model, task, cfg)
     dense, compressed = report["dense_metrics"], report["metrics"]
     assert compressed["epe"] < dense["epe"] + 0.5
