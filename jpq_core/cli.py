@@ -176,7 +176,8 @@ def cmd_experiments(args) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        ran = experiments.run_set(args.name, args.network)
+        index, _, count = args.shard.partition("/")
+        ran = experiments.run_set(args.name, args.network, shard=(int(index), int(count or 1)))
         print(f"{ran} runs done; results in {experiments.RESULTS}")
     else:
         from jpq_core.checkpoints import atomic_write
@@ -252,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="claims", help="experiment set (claims)")
     p.add_argument("--network", default="resnet20", choices=["stereo", "resnet20"])
     p.add_argument("--threads", type=int)
+    p.add_argument("--shard", default="0/1", help="I/N: run every N-th configuration from the I-th (N processes share a set)")
     p.add_argument("--out", default="docs/results.md")
     p.set_defaults(func=cmd_experiments)
 

@@ -21,7 +21,7 @@ from jpq_core.pipeline import CompressionConfig
 
 RESULTS = Path(__file__).resolve().parents[1] / "cached_runs" / "results" / "compress_runs.jsonl"
 # Fine-tuning budget per run of these sets (the same for every configuration of a network).
-BUDGET = {"stereo": 150, "resnet20": 200}
+BUDGET = {"stereo": 300, "resnet20": 200}
 CRITERIA = ("magnitude", "taylor", "taylor-abs-norm", "fisher", "random")
 DEFAULT_CALIBRATION = CompressionConfig().calibration_batches
 CLAIM_SPARSITIES = {"stereo": (0.95, 0.99), "resnet20": (0.9, 0.95, 0.98, 0.99)}
@@ -69,14 +69,17 @@ def append_result(row: dict, path: Path = RESULTS) -> None:
         os.fsync(f.fileno())
 
 
-def run_set(name: str, network: str, path: Path = RESULTS, log=print) -> int:
-    """Run every configuration of set `name` for `network` not yet in `path`; returns how many ran."""
+def run_set(name: str, network: str, path: Path = RESULTS, log=print, shard: tuple[int, int] = (0, 1)) -> int:
+    """Run every configuration of set `name` for `network` not yet in `path`; returns how many ran.
+
+    `shard=(i, n)` runs every n-th configuration starting at i, so n processes can share a set.
+    """
     from jpq_core.models import load_network
     from jpq_core.pipeline import compress
     from jpq_core.tasks import make_task
 
     done = {config_key(CompressionConfig(**r["config"])) for r in read_results(path)}
-    todo = [c for c in SETS[name](network) if config_key(c) not in done]
+    todo = [c for c in SETS[name](network)[shard[0]::shard[1]] if config_key(c) not in done]
     if not todo:
         return 0
     model, task = load_network(network), make_task(network)
