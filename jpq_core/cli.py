@@ -13,7 +13,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from jpq_core.errors import JPQError
@@ -265,12 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    start = time.time()
     try:
         return args.func(args)
     except JPQError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if getattr(args, "verbose", False):
-            print(f"{time.time() - start:.1f}s", file=sys.stderr)
