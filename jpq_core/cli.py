@@ -106,6 +106,14 @@ def cmd_baselines(args) -> int:
     return 0
 
 
+def _set_threads(threads: int | None) -> None:
+    """PyTorch threads for this command; None keeps PyTorch's default (all cores)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _bits(text: str):
     try:
         return None if text in ("float", "32", "none") else int(text)
@@ -127,14 +135,13 @@ def _layer_bits(text: str | None) -> dict:
 
 
 def cmd_compress(args) -> int:
-    import torch
     from tqdm import tqdm
 
     from jpq_core.models import load_network, task_of
     from jpq_core.pipeline import CompressionConfig, compress, save_compressed
     from jpq_core.tasks import make_task
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    _set_threads(args.threads)
     config = CompressionConfig(
         network=args.network, criterion=args.criterion, sparsity=args.sparsity, wbits=args.wbits, abits=args.abits,
         pipeline=args.pipeline, finetune=args.finetune, allocation=args.allocation, schedule=args.schedule,
@@ -171,10 +178,7 @@ def cmd_experiments(args) -> int:
     if args.action == "run":
         if args.name not in experiments.SETS:
             raise JPQError(f"unknown experiment set {args.name!r}; choose one of: {', '.join(experiments.SETS)}.")
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        _set_threads(args.threads)
         index, _, count = args.shard.partition("/")
         ran = experiments.run_set(args.name, args.network, shard=(int(index), int(count or 1)))
         print(f"{ran} runs done; results in {experiments.RESULTS}")
