@@ -5,6 +5,8 @@
     python -m jpq_core evaluate --network stereo --data middlebury --json
     python -m jpq_core baselines --json                 # OpenCV SGBM and BM on the same pair and metric
     python -m jpq_core compress --network stereo --criterion taylor --sparsity 0.95 --wbits 4 --abits 8 --json
+    python -m jpq_core sweep configs/smoke.toml         # a grid of compress runs, one table row each
+    python -m jpq_core report                           # docs/results.md from the table
 """
 
 from __future__ import annotations
@@ -172,23 +174,35 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def cmd_experiments(args) -> int:
-    from jpq_core import experiments
+def cmd_sweep(args) -> int:
+    from jpq_core import sweeps
 
-    if args.action == "run":
-        if args.name not in experiments.SETS:
-            raise JPQError(f"unknown experiment set {args.name!r}; choose one of: {', '.join(experiments.SETS)}.")
-        _set_threads(args.threads)
-        index, _, count = args.shard.partition("/")
-        ran = experiments.run_set(args.name, args.network, shard=(int(index), int(count or 1)))
-        print(f"{ran} runs done; results in {experiments.RESULTS}")
-    else:
-        from jpq_core.checkpoints import atomic_write
+    table = Path(args.out) if args.out else sweeps.RESULTS
+    if args.import_reports:
+        added, problems = sweeps.import_reports(args.import_reports, table, f"imported from {args.import_reports}")
+        for p in problems:
+            print(f"problem: {p}", file=sys.stderr)
+        print(f"{added} rows added to {table}")
+        return 0
+    if not args.grid:
+        raise JPQError("give a grid file (configs/*.toml), or --import-reports FILE.")
+    if args.workers is not None and args.workers < 1:
+        raise JPQError("--workers must be 1 or more.")
+    configs = sweeps.load_grid(args.grid)
+    summary = sweeps.run_sweep(configs, table, workers=args.workers, ray_address=args.ray_address,
+                               grid=Path(args.grid).stem, progress=not args.quiet)
+    print(summary)
+    print(f"results in {table}")
+    return 1 if summary.failed else 0
 
-        target = Path(args.out)
-        text = experiments.report(experiments.read_results())
-        atomic_write(target, lambda tmp: Path(tmp).write_text(text))
-        print(f"wrote {target}")
+
+def cmd_report(args) -> int:
+    from jpq_core import report
+
+    problems = report.write_report(Path(args.results) if args.results else None, Path(args.out))
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    print(f"wrote {args.out} and its figures")
     return 0
 
 
@@ -251,14 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("experiments", help="run the measured experiment sets (resumable) or write docs/results.md")
-    p.add_argument("action", choices=["run", "report"])
-    p.add_argument("name", nargs="?", default="claims", help="experiment set (claims)")
-    p.add_argument("--network", default="resnet20", choices=["stereo", "resnet20"])
-    p.add_argument("--threads", type=int)
-    p.add_argument("--shard", default="0/1", help="I/N: run every N-th configuration from the I-th (N processes share a set)")
+    p = sub.add_parser("sweep", help="run a grid of compression configurations (resumable), locally or on Ray")
+    p.add_argument("grid", nargs="?", help="grid file, e.g. configs/smoke.toml")
+    p.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
+    p.add_argument("--ray-address", help="run on a Ray cluster: auto or HOST:PORT")
+    p.add_argument("--out", help="results table (default cached_runs/results/sweeps.jsonl)")
+    p.add_argument("--import-reports", metavar="FILE", help="add `compress --json` lines from FILE to the table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="write docs/results.md and its figures from the results table")
+    p.add_argument("--results", help="results table (default cached_runs/results/sweeps.jsonl)")
     p.add_argument("--out", default="docs/results.md")
-    p.set_defaults(func=cmd_experiments)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("baselines", help="OpenCV StereoSGBM and StereoBM on the same data and metrics")
     add_data_args(p, "middlebury")

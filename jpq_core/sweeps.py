@@ -1,0 +1,483 @@
+"""Sweeps: a grid of compression configurations, run on a local process pool or a Ray cluster, one row each.
+
+    python -m jpq_core sweep configs/resnet20-tradeoffs.toml            # run (or finish) a grid
+    python -m jpq_core sweep GRID.toml --workers 4                      # four local worker processes
+    python -m jpq_core sweep GRID.toml --ray-address auto               # configurations as Ray tasks
+
+A grid file (TOML) holds one or more `[[grid]]` blocks; each block is the product of its axes
+    network, criterion, granularity, sparsity, wbits, abits, pipeline, finetune, budget (steps), seed
+(a list, or one value; "float" for float bits) and may fix any other `CompressionConfig` field
+(`calibration = "percentile"`). Keys at the top level apply to every block. `granularity` filters the
+criteria by level (weight or channel); with `finetune = "none"` the budget is 0.
+
+The table (`cached_runs/results/sweeps.jsonl`) is append-only, one JSON object per line: the configuration
+axes, every metric and cost figure of `compress` flattened, achieved sparsity, wall time, library versions,
+the code revision, and a CRC of the row. Only the driver writes; each row is one `write` of a whole line,
+fsync'd, so a sweep killed at any moment leaves at most a torn last line, which the reader reports and the
+next sweep removes before running that configuration again. A row is keyed by its full configuration:
+running a grid again skips what is done. Fine-tuned networks on the Pareto front (memory against the
+network's headline metric) are kept beside the table in `checkpoints/` (`save_compressed` files).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import tempfile
+import time
+import tomllib
+import zlib
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from jpq_core.errors import JPQError
+from jpq_core.pipeline import CompressionConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "cached_runs" / "results" / "sweeps.jsonl"
+AXES = ("network", "criterion", "granularity", "sparsity", "wbits", "abits", "pipeline", "finetune", "budget", "seed")
+# Columns every row has (the metrics differ by task and are checked by the report, not here).
+REQUIRED = (*AXES, "id", "config", "achieved_sparsity", "memory_ratio", "bops_ratio", "wall_s", "git_rev")
+_SETTINGS = {f.name for f in fields(CompressionConfig)} - {"network", "criterion", "sparsity", "wbits", "abits",
+                                                           "pipeline", "finetune", "steps", "seed"}
+
+
+# ---- grids ------------------------------------------------------------------------------------------------
+
+
+def _bits_value(v):
+    return None if v in ("float", None) else v
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, list) else [v]
+
+
+def expand_grid(spec: dict, source: str = "grid") -> list[CompressionConfig]:
+    """Every configuration of a parsed grid file, checked, without duplicates, in file order."""
+    from jpq_core.criteria import get_criterion
+
+    blocks = spec.get("grid")
+    if not isinstance(blocks, list) or not blocks:
+        raise JPQError(f"{source}: no [[grid]] block; a grid file lists its axes under [[grid]] (see configs/).")
+    shared = {k: v for k, v in spec.items() if k not in ("grid", "description")}
+    configs, seen = [], set()
+    for n, block in enumerate(blocks, 1):
+        block = {**shared, **block}
+        unknown = sorted(set(block) - set(AXES) - _SETTINGS)
+        if unknown:
+            raise JPQError(f"{source}, grid block {n}: unknown key {', '.join(unknown)}; axes are {', '.join(AXES)}, "
+                           f"fixed settings any of {', '.join(sorted(_SETTINGS))}.")
+        if "network" not in block or "criterion" not in block:
+            raise JPQError(f"{source}, grid block {n}: give at least `network` and `criterion`.")
+        defaults = CompressionConfig()
+        axes = {a: _as_list(block.get(a, getattr(defaults, a, None))) for a in AXES}
+        axes["budget"] = _as_list(block.get("budget", defaults.steps))
+        levels = set(axes["granularity"]) if "granularity" in block else {"weight", "channel"}
+        settings = {k: v for k, v in block.items() if k in _SETTINGS}
+        for net, crit, _, sp, wb, ab, pipe, ft, budget, seed in itertools.product(*(axes[a] for a in AXES)):
+            try:
+                if get_criterion(crit).level not in levels:
+                    continue
+                config = CompressionConfig(network=net, criterion=crit, sparsity=sp, wbits=_bits_value(wb),
+                                           abits=_bits_value(ab), pipeline=pipe, finetune=ft,
+                                           steps=0 if ft == "none" else budget, seed=seed, **settings).check()
+            except (JPQError, TypeError, ValueError) as exc:
+                raise JPQError(f"{source}, grid block {n}: {exc}") from None
+            key = config_key(config)
+            if key not in seen:
+                seen.add(key)
+                configs.append(config)
+    return configs
+
+
+def load_grid(path) -> list[CompressionConfig]:
+    path = Path(path)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise JPQError(f"{path}: no such grid file; grids live in configs/ (e.g. configs/smoke.toml).") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise JPQError(f"{path}: not a valid TOML grid ({exc}).") from None
+    return expand_grid(spec, str(path))
+
+
+def config_key(config: CompressionConfig | dict) -> str:
+    """The full configuration as canonical JSON: what makes two rows the same run."""
+    d = asdict(config) if isinstance(config, CompressionConfig) else config
+    return json.dumps(d, sort_keys=True)
+
+
+def row_id(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+# ---- one configuration ------------------------------------------------------------------------------------
+
+
+_loaded: dict = {}  # per worker process: network -> (model, task), loaded once
+
+
+def _network_and_task(network: str):
+    if network not in _loaded:
+        from jpq_core.models import load_network
+        from jpq_core.tasks import make_task
+
+        _loaded[network] = (load_network(network), make_task(network))
+    return _loaded[network]
+
+
+def engine_latency_ms(net, task) -> float | None:
+    """Measured latency of the sparse integer engine on the task's example input, when the engine offers a
+    benchmark (`jpq_core.engine.benchmark`); None otherwise."""
+    try:
+        from jpq_core.engine import benchmark
+    except ImportError:
+        return None
+    return float(benchmark(net, task.example_inputs())["engine_ms"])
+
+
+def versions() -> dict:
+    from jpq_core.checkpoints import library_versions
+
+    out = library_versions()
+    for name in ("numba", "pandas", "torch_pruning"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def row_from_report(report: dict, wall_s: float) -> dict:
+    """One table row from a `compress` report: the axes, then metrics, dense metrics and costs, flat."""
+    c = report["config"]
+    row = {"network": c["network"], "criterion": c["criterion"], "granularity": report["granularity"],
+           "sparsity": c["sparsity"], "wbits": c["wbits"], "abits": c["abits"], "pipeline": c["pipeline"],
+           "finetune": c["finetune"], "budget": c["steps"] if c["finetune"] != "none" else 0, "seed": c["seed"]}
+    key = config_key(c)
+    row.update(id=row_id(key), config=c, achieved_sparsity=report["sparsity"],
+               finetune_steps=report.get("finetune_steps"), wall_s=round(wall_s, 2))
+    row.update(report["metrics"])
+    row.update({f"dense_{k}": v for k, v in report["dense_metrics"].items()})
+    row.update({k: v for k, v in report["cost"].items() if k not in ("assumptions", "sparsity", "layers")})
+    return row
+
+
+def run_config(config: dict, keep_checkpoint: bool = False, threads: int = 1) -> dict:
+    """Compress with one configuration (a dict of `CompressionConfig` fields); returns the row, plus the
+    compressed network's files as bytes under "_files" when `keep_checkpoint` (so that a Ray worker on
+    another machine can hand them to the driver)."""
+    import torch
+
+    from jpq_core.pipeline import compress, save_compressed
+
+    torch.set_num_threads(threads)
+    cfg = CompressionConfig(**config)
+    model, task = _network_and_task(cfg.network)
+    start = time.time()
+    net, report = compress(model, task, cfg)
+    wall = time.time() - start
+    row = row_from_report(report, wall)
+    row["engine_ms"] = engine_latency_ms(net, task)
+    row["versions"] = versions()
+    if keep_checkpoint:
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = save_compressed(net, Path(tmp) / "net", report)
+            row["_files"] = {p.suffix: p.read_bytes() for p in (saved, saved.with_suffix(".json"))}
+    return row
+
+
+def import_reports(source, path=RESULTS, provenance: str = "imported") -> tuple[int, list[str]]:
+    """Add `compress --json` reports (one JSON object per line of `source`, e.g. the older
+    `compress_runs.jsonl`) to the table as rows, skipping configurations already there.
+    Their revision is unrecorded: `git_rev` says where they came from. Returns (rows added, problems)."""
+    source = Path(source)
+    path = Path(path)
+    added, problems = 0, []
+    with _TableLock(path):
+        repair_tail(path)
+        rows, _ = read_rows(path)
+        done = {config_key(r["config"]) for r in rows}
+        for number, line in enumerate(source.read_text().splitlines(), 1):
+            try:
+                report = json.loads(line)
+                report["config"] = asdict(CompressionConfig(**report["config"]).check())
+                row = row_from_report(report, report.get("wall_seconds", report.get("seconds", 0.0)))
+            except (ValueError, KeyError, TypeError, JPQError) as exc:
+                problems.append(f"{source}: line {number} is not a compress report ({type(exc).__name__}: {exc}); skipped.")
+                continue
+            if config_key(row["config"]) in done:
+                continue
+            row.update(engine_ms=None, versions=report.get("versions", {}), git_rev=provenance, grid=provenance)
+            append_row(path, row)
+            done.add(config_key(row["config"]))
+            added += 1
+    return added, problems
+
+
+# ---- the table ----------------------------------------------------------------------------------------------
+
+
+def _crc(row: dict) -> str:
+    body = json.dumps({k: v for k, v in row.items() if k != "crc"}, sort_keys=True)
+    return f"{zlib.crc32(body.encode()):08x}"
+
+
+def read_rows(path=RESULTS) -> tuple[list[dict], list[str]]:
+    """(complete rows, problems) of a results table. A line that is cut short, is not JSON, fails its CRC or
+    lacks a column is left out and named in `problems` with the file and line; the good rows are kept."""
+    path = Path(path)
+    if not path.exists():
+        return [], []
+    if not path.is_file():
+        raise JPQError(f"{path}: not a file; give the path of a results table (.jsonl).")
+    data = path.read_bytes()
+    rows, problems = [], []
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        last = number == len(lines)  # no newline after it: the write of this row never finished
+        try:
+            row = json.loads(raw)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError):
+            why = "cut short (a sweep killed while writing it)" if last else "not valid JSON"
+            problems.append(f"{path}: line {number} is {why}; it is skipped and its configuration will run again.")
+            continue
+        missing = [c for c in (*REQUIRED, "crc") if c not in row]
+        if missing:
+            problems.append(f"{path}: line {number} is not a sweep row (missing {', '.join(missing)}); skipped.")
+        elif row["crc"] != _crc(row):
+            problems.append(f"{path}: line {number} fails its checksum (edited or corrupted); skipped, it will run again.")
+        else:
+            rows.append(row)
+    return rows, problems
+
+
+def repair_tail(path) -> bool:
+    """Cut a torn last line (no newline: a write that never finished) off the table; True if one was cut."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return False
+        f.truncate(data.rfind(b"\n") + 1)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def append_row(path, row: dict) -> None:
+    """Append one row as one whole line in one write, fsync'd: either the row is there or it is not."""
+    row = {**row, "crc": _crc(row)}
+    line = (json.dumps(row, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _TableLock:
+    """One sweep writes a table at a time (an advisory lock on TABLE.lock)."""
+
+    def __init__(self, path: Path):
+        self.path = path.with_name(path.name + ".lock")
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise JPQError(f"{self.path.with_suffix('')}: another sweep is writing this table; wait for it or give --out.") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+# ---- Pareto front and its checkpoints ---------------------------------------------------------------------
+
+
+def pareto_mask(xs, ys, x_lower_is_better: bool = True, y_lower_is_better: bool = True) -> list[bool]:
+    """For each point, whether no other point is at least as good in both and better in one."""
+    sx = 1 if x_lower_is_better else -1
+    sy = 1 if y_lower_is_better else -1
+    pts = [(sx * x, sy * y) for x, y in zip(xs, ys)]
+    return [not any(a <= x and b <= y and (a < x or b < y) for a, b in pts) for x, y in pts]
+
+
+def primary_metric(network: str) -> tuple[str, bool]:
+    """(column, higher is better) of a network's headline metric."""
+    from jpq_core.models import task_of
+
+    return ("bad3", False) if task_of(network) == "stereo" else ("top1", True)
+
+
+def checkpoint_dir(table: Path) -> Path:
+    return table.parent / "checkpoints"
+
+
+def front_ids(rows: list[dict]) -> set[str]:
+    """Ids of the fine-tuned rows on each network's front of weight memory against its headline metric."""
+    out = set()
+    for network in {r["network"] for r in rows}:
+        mine = [r for r in rows if r["network"] == network and r["finetune"] != "none"]
+        metric, higher = primary_metric(network)
+        mine = [r for r in mine if metric in r]
+        on = pareto_mask([r["memory_ratio"] for r in mine], [r[metric] for r in mine], True, not higher)
+        out |= {r["id"] for r, keep in zip(mine, on) if keep}
+    return out
+
+
+def keep_front_checkpoints(table: Path, rows: list[dict], files: dict[str, dict]) -> None:
+    """Write the checkpoints in `files` ({row id: {suffix: bytes}}) of rows on the front, delete those that
+    fell off it."""
+    from jpq_core.checkpoints import atomic_write
+
+    folder = checkpoint_dir(table)
+    keep = front_ids(rows)
+    for rid, parts in files.items():
+        if rid in keep:
+            for suffix, data in parts.items():
+                atomic_write(folder / f"{rid}{suffix}", lambda tmp, data=data: Path(tmp).write_bytes(data))
+    if folder.exists():
+        for f in folder.iterdir():
+            if f.stem not in keep and f.suffix in (".safetensors", ".json"):
+                f.unlink()
+
+
+# ---- running a grid ---------------------------------------------------------------------------------------
+
+
+def git_revision() -> str:
+    """HEAD of the repository, with "+dirty" when the library's code differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "jpq_core"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@dataclass
+class SweepSummary:
+    total: int
+    skipped: int
+    ran: int
+    failed: list[str]
+    problems: list[str]
+    seconds: float
+
+    def __str__(self):
+        lines = [f"{self.total} configurations: {self.skipped} already in the table, {self.ran} run now, "
+                 f"{len(self.failed)} failed ({self.seconds:.0f} s)."]
+        lines += [f"  failed: {f}" for f in self.failed] + [f"  problem: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _pool_results(todo, workers: int, keep):
+    """Yield (config, row or exception) as local worker processes finish them."""
+    if workers == 1:  # no pool to start: the same function in this process
+        for c in todo:
+            try:
+                yield c, run_config(asdict(c), keep(c))
+            except Exception as exc:  # noqa: BLE001 - one failed configuration must not stop the sweep
+                yield c, exc
+        return
+    import multiprocessing
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(run_config, asdict(c), keep(c)): c for c in todo}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    c = pending.pop(fut)
+                    exc = fut.exception()
+                    yield c, exc if exc is not None else fut.result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def _ray_results(todo, address: str, keep):
+    """Yield (config, row or exception) as Ray tasks finish; the code and checkpoints travel as the job's
+    working directory, so workers on other machines run this same checkout."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, runtime_env={"working_dir": str(ROOT), "excludes": [
+            ".venv", ".git", "runs", "cached_runs/results", "docs", "notebooks", "__pycache__"]},
+            log_to_driver=False)
+    remote = ray.remote(num_cpus=1, max_retries=1)(run_config)
+    pending = {remote.remote(asdict(c), keep(c)): c for c in todo}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                c = pending.pop(ref)
+                try:
+                    yield c, ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - a task's error, reported in the summary
+                    yield c, exc
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+
+
+def run_sweep(configs: list[CompressionConfig], path=RESULTS, workers: int | None = None,
+              ray_address: str | None = None, grid: str = "", progress: bool = True,
+              save_front: bool = True) -> SweepSummary:
+    """Run every configuration not yet in the table at `path`, appending one row each as they finish."""
+    from tqdm import tqdm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with _TableLock(path):
+        repair_tail(path)
+        rows, problems = read_rows(path)
+        done = {config_key(r["config"]) for r in rows}
+        todo = [c for c in configs if config_key(c) not in done]
+        keep = lambda c: save_front and c.finetune != "none"  # noqa: E731 - no-fine-tuning points rerun in seconds
+        revision = git_revision()
+        workers = workers or os.cpu_count() or 1
+        results = _ray_results(todo, ray_address, keep) if ray_address else _pool_results(todo, min(workers, max(1, len(todo))), keep)
+        failed = []
+        bar = tqdm(total=len(todo), desc=f"sweep {grid}".strip(), unit="run", disable=not progress or not todo)
+        for config, result in results:
+            if isinstance(result, BaseException):
+                failed.append(f"{config.network} {config.criterion} s={config.sparsity} w{config.wbits}a{config.abits} "
+                              f"{config.pipeline} {config.finetune}/{config.steps}: {type(result).__name__}: {result}")
+            else:
+                files = result.pop("_files", None)
+                result.update(git_rev=revision, grid=grid)
+                if files and save_front:
+                    keep_front_checkpoints(path, rows + [result], {result["id"]: files})
+                append_row(path, result)
+                rows.append(result)
+            bar.update(1)
+            bar.set_postfix_str(f"{config.network} {config.criterion} {config.sparsity} w{config.wbits}")
+        bar.close()
+        if save_front and rows:
+            keep_front_checkpoints(path, rows, {})
+    return SweepSummary(len(configs), len(configs) - len(todo), len(todo) - len(failed), failed, problems,
+                        time.time() - start)
