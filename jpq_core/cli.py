@@ -33,7 +33,10 @@ def _stereo_samples(args) -> list:
     if args.left or args.right:
         if not (args.left and args.right):
             raise JPQError("give both --left and --right (and optionally --gt).")
-        return [stereo_files.load_pair(args.left, args.right, args.gt, args.gt_scale)]
+        sample = stereo_files.load_pair(args.left, args.right, args.gt, args.gt_scale)
+        for notice in sample.notices:  # e.g. a big pair was downscaled: the metrics are at the smaller size
+            print(f"note: {notice}", file=sys.stderr)
+        return [sample]
     return stereo_eval_samples(args.data)
 
 

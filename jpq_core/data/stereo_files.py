@@ -1,23 +1,41 @@
 """Real stereo pairs: the Middlebury 2014 motorcycle pair shipped with scikit-image, and user files.
 
-User pairs are two images (PNG or JPEG, decoded with OpenCV, never executed) with optional ground truth as
-PFM (Middlebury's format, `inf` = unknown), PNG with a scale (KITTI stores disparity * 256 in 16 bits; 0 =
-unknown), or NPY (loaded with allow_pickle=False).
+User pairs are two images (PNG, JPEG, BMP, TIFF or WebP; 8 or 16 bits; grey, colour or with alpha) with
+optional ground truth as PFM (Middlebury's format, `inf` = unknown), 16-bit PNG with a scale (KITTI stores
+disparity * 256; 0 = unknown) or NPY (read with allow_pickle=False). Files are untrusted:
+- the image header is read first (Pillow, no pixels decoded) and anything declaring more than
+  MAX_IMAGE_PIXELS is refused before decoding, so a small "decompression bomb" cannot take the memory;
+- pixels are decoded by OpenCV, never executed; a truncated or corrupt file is refused, not half-shown;
+- pairs above MAX_WORKING_PIXELS are downscaled by area averaging (ground truth by nearest neighbour, its
+  values scaled by the same factor, since disparity is measured in pixels), and the sample's `notices` say so;
+- if one image is grey and the other colour, both are used in grey, so the network compares like with like.
+Every problem raises `JPQError` saying what was wrong and what to do.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import re
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from jpq_core.data.stereo_types import StereoSample
 from jpq_core.errors import JPQError
 
-MAX_IMAGE_PIXELS = 40_000_000  # bigger images are refused before decoding fully
-MIN_IMAGE_SIDE = 16
+MAX_IMAGE_PIXELS = 40_000_000  # refused from the header, before decoding: about 480 MB as float RGB
+MAX_WORKING_PIXELS = 1_000_000  # bigger pairs are downscaled: the network's 96 px disparity range and CPU time
+MAX_FILE_BYTES = 200 * 2**20  # Streamlit's own upload limit
+MIN_IMAGE_SIDE = 16  # the network works at 1/4 resolution and pads to multiples of 8
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+_PFM_HEADER = re.compile(rb"(P[Ff])\s+(\d+)\s+(\d+)\s+(\S+)\s")
+# OpenCV logs a warning for every corrupt file it is given; our JPQError says it once, in words a user follows.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 @lru_cache(maxsize=1)
@@ -39,88 +57,201 @@ def middlebury_motorcycle() -> StereoSample:
     )
 
 
-def read_image(path: Path | str) -> np.ndarray:
-    """Decode an image file to H x W x 3 float32 RGB in [0, 1] (8- or 16-bit, grey or colour)."""
+def _read_file(path: Path | str, what: str) -> bytes:
     path = Path(path)
     if not path.is_file():
-        raise JPQError(f"{path}: no such image file; check the path.")
-    return decode_image(path.read_bytes(), str(path))
+        raise JPQError(f"{path}: no such {what} file; check the path.")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise JPQError(f"{path}: {size / 2**20:.0f} MiB is over the {MAX_FILE_BYTES // 2**20} MiB limit for {what} files.")
+    return path.read_bytes()
 
 
-def decode_image(data: bytes, label: str = "image") -> np.ndarray:
-    """Decode image bytes (PNG/JPEG/...) to H x W x 3 float32 RGB in [0, 1]."""
-    buf = np.frombuffer(data, np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
-    if img is None:
-        raise JPQError(f"{label}: not a readable image (PNG or JPEG expected); the file may be truncated or of another type.")
-    if img.shape[0] * img.shape[1] > MAX_IMAGE_PIXELS:
-        raise JPQError(f"{label}: {img.shape[1]}x{img.shape[0]} is larger than {MAX_IMAGE_PIXELS:,} pixels; downscale it first.")
-    if min(img.shape[:2]) < MIN_IMAGE_SIDE:
-        raise JPQError(f"{label}: {img.shape[1]}x{img.shape[0]} is too small; both sides must be at least {MIN_IMAGE_SIDE} px.")
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    img = img.astype(np.float32) / scale
+def _check_pixels(width: int, height: int, label: str, min_side: int = MIN_IMAGE_SIDE) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise JPQError(f"{label}: {width}x{height} is more than {MAX_IMAGE_PIXELS:,} pixels; refused before decoding. "
+                       "Downscale it first (the network works at about 1 megapixel).")
+    if min(width, height) < min_side:
+        raise JPQError(f"{label}: {width}x{height} is too small for the stereo network; both sides must be at least {min_side} px.")
+
+
+def image_size(data: bytes, label: str = "image", min_side: int = MIN_IMAGE_SIDE) -> tuple[int, int]:
+    """(width, height) from the image header alone, checked against the size limits; nothing is decoded."""
+    try:
+        with warnings.catch_warnings():  # Pillow warns about big or odd files; the checks below say more
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                fmt, (width, height) = img.format, img.size
+    except Image.DecompressionBombError:
+        raise JPQError(f"{label}: declares more than {MAX_IMAGE_PIXELS:,} pixels; refused before decoding. Downscale it first.") from None
+    except Exception:  # noqa: BLE001 - Pillow's header parsers raise many types on malformed input
+        raise JPQError(f"{label}: not a readable image (PNG or JPEG expected); the file may be truncated or of another type.") from None
+    if fmt not in IMAGE_FORMATS:
+        raise JPQError(f"{label}: {fmt} images are not supported; save it as PNG or JPEG ({', '.join(IMAGE_FORMATS)} are read).")
+    _check_pixels(width, height, label, min_side)
+    return width, height
+
+
+def working_size(height: int, width: int, max_pixels: int | None = MAX_WORKING_PIXELS) -> tuple[int, int]:
+    """(height, width) scaled by one factor to at most `max_pixels` (unchanged if smaller or max_pixels is None)."""
+    if max_pixels is None or height * width <= max_pixels:
+        return height, width
+    f = math.sqrt(max_pixels / (height * width))
+    return max(MIN_IMAGE_SIDE, int(height * f)), max(MIN_IMAGE_SIDE, int(width * f))
+
+
+def _bgr(img: np.ndarray, label: str) -> np.ndarray:
+    """Any OpenCV decoding (grey, grey+alpha, BGR, BGRA) -> H x W x 3 BGR; alpha is dropped."""
     if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    elif img.shape[2] == 4:
-        img = img[:, :, :3]
-    elif img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    return np.ascontiguousarray(img[:, :, ::-1])  # OpenCV decodes BGR
+        img = img[:, :, None]
+    if img.shape[2] in (1, 2):
+        return np.repeat(img[:, :, :1], 3, axis=2)
+    if img.shape[2] in (3, 4):
+        return img[:, :, :3]
+    raise JPQError(f"{label}: {img.shape[2]} colour channels; give a grey, RGB or RGBA image.")
+
+
+def decode_image(data: bytes, label: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """Decode image bytes to H x W x 3 float32 RGB in [0, 1], downscaled to at most `max_pixels` if given."""
+    width, height = image_size(data, label)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.shape[:2] != (height, width):
+        raise JPQError(f"{label}: not a readable image (PNG or JPEG expected); the file may be truncated or corrupt.")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise JPQError(f"{label}: {img.dtype} pixels are not supported; save it as an 8- or 16-bit PNG or a JPEG.")
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    img = _bgr(img, label)
+    size = working_size(height, width, max_pixels)
+    if size != (height, width):  # resize the integer image: a quarter of the float copy's memory
+        img = cv2.resize(img, size[::-1], interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(img[:, :, ::-1], dtype=np.float32) / np.float32(scale)  # OpenCV decodes BGR
+
+
+def read_image(path: Path | str, max_pixels: int | None = None) -> np.ndarray:
+    """An image file as H x W x 3 float32 RGB in [0, 1] (see `decode_image`)."""
+    return decode_image(_read_file(path, "image"), str(path), max_pixels)
 
 
 def read_pfm(data: bytes, label: str = "PFM file") -> np.ndarray:
-    """Parse a single-channel PFM (Pf header); rows are stored bottom-up."""
+    """Parse a single-channel PFM (Pf header; negative scale = little-endian); rows are stored bottom-up."""
+    head = _PFM_HEADER.match(data[:256])
     try:
-        header, rest = data.split(b"\n", 1)
-        dims, rest = rest.split(b"\n", 1)
-        scale_line, raster = rest.split(b"\n", 1)
-        if header.strip() != b"Pf":
-            raise ValueError("only single-channel 'Pf' files hold disparity")
-        width, height = (int(v) for v in dims.split())
-        scale = float(scale_line)
-        dtype = "<f4" if scale < 0 else ">f4"
-        values = np.frombuffer(raster, dtype=dtype, count=width * height)
+        if head is None:
+            raise ValueError("no 'Pf WIDTH HEIGHT SCALE' header")
+        kind, width, height = head[1], int(head[2]), int(head[3])
+        if kind != b"Pf":
+            raise ValueError("only single-channel 'Pf' files hold disparity, this is a 3-channel 'PF'")
+        scale = float(head[4])
     except ValueError as exc:
         raise JPQError(f"{label}: not a valid PFM disparity file ({exc}).") from None
+    _check_pixels(width, height, label, min_side=1)  # ground truth: its size is compared with the images'
+    raster = data[head.end():]
+    if len(raster) < 4 * width * height:
+        raise JPQError(f"{label}: not a valid PFM disparity file (truncated: {len(raster)} bytes for {width}x{height} floats).")
+    values = np.frombuffer(raster, dtype="<f4" if scale < 0 else ">f4", count=width * height)
     return np.flipud(values.reshape(height, width)).astype(np.float32)
 
 
-def read_disparity(path: Path | str, png_scale: float = 256.0) -> np.ndarray:
-    """Ground-truth disparity from PFM, NPY or 16-bit PNG (value / png_scale; 0 = unknown) -> inf = unknown."""
-    path = Path(path)
-    if not path.is_file():
-        raise JPQError(f"{path}: no such ground-truth file; check the path.")
-    suffix = path.suffix.lower()
-    if suffix == ".pfm":
-        disp = read_pfm(path.read_bytes(), str(path))
-    elif suffix == ".npy":
-        try:
-            disp = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise JPQError(f"{path}: not a plain NumPy array file ({exc}).") from None
-        if disp.ndim != 2 or not np.issubdtype(disp.dtype, np.number):
-            raise JPQError(f"{path}: ground truth must be a 2-D numeric array, got {disp.dtype} {disp.shape}.")
-    elif suffix == ".png":
-        raw = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
-        if raw is None or raw.ndim != 2:
-            raise JPQError(f"{path}: ground-truth PNG must be a single-channel (16-bit) image of disparity * {png_scale:g}.")
-        disp = raw.astype(np.float32) / png_scale
-        disp[raw == 0] = np.inf
-    else:
-        raise JPQError(f"{path}: unknown ground-truth format {suffix!r}; use .pfm, .npy or a 16-bit .png.")
-    disp = disp.astype(np.float32)
-    disp[~np.isfinite(disp) | (disp < 0)] = np.inf
+def _read_npy(data: bytes, label: str) -> np.ndarray:
+    """A 2-D numeric NPY array; the header's shape is checked before any data is read."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    except (ValueError, SyntaxError, TypeError, EOFError) as exc:
+        raise JPQError(f"{label}: not a plain NumPy array file ({str(exc)[:120]}).") from None
+    if len(shape) != 2 or dtype.hasobject or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise JPQError(f"{label}: ground truth must be a 2-D array of real numbers, got {dtype} {shape}.")
+    _check_pixels(shape[1], shape[0], label, min_side=1)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        raise JPQError(f"{label}: not a plain NumPy array file ({str(exc)[:120]}).") from None
+
+
+def _read_png_disparity(data: bytes, label: str, png_scale: float) -> np.ndarray:
+    image_size(data, label, min_side=1)
+    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.ndim != 2 or raw.dtype != np.uint16:
+        kind = "unreadable" if raw is None else f"{raw.dtype} with {1 if raw.ndim == 2 else raw.shape[2]} channel(s)"
+        raise JPQError(f"{label}: ground-truth PNG must be a single-channel 16-bit image of disparity * {png_scale:g} "
+                       f"(KITTI style), this one is {kind}; or give the disparity as .pfm or .npy.")
+    disp = raw.astype(np.float32) / png_scale
+    disp[raw == 0] = np.inf
     return disp
 
 
-def load_pair(left: Path | str, right: Path | str, gt: Path | str | None = None, png_scale: float = 256.0) -> StereoSample:
-    """A user stereo pair from files, checked for matching sizes."""
-    left_img, right_img = read_image(left), read_image(right)
-    if left_img.shape != right_img.shape:
-        raise JPQError(f"left {left_img.shape[1]}x{left_img.shape[0]} and right {right_img.shape[1]}x{right_img.shape[0]} differ in size; a rectified pair has equal sizes.")
+def decode_disparity(data: bytes, label: str = "ground truth", png_scale: float = 256.0) -> np.ndarray:
+    """Ground-truth disparity from PFM, NPY or 16-bit PNG bytes (format by content) -> H x W float32, inf = unknown.
+
+    NaN, inf and negative values are unknown; a map with no known pixel is refused (nothing could be scored).
+    """
+    if not (math.isfinite(png_scale) and png_scale > 0):
+        raise JPQError(f"the PNG ground-truth scale must be a positive number, got {png_scale}; KITTI uses 256.")
+    if data.startswith(b"\x93NUMPY"):
+        disp = _read_npy(data, label)
+    elif data[:2] in (b"Pf", b"PF"):
+        disp = read_pfm(data, label)
+    elif data.startswith(b"\x89PNG"):
+        disp = _read_png_disparity(data, label, png_scale)
+    else:
+        raise JPQError(f"{label}: unknown ground-truth format (the content is not PFM, NPY or PNG); use .pfm, .npy or a 16-bit .png.")
+    with np.errstate(invalid="ignore", over="ignore"):
+        disp = disp.astype(np.float32)
+        disp[~np.isfinite(disp) | (disp < 0)] = np.inf
+    if not np.isfinite(disp).any():
+        raise JPQError(f"{label}: the ground truth has no known pixel (all NaN, inf, negative or 0 in a PNG); nothing can be scored.")
+    return disp
+
+
+def read_disparity(path: Path | str, png_scale: float = 256.0) -> np.ndarray:
+    """Ground-truth disparity from a PFM, NPY or 16-bit PNG file (see `decode_disparity`)."""
+    return decode_disparity(_read_file(path, "ground-truth"), str(path), png_scale)
+
+
+def _is_grey(img: np.ndarray) -> bool:
+    return bool(np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2]))
+
+
+def _as_grey(img: np.ndarray) -> np.ndarray:
+    return np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
+
+
+def pair_from_bytes(left: bytes, right: bytes, gt: bytes | None = None, *, labels=("left image", "right image", "ground truth"),
+                    png_scale: float = 256.0, max_pixels: int | None = MAX_WORKING_PIXELS, name: str = "user-pair") -> StereoSample:
+    """A user stereo pair (and optional ground truth) from file contents, as the app receives uploads.
+
+    Sizes are compared from the headers before anything is decoded; pairs over `max_pixels` are downscaled
+    and the sample's `notices` say so, as they do when a grey image makes both images grey.
+    """
+    (w, h), (wr, hr) = image_size(left, labels[0]), image_size(right, labels[1])
+    if (w, h) != (wr, hr):
+        raise JPQError(f"{labels[0]} ({w}x{h}) and {labels[1]} ({wr}x{hr}) differ in size; a rectified pair has equal sizes. Crop or resize one to match.")
     disp = None
     if gt is not None:
-        disp = read_disparity(gt, png_scale)
-        if disp.shape != left_img.shape[:2]:
-            raise JPQError(f"{gt}: ground truth is {disp.shape[1]}x{disp.shape[0]} but the images are {left_img.shape[1]}x{left_img.shape[0]}.")
-    return StereoSample(left_img, right_img, disp, name=Path(left).stem)
+        disp = decode_disparity(gt, labels[2], png_scale)
+        if disp.shape != (h, w):
+            raise JPQError(f"{labels[2]}: ground truth is {disp.shape[1]}x{disp.shape[0]} but the images are {w}x{h}; give the map of this pair.")
+    left_img, right_img = decode_image(left, labels[0], max_pixels), decode_image(right, labels[1], max_pixels)
+    notices = []
+    if left_img.shape[:2] != (h, w):
+        nh, nw = left_img.shape[:2]
+        notices.append(f"The pair ({w}x{h}) was downscaled to {nw}x{nh} (at most {max_pixels:,} pixels); "
+                       "disparities are in pixels of the smaller images.")
+        if disp is not None:
+            disp = cv2.resize(disp, (nw, nh), interpolation=cv2.INTER_NEAREST) * np.float32(nw / w)
+    grey = [_is_grey(left_img), _is_grey(right_img)]
+    if grey[0] != grey[1]:
+        notices.append(f"The {labels[grey.index(True)]} is greyscale, so both images are used in grey.")
+        left_img, right_img = _as_grey(left_img), _as_grey(right_img)
+    return StereoSample(left_img, right_img, disp, name=name, notices=tuple(notices))
+
+
+def load_pair(left: Path | str, right: Path | str, gt: Path | str | None = None, png_scale: float = 256.0,
+              max_pixels: int | None = MAX_WORKING_PIXELS) -> StereoSample:
+    """A user stereo pair from files (see `pair_from_bytes`)."""
+    return pair_from_bytes(
+        _read_file(left, "image"), _read_file(right, "image"), None if gt is None else _read_file(gt, "ground-truth"),
+        labels=(str(left), str(right), str(gt)), png_scale=png_scale, max_pixels=max_pixels, name=Path(left).stem,
+    )

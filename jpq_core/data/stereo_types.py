@@ -19,6 +19,7 @@ class StereoSample:
     right: np.ndarray
     disparity: np.ndarray | None
     name: str
+    notices: tuple[str, ...] = ()  # what loading changed (downscaled, converted to grey), for the user to see
 
     @property
     def shape(self) -> tuple[int, int]:
