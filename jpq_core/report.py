@@ -1,0 +1,394 @@
+"""The results table as a DataFrame, its Pareto fronts, and `docs/results.md` with PNG figures.
+
+    python -m jpq_core report                 # docs/results.md + docs/figures/*.png from the sweeps table
+
+`load_results` and `pareto_front` are what the dashboard's trade-off page calls. The report answers the
+paper's three claims (Yu, Wu, Klopp et al. 2020) on our networks from the measured rows only:
+memory and hardware cost cut at which accuracy loss, Taylor against the other criteria, joint against
+separate pruning and quantization. Every figure names the sweep grids whose rows it shows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from jpq_core.checkpoints import atomic_write
+from jpq_core.sweeps import AXES, RESULTS, ROOT, checkpoint_dir, pareto_mask, primary_metric, read_rows
+
+FIGURES = ROOT / "docs" / "figures"
+CRITERIA = ("magnitude", "taylor", "taylor-square", "taylor-abs-norm", "fisher", "random")
+PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint")
+LOSS_LEVELS = (0.5, 2.0, 5.0, 10.0)  # accuracy loss in points for the "cut at which loss" table
+METRIC_LABEL = {"bad3": "Middlebury bad-3 (%)", "top1": "digits top-1 (%)"}
+
+
+def bits_label(bits) -> str:
+    return "float" if bits is None or (isinstance(bits, float) and math.isnan(bits)) else str(int(bits))
+
+
+def load_results(path=None) -> tuple[pd.DataFrame, list[str]]:
+    """The sweeps table as a DataFrame (one row per finished configuration) and the problems found reading it.
+
+    Columns: the axes (network, criterion, granularity, sparsity, wbits, abits, pipeline, finetune, budget,
+    seed; wbits/abits NaN = float), every metric (top1, or epe/bad1/bad2/bad3/coverage) and `dense_` metric,
+    every cost figure (weight_bits, memory_ratio, bops_ratio, energy_ratio, hardware_cost_ratio, ...),
+    achieved_sparsity, wall_s, engine_ms (None without the engine), git_rev, grid, version_* and added here:
+    wbits_label/abits_label ("4", "float"), metric (the network's headline metric name), headline (its value),
+    loss_pt (accuracy lost against the dense network, in points; negative = better than dense), and
+    checkpoint (path of the saved fine-tuned network when it is on the Pareto front, else None).
+    A bad line is left out and described in `problems` (file and line); the good rows are all returned.
+    """
+    path = Path(path) if path else RESULTS
+    rows, problems = read_rows(path)
+    if not rows:
+        return pd.DataFrame(columns=[*AXES, "id", "metric", "headline", "loss_pt", "memory_ratio", "bops_ratio"]), problems
+    versions = pd.DataFrame([r.get("versions") or {} for r in rows]).add_prefix("version_")
+    df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("crc", "versions")} for r in rows])
+    df = pd.concat([df, versions], axis=1)
+    df["wbits_label"] = [bits_label(r["wbits"]) for r in rows]
+    df["abits_label"] = [bits_label(r["abits"]) for r in rows]
+    metric = [primary_metric(r["network"]) for r in rows]
+    df["metric"] = [m for m, _ in metric]
+    df["headline"] = [r.get(m) for r, (m, _) in zip(rows, metric)]
+    df["loss_pt"] = [100 * ((r[f"dense_{m}"] - r[m]) if higher else (r[m] - r[f"dense_{m}"]))
+                     for r, (m, higher) in zip(rows, metric)]
+    folder = checkpoint_dir(path)
+    df["checkpoint"] = [str(f) if (f := folder / f"{i}.safetensors").exists() else None for i in df["id"]]
+    return df, problems
+
+
+def pareto_front(df: pd.DataFrame, x: str, y: str, x_lower_is_better: bool = True,
+                 y_lower_is_better: bool = True) -> pd.DataFrame:
+    """The rows of `df` that no other row beats in both `x` and `y` (ties kept), sorted by `x`."""
+    if df.empty:
+        return df
+    keep = pareto_mask(df[x].tolist(), df[y].tolist(), x_lower_is_better, y_lower_is_better)
+    return df[keep].sort_values(x)
+
+
+# ---- figures ----------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, name: str, folder: Path) -> Path:
+    path = folder / f"{name}.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    _pyplot().close(fig)
+    return path
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.2f}%"
+
+
+def _commands(rows: pd.DataFrame) -> str:
+    """How the rows of a figure or table were produced: the sweep commands of their grids."""
+    out = []
+    for grid in sorted(rows["grid"].dropna().unique()):
+        if grid.startswith("imported"):
+            out.append(f"rows {grid} (each: `python -m jpq_core compress ... --json`, its configuration in the table)")
+        else:
+            out.append(f"`python -m jpq_core sweep configs/{grid}.toml`")
+    return "; ".join(out) + "; then `python -m jpq_core report`."
+
+
+def tradeoff_figure(df: pd.DataFrame, network: str, folder: Path) -> Path:
+    """Headline metric against weight memory and BOPs (log scale), every row, the front drawn."""
+    plt = _pyplot()
+    d = df[df.network == network]
+    metric, higher = primary_metric(network)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    from matplotlib.ticker import LogLocator, NullFormatter, PercentFormatter
+
+    colours = dict(zip(["2", "3", "4", "8", "16", "float"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, x, label in ((axes[0], "memory_ratio", "weight memory vs dense float32 (with index overhead)"),
+                         (axes[1], "bops_ratio", "BOPs vs dense float32")):
+        for (ft, wb), part in d.groupby([d.finetune != "none", "wbits_label"]):
+            ax.scatter(100 * part[x], 100 * part[metric], s=36 if ft else 14, marker="o" if ft else "x", alpha=0.75,
+                       color=colours.get(wb), label=f"{'fine-tuned' if ft else 'no fine-tuning'}, weights {wb}"
+                       + ("" if wb == "float" else "-bit"))
+        front = pareto_front(d, x, metric, True, not higher)
+        ax.step(100 * front[x], 100 * front[metric], where="post", color="black", lw=1, label="Pareto front")
+        ax.axhline(100 * d[f"dense_{metric}"].iloc[0], color="grey", ls="--", lw=1, label="dense float32")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(PercentFormatter(decimals=None))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(METRIC_LABEL[metric])
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{network}: accuracy against memory and hardware cost ({len(d)} configurations)")
+    return _save(fig, f"tradeoff-{network}", folder)
+
+
+def _lines(ax, d: pd.DataFrame, by: str, x: str, metric: str, order=None):
+    keys = [k for k in (order or sorted(d[by].unique())) if k in set(d[by])]
+    for k in keys:
+        part = d[d[by] == k].sort_values(x)
+        ax.plot(part[x], 100 * part[metric], marker="o", ms=4, label=str(k))
+    ax.grid(alpha=0.3)
+    if keys:
+        ax.legend(fontsize=8)
+
+
+def criteria_rows(df: pd.DataFrame, network: str) -> dict[str, pd.DataFrame]:
+    """The criteria comparisons: fine-tuned (prune only, float) and without fine-tuning (4-bit, prune first)."""
+    d = df[(df.network == network) & (df.granularity == "weight") & df.criterion.isin(CRITERIA)]
+    return {
+        "fine-tuned, prune only, float": d[(d.finetune == "masked") & (d.pipeline == "prune-only")],
+        "no fine-tuning, 4-bit weights, prune then quantize":
+            d[(d.finetune == "none") & (d.pipeline == "prune-then-quantize") & (d.wbits_label == "4")],
+    }
+
+
+def criteria_figure(df: pd.DataFrame, network: str, folder: Path) -> Path | None:
+    parts = {k: v for k, v in criteria_rows(df, network).items() if not v.empty}
+    if not parts:
+        return None
+    plt = _pyplot()
+    metric, _ = primary_metric(network)
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.2), squeeze=False)
+    for ax, (title, d) in zip(axes[0], parts.items()):
+        _lines(ax, d, "criterion", "sparsity", metric, CRITERIA)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("weight sparsity")
+        ax.set_ylabel(METRIC_LABEL[metric])
+    fig.suptitle(f"{network}: importance criteria compared")
+    return _save(fig, f"criteria-{network}", folder)
+
+
+def pipeline_rows(df: pd.DataFrame, network: str) -> pd.DataFrame:
+    """Fine-tuned Taylor runs at 95% with 8-bit activations, one per pipeline and weight width."""
+    d = df[(df.network == network) & (df.criterion == "taylor") & (df.sparsity == 0.95) & (df.finetune == "masked")
+           & df.pipeline.isin(PIPELINES) & (df.abits_label == "8")]
+    return d
+
+
+def pipeline_figure(df: pd.DataFrame, network: str, folder: Path) -> Path | None:
+    ft = pipeline_rows(df, network)
+    noft = df[(df.network == network) & (df.criterion == "taylor") & (df.finetune == "none") & (df.wbits_label == "4")
+              & df.pipeline.isin(PIPELINES)]
+    if ft.empty and noft.empty:
+        return None
+    plt = _pyplot()
+    metric, _ = primary_metric(network)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    order = ["2", "3", "4", "8", "float"]
+    ft = ft.assign(bit_order=[order.index(b) if b in order else len(order) for b in ft.wbits_label])
+    _lines(axes[0], ft, "pipeline", "bit_order", metric, PIPELINES)
+    axes[0].set_xticks(range(len(order)), order)
+    axes[0].set_xlabel("weight bits (95% sparsity, Taylor, fine-tuned)")
+    _lines(axes[1], noft, "pipeline", "sparsity", metric, PIPELINES)
+    axes[1].set_xlabel("weight sparsity (4-bit, Taylor, no fine-tuning)")
+    for ax in axes:
+        ax.set_ylabel(METRIC_LABEL[metric])
+    fig.suptitle(f"{network}: joint against separate pruning and quantization")
+    return _save(fig, f"pipelines-{network}", folder)
+
+
+def granularity_figure(df: pd.DataFrame, network: str, folder: Path) -> Path | None:
+    d = df[(df.network == network) & (df.finetune == "none") & (df.wbits_label == "4") & (df.pipeline == "prune-then-quantize")]
+    if d.empty or (d.granularity == "channel").sum() == 0:
+        return None
+    plt = _pyplot()
+    metric, _ = primary_metric(network)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for crit, part in d.groupby("criterion"):
+        part = part.sort_values("memory_ratio")
+        ax.plot(part["memory_ratio"], 100 * part[metric], marker="o" if part.granularity.iloc[0] == "channel" else ".",
+                ls="-" if part.granularity.iloc[0] == "channel" else ":", label=f"{crit} ({part.granularity.iloc[0]})")
+    ax.set_xscale("log")
+    ax.set_xlabel("weight memory vs dense float32")
+    ax.set_ylabel(METRIC_LABEL[metric])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{network}: channel against weight pruning (4-bit, no fine-tuning)")
+    return _save(fig, f"granularity-{network}", folder)
+
+
+# ---- the page ---------------------------------------------------------------------------------------------
+
+
+def cut_at_loss(df: pd.DataFrame, network: str) -> list[str]:
+    """For each allowed accuracy loss, the smallest memory, BOPs and hardware cost measured within it."""
+    d = df[df.network == network]
+    out = ["| accuracy loss allowed | configurations within it | smallest memory | smallest BOPs | smallest hardware cost (est.) | configuration of the smallest memory |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for level in LOSS_LEVELS:
+        ok = d[d.loss_pt <= level]
+        if ok.empty:
+            out.append(f"| {level:g} pt | 0 | - | - | - | - |")
+            continue
+        best = ok.loc[ok.memory_ratio.idxmin()]
+        out.append(f"| {level:g} pt | {len(ok)} | {_pct(ok.memory_ratio.min())} | {_pct(ok.bops_ratio.min())} | "
+                   f"{_pct(ok.hardware_cost_ratio.min())} | {describe(best)} |")
+    return out
+
+
+def describe(r) -> str:
+    ft = "no fine-tuning" if r.finetune == "none" else f"{r.finetune} {int(r.budget)} steps"
+    return (f"{r.criterion}, {_pct(r.sparsity)}, w{r.wbits_label}/a{r.abits_label}, {r.pipeline}, {ft}: "
+            f"{r.metric} {_pct(r.headline)}")
+
+
+def headline_claim(df: pd.DataFrame) -> list[str]:
+    """Issue 3's stereo target: prune-then-quantize, Taylor, fine-tuned, >= 95% sparsity, 4/8 bits: bad-3 within
+    2 points of dense, memory <= 2% and BOPs <= 0.5% of dense."""
+    d = df[(df.network == "stereo") & (df.pipeline == "prune-then-quantize") & df.criterion.str.startswith("taylor")
+           & (df.sparsity >= 0.95) & (df.wbits_label == "4") & (df.abits_label == "8") & (df.finetune != "none")]
+    if d.empty:
+        return ["No fine-tuned stereo run at the headline setting is in the table yet."]
+    out = ["| sparsity | fine-tuning | bad-3 | loss | memory | BOPs | bad-3 within 2 pt | memory <= 2% | BOPs <= 0.5% |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
+    for _, r in d.sort_values(["sparsity", "budget"]).iterrows():
+        out.append(f"| {_pct(r.sparsity)} | {r.finetune} {int(r.budget)} steps | {_pct(r.bad3)} | {r.loss_pt:+.2f} pt | "
+                   f"{_pct(r.memory_ratio)} | {_pct(r.bops_ratio)} | {yes(r.loss_pt <= 2)} | {yes(r.memory_ratio <= 0.02)} | "
+                   f"{yes(r.bops_ratio <= 0.005)} |")
+    met = d[(d.loss_pt <= 2) & (d.memory_ratio <= 0.02) & (d.bops_ratio <= 0.005)]
+    out += ["", f"**Met by {len(met)} of {len(d)} runs.**" if len(met) else
+            f"**Not met**: no run reaches all three. The closest in accuracy loses {d.loss_pt.min():.1f} points of bad-3; "
+            f"memory ranges {_pct(d.memory_ratio.min())}-{_pct(d.memory_ratio.max())} and BOPs "
+            f"{_pct(d.bops_ratio.min())}-{_pct(d.bops_ratio.max())} of dense over these runs."]
+    return out
+
+
+def _matrix(d: pd.DataFrame, higher: bool) -> tuple[list[str], dict]:
+    """Markdown table sparsity x criterion of the headline metric, best per row in bold; and the wins."""
+    names = [c for c in CRITERIA if c in set(d.criterion)]
+    out = ["| sparsity | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    wins = dict.fromkeys(names, 0)
+    for s, part in d.groupby("sparsity"):
+        vals = {c: part[part.criterion == c].headline.mean() for c in names}
+        present = {c: v for c, v in vals.items() if not math.isnan(v)}
+        best = (max if higher else min)(present.values()) if present else None
+        for c, v in present.items():
+            wins[c] += v == best
+        out.append(f"| {_pct(s)} | " + " | ".join("" if math.isnan(v) else (f"**{_pct(v)}**" if v == best else _pct(v))
+                                                    for v in vals.values()) + " |")
+    return out, wins
+
+
+def criteria_section(df: pd.DataFrame, network: str) -> list[str]:
+    _, higher = primary_metric(network)
+    out = []
+    for title, d in criteria_rows(df, network).items():
+        if d.empty:
+            continue
+        table, wins = _matrix(d, higher)
+        ranking = ", ".join(f"{c} {n}" for c, n in sorted(wins.items(), key=lambda kv: -kv[1]))
+        budget = f" ({int(d.budget.iloc[0])} steps)" if title.startswith("fine") else ""
+        out += [f"**{title}{budget}**: best at each sparsity in bold; wins per criterion: {ranking}.", ""] + table + \
+               ["", "Produced by: " + _commands(d), ""]
+    return out
+
+
+def pipeline_section(df: pd.DataFrame, network: str) -> list[str]:
+    d = pipeline_rows(df, network)
+    if d.empty:
+        return []
+    _, higher = primary_metric(network)
+    order = ["2", "3", "4", "8", "float"]
+    out = ["| weight bits | " + " | ".join(PIPELINES) + " | best |", "| --- |" + " --- |" * (len(PIPELINES) + 1)]
+    joint_wins = rows = 0
+    for b in [b for b in order if b in set(d.wbits_label)]:
+        part = d[d.wbits_label == b]
+        vals = {p: part[part.pipeline == p].headline.mean() for p in PIPELINES}
+        present = {p: v for p, v in vals.items() if not math.isnan(v)}
+        best = (max if higher else min)(present, key=present.get)
+        if len(present) == len(PIPELINES):
+            rows += 1
+            joint_wins += best == "joint"
+        out.append(f"| {b} | " + " | ".join("" if math.isnan(v) else _pct(v) for v in vals.values()) + f" | {best} |")
+    out += ["", f"Joint is best at {joint_wins} of the {rows} bit widths where all three pipelines ran "
+                f"(Taylor, 95% sparsity, 8-bit activations, {int(d.budget.iloc[0])} masked fine-tuning steps).", "",
+            "Produced by: " + _commands(d), ""]
+    return out
+
+
+def _shown(path: Path, base: Path) -> str:
+    """`path` relative to `base` when it is inside the repository (portable links), else absolute."""
+    return os.path.relpath(path, base) if ROOT in Path(path).resolve().parents else str(path)
+
+
+def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str], results_path: Path, page: Path) -> str:
+    rel = lambda p: os.path.relpath(p, Path(page).parent)  # noqa: E731
+    counts = df.groupby(["network", "grid"]).size()
+    out = ["# Results", "",
+           f"Written by `python -m jpq_core report` from `{_shown(results_path, ROOT)}` "
+           f"({len(df)} configurations). Every number is measured by running the code, except energy and hardware cost, "
+           "which are estimates from the 45 nm model in [costs.md](costs.md). Accuracy loss is in points of the "
+           "headline metric against the dense float32 network (bad-3 on the Middlebury motorcycle pair for stereo, "
+           "top-1 on the digits test split for ResNet-20). Fine-tuning ran on one CPU core, so budgets are small: "
+           "200 steps for ResNet-20, 300 for stereo; rows without fine-tuning show what pruning and quantization "
+           "alone do.", "",
+           "| network | grid | configurations |", "| --- | --- | --- |"]
+    out += [f"| {n} | {g} | {c} |" for (n, g), c in counts.items()] + [""]
+    if problems:
+        out += ["Problems reading the table (those lines are left out):", ""] + [f"- {p}" for p in problems] + [""]
+    if df["engine_ms"].notna().any() if "engine_ms" in df else False:
+        out += [f"Engine latency measured for {int(df['engine_ms'].notna().sum())} rows (column `engine_ms`).", ""]
+    else:
+        out += ["The `engine_ms` column is empty: no sparse integer engine benchmark was available when these rows ran.", ""]
+
+    out += ["## Stereo headline (issue 3's target)", "", *headline_claim(df), ""]
+    out += ["## Memory and hardware cost cut, at which accuracy loss", ""]
+    for network in sorted(df.network.unique()):
+        d = df[df.network == network]
+        out += [f"### {network}", "", f"Dense float32: {METRIC_LABEL[d.metric.iloc[0]].split(' (')[0]} "
+                f"{_pct(d['dense_' + d.metric.iloc[0]].iloc[0])}.", "", *cut_at_loss(df, network), ""]
+        if f"tradeoff-{network}" in figures:
+            out += [f"![{network} trade-offs]({rel(figures[f'tradeoff-{network}'])})", "",
+                    "All rows of the network; the black line is the Pareto front. Produced by: " + _commands(d), ""]
+    out += ["## Taylor against the other criteria", ""]
+    for network in sorted(df.network.unique()):
+        out += [f"### {network}", "", *criteria_section(df, network)]
+        if f"criteria-{network}" in figures:
+            out += [f"![{network} criteria]({rel(figures[f'criteria-{network}'])})", ""]
+        if f"granularity-{network}" in figures:
+            g = df[(df.network == network) & (df.finetune == "none") & (df.wbits_label == "4")]
+            out += [f"![{network} channel vs weight]({rel(figures[f'granularity-{network}'])})", "",
+                    "Channel criteria remove whole coupled channels (torch-pruning groups); produced by: " + _commands(g), ""]
+    out += ["## Joint against separate pruning and quantization", ""]
+    for network in sorted(df.network.unique()):
+        section = pipeline_section(df, network)
+        out += [f"### {network}", ""] + (section or ["No fine-tuned pipeline comparison for this network yet.", ""])
+        if f"pipelines-{network}" in figures:
+            out += [f"![{network} pipelines]({rel(figures[f'pipelines-{network}'])})", "",
+                    "Right: without fine-tuning, joint is quantize-then-prune exactly (no steps to prune gradually over), "
+                    "so it is not run there.", ""]
+    return "\n".join(out) + "\n"
+
+
+def write_report(results=None, out: Path = ROOT / "docs" / "results.md", figures: Path | None = None) -> list[str]:
+    """Write the results page and its figures; returns the problems found reading the table."""
+    results = Path(results) if results else RESULTS
+    out = Path(out)
+    figures = Path(figures) if figures else out.parent / "figures"
+    df, problems = load_results(results)
+    if df.empty:
+        from jpq_core.errors import JPQError
+
+        raise JPQError(f"{results}: no complete rows to report on; run a sweep first (python -m jpq_core sweep configs/smoke.toml).")
+    made = {}
+    for network in sorted(df.network.unique()):
+        for make in (tradeoff_figure, criteria_figure, pipeline_figure, granularity_figure):
+            path = make(df, network, figures)
+            if path is not None:
+                made[path.stem] = path
+    text = results_page(df, made, problems, results, out)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+    return problems
