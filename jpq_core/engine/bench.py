@@ -1,0 +1,203 @@
+"""Whole-network latency of the engine against dense PyTorch and PyTorch's own sparse path.
+
+For each (sparsity, weight bits): the shipped network pruned by magnitude (global threshold, first and
+last layer kept dense, as `compress` does) and quantized (per-channel symmetric weights, 8-bit
+activations calibrated on training data; no fine-tuning: speed does not depend on it), then timed as
+- dense PyTorch: the plain network with the effective (masked, de-quantized) float32 weights, conv2d;
+- PyTorch sparse: the same network with every conv/linear computed as a torch.sparse CSR weight times the
+  unfolded input (F.unfold + torch.sparse.mm), float32: the sparse path PyTorch offers on a CPU;
+- the engine (integer path where weights and activations are quantized).
+Repetitions are interleaved (dense, sparse, engine, dense, ...) so that load from other processes hits
+all three alike; figures are medians and speedups are ratios of medians from the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+
+import numba
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jpq_core.criteria import prunable_layers
+from jpq_core.engine.program import compile_network
+from jpq_core.errors import JPQError
+
+SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
+WBITS = (8, 4)
+
+
+def magnitude_compressed(model, task, sparsity: float, wbits, abits=8, calibration_batches: int = 4, seed: int = 0):
+    """`model` pruned by magnitude and quantized, activations calibrated, without fine-tuning
+    (the prune-then-quantize pipeline with finetune="none", minus its evaluation)."""
+    from jpq_core.pipeline import CompressionConfig, add_activation_quantizers, attach, calibrate_activations, prune_masks
+
+    config = CompressionConfig(criterion="magnitude", sparsity=sparsity, wbits=wbits, abits=abits, finetune="none",
+                               calibration_batches=calibration_batches, seed=seed).check()
+    net = attach(copy.deepcopy(model).eval(), None, None)
+    attach(net, prune_masks(net, task, config, sparsity), config.wbits)
+    if config.abits is not None:
+        add_activation_quantizers(net, config.abits, config.calibration)
+        calibrate_activations(net, task, calibration_batches, seed)
+    return net.eval()
+
+
+def plain_copy(compressed, network: str):
+    """A plain network (no parametrizations or hooks) computing with the effective float32 weights."""
+    from jpq_core.models import build_network
+    from jpq_core.pipeline import effective_state_dict
+
+    plain = build_network(network).eval()
+    state = {k: v for k, v in effective_state_dict(compressed).items() if "input_quantizer" not in k}
+    plain.load_state_dict(state)
+    return plain
+
+
+class TorchSparseConv(nn.Module):
+    """conv2d as torch.sparse CSR weight (C_out x C_in*k*k) times F.unfold(input)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        self.weight = conv.weight.detach().flatten(1).to_sparse_csr()
+        self.bias = conv.bias.detach() if conv.bias is not None else None
+
+    def forward(self, x):
+        c = self.conv
+        n, _, h, w = x.shape
+        cols = F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)  # N x (C k k) x L
+        out_h = (h + 2 * c.padding[0] - c.dilation[0] * (c.kernel_size[0] - 1) - 1) // c.stride[0] + 1
+        out_w = (w + 2 * c.padding[1] - c.dilation[1] * (c.kernel_size[1] - 1) - 1) // c.stride[1] + 1
+        y = torch.stack([torch.sparse.mm(self.weight, cols[i]) for i in range(n)])
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1)
+        return y.view(n, -1, out_h, out_w)
+
+
+class TorchSparseLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight.detach().to_sparse_csr()
+        self.bias = linear.bias.detach() if linear.bias is not None else None
+
+    def forward(self, x):
+        y = torch.sparse.mm(self.weight, x.t()).t()
+        return y + self.bias if self.bias is not None else y
+
+
+def torch_sparse_copy(plain):
+    """`plain` with every conv/linear replaced by its torch.sparse counterpart."""
+    net = copy.deepcopy(plain)
+    for name, layer in prunable_layers(net).items():
+        parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+        child = name.rpartition(".")[2]
+        setattr(parent, child, TorchSparseConv(layer) if isinstance(layer, nn.Conv2d) else TorchSparseLinear(layer))
+    return net
+
+
+def bench_inputs(network: str, batch: int, height: int | None = None, width: int | None = None) -> tuple:
+    """Inputs at the network's evaluation size: the Middlebury pair (741 x 500) for stereo, 32 x 32 images
+    for the classifiers; random values (speed does not depend on them)."""
+    from jpq_core.models import task_of
+
+    g = torch.Generator().manual_seed(0)
+    if task_of(network) == "stereo":
+        h, w = height or 500, width or 741
+        return tuple(torch.rand(batch, 3, h, w, generator=g) for _ in range(2))
+    return (torch.rand(batch, 3, height or 32, width or 32, generator=g),)
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def crossover(results: list[dict], wbits: int) -> float | None:
+    """The lowest measured sparsity from which the engine is faster than dense PyTorch at every higher one."""
+    rows = sorted((r for r in results if r["wbits"] == wbits), key=lambda r: r["sparsity"])
+    faster = [r["speedup"] > 1 for r in rows]
+    for i, r in enumerate(rows):
+        if all(faster[i:]):
+            return r["sparsity"]
+    return None
+
+
+def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch: int = 1, threads: int = 1,
+              repeats: int = 5, torch_sparse: bool = True, height: int | None = None, width: int | None = None,
+              checkpoint=None, progress=None) -> dict:
+    """Latency table of dense PyTorch, PyTorch sparse and the engine (see the module docstring)."""
+    from jpq_core.models import load_network
+    from jpq_core.tasks import make_task
+
+    if threads < 1 or batch < 1 or repeats < 1:
+        raise JPQError("threads, batch and repeats must be 1 or more.")
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    model = load_network(network, checkpoint)
+    task = make_task(network)
+    inputs = bench_inputs(network, batch, height, width)
+    results = []
+    for bits in wbits:
+        for sparsity in sparsities:
+            net = magnitude_compressed(model, task, sparsity, bits)
+            plain = plain_copy(net, network)
+            program = compile_network(net)
+            sparse = torch_sparse_copy(plain) if torch_sparse else None
+            with torch.inference_mode():
+                runs = {"dense": lambda: plain(*inputs), "engine": lambda: program.run(*inputs)}
+                if sparse is not None:
+                    runs["torch_sparse"] = lambda: sparse(*inputs)
+                for fn in runs.values():  # warm-up: first calls compile kernels and allocate
+                    fn()
+                times = {k: [] for k in runs}
+                for _ in range(repeats):
+                    for k, fn in runs.items():
+                        times[k].append(_time(fn))
+            med = {k: float(np.median(v)) for k, v in times.items()}
+            kept = sum(int((l.weight != 0).sum()) for l in prunable_layers(net).values())
+            total = sum(l.weight.numel() for l in prunable_layers(net).values())
+            row = {"sparsity": sparsity, "measured_sparsity": 1 - kept / total, "wbits": bits,
+                   "dense_ms": med["dense"], "torch_sparse_ms": med.get("torch_sparse"), "engine_ms": med["engine"],
+                   "speedup": med["dense"] / med["engine"],
+                   "torch_sparse_speedup": med["dense"] / med["torch_sparse"] if "torch_sparse" in med else None,
+                   "program_bytes": program.nbytes, "layers_ms": program.profile(*inputs, repeats=3)}
+            results.append(row)
+            if progress:
+                progress(row)
+    return {"network": network, "threads": threads, "batch": batch, "input": [list(x.shape) for x in inputs],
+            "repeats": repeats, "results": results, "crossover": {str(b): crossover(results, b) for b in wbits},
+            "first_call_s": first_call_seconds(network, threads)}
+
+
+_FIRST_CALL = """
+import sys, time
+start = time.perf_counter()
+import numba, torch
+from jpq_core.engine.bench import bench_inputs, magnitude_compressed
+from jpq_core.engine.program import compile_network
+from jpq_core.models import load_network
+from jpq_core.tasks import make_task
+net = sys.argv[1]
+numba.set_num_threads(int(sys.argv[2])); torch.set_num_threads(int(sys.argv[2]))
+program = compile_network(magnitude_compressed(load_network(net), make_task(net), 0.9, 8, calibration_batches=1))
+inputs = bench_inputs(net, 1)
+ready = time.perf_counter()
+program.run(*inputs)
+print(time.perf_counter() - ready)
+"""
+
+
+def first_call_seconds(network: str, threads: int) -> float:
+    """Seconds of the first `Program.run` in a new process (kernels from numba's on-disk cache, which
+    this process has filled), not counting imports and compression."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALL, network, str(threads)], capture_output=True, text=True,
+                         cwd=root, check=True)
+    return float(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,217 @@
+"""Numba kernels of the sparse integer engine.
+
+Direct sparse convolution (no im2col). The input of a convolution is zero-padded, split into `stride`
+column phases and flattened per sample, so that a kept weight (c_in, ky, kx) becomes one flat offset
+
+    off = ((phase * C_in + c_in) * H_pad + ky * dilation) * W_phase + (kx * dilation) // stride,
+    phase = (kx * dilation) % stride,
+
+and output row oy, column ox of a sample reads input element off + oy * stride * W_phase + ox: a
+contiguous run over ox for every kept weight. Weights are stored as CSR over output channels (offsets
+sorted). The parallel unit is a tile of a few output rows across all output channels; the accumulator
+row stays in L1 and is updated by four kept weights per pass. Indices are unsigned (uint64): with signed
+ones numba's negative-index handling blocks vectorisation.
+
+Integer path: the input holds q_a (uint8, padded with the zero point z_a, which represents 0.0), the
+weights hold integer k_w, the int32 accumulator is acc = sum k_w * q_a, and the exact integer
+sum k_w * (q_a - z_a) = acc - z_a * sum_c(k_w) ("corr"). The epilogue computes
+y = (acc - corr[c]) * mul[c] + bias[c] (+ res_scale * residual), then a (leaky) ReLU.
+Float path: the same kernel with float32 input and weights and corr = 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope,
+                out, rowstride, rows_per_tile, acc_buf):
+    """out[n, c, oy, ox] = epilogue(sum_k val[k] * inp[n * in_sample + off[k] + oy * rowstride + ox])."""
+    n_batch, c_out, out_h, out_w = out.shape
+    total_rows = n_batch * out_h
+    tiles = (total_rows + rows_per_tile - 1) // rows_per_tile
+    w = np.uint64(out_w)
+    for t in prange(tiles):
+        acc = acc_buf[t % acc_buf.shape[0]]
+        r0 = t * rows_per_tile
+        r1 = min(r0 + rows_per_tile, total_rows)
+        for c in range(c_out):
+            m = mul[c]
+            b = bias[c]
+            cr = corr[c]
+            k0 = ptr[c]
+            k1 = ptr[c + 1]
+            for r in range(r0, r1):
+                n = r // out_h
+                oy = r - n * out_h
+                base = np.uint64(n * in_sample + oy * rowstride)
+                for x in range(w):
+                    acc[x] = 0
+                k = k0
+                while k + np.uint64(4) <= k1:
+                    v0 = val[k]
+                    v1 = val[k + np.uint64(1)]
+                    v2 = val[k + np.uint64(2)]
+                    v3 = val[k + np.uint64(3)]
+                    o0 = base + off[k]
+                    o1 = base + off[k + np.uint64(1)]
+                    o2 = base + off[k + np.uint64(2)]
+                    o3 = base + off[k + np.uint64(3)]
+                    for x in range(w):
+                        acc[x] += v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x] + v3 * inp[o3 + x]
+                    k += np.uint64(4)
+                while k < k1:
+                    v0 = val[k]
+                    o0 = base + off[k]
+                    for x in range(w):
+                        acc[x] += v0 * inp[o0 + x]
+                    k += np.uint64(1)
+                if has_res:
+                    for x in range(out_w):
+                        y = np.float32(acc[x] - cr) * m + b + res_scale * res[n, c, oy, x]
+                        out[n, c, oy, x] = y if y > 0 else y * slope
+                else:
+                    for x in range(out_w):
+                        y = np.float32(acc[x] - cr) * m + b
+                        out[n, c, oy, x] = y if y > 0 else y * slope
+
+
+@njit(parallel=True, cache=True)
+def pad_input(x, out, c0, pad, mode, scale, zero, qmax):
+    """Write x (N, C, H, W) float32 into channels c0.. of out (N, S, C_total, H_pad, W_phase): zero-padded
+    by `pad`, column phase p of stride S at out[:, p]. mode 0 copies, 1 fake-quantizes
+    (s * (clamp(round(x / s) + z, 0, qmax) - z), float out), 2 quantizes (q = clamp(round(x / s) + z, 0, qmax),
+    uint8 out, padded with z: the integer that stands for 0.0)."""
+    n_batch, c_in, h, w = x.shape
+    stride = out.shape[1]
+    hp, wq = out.shape[3], out.shape[4]
+    padval = zero if mode == 2 else np.float32(0.0)
+    planes = n_batch * stride * c_in
+    for job in prange(planes):
+        n = job // (stride * c_in)
+        ph = (job // c_in) % stride
+        c = job % c_in
+        plane = out[n, ph, c0 + c]
+        # valid phase columns j: 0 <= j * stride + ph - pad < w
+        j_lo = max(0, (pad - ph + stride - 1) // stride)
+        j_hi = min(wq, (w - 1 + pad - ph) // stride + 1) if w - 1 + pad - ph >= 0 else 0
+        for r in range(hp):
+            y = r - pad
+            if y < 0 or y >= h:
+                for j in range(wq):
+                    plane[r, j] = padval
+                continue
+            for j in range(j_lo):
+                plane[r, j] = padval
+            for j in range(j_hi, wq):
+                plane[r, j] = padval
+            src = x[n, c, y]
+            for j in range(j_lo, j_hi):
+                v = src[j * stride + ph - pad]
+                if mode == 0:
+                    plane[r, j] = v
+                else:
+                    q = min(max(np.round(v / scale) + zero, np.float32(0.0)), qmax)
+                    if mode == 1:
+                        plane[r, j] = scale * (q - zero)
+                    else:
+                        plane[r, j] = q
+
+
+@njit(parallel=True, cache=True)
+def normalize_replicate(x, mean, std, out):
+    """out = (x - mean) / std, padded on the right and bottom by repeating the last row/column."""
+    n_batch, c_in, h, w = x.shape
+    hp, wp = out.shape[2], out.shape[3]
+    for job in prange(n_batch * c_in):
+        n = job // c_in
+        c = job % c_in
+        for r in range(hp):
+            y = min(r, h - 1)
+            for j in range(wp):
+                out[n, c, r, j] = (x[n, c, y, min(j, w - 1)] - mean) / std
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def correlation(left, right, shifts, out):
+    """out[n, d, y, x] = mean_c left[n, c, y, x] * right[n, c, y, x - d]; 0 where x < d (DispNetC)."""
+    n_batch, c_in, h, w = left.shape
+    inv = np.float32(c_in)
+    for job in prange(n_batch * h):
+        n = job // h
+        y = job % h
+        acc = np.zeros(w, np.float32)
+        for d in range(shifts):
+            acc[:] = 0.0
+            for c in range(c_in):
+                lrow = left[n, c, y]
+                rrow = right[n, c, y]
+                for x in range(d, w):
+                    acc[x] += lrow[x] * rrow[x - d]
+            for x in range(w):
+                out[n, d, y, x] = acc[x] / inv if x >= d else np.float32(0.0)
+
+
+@njit(parallel=True, cache=True)
+def soft_argmin(logits, factor, out):
+    """out[n, 0, y, x] = factor * sum_d d * softmax_d(logits[n, :, y, x]) (Kendall et al. 2017)."""
+    n_batch, shifts, h, w = logits.shape
+    for job in prange(n_batch * h):
+        n = job // h
+        y = job % h
+        top = logits[n, 0, y].copy()
+        for d in range(1, shifts):
+            for x in range(w):
+                top[x] = max(top[x], logits[n, d, y, x])
+        total = np.zeros(w, np.float32)
+        weighted = np.zeros(w, np.float32)
+        for d in range(shifts):
+            for x in range(w):
+                e = np.exp(logits[n, d, y, x] - top[x])
+                total[x] += e
+                weighted[x] += e * np.float32(d)
+        for x in range(w):
+            out[n, 0, y, x] = weighted[x] / total[x] * factor
+
+
+@njit(inline="always")
+def _source(dst, size_in):
+    """PyTorch's bilinear source index for scale factor 2, align_corners=False: (i0, i1, lambda1)."""
+    src = max(np.float32(0.5) * (np.float32(dst) + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))
+    i0 = int(src)
+    i1 = i0 + 1 if i0 < size_in - 1 else i0
+    return i0, i1, src - np.float32(i0)
+
+
+@njit(parallel=True, cache=True)
+def upsample2x(x, out):
+    """Bilinear x2 upsampling (align_corners=False) of x (N, C, H, W) into out (N, C, <=2H, <=2W); a smaller
+    out is the top-left crop."""
+    n_batch, c_in, h, w = x.shape
+    ho, wo = out.shape[2], out.shape[3]
+    for job in prange(n_batch * c_in * ho):
+        n = job // (c_in * ho)
+        c = (job // ho) % c_in
+        oy = job % ho
+        y0, y1, ly = _source(oy, h)
+        for ox in range(wo):
+            x0, x1, lx = _source(ox, w)
+            top = (np.float32(1.0) - lx) * x[n, c, y0, x0] + lx * x[n, c, y0, x1]
+            bottom = (np.float32(1.0) - lx) * x[n, c, y1, x0] + lx * x[n, c, y1, x1]
+            out[n, c, oy, ox] = (np.float32(1.0) - ly) * top + ly * bottom
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def global_avg_pool(x, out):
+    """out[n, c, 0, 0] = mean over (y, x) of x[n, c]."""
+    n_batch, c_in, h, w = x.shape
+    for job in prange(n_batch * c_in):
+        n = job // c_in
+        c = job % c_in
+        s = np.float32(0.0)
+        for y in range(h):
+            for j in range(w):
+                s += x[n, c, y, j]
+        out[n, c, 0, 0] = s / np.float32(h * w)

@@ -1,0 +1,251 @@
+"""The operations of an engine program. Each reads and writes numbered slots of float32 NCHW arrays.
+
+`Conv` (convolution or linear layer, with folded batch norm, requantization, residual add and (leaky) ReLU
+fused) carries packed weights; the others are float glue of the shipped networks. Every op describes
+itself as JSON plus named arrays (`describe`, `arrays`), which is all a program file holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from jpq_core.engine import kernels, packing
+from jpq_core.errors import JPQError
+
+INTEGER_WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+INTEGER_ACTIVATION_BITS = (4, 5, 6, 7, 8)
+
+
+@dataclass
+class Conv:
+    """y = act((acc - corr[c]) * mul[c] + bias[c] + res_scale * residual), acc = sum_k val[k] * x[off[k] + ...].
+
+    Integer path (weights 1-8 bits, input activations 4-8 bits): x = q_a (uint8), val = k_w (integer
+    weight), corr[c] = z_a * sum(k_w[c]), mul[c] = s_w[c] * s_a * gamma[c] / sqrt(var[c] + eps), so
+    (acc - corr) is exactly sum k_w * (q_a - z_a) and y equals the fake-quantized PyTorch layer up to
+    float32 rounding of one multiply-add. Float path: x and val float32, corr = 0.
+    """
+
+    name: str
+    inputs: list[int]
+    output: int
+    shape: tuple[int, int, int, int]  # (C_out, C_in / groups, kh, kw)
+    stride: int
+    padding: int
+    dilation: int
+    groups: int
+    linear: bool
+    integer: bool
+    bits: int  # stored value bits: 1..8 (+1 for asymmetric), 16, or 32 (float)
+    encoding: str
+    entries: int
+    values: np.ndarray  # packed
+    index: np.ndarray  # packed (bitmask or gaps)
+    scale: np.ndarray  # float32 per output channel: s_w * gamma / sqrt(var + eps)
+    bias: np.ndarray  # float32 per output channel (folded batch norm and conv bias)
+    act: dict | None = None  # input quantizer {"bits", "scale", "zero"} or None
+    residual: int | None = None
+    res_scale: float = 1.0
+    slope: float = 1.0  # 1 = no activation, 0 = ReLU, else LeakyReLU
+    kind = "conv"
+    _csr: tuple | None = field(default=None, repr=False)
+    _geometry: dict = field(default_factory=dict, repr=False)
+
+    # --- storage -------------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        keys = ("name", "inputs", "output", "shape", "stride", "padding", "dilation", "groups", "linear", "integer",
+                "bits", "encoding", "entries", "act", "residual", "res_scale", "slope")
+        return {"kind": self.kind, **{k: getattr(self, k) for k in keys}}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"values": self.values, "index": self.index, "scale": self.scale, "bias": self.bias}
+
+    @property
+    def nbytes(self) -> int:
+        """Packed weight bytes: values, index, per-channel scales and biases."""
+        return sum(a.nbytes for a in self.arrays().values())
+
+    # --- execution -----------------------------------------------------------------------------------
+    def _kernel_weights(self):
+        """CSR over output channels, each row ordered as its offsets will be: (ptr, c_in, ky, kx, val, corr)."""
+        if self._csr is None:
+            co, ci_g, kh, kw = self.shape
+            size = co * ci_g * kh * kw
+            pos, vals = packing.decode(self.encoding, self.values, self.index, self.bits, size, self.entries)
+            c, ci, ky, kx = np.unravel_index(pos, self.shape)
+            ci = ci + (c // (co // self.groups)) * ci_g  # absolute input channel for grouped convolutions
+            phase = (kx * self.dilation) % self.stride
+            order = np.lexsort((kx, ky, ci, phase, c))
+            c, ci, ky, kx = c[order], ci[order], ky[order], kx[order]
+            vals = vals[order]
+            ptr = np.zeros(co + 1, np.uint64)
+            ptr[1:] = np.cumsum(np.bincount(c, minlength=co))
+            if self.integer:
+                val = vals.astype(np.int8 if np.abs(vals).max(initial=0) <= 127 else np.int16)
+                sums = np.bincount(c, weights=vals.astype(np.float64), minlength=co)
+                corr = (np.round(self.act["zero"]) * sums).astype(np.int32)
+                mul = (self.scale * np.float32(self.act["scale"])).astype(np.float32)
+            else:
+                val = vals.astype(np.float32)
+                corr = np.zeros(co, np.float32)
+                mul = self.scale
+            self._csr = (ptr, ci, ky, kx, val, corr, mul)
+        return self._csr
+
+    def geometry(self, h: int, w: int) -> dict:
+        """Padded input layout, output size and flat offsets for an h x w input (cached per size)."""
+        if (h, w) not in self._geometry:
+            _, _, kh, kw = self.shape
+            s, p, d = self.stride, self.padding, self.dilation
+            hp, wtot = h + 2 * p, w + 2 * p
+            wq = -(-wtot // s)
+            out_h, out_w = (hp - d * (kh - 1) - 1) // s + 1, (wtot - d * (kw - 1) - 1) // s + 1
+            if out_h < 1 or out_w < 1:
+                raise JPQError(f"layer {self.name!r}: input {h}x{w} is too small for its kernel; use a larger input.")
+            ptr, ci, ky, kx, *_ = self._kernel_weights()
+            c_total = self.groups * self.shape[1]
+            off = (((kx * d) % s * c_total + ci) * hp + ky * d) * wq + (kx * d) // s
+            self._geometry[(h, w)] = dict(hp=hp, wq=wq, out_h=out_h, out_w=out_w, off=off.astype(np.uint64),
+                                          in_sample=s * c_total * hp * wq, rowstride=s * wq, c_total=c_total)
+        return self._geometry[(h, w)]
+
+    def run(self, env: list) -> None:
+        xs = [env[i] for i in self.inputs]
+        if self.linear:
+            xs = [x.reshape(x.shape[0], -1, 1, 1) for x in xs]
+        n, _, h, w = xs[0].shape
+        if sum(x.shape[1] for x in xs) != self.groups * self.shape[1]:
+            raise JPQError(f"layer {self.name!r} expects {self.groups * self.shape[1]} input channels, "
+                           f"got {sum(x.shape[1] for x in xs)}.")
+        g = self.geometry(h, w)
+        ptr, _, _, _, val, corr, mul = self._kernel_weights()
+        buf = np.empty((n, self.stride, g["c_total"], g["hp"], g["wq"]), np.uint8 if self.integer else np.float32)
+        mode, scale, zero, qmax = 0, np.float32(1), np.float32(0), np.float32(0)
+        if self.act is not None:
+            mode = 2 if self.integer else 1
+            scale, zero, qmax = np.float32(self.act["scale"]), np.float32(self.act["zero"]), np.float32(2 ** self.act["bits"] - 1)
+        c0 = 0
+        for x in xs:
+            kernels.pad_input(np.ascontiguousarray(x, np.float32), buf, c0, self.padding, mode, scale, zero, qmax)
+            c0 += x.shape[1]
+        out = np.empty((n, self.shape[0], g["out_h"], g["out_w"]), np.float32)
+        res = env[self.residual] if self.residual is not None else out
+        if self.linear and self.residual is not None:
+            res = res.reshape(out.shape)
+        rows = n * g["out_h"]
+        per_tile = int(min(4, max(1, rows // (4 * numba.get_num_threads()))))
+        acc = np.empty((math.ceil(rows / per_tile), g["out_w"]), np.int32 if self.integer else np.float32)
+        kernels.sparse_conv(buf.reshape(-1), np.uint64(g["in_sample"]), ptr, g["off"], val, corr, mul, self.bias,
+                            res, np.float32(self.res_scale), self.residual is not None, np.float32(self.slope),
+                            out, np.uint64(g["rowstride"]), per_tile, acc)
+        env[self.output] = out.reshape(n, -1) if self.linear else out
+
+
+@dataclass
+class Glue:
+    """A float op of the networks' glue. `op` names the function in GLUE; `params` its settings."""
+
+    name: str
+    op: str
+    inputs: list[int]
+    output: int
+    params: dict = field(default_factory=dict)
+    kind = "glue"
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "op": self.op, "inputs": self.inputs, "output": self.output,
+                "params": self.params}
+
+    def arrays(self) -> dict:
+        return {}
+
+    nbytes = 0
+
+    def run(self, env: list) -> None:
+        env[self.output] = GLUE[self.op]([env[i] for i in self.inputs], **self.params)
+
+
+def _normalize_pad(xs, mean, std, multiple):
+    """(x - mean) / std, replicate-padded right and bottom to a multiple of `multiple` (StereoNet's input)."""
+    x = np.ascontiguousarray(xs[0], np.float32)
+    n, c, h, w = x.shape
+    out = np.empty((n, c, h + (-h) % multiple, w + (-w) % multiple), np.float32)
+    kernels.normalize_replicate(x, np.float32(mean), np.float32(std), out)
+    return out
+
+
+def _batch_concat(xs):
+    return np.concatenate(xs, 0)
+
+
+def _batch_part(xs, part, parts):
+    """Part `part` of `parts` equal slices along the batch (a view)."""
+    n = xs[0].shape[0] // parts
+    return xs[0][part * n:(part + 1) * n]
+
+
+def _correlation(xs, shifts):
+    left, right = (np.ascontiguousarray(x) for x in xs)
+    out = np.empty((left.shape[0], shifts, left.shape[2], left.shape[3]), np.float32)
+    kernels.correlation(left, right, shifts, out)
+    return out
+
+
+def _soft_argmin(xs, factor):
+    x = np.ascontiguousarray(xs[0])
+    out = np.empty((x.shape[0], 1, x.shape[2], x.shape[3]), np.float32)
+    kernels.soft_argmin(x, np.float32(factor), out)
+    return out
+
+
+def _upsample2x(xs, crop_like=None):
+    """Bilinear x2 (align_corners=False); cropped to the spatial size of input 1 when `crop_like`."""
+    x = np.ascontiguousarray(xs[0])
+    h, w = (xs[1].shape[-2:] if crop_like else (2 * x.shape[2], 2 * x.shape[3]))
+    out = np.empty((x.shape[0], x.shape[1], h, w), np.float32)
+    kernels.upsample2x(x, out)
+    return out
+
+
+def _divide(xs, divisor):
+    return xs[0] / np.float32(divisor)
+
+
+def _global_avg_pool(xs):
+    x = np.ascontiguousarray(xs[0])
+    out = np.empty((x.shape[0], x.shape[1], 1, 1), np.float32)
+    kernels.global_avg_pool(x, out)
+    return out
+
+
+def _channel(xs, index):
+    return xs[0][:, index]
+
+
+def _relu(xs):
+    return np.maximum(xs[0], np.float32(0))
+
+
+GLUE = {
+    "normalize_pad": _normalize_pad, "batch_concat": _batch_concat, "batch_part": _batch_part,
+    "correlation": _correlation, "soft_argmin": _soft_argmin, "upsample2x": _upsample2x, "divide": _divide,
+    "global_avg_pool": _global_avg_pool, "channel": _channel, "relu": _relu,
+}
+
+
+def op_from(description: dict, arrays: dict):
+    """An op from its JSON description and arrays (program loading)."""
+    d = dict(description)
+    kind = d.pop("kind")
+    if kind == "glue":
+        if d["op"] not in GLUE:
+            raise JPQError(f"program file names an unknown op {d['op']!r}; it was written by another engine version.")
+        return Glue(**d)
+    if kind == "conv":
+        d["shape"] = tuple(d["shape"])
+        return Conv(**d, **arrays)
+    raise JPQError(f"program file names an unknown op kind {kind!r}.")

@@ -1,0 +1,116 @@
+"""Packed weight storage: values at their bit width and the cheapest of three index encodings.
+
+The encodings are those of the cost model (`jpq_core.costs`, after Han et al., Deep Compression 2016),
+so that a program's size is a measured counterpart of the model's `weight_bits`:
+    dense    every position's value, N * b bits
+    bitmask  one bit per position, then the kept values: N + nnz * b bits
+    csr      per kept value a 4-bit gap to the previous one (gap - 1 in 0..15) and the value; a gap over
+             16 inserts a zero-valued filler that advances 16 positions: (nnz + fillers) * (b + 4) bits.
+Values are b-bit two's complement integers (b = 4 packs two per byte), or float32 bit patterns (b = 32).
+Binary weights (b = 1: bit 1 = +1, bit 0 = -1) cannot store a zero, so dense is not an option for a
+sparse binary layer and a CSR filler is marked by the gap field alone (15 = advance 15, no value).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GAP_BITS = 4
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """The low `bits` bits of each value, little-endian, concatenated into bytes."""
+    u = np.asarray(values).astype(np.int64).view(np.uint64) & np.uint64((1 << bits) - 1)
+    planes = ((u[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def unpack_bits(data: np.ndarray, bits: int, count: int, signed: bool) -> np.ndarray:
+    """Inverse of pack_bits: `count` integers of `bits` bits (sign-extended when `signed`)."""
+    planes = np.unpackbits(data, count=count * bits, bitorder="little").reshape(count, bits).astype(np.int64)
+    u = (planes << np.arange(bits, dtype=np.int64)).sum(1)
+    if signed:
+        u = np.where(u >= 1 << (bits - 1), u - (1 << bits), u)
+    return u
+
+
+def _to_codes(values: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 32:
+        return values.astype(np.float32).view(np.uint32).astype(np.int64)
+    if bits == 1:
+        return (values > 0).astype(np.int64)
+    return values.astype(np.int64)
+
+
+def _from_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 32:
+        return codes.astype(np.uint32).view(np.float32)
+    if bits == 1:
+        return np.where(codes > 0, 1, -1)
+    return codes
+
+
+def _csr_entries(positions: np.ndarray, binary: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(gap fields, is_real) of the relative-index stream for sorted kept positions."""
+    step = 15 if binary else 16  # how far a filler advances
+    gaps = np.diff(positions, prepend=-1)
+    fillers = (gaps - 1) // step
+    real_gap = gaps - fillers * step
+    count = len(positions) + int(fillers.sum())
+    fields = np.full(count, 15, np.int64)
+    is_real = np.zeros(count, bool)
+    real_at = np.cumsum(fillers + 1) - 1
+    fields[real_at] = real_gap - 1
+    is_real[real_at] = True
+    return fields, is_real
+
+
+def encoding_sizes(flat: np.ndarray, bits: int) -> dict[str, int]:
+    """Size in bits of each encoding that can represent `flat` (the cost model's three, less the ones
+    that cannot hold its zeros)."""
+    n = flat.size
+    nonzero = np.flatnonzero(flat)
+    sizes = {}
+    if bits != 1 or nonzero.size == n:
+        sizes["dense"] = n * bits
+    if nonzero.size < n:
+        sizes["bitmask"] = n + nonzero.size * bits
+        fields, _ = _csr_entries(nonzero, bits == 1)
+        sizes["csr"] = fields.size * (bits + GAP_BITS)
+    return sizes
+
+
+def encode(flat: np.ndarray, bits: int) -> tuple[str, np.ndarray, np.ndarray, int]:
+    """(encoding, packed values, packed index, number of stored values) of the weights `flat` (integers,
+    or floats when bits = 32)."""
+    sizes = encoding_sizes(flat, bits)
+    encoding = min(sizes, key=sizes.get)
+    nonzero = np.flatnonzero(flat)
+    if encoding == "dense":
+        return encoding, pack_bits(_to_codes(flat, bits), bits), np.zeros(0, np.uint8), flat.size
+    if encoding == "bitmask":
+        mask = np.packbits(flat != 0, bitorder="little")
+        return encoding, pack_bits(_to_codes(flat[nonzero], bits), bits), mask, nonzero.size
+    fields, is_real = _csr_entries(nonzero, bits == 1)
+    values = np.zeros(fields.size, flat.dtype)
+    values[is_real] = flat[nonzero]
+    return encoding, pack_bits(_to_codes(values, bits), bits), pack_bits(fields, GAP_BITS), fields.size
+
+
+def decode(encoding: str, values: np.ndarray, index: np.ndarray, bits: int, size: int, entries: int):
+    """(kept positions, their values) from `encode`'s output; `entries` = number of stored values."""
+    signed = bits not in (1, 32)
+    vals = _from_codes(unpack_bits(values, bits, entries, signed), bits)
+    if encoding == "dense":
+        positions = np.flatnonzero(vals)
+        return positions, vals[positions]
+    if encoding == "bitmask":
+        return np.flatnonzero(np.unpackbits(index, count=size, bitorder="little")), vals
+    fields = unpack_bits(index, GAP_BITS, entries, signed=False)
+    if bits == 1:
+        is_real = fields < 15
+        positions = np.cumsum(np.where(is_real, fields + 1, 15)) - 1
+    else:
+        positions = np.cumsum(fields + 1) - 1
+        is_real = vals != 0
+    return positions[is_real], vals[is_real]

@@ -1,0 +1,165 @@
+"""A compiled engine program: the ops of one network with packed weights; run, profile, save, load.
+
+    program = compile_network(model)            # model: compressed (jpq_core.pipeline) or plain, eval mode
+    disparity = program.run(left, right)        # numpy float32 (torch tensors or numpy arrays in)
+    program.save("net.jpqe"); load_program("net.jpqe").run(...)
+    program.profile(left, right)                # {layer: ms}
+    program.layer_bytes()                       # {layer: packed weight bytes}
+
+The file is safetensors (arrays only, nothing executable) with the op list as JSON in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jpq_core.checkpoints import atomic_write
+from jpq_core.engine.lowering import lower
+from jpq_core.engine.ops import Conv, op_from
+from jpq_core.errors import JPQError
+
+FORMAT = "jpq-engine/1"
+
+
+class Program:
+    def __init__(self, ops: list, n_inputs: int, output: int, slots: int, info: dict | None = None):
+        self.ops, self.n_inputs, self.output, self.slots = ops, n_inputs, output, slots
+        self.info = info or {}
+
+    def _inputs(self, inputs) -> list[np.ndarray]:
+        if len(inputs) != self.n_inputs:
+            raise JPQError(f"this program takes {self.n_inputs} input(s), got {len(inputs)}.")
+        arrays = []
+        for x in inputs:
+            x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+            if x.ndim != 4:
+                raise JPQError(f"inputs must be N x C x H x W arrays, got shape {x.shape}.")
+            arrays.append(np.ascontiguousarray(x, np.float32))
+        return arrays
+
+    def run(self, *inputs) -> np.ndarray:
+        """The network's output for `inputs` (N x C x H x W each), as a float32 numpy array."""
+        env = [None] * self.slots
+        env[:self.n_inputs] = self._inputs(inputs)
+        for op in self.ops:
+            op.run(env)
+        return env[self.output]
+
+    def profile(self, *inputs, repeats: int = 1) -> dict[str, float]:
+        """Milliseconds per layer (glue ops by their role), median over `repeats` runs."""
+        times = defaultdict(list)
+        for _ in range(repeats):
+            env = [None] * self.slots
+            env[:self.n_inputs] = self._inputs(inputs)
+            run = defaultdict(float)
+            for op in self.ops:
+                start = time.perf_counter()
+                op.run(env)
+                run[op.name] += (time.perf_counter() - start) * 1e3
+            for k, v in run.items():
+                times[k].append(v)
+        return {k: float(np.median(v)) for k, v in times.items()}
+
+    @property
+    def layers(self) -> list[Conv]:
+        return [op for op in self.ops if isinstance(op, Conv)]
+
+    def layer_bytes(self) -> dict[str, int]:
+        """Packed weight bytes per layer: values, index, per-channel scales and biases."""
+        return {op.name: op.nbytes for op in self.layers}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.layer_bytes().values())
+
+    def summary(self) -> list[dict]:
+        """Per layer: path (integer or float), bits, encoding, kept weights, packed bytes."""
+        return [{"layer": op.name, "path": "integer" if op.integer else "float", "wbits": op.bits,
+                 "abits": op.act["bits"] if op.act else None, "encoding": op.encoding, "bytes": op.nbytes}
+                for op in self.layers]
+
+    def save(self, path) -> Path:
+        """One safetensors file: packed arrays plus the op list as JSON metadata (written atomically)."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        arrays = {f"{i}.{k}": np.ascontiguousarray(v) for i, op in enumerate(self.ops) for k, v in op.arrays().items()}
+        header = {"format": FORMAT, "n_inputs": self.n_inputs, "output": self.output, "slots": self.slots,
+                  "info": self.info, "ops": [op.describe() for op in self.ops]}
+        atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata={"program": json.dumps(header)}))
+        return path
+
+
+def load_program(path) -> Program:
+    """A program saved by `Program.save` (safetensors: no code runs on load)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise JPQError(f"{path}: no such program file; compile one with compile_network(...).save(path).")
+    try:
+        with safe_open(str(path), "numpy") as f:
+            meta = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise JPQError(f"{path}: not a readable program file ({exc}).") from None
+    if "program" not in meta:
+        raise JPQError(f"{path}: a safetensors file without an engine program in its metadata.")
+    header = json.loads(meta["program"])
+    if header.get("format") != FORMAT:
+        raise JPQError(f"{path}: program format {header.get('format')!r}, this engine reads {FORMAT!r}.")
+    ops = []
+    for i, d in enumerate(header["ops"]):
+        mine = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.split(".", 1)[0] == str(i)}
+        ops.append(op_from(d, mine))
+    return Program(ops, header["n_inputs"], header["output"], header["slots"], header.get("info"))
+
+
+def compile_network(model: torch.nn.Module, example_inputs: tuple | None = None) -> Program:
+    """Compile a compressed (or plain) network in eval mode into an engine program.
+
+    With `example_inputs`, the program also records the cost model's weight memory per layer
+    (`jpq_core.costs.network_cost`) for comparison with its measured packed size (`memory_report`).
+    """
+    ops, n_inputs, output, slots = lower(model)
+    program = Program(ops, n_inputs, output, slots)
+    if example_inputs is not None:
+        program.info["cost_model_weight_bits"] = cost_model_bits(model, example_inputs)
+    return program
+
+
+def cost_model_bits(model, example_inputs) -> dict[str, float]:
+    """{layer: weight bits} by the cost model, for the masks and bit widths the network carries."""
+    from torch.nn.utils import parametrize
+
+    from jpq_core.costs import layer_geometry, network_cost
+    from jpq_core.criteria import prunable_layers
+
+    layers = prunable_layers(model)
+    masks, wbits, abits, per_channel = {}, {}, {}, True
+    for name, layer in layers.items():
+        q = layer.parametrizations.weight[0] if parametrize.is_parametrized(layer, "weight") else None
+        masks[name] = q.mask if q is not None else layer.weight.detach() != 0
+        wbits[name] = q.bits if q is not None else None
+        per_channel = q.per_channel if q is not None else per_channel
+        aq = getattr(layer, "input_quantizer", None)
+        abits[name] = aq.bits if aq is not None else None
+    cost = network_cost(model, masks, wbits, abits, layer_geometry(model, example_inputs), per_channel)
+    return {c["name"]: c["weight_bits"] for c in cost["layers"]}
+
+
+def memory_report(program: Program) -> dict:
+    """Measured packed bytes against the cost model's weight memory, in total and per layer."""
+    model = program.info.get("cost_model_weight_bits")
+    if model is None:
+        raise JPQError("this program was compiled without example inputs, so it has no cost-model figures.")
+    layers = [{"layer": k, "program_bytes": v, "cost_model_bytes": model[k] / 8} for k, v in program.layer_bytes().items()]
+    total_model = sum(model.values()) / 8
+    return {"program_bytes": program.nbytes, "cost_model_bytes": total_model,
+            "ratio": program.nbytes / total_model if total_model else None, "layers": layers}
