@@ -8,6 +8,8 @@ from jpq_core.data.stereo_files import middlebury_motorcycle
 from jpq_core.data.synthetic_stereo import make_scene, scene_seed
 from jpq_core.errors import JPQError
 from jpq_core.evaluation import stereo_comparison
+from jpq_core.live import (LIVE_ACTIVATION_BITS, LIVE_ALLOCATIONS, LIVE_WEIGHT_BITS, SPARSITY_CHOICES, Evaluation,
+                           LiveConfig, LiveNetwork, LiveResult)
 from jpq_core.models import load_network
 
 
@@ -25,13 +27,159 @@ def cached_classifier(name: str):
     return load_network(name)
 
 
+@st.cache_resource(max_entries=1)
+def _uploaded_pairs() -> dict:
+    """Uploaded pairs by content hash, so that caches can key on a short string."""
+    return {}
+
+
+def remember_sample(digest: str, sample) -> str:
+    pairs = _uploaded_pairs()
+    if len(pairs) > 16:  # bounded memory on a shared server
+        pairs.pop(next(iter(pairs)))
+    pairs[digest] = sample
+    return digest
+
+
 @st.cache_data(show_spinner=False, max_entries=32)
-def stereo_sample(source: str, seed: int):
+def stereo_sample(source: str, key):
+    """A pair by source: the Middlebury motorcycle, synthetic validation scene `key`, or an upload by hash."""
     if source == "Middlebury motorcycle":
         return middlebury_motorcycle()
-    return make_scene(scene_seed("validation", seed), 256, 512)
+    if source == "Your own pair":
+        if key not in _uploaded_pairs():
+            raise JPQError("the uploaded pair is no longer in memory; upload it again.")
+        return _uploaded_pairs()[key]
+    return make_scene(scene_seed("validation", key), 256, 512)
 
 
 @st.cache_data(show_spinner="Running the network and SGBM...", max_entries=32)
-def cached_comparison(source: str, seed: int) -> dict:
-    return stereo_comparison(cached_stereo_network(), stereo_sample(source, seed))
+def cached_comparison(source: str, key) -> dict:
+    return stereo_comparison(cached_stereo_network(), stereo_sample(source, key))
+
+
+def cached_network(name: str):
+    """Any shipped network by name (the stereo network shares `cached_stereo_network`'s copy). Shared by all
+    sessions: callers must not modify it (copy first)."""
+    return cached_stereo_network() if name == "stereo" else cached_classifier(name)
+
+
+@st.cache_resource(show_spinner=False)
+def cached_task(name: str):
+    """The compression task of a network (training batches, loss, evaluation data), made once."""
+    from jpq_core.tasks import make_task
+
+    return make_task(name)
+
+
+# ---- Live compression: the configuration every page shares, kept in the URL -------------------------------
+
+LIVE_NETWORKS = {"stereo": "Stereo network (Middlebury pair)", "resnet20": "ResNet-20 (digits)"}
+_STATE = "live_config"  # session_state key of the current LiveConfig (widget state does not survive page switches)
+
+
+def _bits_label(b) -> str:
+    return "float" if b is None else str(b)
+
+
+def current_config() -> LiveConfig:
+    """The session's live configuration: from the URL on a session's first page, then from the sidebar."""
+    if _STATE not in st.session_state:
+        config, problems = LiveConfig.from_query(st.query_params.to_dict())
+        st.session_state[_STATE] = config
+        st.session_state["live_config_problems"] = problems
+    return st.session_state[_STATE]
+
+
+def _criteria_for(level: str) -> list[str]:
+    from jpq_core.channels import GROUP_CRITERIA
+    from jpq_core.criteria import WEIGHT_CRITERIA
+
+    names = WEIGHT_CRITERIA if level == "weight" else GROUP_CRITERIA
+    return [n for n in names if n != "taylor-abs"]  # "taylor" is its alias
+
+
+def sidebar_config() -> LiveConfig:
+    """Sidebar widgets for the live configuration; writes it to the session and the URL (shareable link)."""
+    config = current_config()
+    for problem in st.session_state.pop("live_config_problems", []):
+        st.warning(problem)
+    with st.sidebar:
+        st.header("Compression")
+        network = st.selectbox("Network", list(LIVE_NETWORKS), index=list(LIVE_NETWORKS).index(config.network)
+                               if config.network in LIVE_NETWORKS else 0, format_func=LIVE_NETWORKS.get, key="w_network")
+        level = st.radio("Granularity", ["weight", "channel"], index=0 if config.granularity == "weight" else 1,
+                         horizontal=True, key="w_granularity",
+                         help="weight: any single weight can go; channel: whole filters go, with every channel coupled to them")
+        criteria = _criteria_for(level)
+        criterion = st.selectbox("Criterion", criteria, index=criteria.index(config.criterion) if config.criterion in criteria else 0,
+                                 key="w_criterion")
+        allocation = st.radio("Allocation", list(LIVE_ALLOCATIONS), index=list(LIVE_ALLOCATIONS).index(config.allocation),
+                              horizontal=True, key="w_allocation",
+                              help="global: one threshold over all layers; uniform: the same sparsity in every layer")
+        sparsity = st.select_slider("Sparsity", SPARSITY_CHOICES, value=config.sparsity, key="w_sparsity",
+                                    format_func=lambda s: f"{s:.1%}", help="share of prunable weights removed")
+        wbits = st.select_slider("Weight bits", LIVE_WEIGHT_BITS, value=config.wbits, format_func=_bits_label, key="w_wbits",
+                                 help="1 = binary, 2 = ternary; float = 32-bit")
+        abits = st.select_slider("Activation bits", LIVE_ACTIVATION_BITS, value=config.abits, format_func=_bits_label,
+                                 key="w_abits")
+        protect = st.checkbox("Keep first and last layer dense", value=config.protect_first_last, key="w_protect")
+    new = LiveConfig(network=network, criterion=criterion, allocation=allocation, sparsity=sparsity, wbits=wbits,
+                     abits=abits, protect_first_last=protect, calibration=config.calibration)
+    st.session_state[_STATE] = new
+    st.query_params.from_dict(new.to_query())
+    return new
+
+
+@st.cache_resource(show_spinner="Preparing the network for live compression...")
+def live_network(network: str) -> LiveNetwork:
+    return LiveNetwork(network, load_network(network))
+
+
+def ensure_scores(config: LiveConfig) -> None:
+    """Compute the criterion's statistics once (a gradient pass), with a progress bar the first time."""
+    network = live_network(config.network)
+    if network.has_stats(config):
+        return
+    bar = st.progress(0.0, text=f"Scoring weights with {config.criterion} (once per network and criterion)...")
+    network.stats(config, progress=lambda i, n: bar.progress(i / n, text=f"Gradient pass: batch {i} of {n}"))
+    bar.empty()
+
+
+@st.cache_resource(show_spinner="Pruning, quantizing and evaluating...", max_entries=48)
+def live_result(config: LiveConfig) -> LiveResult:
+    """Shared between sessions: a LiveResult is never modified after it is made."""
+    return live_network(config.network).compress(config)
+
+
+@st.cache_resource(show_spinner="Evaluating the dense network...", max_entries=4)
+def dense_evaluation(network: str) -> Evaluation:
+    live = live_network(network)
+    return live.evaluate(live.dense)
+
+
+def _kib(bits: float) -> str:
+    return f"{bits / 8 / 1024:,.1f} KiB"
+
+
+def cost_cards(cost: dict) -> None:
+    """Cost model cards against dense float32: memory and BOPs (counted), energy and hardware cost (estimates)."""
+    cols = st.columns(4)
+    cols[0].metric("Weight memory", _kib(cost["weight_bits"]), delta=f"{cost['memory_ratio']:.2%} of dense",
+                   delta_color="off", help=f"dense float32: {_kib(cost['dense_weight_bits'])}; {cost['assumptions']['memory']}")
+    cols[1].metric("BOPs", f"{cost['bops'] / 1e9:,.2f} G", delta=f"{cost['bops_ratio']:.2%} of dense", delta_color="off",
+                   help=f"bit operations = non-zero MACs x weight bits x activation bits; dense: {cost['dense_bops'] / 1e9:,.0f} G")
+    cols[2].metric("Energy (estimate)", f"{cost['energy_pj'] / 1e6:,.1f} µJ", delta=f"{cost['energy_ratio']:.2%} of dense",
+                   delta_color="off", help=cost["assumptions"]["energy"])
+    cols[3].metric("Hardware cost (estimate)", f"{cost['hardware_cost_ratio']:.2%} of dense",
+                   help=cost["assumptions"]["hardware_cost"])
+    st.caption("Memory and BOPs are counted from the compressed network; energy and hardware cost are estimates "
+               "from a 45 nm model (hover a card for its assumptions; docs/costs.md has the formulas).")
+
+
+@st.cache_data(show_spinner="Running the compressed network...", max_entries=32)
+def compressed_disparity(config: LiveConfig, source: str, key) -> dict:
+    """{"disparity", "metrics"} of the live-compressed stereo network on a pair (metrics None without ground truth)."""
+    sample = stereo_sample(source, key)
+    evaluation = live_network("stereo").evaluate(live_result(config).model, sample)
+    return {"disparity": evaluation.disparity, "metrics": evaluation.metrics or None}

@@ -1,4 +1,4 @@
-"""The app as a user sees it, driven by Streamlit's AppTest."""
+"""The app as a user sees it, driven by Streamlit's AppTest: Explore, Depth maps, Classifier."""
 
 import pytest
 import streamlit as st
@@ -7,41 +7,90 @@ from streamlit.testing.v1 import AppTest
 import jpq_core.models as models
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def fresh_caches():
+    """Caches are keyed by configuration, so the tests here share them (each page run stays a real run)."""
     st.cache_data.clear()
     st.cache_resource.clear()
     yield
+    st.cache_data.clear()
+    st.cache_resource.clear()
 
 
 def _metrics(at):
     return {m.label: m.value for m in at.metric}
 
 
-def test_landing_page_shows_network_beside_sgbm_on_middlebury(root):
-    at = AppTest.from_file(str(root / "app.py"), default_timeout=120).run()
-    assert not at.exception
-    metrics = _metrics(at)
-    assert {"Network bad-3", "SGBM bad-3", "Network EPE", "SGBM EPE", "Network time"} <= set(metrics)
-    assert "middlebury-motorcycle" in at.subheader[0].value
-    net, sgbm = (float(metrics[k].rstrip("%")) for k in ("Network bad-3", "SGBM bad-3"))
-    assert net < sgbm
+def _number(text: str) -> float:
+    return float(text.split()[0].rstrip("%").replace(",", ""))
 
 
-def test_switching_to_a_synthetic_scene_changes_the_numbers(root):
-    at = AppTest.from_file(str(root / "app.py"), default_timeout=120).run()
-    before = _metrics(at)["Network bad-3"]
-    at.sidebar.radio(key="source").set_value("Synthetic scene").run()
+def _explore(root, **query):
+    at = AppTest.from_file(str(root / "app.py"), default_timeout=240)
+    at.query_params.update(query)
+    return at.run()
+
+
+def test_explore_more_sparsity_means_more_error_and_less_memory(root):
+    at = _explore(root, criterion="magnitude", sparsity="0.5")
     assert not at.exception
-    assert "synthetic-" in at.subheader[0].value
-    assert _metrics(at)["Network bad-3"] != before
+    before = _metrics(at)
+    assert {"bad-3", "EPE", "Weight memory", "BOPs", "Energy (estimate)", "Hardware cost (estimate)"} <= set(before)
+    at.sidebar.select_slider(key="w_sparsity").set_value(0.95).run()
+    assert not at.exception
+    after = _metrics(at)
+    assert _number(after["bad-3"]) > _number(before["bad-3"])
+    assert _number(after["Weight memory"]) < _number(before["Weight memory"])
+    assert _number(after["Sparsity achieved"]) == pytest.approx(95.0, abs=0.01)
+    assert at.query_params["sparsity"] in ("0.95", ["0.95"])  # the link carries the configuration
+
+
+def test_explore_fewer_weight_bits_cut_memory_and_bops(root):
+    at = _explore(root, network="resnet20", criterion="magnitude", sparsity="0.5", wbits="8")
+    before = _metrics(at)
+    assert "Top-1" in before
+    at.sidebar.select_slider(key="w_wbits").set_value(4).run()
+    after = _metrics(at)
+    assert not at.exception
+    assert _number(after["Weight memory"]) < _number(before["Weight memory"])
+    assert _number(after["BOPs"]) < _number(before["BOPs"])
+
+
+def test_a_link_with_a_bad_value_opens_and_says_what_it_ignored(root):
+    at = _explore(root, network="resnet20", sparsity="1.5", wbits="5", criterion="magnitude")
+    assert not at.exception
+    warnings = " ".join(w.value for w in at.warning)
+    assert "sparsity='1.5'" in warnings and "wbits='5'" in warnings
+    assert _number(_metrics(at)["Sparsity achieved"]) == pytest.approx(50.0, abs=0.01)  # the default
 
 
 def test_missing_checkpoint_is_explained_not_a_traceback(root, tmp_path, monkeypatch):
     monkeypatch.setattr(models, "CACHED_RUNS", tmp_path)
-    at = AppTest.from_file(str(root / "app.py"), default_timeout=120).run()
+    st.cache_resource.clear()
+    at = _explore(root)
     assert not at.exception
     assert "train one with `python -m jpq_core train stereo`" in at.error[0].value
+
+
+def test_depth_maps_compare_two_settings_with_dense_and_sgbm(root):
+    at = AppTest.from_file(str(root / "pages" / "3_Depth_maps.py"), default_timeout=240)
+    at.query_params.update(criterion="magnitude", sparsity="0.5")
+    at.run()
+    assert not at.exception
+    table = at.dataframe[0].value.set_index("method")
+    assert table.loc["Dense network", "bad-3"] < table.loc["OpenCV SGBM", "bad-3"]
+    b_dense = table.filter(like="B:", axis=0)["bad-3"].item()
+    assert b_dense == pytest.approx(table.loc["Dense network", "bad-3"], abs=0.01)  # B starts unpruned at 8 bits
+    at.select_slider(key="dm_sparsity").set_value(0.95).run()
+    table = at.dataframe[0].value.set_index("method")
+    assert table.filter(like="B:", axis=0)["bad-3"].item() > b_dense + 0.1
+
+
+def test_depth_maps_on_a_synthetic_scene(root):
+    at = AppTest.from_file(str(root / "pages" / "3_Depth_maps.py"), default_timeout=240).run()
+    at.radio(key="dm_source").set_value("Synthetic scene").run()
+    assert not at.exception
+    assert len(at.dataframe[0].value) == 4
 
 
 def test_classifier_page_reports_accuracy_and_confusion(root):
