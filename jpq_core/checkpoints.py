@@ -2,8 +2,10 @@
 
 A checkpoint is `NAME.safetensors` (weights only, no code can run on load) with a JSON sidecar
 `NAME.json` (architecture, its settings, training data, steps, time, metrics, library versions).
-User checkpoints may also be PyTorch files; those are read with `torch.load(weights_only=True)`, which
-refuses any pickle that would construct arbitrary objects. Every file is written to a temporary name and
+User checkpoints may also be PyTorch files (zip archives, as torch.save writes since 1.6); those are read with
+`torch.load(weights_only=True)`, which refuses any pickle that would construct arbitrary objects; raw pickles
+are never unpickled. Sizes are checked first (file and unpacked archive), and loaded weights are checked to
+fit the network and to be finite, each problem named in a `JPQError`. Every file is written to a temporary name and
 renamed into place, so an interrupted save never leaves a half-written checkpoint.
 """
 
@@ -11,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from jpq_core.errors import JPQError
 
 MAX_CHECKPOINT_BYTES = 512 * 1024 * 1024
+MAX_SIDECAR_BYTES = 10 * 1024 * 1024
 
 
 def library_versions() -> dict:
@@ -56,18 +61,67 @@ def save_checkpoint(model: torch.nn.Module, path: Path, sidecar: dict) -> None:
 
 
 def read_sidecar(path: Path) -> dict:
-    """The JSON sidecar of a checkpoint, or {} when there is none."""
+    """The JSON sidecar of a checkpoint, or {} when there is none; a JSON object whose `config` and
+    `config.architecture`, where present, are objects too."""
     side = Path(path).with_suffix(".json")
     if not side.exists():
         return {}
+    if side.stat().st_size > MAX_SIDECAR_BYTES:
+        raise JPQError(f"{side}: {side.stat().st_size / 2**20:.0f} MiB is too big for a checkpoint's sidecar; delete or fix it.")
     try:
-        return json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise JPQError(f"{side}: the checkpoint's sidecar is not valid JSON ({exc}); delete or fix it.") from None
+        meta = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise JPQError(f"{side}: the checkpoint's sidecar is not valid JSON ({str(exc)[:120]}); delete or fix it.") from None
+    config = meta.get("config", {}) if isinstance(meta, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("architecture", {}), dict):
+        raise JPQError(f"{side}: the checkpoint's sidecar should be a JSON object with a 'config' object "
+                       "(as save_checkpoint writes); delete or fix it.")
+    return meta
+
+
+def _torch_error_line(exc: Exception) -> str:
+    """The line of a weights-only load error that names the problem (torch's message is a page long)."""
+    lines = [l.strip() for l in str(exc).splitlines() if "WeightsUnpickler error" in l] or [str(exc).splitlines()[0] if str(exc) else ""]
+    return lines[0][:200]
+
+
+def _unreadable(path: Path, why: str) -> JPQError:
+    return JPQError(f"{path}: not a readable checkpoint ({why}). "
+                    "Give a .safetensors file or a PyTorch state dict saved with torch.save(model.state_dict(), ...).")
+
+
+def _read_torch_zip(path: Path) -> object:
+    """torch.load(weights_only=True) after checking the archive cannot unpack to more than the size limit."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            unpacked = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise _unreadable(path, f"broken archive: {exc}") from None
+    if unpacked > MAX_CHECKPOINT_BYTES:
+        raise JPQError(f"{path}: unpacks to {unpacked / 2**20:.0f} MiB, over the {MAX_CHECKPOINT_BYTES // 2**20} MiB limit for checkpoints.")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols; our own error says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # the pickle asks for a function or class: code, not weights
+            raise JPQError(f"{path}: refused to load: the file holds more than plain weights ({_torch_error_line(exc)}). "
+                           "Only weights are loaded (weights_only=True); re-save it with torch.save(model.state_dict(), ...).") from None
+        raise _unreadable(path, _torch_error_line(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a malformed archive makes torch raise many types; none is a bug of ours
+        raise _unreadable(path, f"{type(exc).__name__}: {_torch_error_line(exc)}") from None
+
+
+def _is_plain_tensor(v) -> bool:
+    return isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_quantized and not v.dtype.is_complex
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read weights from a .safetensors file or a PyTorch file, never executing code from it."""
+    """Read weights from a .safetensors file or a PyTorch (zip) state dict, never executing code from it.
+
+    The format is told by content: safetensors (8-byte header length, then a JSON header) or a zip archive
+    (torch.save since PyTorch 1.6), read with weights_only=True. Raw pickles (legacy .pt files) are refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise JPQError(f"{path}: no such checkpoint file; check the path.")
@@ -75,43 +129,48 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if size > MAX_CHECKPOINT_BYTES:
         raise JPQError(f"{path}: {size / 2**20:.0f} MiB is over the {MAX_CHECKPOINT_BYTES // 2**20} MiB limit for checkpoints.")
     with open(path, "rb") as f:
-        head = f.read(8)
-    try:
-        if path.suffix == ".safetensors" or (len(head) == 8 and head[:2] != b"PK" and head[0:1] != b"\x80"):
-            return load_file(str(path))
-        with warnings.catch_warnings():  # torch warns about pickle protocols; our own error says enough
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
-        raise JPQError(
-            f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:200]}). "
-            "Give a .safetensors file or a PyTorch state dict saved with torch.save(model.state_dict(), ...)."
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError for code-running pickles
-        raise JPQError(
-            f"{path}: refused to load: the file holds more than plain weights ({type(exc).__name__}). "
-            "Only weights are loaded (weights_only=True); re-save it with torch.save(model.state_dict(), ...)."
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        head = f.read(9)
+    if zipfile.is_zipfile(path):
+        state = _read_torch_zip(path)
+    elif head[:1] == b"\x80":
+        raise JPQError(f"{path}: refused to load: a raw pickle (or a PyTorch file older than 1.6) can run code and is never unpickled. "
+                       "Re-save it with a current torch.save(model.state_dict(), ...) or as .safetensors.")
+    else:
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, TypeError) as exc:
+            raise _unreadable(path, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise JPQError(f"{path}: holds no state dict of tensors; save it with torch.save(model.state_dict(), ...).")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and _is_plain_tensor(v) for k, v in state.items()):
+        raise JPQError(f"{path}: holds no state dict of plain tensors; save it with torch.save(model.state_dict(), ...).")
     return state
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
-    """Load `path` into `model`, naming every missing, unexpected or mis-shaped tensor on mismatch."""
-    state = read_state_dict(path)
+def _named(label: str, names: list[str]) -> str:
+    return f"{label}: " + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], label) -> dict[str, torch.Tensor]:
+    """`state` converted to `model`'s dtypes, after checking it fits: every missing, unexpected or mis-shaped
+    tensor is named, and so is every tensor holding NaN or inf (a diverged run would only show NaN metrics)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong_shape:
-        parts = []
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs network)", wrong_shape)):
-            if names:
-                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-                parts.append(f"{label}: {shown}")
-        raise JPQError(f"{path}: does not fit the {type(model).__name__} network; " + "; ".join(parts) + ".")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+        parts = [_named(l, n) for l, n in (("missing", missing), ("unexpected", unexpected),
+                                           ("wrong shape (file vs network)", wrong_shape)) if n]
+        raise JPQError(f"{label}: does not fit the {type(model).__name__} network; " + "; ".join(parts) + ".")
+    fitted = {k: v.to(own[k].dtype) for k, v in state.items()}
+    broken = [k for k, v in fitted.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise JPQError(f"{label}: {_named('NaN or infinite values in', broken)}. The weights are broken (a diverged "
+                       "training run?); use an earlier checkpoint.")
+    return fitted
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Load `path` into `model`, naming every missing, unexpected, mis-shaped or non-finite tensor."""
+    model.load_state_dict(fit_state_dict(model, read_state_dict(path), path))
     return model

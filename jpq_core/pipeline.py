@@ -450,27 +450,59 @@ def save_compressed(net: nn.Module, path, report: dict) -> Path:
     return path
 
 
-def load_compressed(path) -> tuple[nn.Module, dict]:
-    """A network saved by `save_compressed`, with its masks, quantizers and activation ranges restored."""
-    from jpq_core.checkpoints import read_sidecar, read_state_dict
-    from jpq_core.models import build_network
+def _compressed_sidecar(path: Path) -> dict:
+    """The sidecar of a `save_compressed` file, checked for every entry `load_compressed` reads."""
+    from jpq_core.checkpoints import read_sidecar
+    from jpq_core.models import NETWORKS
 
-    path = Path(path)
     side = read_sidecar(path)
     if not side.get("compressed"):
         raise JPQError(f"{path}: not a compressed network (no 'compressed' entry in its sidecar); save one with `compress --save`.")
+    cfg = side.get("compression")
+    problem = None
+    if not isinstance(side["config"].get("network"), str) or side["config"]["network"] not in NETWORKS:
+        problem = f"'config.network' is {side['config'].get('network')!r}, not one of {', '.join(NETWORKS)}"
+    elif not isinstance(cfg, dict) or not {"symmetric", "per_channel", "calibration"} <= set(cfg):
+        problem = "'compression' lacks symmetric, per_channel or calibration"
+    elif not all(isinstance(side.get(k), dict) for k in ("layer_wbits", "layer_abits")):
+        problem = "'layer_wbits' and 'layer_abits' must map layers to bit widths"
+    if problem:
+        raise JPQError(f"{path.with_suffix('.json')}: the sidecar of this compressed network is damaged ({problem}); "
+                       "save it again with `compress --save`.")
+    side["layer_wbits"] = {k: check_bits(v) for k, v in side["layer_wbits"].items()}
+    side["layer_abits"] = {k: check_bits(v, ACTIVATION_BITS, "activation") for k, v in side["layer_abits"].items()}
+    return side
+
+
+def load_compressed(path) -> tuple[nn.Module, dict]:
+    """A network saved by `save_compressed`, with its masks, quantizers and activation ranges restored.
+
+    Every layer needs a weight-shaped mask and a bit width; a file that lacks them, or whose tensors do not
+    fit the network, is refused with the names of the offending entries.
+    """
+    from jpq_core.checkpoints import fit_state_dict, read_state_dict
+    from jpq_core.models import build_network
+
+    path = Path(path)
+    side = _compressed_sidecar(path)
     state = read_state_dict(path)
-    masks = {k[len(MASK_PREFIX):]: v.bool() for k, v in state.items() if k.startswith(MASK_PREFIX)}
+    masks = {k[len(MASK_PREFIX):]: v for k, v in state.items() if k.startswith(MASK_PREFIX)}
     weights = {k: v for k, v in state.items() if not k.startswith(MASK_PREFIX)}
-    net = build_network(side["config"]["network"]).eval()
-    cfg = side["compression"]
+    network, cfg = side["config"]["network"], side["compression"]
+    net = build_network(network).eval()
+    layers = prunable_layers(net)
+    bad = sorted(f"{k} (no mask)" for k in set(layers) - set(masks))
+    bad += sorted(f"{k} (mask {tuple(m.shape)} vs weight {tuple(layers[k].weight.shape)})" for k, m in masks.items()
+                  if k in layers and m.shape != layers[k].weight.shape)
+    bad += sorted(f"{k} (no such layer)" for k in set(masks) - set(layers))
+    bad += sorted(f"{k} (no bit width)" for k in set(layers) - (set(side["layer_wbits"]) & set(side["layer_abits"])))
+    if bad:
+        raise JPQError(f"{path}: the masks or bit widths do not fit the {network} network: {', '.join(bad[:5])}"
+                       f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}; save it again with `compress --save`.")
     if any(b is not None for b in side["layer_abits"].values()):
         add_activation_quantizers(net, side["layer_abits"], cfg["calibration"])
-        for layer in prunable_layers(net).values():
+        for layer in layers.values():
             layer.input_quantizer.calibrating = False
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise JPQError(f"{path}: does not fit the {side['config']['network']} network ({str(exc).splitlines()[0]}).") from None
-    attach(net, masks, side["layer_wbits"], cfg["symmetric"], cfg["per_channel"])
+    net.load_state_dict(fit_state_dict(net, weights, path))
+    attach(net, {k: m != 0 for k, m in masks.items()}, side["layer_wbits"], cfg["symmetric"], cfg["per_channel"])
     return net.eval(), side

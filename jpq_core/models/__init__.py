@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
-from jpq_core.checkpoints import load_weights, read_sidecar
+from jpq_core.checkpoints import MAX_CHECKPOINT_BYTES, load_weights, read_sidecar
 from jpq_core.errors import JPQError
 from jpq_core.models.resnet import ResNet20, resnet18_cifar
 from jpq_core.models.stereo import StereoNet
@@ -50,4 +51,12 @@ def load_network(name: str, checkpoint: Path | None = None) -> nn.Module:
     if config.get("network", name) != name:
         raise JPQError(f"{path}: is a {config['network']!r} checkpoint, not {name!r}.")
     arch = config.get("architecture", {})
+    try:  # on the meta device first: a sidecar asking for a giant network must not take the memory
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build_network(name, **arch).parameters())
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise JPQError(f"{path}: its sidecar's architecture settings {arch} do not build a {name!r} network ({exc}); "
+                       "fix or delete the .json beside it.") from None
+    if params * 4 > MAX_CHECKPOINT_BYTES:
+        raise JPQError(f"{path}: its sidecar asks for a {name!r} network of {params:,} parameters, over the checkpoint size limit.")
     return load_weights(build_network(name, **arch), path).eval()
