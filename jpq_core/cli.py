@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a grid of compression configurations (resumable), locally or on Ray")
     p.add_argument("grid", nargs="?", help="grid file, e.g. configs/smoke.toml")
     p.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
-    p.add_argument("--ray-address", help="run on a Ray cluster: auto or HOST:PORT")
+    p.add_argument("--ray-address", help="run on a Ray cluster: auto, HOST:PORT, or local (start one here)")
     p.add_argument("--out", help="results table (default cached_runs/results/sweeps.jsonl)")
     p.add_argument("--import-reports", metavar="FILE", help="add `compress --json` lines from FILE to the table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

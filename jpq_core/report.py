@@ -30,6 +30,13 @@ def bits_label(bits) -> str:
     return "float" if bits is None or (isinstance(bits, float) and math.isnan(bits)) else str(int(bits))
 
 
+def _loss_pt(value, dense, higher: bool) -> float:
+    """Accuracy lost against the dense network, in points (NaN when the row lacks the metric)."""
+    if value is None or dense is None:
+        return math.nan
+    return 100 * ((dense - value) if higher else (value - dense))
+
+
 def load_results(path=None) -> tuple[pd.DataFrame, list[str]]:
     """The sweeps table as a DataFrame (one row per finished configuration) and the problems found reading it.
 
@@ -54,8 +61,7 @@ def load_results(path=None) -> tuple[pd.DataFrame, list[str]]:
     metric = [primary_metric(r["network"]) for r in rows]
     df["metric"] = [m for m, _ in metric]
     df["headline"] = [r.get(m) for r, (m, _) in zip(rows, metric)]
-    df["loss_pt"] = [100 * ((r[f"dense_{m}"] - r[m]) if higher else (r[m] - r[f"dense_{m}"]))
-                     for r, (m, higher) in zip(rows, metric)]
+    df["loss_pt"] = [_loss_pt(r.get(m), r.get(f"dense_{m}"), higher) for r, (m, higher) in zip(rows, metric)]
     folder = checkpoint_dir(path)
     df["checkpoint"] = [str(f) if (f := folder / f"{i}.safetensors").exists() else None for i in df["id"]]
     return df, problems

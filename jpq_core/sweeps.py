@@ -418,15 +418,21 @@ def _pool_results(todo, workers: int, keep):
                 fut.cancel()
 
 
+def ray_runtime_env() -> dict:
+    """What Ray workers need: this checkout (code, shipped checkpoints, configs) as the job's working directory,
+    so workers on other machines run the same code; the Python packages must be installed on every node."""
+    return {"working_dir": str(ROOT), "excludes": [".venv", ".git", "runs", "cached_runs/results", "docs", "notebooks",
+                                                   "__pycache__", ".hypothesis", ".pytest_cache", ".ruff_cache"]}
+
+
 def _ray_results(todo, address: str, keep):
-    """Yield (config, row or exception) as Ray tasks finish; the code and checkpoints travel as the job's
-    working directory, so workers on other machines run this same checkout."""
+    """Yield (config, row or exception) as Ray tasks finish; rows come back to the driver, which writes them.
+    `address` is "auto" (a running cluster), "local" (start one here) or HOST:PORT; an already initialised Ray
+    (e.g. `ray.init(num_cpus=2, runtime_env=ray_runtime_env())`) is used as it is."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, runtime_env={"working_dir": str(ROOT), "excludes": [
-            ".venv", ".git", "runs", "cached_runs/results", "docs", "notebooks", "__pycache__"]},
-            log_to_driver=False)
+        ray.init(address=None if address == "local" else address, runtime_env=ray_runtime_env(), log_to_driver=False)
     remote = ray.remote(num_cpus=1, max_retries=1)(run_config)
     pending = {remote.remote(asdict(c), keep(c)): c for c in todo}
     try:
