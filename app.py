@@ -10,9 +10,10 @@ import pandas as pd
 import streamlit as st
 
 from jpq_core.errors import JPQError
+from jpq_core.live import compress_command, matching_runs
 from jpq_core.plots import confusion_figure, disparity_figure, layer_cost_figure, rgb_figure
-from jpq_core.ui import (cost_cards, dense_evaluation, ensure_scores, live_network, live_result, show_error,
-                         sidebar_config)
+from jpq_core.ui import (cached_results, cost_cards, dense_evaluation, ensure_scores, live_network, live_result,
+                         show_error, sidebar_config)
 
 st.set_page_config(page_title="JPQ Explorer", layout="wide")
 st.title("JPQ Explorer")
@@ -46,6 +47,20 @@ else:
 cols[2].metric("Sparsity achieved", f"{result.sparsity:.2%}", help="share of prunable weights that are exactly zero")
 cols[3].metric("Weight bits / act. bits", f"{config.wbits or 32} / {config.abits or 32}")
 cost_cards(result.cost)
+
+runs = matching_runs(cached_results()[0], config)
+tuned = runs[runs["finetune"] != "none"] if not runs.empty else runs
+with st.expander(f"Fine-tuned runs of this configuration (cached): {len(tuned)}", expanded=not tuned.empty):
+    if tuned.empty:
+        st.write("None is cached for this exact configuration. Fine-tune it yourself (minutes on a CPU):")
+        st.code(compress_command(config), language="bash")
+        st.caption("The Trade-offs page shows every cached run; selecting one opens it here.")
+    else:
+        shown = tuned[["pipeline", "finetune", "budget", "headline", "dense_" + tuned["metric"].iloc[0], "memory_ratio",
+                       "bops_ratio", "grid"]].rename(columns={"headline": tuned["metric"].iloc[0] + " (fine-tuned)"})
+        st.dataframe(shown, hide_index=True, width="stretch")
+        st.caption("Measured after fine-tuning with the stated budget (cached, not live); the cards above are live, "
+                   "without fine-tuning.")
 
 st.subheader("What the network sees and says")
 evaluation = result.evaluation

@@ -275,3 +275,39 @@ class LiveNetwork:
         timings["cost"] = time.perf_counter() - t
         layers = cost.pop("layers")
         return LiveResult(config, net, evaluation, sparsity_of(masks), cost, layers, timings)
+
+
+def matching_runs(results, config: LiveConfig):
+    """Rows of the results table (`jpq_core.report.load_results`) measured for this network, criterion,
+    sparsity and bit widths: fine-tuned versions of the live configuration, when they exist."""
+    if results.empty:
+        return results
+
+    def same_bits(column, bits):
+        return results[column].isna() if bits is None else results[column] == bits
+
+    keep = ((results["network"] == config.network) & (results["criterion"] == config.criterion)
+            & ((results["sparsity"] - config.sparsity).abs() < 1e-6)
+            & same_bits("wbits", config.wbits) & same_bits("abits", config.abits))
+    return results[keep]
+
+
+def config_from_row(row) -> tuple[LiveConfig, list[str]]:
+    """The live configuration nearest to a results-table row (what "load in Explore" opens), and what differs."""
+    allocation = (row.get("config") or {}).get("allocation", "global") if isinstance(row.get("config"), dict) else "global"
+    query = {"network": row["network"], "criterion": row["criterion"], "sparsity": str(row["sparsity"]),
+             "wbits": _bits_text(row["wbits"]), "abits": _bits_text(row["abits"]),
+             "allocation": allocation if allocation in LIVE_ALLOCATIONS else "global"}
+    return LiveConfig.from_query(query)
+
+
+def _bits_text(bits) -> str:
+    return "float" if bits is None or bits != bits else str(int(bits))  # NaN (float in a table) != itself
+
+
+def compress_command(config: LiveConfig, finetune: str = "distill") -> str:
+    """The CLI command that fine-tunes this configuration (what to run when no cached run exists)."""
+    bits = {k: "float" if v is None else str(v) for k, v in (("wbits", config.wbits), ("abits", config.abits))}
+    return (f"python -m jpq_core compress --network {config.network} --criterion {config.criterion} --sparsity {config.sparsity} "
+            f"--wbits {bits['wbits']} --abits {bits['abits']} --allocation {config.allocation} "
+            f"--pipeline prune-then-quantize --finetune {finetune} --json")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 
 # Perceptually uniform and readable in grey print: far = dark, near = bright.
 DISPARITY_SCALE = "Viridis"
@@ -255,3 +256,37 @@ def pareto_lesson_figure(table, x: str, y: str, x_title: str, y_title: str, sele
     fig.update_xaxes(type="log", title=x_title, tickformat=".1%")
     fig.update_yaxes(title=y_title)
     return _lesson_layout(fig, "", height)
+
+
+# ---- trade-offs (Trade-offs page) --------------------------------------------------------------------------
+
+HOVER_FIELDS = ("criterion", "granularity", "sparsity", "wbits_label", "abits_label", "pipeline", "finetune", "budget", "id")
+
+
+def pareto_plot(df, x: str, y: str, colour: str, front, current: dict | None = None, x_title: str = "", y_title: str = "",
+                log_x: bool = True, height: int = 520) -> go.Figure:
+    """Measured configurations (one trace per value of `colour`), the Pareto front as a line, and the live
+    configuration as a star. Each point carries its row id in customdata[-1], so a selection finds the row."""
+    fig = go.Figure()
+    for i, (value, group) in enumerate(df.groupby(colour, sort=True, dropna=False)):
+        custom = group[list(HOVER_FIELDS)].astype(str).to_numpy()
+        fig.add_trace(go.Scatter(
+            x=group[x], y=group[y], mode="markers", name=f"{colour}: {value}", customdata=custom,
+            marker=dict(size=9, color=qualitative.D3[i % len(qualitative.D3)],
+                        symbol=["circle", "square", "diamond", "triangle-up", "x", "cross", "star-triangle-up"][i % 7]),
+            hovertemplate=("%{customdata[0]} (%{customdata[1]}), sparsity %{customdata[2]}, %{customdata[3]}/%{customdata[4]} bits"
+                           "<br>%{customdata[5]}, fine-tuning %{customdata[6]} (%{customdata[7]} steps)"
+                           f"<br>{x_title or x}: %{{x:.3g}}<br>{y_title or y}: %{{y:.3g}}<extra></extra>"),
+        ))
+    if len(front):
+        fig.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines", name="Pareto front", hoverinfo="skip",
+                                 line=dict(color="black", dash="dot", shape="hv")))
+    if current is not None:
+        fig.add_trace(go.Scatter(x=[current["x"]], y=[current["y"]], mode="markers", name="live configuration (no fine-tuning)",
+                                 marker=dict(symbol="star", size=18, color="gold", line=dict(color="black", width=1)),
+                                 hovertemplate=current.get("label", "") + "<extra>live</extra>"))
+    fig.update_layout(height=height, margin=dict(l=0, r=0, t=30, b=0), xaxis_title=x_title or x, yaxis_title=y_title or y,
+                      legend=dict(orientation="h", y=-0.15), clickmode="event+select")
+    if log_x:
+        fig.update_xaxes(type="log")
+    return fig

@@ -183,3 +183,18 @@ def compressed_disparity(config: LiveConfig, source: str, key) -> dict:
     sample = stereo_sample(source, key)
     evaluation = live_network("stereo").evaluate(live_result(config).model, sample)
     return {"disparity": evaluation.disparity, "metrics": evaluation.metrics or None}
+
+
+def set_config(config: LiveConfig) -> None:
+    """Make `config` the session's live configuration (the sidebar shows it on the next run of any page)."""
+    st.session_state[_STATE] = config
+    for key in [k for k in st.session_state if k.startswith("w_")]:
+        del st.session_state[key]  # widgets take their value from the configuration again
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def cached_results():
+    """The sweeps table and the problems reading it; re-read every 30 s so a running sweep's new rows appear."""
+    from jpq_core.report import load_results
+
+    return load_results()

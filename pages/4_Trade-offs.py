@@ -1,0 +1,78 @@
+"""Trade-offs: measured accuracy against memory, BOPs, energy and latency, from the sweeps in `cached_runs/`."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from jpq_core.errors import JPQError
+from jpq_core.live import config_from_row
+from jpq_core.plots import pareto_plot
+from jpq_core.report import pareto_front
+from jpq_core.ui import cached_results, ensure_scores, live_result, set_config, show_error, sidebar_config
+
+st.set_page_config(page_title="Trade-offs - JPQ Explorer", layout="wide")
+st.title("Trade-offs")
+st.caption("Every point is one measured run from the sweeps shipped in `cached_runs/results/` (fine-tuned or not, as "
+           "its hover says). The dotted line is the Pareto front: no run is both smaller and more accurate. The star "
+           "is the sidebar's live configuration (no fine-tuning). Select a point to open it in Explore.")
+
+config = sidebar_config()
+results, problems = cached_results()
+for problem in problems:
+    st.warning(f"{problem} The other rows are shown; rerun the sweep to redo that configuration.")
+if results.empty:
+    st.info("No results yet. Run a sweep: `python -m jpq_core sweep configs/resnet20-tradeoffs.toml`.")
+    st.stop()
+
+AXES = {"memory_ratio": "weight memory (share of dense fp32)", "bops_ratio": "BOPs (share of dense)",
+        "energy_ratio": "energy, estimate (share of dense)", "hardware_cost_ratio": "hardware cost, estimate (share of dense)",
+        "engine_ms": "measured engine latency (ms)"}
+networks = sorted(results["network"].unique())
+cols = st.columns(4)
+network = cols[0].selectbox("Network", networks, index=networks.index(config.network) if config.network in networks else 0, key="to_network")
+x = cols[1].selectbox("Cost axis", [a for a in AXES if results[a].notna().any()], format_func=AXES.get, key="to_x")
+colour = cols[2].selectbox("One trace per", ["criterion", "pipeline", "wbits_label", "finetune", "granularity"], key="to_colour")
+tuned = cols[3].radio("Runs", ["all", "fine-tuned", "no fine-tuning"], horizontal=True, key="to_tuned")
+
+rows = results[(results["network"] == network) & results[x].notna() & results["headline"].notna()]
+if tuned != "all":
+    rows = rows[(rows["finetune"] != "none") == (tuned == "fine-tuned")]
+if rows.empty:
+    st.info("No measured runs for this choice; pick another network, axis or set of runs.")
+    st.stop()
+metric = rows["metric"].iloc[0]
+higher = metric == "top1"
+front = pareto_front(rows, x, "headline", x_lower_is_better=True, y_lower_is_better=not higher)
+
+current = None
+if config.network == network and x != "engine_ms":
+    try:
+        ensure_scores(config)
+        live = live_result(config)
+        current = {"x": live.cost[x], "y": live.evaluation.metrics[metric],
+                   "label": f"{config.criterion} {config.sparsity:.1%}, {config.wbits or 'float'}/{config.abits or 'float'} bits"}
+    except JPQError as exc:
+        show_error(exc)
+
+label = {"bad3": "Middlebury bad-3 (lower is better)", "top1": "digits top-1 (higher is better)"}[metric]
+event = st.plotly_chart(pareto_plot(rows, x, "headline", colour, front, current, AXES[x], label, log_x=x != "engine_ms"),
+                        width="stretch", on_select="rerun", selection_mode="points", key="to_plot")
+st.caption(f"{len(rows)} runs, {len(front)} on the front. Energy and hardware cost are estimates from the 45 nm "
+           "model in docs/costs.md; memory and BOPs are counted; latency is measured by the engine.")
+
+points = event.selection.points if event and event.selection else []
+if points:
+    run_id = points[0]["customdata"][-1]
+    row = rows[rows["id"] == run_id].iloc[0].to_dict()
+    chosen, differences = config_from_row(row)
+    st.write(f"Selected: **{row['criterion']}**, sparsity {row['sparsity']:.1%}, {row['wbits_label']}/{row['abits_label']} "
+             f"bits, {row['pipeline']}, fine-tuning {row['finetune']} ({row['budget']} steps): {metric} {row['headline']:.3f}.")
+    for note in differences:
+        st.caption(note)
+    if st.button("Open in Explore", key="to_open"):
+        set_config(chosen)
+        st.switch_page("app.py")
+
+with st.expander("The front as a table"):
+    st.dataframe(front[["criterion", "granularity", "sparsity", "wbits_label", "abits_label", "pipeline", "finetune",
+                        "budget", "headline", x]], hide_index=True, width="stretch")
