@@ -1,0 +1,67 @@
+"""The results table as the app reads it, its Pareto fronts, and docs/results.md written from the rows."""
+
+import math
+import shutil
+
+import pandas as pd
+import pytest
+
+from jpq_core import sweeps
+from jpq_core.cli import main
+from jpq_core.report import load_results, pareto_front, write_report
+
+
+def test_pareto_front_keeps_exactly_the_unbeaten_points():
+    df = pd.DataFrame({"memory": [1.0, 2.0, 2.0, 3.0, 0.5, 1.0], "top1": [0.5, 0.9, 0.8, 0.9, 0.1, 0.5]})
+    front = pareto_front(df, "memory", "top1", x_lower_is_better=True, y_lower_is_better=False)
+    assert list(zip(front.memory, front.top1)) == [(0.5, 0.1), (1.0, 0.5), (1.0, 0.5), (2.0, 0.9)]  # ties both kept
+    error = pareto_front(df.rename(columns={"top1": "error"}), "memory", "error", True, True)
+    assert list(zip(error.memory, error.error)) == [(0.5, 0.1)]
+    assert pareto_front(df.iloc[:0], "memory", "top1").empty
+
+
+def test_the_shipped_table_reads_cleanly_with_the_columns_the_app_uses(root):
+    df, problems = load_results(root / "cached_runs" / "results" / "sweeps.jsonl")
+    assert problems == []
+    assert set(df.network) <= {"stereo", "resnet20"} and df["id"].is_unique
+    for column in (*sweeps.AXES, "memory_ratio", "bops_ratio", "hardware_cost_ratio", "energy_ratio", "achieved_sparsity",
+                   "wall_s", "git_rev", "engine_ms", "version_torch", "headline", "loss_pt", "checkpoint"):
+        assert column in df.columns
+    r = df[df.network == "resnet20"].iloc[0]
+    assert math.isclose(r.loss_pt, 100 * (r.dense_top1 - r.top1))
+    s = df[df.network == "stereo"].iloc[0]
+    assert math.isclose(s.loss_pt, 100 * (s.bad3 - s.dense_bad3)) and s.headline == s.bad3
+    assert set(df[df.wbits.isna()].wbits_label) <= {"float"}
+    for path in df.checkpoint.dropna():  # checkpoints kept for fine-tuned points on the front only
+        assert df[df.checkpoint == path].finetune.iloc[0] != "none"
+
+
+def test_the_report_is_written_from_the_rows_and_says_which_claim_is_not_met(root, tmp_path):
+    table = tmp_path / "results.jsonl"
+    shutil.copyfile(root / "cached_runs" / "results" / "sweeps.jsonl", table)
+    with open(table, "a") as f:
+        f.write('{"network": "stereo", "crit')  # a torn last line: named on the page, the rest reported
+    page = tmp_path / "docs" / "results.md"
+    problems = write_report(table, page)
+    text = page.read_text()
+    df, _ = load_results(table)
+    assert len(problems) == 1 and "line" in problems[0] and "Problems reading the table" in text
+    assert f"({len(df)} configurations)" in text
+    for name in ("tradeoff-resnet20", "tradeoff-stereo", "criteria-resnet20", "pipelines-resnet20"):
+        png = tmp_path / "docs" / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(figures/{name}.png)" in text
+    head = df[(df.network == "stereo") & (df.pipeline == "prune-then-quantize") & df.criterion.str.startswith("taylor")
+              & (df.sparsity >= 0.95) & (df.wbits_label == "4") & (df.finetune != "none")]
+    met = head[(head.loss_pt <= 2) & (head.memory_ratio <= 0.02) & (head.bops_ratio <= 0.005)]
+    assert (f"**Met by {len(met)} of {len(head)} runs.**" if len(met) else "**Not met**") in text
+    best = head.loc[head.loss_pt.idxmin()]
+    assert f"{100 * best.bad3:.2f}%" in text  # the measured number itself
+    assert "python -m jpq_core sweep configs/resnet20-tradeoffs.toml" in text
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "t.jsonl")]) == 2
+    assert "no such grid file" in capsys.readouterr().err
+    assert main(["report", "--results", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "r.md")]) == 2
+    assert "no complete rows" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
