@@ -193,7 +193,7 @@ def cmd_sweep(args) -> int:
         raise JPQError("--workers must be 1 or more.")
     configs = sweeps.load_grid(args.grid)
     summary = sweeps.run_sweep(configs, table, workers=args.workers, ray_address=args.ray_address,
-                               grid=Path(args.grid).stem, progress=not args.quiet)
+                               grid=Path(args.grid).stem, progress=not args.quiet, engine=args.engine_latency)
     print(summary)
     print(f"results in {table}")
     return 1 if summary.failed else 0
@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="run on a Ray cluster: auto, HOST:PORT, or local (start one here)")
     p.add_argument("--out", help="results table (default cached_runs/results/sweeps.jsonl)")
     p.add_argument("--import-reports", metavar="FILE", help="add `compress --json` lines from FILE to the table")
+    p.add_argument("--engine-latency", action="store_true", help="also time each network on the sparse engine (engine_ms)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
 

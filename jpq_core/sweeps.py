@@ -132,14 +132,27 @@ def _network_and_task(network: str):
     return _loaded[network]
 
 
-def engine_latency_ms(net, task) -> float | None:
-    """Measured latency of the sparse integer engine on the task's example input, when the engine offers a
-    benchmark (`jpq_core.engine.benchmark`); None otherwise."""
+def engine_latency_ms(net, network: str, repeats: int = 3) -> float | None:
+    """Median milliseconds of the sparse integer engine (`jpq_core.engine`) on one input at the network's
+    evaluation size, after a warm-up run; None when the engine is missing or cannot lower this network
+    (e.g. float weights)."""
     try:
-        from jpq_core.engine import benchmark
+        from jpq_core.engine.bench import bench_inputs
+        from jpq_core.engine.program import compile_network
     except ImportError:
         return None
-    return float(benchmark(net, task.example_inputs())["engine_ms"])
+    try:
+        program = compile_network(net)
+    except JPQError:
+        return None
+    inputs = bench_inputs(network, 1)
+    program.run(*inputs)  # first call: kernels compile or load from numba's cache
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        program.run(*inputs)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def versions() -> dict:
@@ -169,10 +182,10 @@ def row_from_report(report: dict, wall_s: float) -> dict:
     return row
 
 
-def run_config(config: dict, keep_checkpoint: bool = False, threads: int = 1) -> dict:
+def run_config(config: dict, keep_checkpoint: bool = False, engine: bool = False, threads: int = 1) -> dict:
     """Compress with one configuration (a dict of `CompressionConfig` fields); returns the row, plus the
     compressed network's files as bytes under "_files" when `keep_checkpoint` (so that a Ray worker on
-    another machine can hand them to the driver)."""
+    another machine can hand them to the driver). `engine`: also time the engine (column engine_ms)."""
     import torch
 
     from jpq_core.pipeline import compress, save_compressed
@@ -184,7 +197,7 @@ def run_config(config: dict, keep_checkpoint: bool = False, threads: int = 1) ->
     net, report = compress(model, task, cfg)
     wall = time.time() - start
     row = row_from_report(report, wall)
-    row["engine_ms"] = engine_latency_ms(net, task)
+    row["engine_ms"] = engine_latency_ms(net, cfg.network) if engine else None
     row["versions"] = versions()
     if keep_checkpoint:
         with tempfile.TemporaryDirectory() as tmp:
@@ -393,19 +406,19 @@ class SweepSummary:
         return "\n".join(lines)
 
 
-def _pool_results(todo, workers: int, keep):
+def _pool_results(todo, workers: int, keep, engine: bool):
     """Yield (config, row or exception) as local worker processes finish them."""
     if workers == 1:  # no pool to start: the same function in this process
         for c in todo:
             try:
-                yield c, run_config(asdict(c), keep(c))
+                yield c, run_config(asdict(c), keep(c), engine)
             except Exception as exc:  # noqa: BLE001 - one failed configuration must not stop the sweep
                 yield c, exc
         return
     import multiprocessing
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {pool.submit(run_config, asdict(c), keep(c)): c for c in todo}
+        pending = {pool.submit(run_config, asdict(c), keep(c), engine): c for c in todo}
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -425,7 +438,7 @@ def ray_runtime_env() -> dict:
                                                    "__pycache__", ".hypothesis", ".pytest_cache", ".ruff_cache"]}
 
 
-def _ray_results(todo, address: str, keep):
+def _ray_results(todo, address: str, keep, engine: bool):
     """Yield (config, row or exception) as Ray tasks finish; rows come back to the driver, which writes them.
     `address` is "auto" (a running cluster), "local" (start one here) or HOST:PORT; an already initialised Ray
     (e.g. `ray.init(num_cpus=2, runtime_env=ray_runtime_env())`) is used as it is."""
@@ -434,7 +447,7 @@ def _ray_results(todo, address: str, keep):
     if not ray.is_initialized():
         ray.init(address=None if address == "local" else address, runtime_env=ray_runtime_env(), log_to_driver=False)
     remote = ray.remote(num_cpus=1, max_retries=1)(run_config)
-    pending = {remote.remote(asdict(c), keep(c)): c for c in todo}
+    pending = {remote.remote(asdict(c), keep(c), engine): c for c in todo}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -451,8 +464,10 @@ def _ray_results(todo, address: str, keep):
 
 def run_sweep(configs: list[CompressionConfig], path=RESULTS, workers: int | None = None,
               ray_address: str | None = None, grid: str = "", progress: bool = True,
-              save_front: bool = True) -> SweepSummary:
-    """Run every configuration not yet in the table at `path`, appending one row each as they finish."""
+              save_front: bool = True, engine: bool = False) -> SweepSummary:
+    """Run every configuration not yet in the table at `path`, appending one row each as they finish.
+    `engine`: time each compressed network on the sparse integer engine too (column engine_ms; timings
+    are only comparable between rows measured on the same, otherwise idle, machine)."""
     from tqdm import tqdm
 
     path = Path(path)
@@ -466,7 +481,8 @@ def run_sweep(configs: list[CompressionConfig], path=RESULTS, workers: int | Non
         keep = lambda c: save_front and c.finetune != "none"  # noqa: E731 - no-fine-tuning points rerun in seconds
         revision = git_revision()
         workers = workers or os.cpu_count() or 1
-        results = _ray_results(todo, ray_address, keep) if ray_address else _pool_results(todo, min(workers, max(1, len(todo))), keep)
+        results = (_ray_results(todo, ray_address, keep, engine) if ray_address
+                   else _pool_results(todo, min(workers, max(1, len(todo))), keep, engine))
         failed = []
         bar = tqdm(total=len(todo), desc=f"sweep {grid}".strip(), unit="run", disable=not progress or not todo)
         for config, result in results:
