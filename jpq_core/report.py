@@ -330,6 +330,31 @@ def _shown(path: Path, base: Path) -> str:
     return os.path.relpath(path, base) if ROOT in Path(path).resolve().parents else str(path)
 
 
+def grid_section(df: pd.DataFrame, folder: Path = ROOT / "configs") -> list[str]:
+    """The shipped grids: what each covers (its description) and how much of it is in the table."""
+    import tomllib
+
+    from jpq_core.sweeps import config_key, expand_grid
+
+    done = set(df["config"].map(config_key)) if "config" in df else set()
+    out = ["## The sweeps", "",
+           "The whole product of criteria, sparsities, bit widths and pipelines with fine-tuning does not fit this "
+           "machine's CPU (a fine-tuned stereo configuration takes about 7 minutes on one core), so the shipped grids "
+           "cover every axis in parts: broad grids without fine-tuning (seconds per configuration) for the trade-off "
+           "curves, and fine-tuned subsets for the claims. Rows measured earlier by the older claims set were imported "
+           "into the table, not re-run. A grid that is not complete finishes when its sweep command is run again.", "",
+           "| grid | what it covers | configurations done |", "| --- | --- | --- |"]
+    for path in sorted(folder.glob("*.toml")):
+        if path.stem == "smoke":
+            continue
+        spec = tomllib.loads(path.read_text())
+        configs = expand_grid(spec, str(path))
+        n_done = sum(config_key(c) in done for c in configs)
+        about = " ".join(spec.get("description", "").split())
+        out.append(f"| `configs/{path.name}` | {about} | {n_done} of {len(configs)} |")
+    return out + [""]
+
+
 def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str], results_path: Path, page: Path) -> str:
     rel = lambda p: os.path.relpath(p, Path(page).parent)  # noqa: E731
     counts = df.groupby(["network", "grid"]).size()
@@ -343,12 +368,15 @@ def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str]
            "alone do.", "",
            "| network | grid | configurations |", "| --- | --- | --- |"]
     out += [f"| {n} | {g} | {c} |" for (n, g), c in counts.items()] + [""]
+    out += grid_section(df)
     if problems:
         out += ["Problems reading the table (those lines are left out):", ""] + [f"- {p}" for p in problems] + [""]
     if df["engine_ms"].notna().any() if "engine_ms" in df else False:
         out += [f"Engine latency measured for {int(df['engine_ms'].notna().sum())} rows (column `engine_ms`).", ""]
     else:
-        out += ["The `engine_ms` column is empty: no sparse integer engine benchmark was available when these rows ran.", ""]
+        out += ["The `engine_ms` column is empty: engine latency is opt-in (`python -m jpq_core sweep GRID --engine-latency`) "
+                "and the shipped grids ran without it, on a CPU shared with other jobs where latencies are not comparable "
+                "between rows; the engine's own benchmark measures speed.", ""]
 
     out += ["## Stereo headline (issue 3's target)", "", *headline_claim(df), ""]
     out += ["## Memory and hardware cost cut, at which accuracy loss", ""]
