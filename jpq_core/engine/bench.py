@@ -131,7 +131,7 @@ def crossover(results: list[dict], wbits: int) -> float | None:
 
 def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch: int = 1, threads: int = 1,
               repeats: int = 5, torch_sparse: bool = True, height: int | None = None, width: int | None = None,
-              checkpoint=None, progress=None) -> dict:
+              checkpoint=None, first_call: bool = True, progress=None) -> dict:
     """Latency table of dense PyTorch, PyTorch sparse and the engine (see the module docstring)."""
     from jpq_core.models import load_network
     from jpq_core.tasks import make_task
@@ -173,7 +173,7 @@ def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch
                 progress(row)
     return {"network": network, "threads": threads, "batch": batch, "input": [list(x.shape) for x in inputs],
             "repeats": repeats, "results": results, "crossover": {str(b): crossover(results, b) for b in wbits},
-            "first_call_s": first_call_seconds(network, threads)}
+            "first_call_s": first_call_seconds(network, threads) if first_call else None}
 
 
 _FIRST_CALL = """

@@ -25,16 +25,36 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(inline="always")
+def _store(v, mode, scale, zero, qmax):
+    """mode 0: v; 1: fake-quantized s * (clamp(round(v / s) + z, 0, qmax) - z); 2: q = clamp(round(v / s) + z, 0, qmax)."""
+    if mode == 0:
+        return v
+    q = min(max(np.round(v / scale) + zero, np.float32(0.0)), qmax)
+    if mode == 1:
+        return scale * (q - zero)
+    return q
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope,
-                out, rowstride, rows_per_tile, acc_buf):
-    """out[n, c, oy, ox] = epilogue(sum_k val[k] * inp[n * in_sample + off[k] + oy * rowstride + ox])."""
-    n_batch, c_out, out_h, out_w = out.shape
+                n_batch, out_h, out_w, rowstride, rows_per_tile, acc_buf,
+                dest, c0, pad, mode, scale, zero, qmax):
+    """y[n, c, oy, ox] = act((acc - corr[c]) * mul[c] + bias[c] + res_scale * res[n, c, oy, ox]),
+    acc = sum_k val[k] * inp[n * in_sample + off[k] + oy * rowstride + ox], act(y) = y if y > 0 else slope * y.
+
+    y is stored (`_store` with mode, scale, zero, qmax) into dest (N, S, C_total, H_pad, W_phase) at channel
+    c0 + c, row oy + pad, column ox + pad split into S phases: either a plain float output (S = 1, pad 0)
+    or directly the padded, quantized input of the one convolution that consumes it.
+    """
+    c_out = ptr.shape[0] - 1
+    stride = dest.shape[1]
     total_rows = n_batch * out_h
     tiles = (total_rows + rows_per_tile - 1) // rows_per_tile
     w = np.uint64(out_w)
     for t in prange(tiles):
-        acc = acc_buf[t % acc_buf.shape[0]]
+        acc = acc_buf[t]
+        y = np.empty(out_w, np.float32)
         r0 = t * rows_per_tile
         r1 = min(r0 + rows_per_tile, total_rows)
         for c in range(c_out):
@@ -68,28 +88,43 @@ def sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, 
                     for x in range(w):
                         acc[x] += v0 * inp[o0 + x]
                     k += np.uint64(1)
+                for x in range(w):
+                    y[x] = np.float32(acc[x] - cr) * m + b
                 if has_res:
-                    for x in range(out_w):
-                        y = np.float32(acc[x] - cr) * m + b + res_scale * res[n, c, oy, x]
-                        out[n, c, oy, x] = y if y > 0 else y * slope
+                    rrow = res[n, c, oy]
+                    for x in range(w):
+                        y[x] += res_scale * rrow[x]
+                for x in range(w):
+                    y[x] = y[x] if y[x] > 0 else y[x] * slope
+                if stride == 1:
+                    drow = dest[n, 0, c0 + c, oy + pad]
+                    shift = np.uint64(pad)
+                    if mode == 2:  # branches outside the loops, so that each loop vectorises
+                        for x in range(w):
+                            drow[shift + x] = min(max(np.round(y[x] / scale) + zero, np.float32(0.0)), qmax)
+                    elif mode == 1:
+                        for x in range(w):
+                            drow[shift + x] = _store(y[x], 1, scale, zero, qmax)
+                    else:
+                        for x in range(w):
+                            drow[shift + x] = y[x]
                 else:
                     for x in range(out_w):
-                        y = np.float32(acc[x] - cr) * m + b
-                        out[n, c, oy, x] = y if y > 0 else y * slope
+                        col = x + pad
+                        dest[n, col % stride, c0 + c, oy + pad, col // stride] = _store(y[x], mode, scale, zero, qmax)
 
 
 @njit(parallel=True, cache=True)
 def pad_input(x, out, c0, pad, mode, scale, zero, qmax):
-    """Write x (N, C, H, W) float32 into channels c0.. of out (N, S, C_total, H_pad, W_phase): zero-padded
-    by `pad`, column phase p of stride S at out[:, p]. mode 0 copies, 1 fake-quantizes
-    (s * (clamp(round(x / s) + z, 0, qmax) - z), float out), 2 quantizes (q = clamp(round(x / s) + z, 0, qmax),
-    uint8 out, padded with z: the integer that stands for 0.0)."""
+    """Write x (N, C, H, W) float32 into channels c0.. of out (N, S, C_total, H_pad, W_phase): padded by
+    `pad`, column phase p of stride S at out[:, p], each value through `_store(mode)`. The padding holds
+    what 0.0 stores as: z for quantized (uint8) inputs, 0 otherwise. The producer of an input that has
+    one consumer writes it this way itself (sparse_conv's dest); this is for the others."""
     n_batch, c_in, h, w = x.shape
     stride = out.shape[1]
     hp, wq = out.shape[3], out.shape[4]
-    padval = zero if mode == 2 else np.float32(0.0)
-    planes = n_batch * stride * c_in
-    for job in prange(planes):
+    padval = _store(np.float32(0.0), mode, scale, zero, qmax)
+    for job in prange(n_batch * stride * c_in):
         n = job // (stride * c_in)
         ph = (job // c_in) % stride
         c = job % c_in
@@ -108,16 +143,20 @@ def pad_input(x, out, c0, pad, mode, scale, zero, qmax):
             for j in range(j_hi, wq):
                 plane[r, j] = padval
             src = x[n, c, y]
-            for j in range(j_lo, j_hi):
-                v = src[j * stride + ph - pad]
-                if mode == 0:
-                    plane[r, j] = v
-                else:
-                    q = min(max(np.round(v / scale) + zero, np.float32(0.0)), qmax)
-                    if mode == 1:
-                        plane[r, j] = scale * (q - zero)
-                    else:
-                        plane[r, j] = q
+            row = plane[r]
+            if stride == 1 and mode == 2:  # the common case, written out so that it vectorises
+                shift = np.uint64(pad)
+                for j in range(np.uint64(w)):
+                    row[j + shift] = min(max(np.round(src[j] / scale) + zero, np.float32(0.0)), qmax)
+            elif stride == 1:
+                shift = np.uint64(pad)
+                for j in range(np.uint64(w)):
+                    row[j + shift] = _store(src[j], mode, scale, zero, qmax)
+            else:
+                first = np.uint64(j_lo * stride + ph - pad)
+                step = np.uint64(stride)
+                for j in range(np.uint64(j_lo), np.uint64(j_hi)):
+                    row[j] = _store(src[first + (j - np.uint64(j_lo)) * step], mode, scale, zero, qmax)
 
 
 @njit(parallel=True, cache=True)
@@ -145,11 +184,12 @@ def correlation(left, right, shifts, out):
         acc = np.zeros(w, np.float32)
         for d in range(shifts):
             acc[:] = 0.0
+            shift = np.uint64(d)
             for c in range(c_in):
                 lrow = left[n, c, y]
                 rrow = right[n, c, y]
-                for x in range(d, w):
-                    acc[x] += lrow[x] * rrow[x - d]
+                for x in range(np.uint64(w - d)):  # unsigned: lets numba vectorise
+                    acc[x + shift] += lrow[x + shift] * rrow[x]
             for x in range(w):
                 out[n, d, y, x] = acc[x] / inv if x >= d else np.float32(0.0)
 

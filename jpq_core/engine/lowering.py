@@ -238,6 +238,41 @@ class Lowering:
         return self.glue("upsample", "channel", [full], index=0)
 
 
+def fuse(ops: list, output: int) -> None:
+    """Let a conv whose output has exactly one use, as (part of) another conv's input, write that conv's
+    padded, quantized input buffer directly: no float tensor and no separate padding pass in between."""
+    uses = {output: 1}
+    for op in ops:
+        for slot in op.inputs + ([op.residual] if isinstance(op, Conv) and op.residual is not None else []):
+            uses[slot] = uses.get(slot, 0) + 1
+    producers = {op.output: op for op in ops if isinstance(op, Conv) and not op.linear}
+    for index, consumer in enumerate(ops):
+        if not isinstance(consumer, Conv) or consumer.linear:
+            continue
+        channels = [producers[s].shape[0] if s in producers else None for s in consumer.inputs]
+        total = consumer.groups * consumer.shape[1]
+        for i, slot in enumerate(consumer.inputs):
+            if slot not in producers or uses[slot] != 1:
+                continue
+            before, after = channels[:i], channels[i + 1:]
+            if None not in before:
+                c0 = sum(before)
+            elif None not in after:
+                c0 = total - channels[i] - sum(after)
+            else:
+                continue
+            producers[slot].target = [index, c0]
+            consumer.fused = consumer.fused or [0] * len(consumer.inputs)
+            consumer.fused[i] = channels[i]
+
+
+def link(ops: list) -> None:
+    """Resolve each conv's `target` to the op object (after lowering or loading)."""
+    for op in ops:
+        if isinstance(op, Conv) and op.target is not None:
+            op.consumer = ops[op.target[0]]
+
+
 def lower(model: nn.Module):
     """(ops, number of inputs, output slot, number of slots) of `model` in eval mode."""
     if model.training:
@@ -245,4 +280,6 @@ def lower(model: nn.Module):
     lowering = Lowering(model)
     with torch.no_grad():
         n_inputs, output = lowering.network(model)
+    fuse(lowering.ops, output)
+    link(lowering.ops)
     return lowering.ops, n_inputs, output, lowering.slots

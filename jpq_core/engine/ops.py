@@ -7,6 +7,7 @@ itself as JSON plus named arrays (`describe`, `arrays`), which is all a program 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -51,14 +52,17 @@ class Conv:
     residual: int | None = None
     res_scale: float = 1.0
     slope: float = 1.0  # 1 = no activation, 0 = ReLU, else LeakyReLU
+    target: list | None = None  # [op index, channel offset]: write straight into that conv's padded input
+    fused: list | None = None  # per input: its channels if its producer writes it here directly, else 0
     kind = "conv"
+    consumer: "Conv | None" = field(default=None, repr=False)
     _csr: tuple | None = field(default=None, repr=False)
     _geometry: dict = field(default_factory=dict, repr=False)
 
     # --- storage -------------------------------------------------------------------------------------
     def describe(self) -> dict:
         keys = ("name", "inputs", "output", "shape", "stride", "padding", "dilation", "groups", "linear", "integer",
-                "bits", "encoding", "entries", "act", "residual", "res_scale", "slope")
+                "bits", "encoding", "entries", "act", "residual", "res_scale", "slope", "target", "fused")
         return {"kind": self.kind, **{k: getattr(self, k) for k in keys}}
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -113,36 +117,85 @@ class Conv:
                                           in_sample=s * c_total * hp * wq, rowstride=s * wq, c_total=c_total)
         return self._geometry[(h, w)]
 
-    def run(self, env: list) -> None:
-        xs = [env[i] for i in self.inputs]
+    def accumulators(self, x) -> np.ndarray:
+        """The integer accumulators sum_k k_w * (q_a - z_a) of this layer for the float input x (N, C, H, W):
+        the layer run with mul = 1, bias = 0 and nothing fused (exact while |sum| < 2^24, float32 output)."""
+        if not self.integer:
+            raise JPQError(f"layer {self.name!r} runs on the float path; it has no integer accumulators.")
+        ptr, ci, ky, kx, val, corr, mul = self._kernel_weights()
+        plain = copy.copy(self)
+        plain._csr = (ptr, ci, ky, kx, val, corr, np.ones_like(mul))
+        plain.bias = np.zeros_like(self.bias)
+        plain.inputs, plain.output, plain.residual, plain.slope = [0], 1, None, 1.0
+        plain.target, plain.fused, plain.consumer = None, None, None
+        env = [np.ascontiguousarray(x, np.float32), None]
+        plain.run(env, {})
+        return np.rint(env[1]).astype(np.int64)
+
+    def store_params(self):
+        """(mode, scale, zero, qmax) of how this layer's input is stored: 0 copy, 1 fake-quantize, 2 quantize."""
+        if self.act is None:
+            return 0, np.float32(1), np.float32(0), np.float32(0)
+        a = self.act
+        return 2 if self.integer else 1, np.float32(a["scale"]), np.float32(a["zero"]), np.float32(2 ** a["bits"] - 1)
+
+    def input_buffer(self, buffers: dict, n: int, h: int, w: int) -> np.ndarray:
+        """This layer's padded, phase-split (quantized) input for this run, created on first request and
+        filled with the padding value (what 0.0 stores as)."""
+        if id(self) not in buffers:
+            g = self.geometry(h, w)
+            mode, scale, zero, _ = self.store_params()
+            pad = zero if mode == 2 else 0
+            shape = (n, self.stride, g["c_total"], g["hp"], g["wq"])
+            buffers[id(self)] = (np.full(shape, pad, np.uint8 if self.integer else np.float32), h, w)
+        return buffers[id(self)][0]
+
+    def run(self, env: list, buffers: dict) -> None:
+        fused = self.fused or [0] * len(self.inputs)
+        xs = [env[i] for i, f in zip(self.inputs, fused) if not f]
         if self.linear:
             xs = [x.reshape(x.shape[0], -1, 1, 1) for x in xs]
-        n, _, h, w = xs[0].shape
-        if sum(x.shape[1] for x in xs) != self.groups * self.shape[1]:
+        if xs:
+            n, _, h, w = xs[0].shape
+        else:
+            buf, h, w = buffers[id(self)]
+            n = buf.shape[0]
+        if sum(x.shape[1] for x in xs) + sum(fused) != self.groups * self.shape[1]:
             raise JPQError(f"layer {self.name!r} expects {self.groups * self.shape[1]} input channels, "
-                           f"got {sum(x.shape[1] for x in xs)}.")
+                           f"got {sum(x.shape[1] for x in xs) + sum(fused)}.")
         g = self.geometry(h, w)
-        ptr, _, _, _, val, corr, mul = self._kernel_weights()
-        buf = np.empty((n, self.stride, g["c_total"], g["hp"], g["wq"]), np.uint8 if self.integer else np.float32)
-        mode, scale, zero, qmax = 0, np.float32(1), np.float32(0), np.float32(0)
-        if self.act is not None:
-            mode = 2 if self.integer else 1
-            scale, zero, qmax = np.float32(self.act["scale"]), np.float32(self.act["zero"]), np.float32(2 ** self.act["bits"] - 1)
+        buf = self.input_buffer(buffers, n, h, w)
+        mode, scale, zero, qmax = self.store_params()
         c0 = 0
-        for x in xs:
-            kernels.pad_input(np.ascontiguousarray(x, np.float32), buf, c0, self.padding, mode, scale, zero, qmax)
-            c0 += x.shape[1]
-        out = np.empty((n, self.shape[0], g["out_h"], g["out_w"]), np.float32)
-        res = env[self.residual] if self.residual is not None else out
+        for i, f in zip(self.inputs, fused):
+            x = env[i]
+            if not f:
+                x = x.reshape(n, -1, 1, 1) if self.linear else x
+                kernels.pad_input(np.ascontiguousarray(x, np.float32), buf, c0, self.padding, mode, scale, zero, qmax)
+            c0 += f or x.shape[1]
+        co, out_h, out_w = self.shape[0], g["out_h"], g["out_w"]
+        if self.consumer is not None:
+            dest = self.consumer.input_buffer(buffers, n, out_h, out_w)
+            c_dest, pad = self.target[1], self.consumer.padding
+            d_mode, d_scale, d_zero, d_qmax = self.consumer.store_params()
+            out = None
+        else:
+            out = np.empty((n, co, out_h, out_w), np.float32)
+            dest, c_dest, pad = out.reshape(n, 1, co, out_h, out_w), 0, 0
+            d_mode, d_scale, d_zero, d_qmax = 0, np.float32(1), np.float32(0), np.float32(0)
+        res = env[self.residual] if self.residual is not None else np.zeros((1, 1, 1, 1), np.float32)
         if self.linear and self.residual is not None:
-            res = res.reshape(out.shape)
-        rows = n * g["out_h"]
+            res = res.reshape(n, co, 1, 1)
+        ptr, _, _, _, val, corr, mul = self._kernel_weights()
+        rows = n * out_h
         per_tile = int(min(4, max(1, rows // (4 * numba.get_num_threads()))))
-        acc = np.empty((math.ceil(rows / per_tile), g["out_w"]), np.int32 if self.integer else np.float32)
+        acc = np.empty((math.ceil(rows / per_tile), out_w), np.int32 if self.integer else np.float32)
         kernels.sparse_conv(buf.reshape(-1), np.uint64(g["in_sample"]), ptr, g["off"], val, corr, mul, self.bias,
                             res, np.float32(self.res_scale), self.residual is not None, np.float32(self.slope),
-                            out, np.uint64(g["rowstride"]), per_tile, acc)
-        env[self.output] = out.reshape(n, -1) if self.linear else out
+                            n, out_h, out_w, np.uint64(g["rowstride"]), per_tile, acc,
+                            dest, c_dest, pad, d_mode, d_scale, d_zero, d_qmax)
+        if out is not None:
+            env[self.output] = out.reshape(n, -1) if self.linear else out
 
 
 @dataclass
@@ -165,7 +218,7 @@ class Glue:
 
     nbytes = 0
 
-    def run(self, env: list) -> None:
+    def run(self, env: list, buffers: dict) -> None:
         env[self.output] = GLUE[self.op]([env[i] for i in self.inputs], **self.params)
 
 

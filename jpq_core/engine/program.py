@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from jpq_core.checkpoints import atomic_write
-from jpq_core.engine.lowering import lower
+from jpq_core.engine.lowering import link, lower
 from jpq_core.engine.ops import Conv, op_from
 from jpq_core.errors import JPQError
 
@@ -47,8 +47,9 @@ class Program:
         """The network's output for `inputs` (N x C x H x W each), as a float32 numpy array."""
         env = [None] * self.slots
         env[:self.n_inputs] = self._inputs(inputs)
+        buffers = {}
         for op in self.ops:
-            op.run(env)
+            op.run(env, buffers)
         return env[self.output]
 
     def profile(self, *inputs, repeats: int = 1) -> dict[str, float]:
@@ -57,10 +58,10 @@ class Program:
         for _ in range(repeats):
             env = [None] * self.slots
             env[:self.n_inputs] = self._inputs(inputs)
-            run = defaultdict(float)
+            run, buffers = defaultdict(float), {}
             for op in self.ops:
                 start = time.perf_counter()
-                op.run(env)
+                op.run(env, buffers)
                 run[op.name] += (time.perf_counter() - start) * 1e3
             for k, v in run.items():
                 times[k].append(v)
@@ -118,6 +119,7 @@ def load_program(path) -> Program:
     for i, d in enumerate(header["ops"]):
         mine = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.split(".", 1)[0] == str(i)}
         ops.append(op_from(d, mine))
+    link(ops)
     return Program(ops, header["n_inputs"], header["output"], header["slots"], header.get("info"))
 
 

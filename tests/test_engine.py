@@ -1,0 +1,217 @@
+"""The sparse integer engine against the PyTorch fake-quantized reference of the same compressed network."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jpq_core.costs import csr_bits
+from jpq_core.engine import packing
+from jpq_core.engine.bench import magnitude_compressed
+from jpq_core.engine.program import compile_network, load_program, memory_report
+from jpq_core.errors import JPQError
+from jpq_core.pipeline import add_activation_quantizers, attach
+from jpq_core.quantization import uniform_params
+
+torch.set_num_threads(1)
+
+
+def compressed_layer(seed, c_in, c_out, k, stride, padding, dilation, groups, sparsity, wbits, abits, relu=True):
+    """Conv -> BN -> ReLU with a random mask, quantized weights and a calibrated input quantizer."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, k, stride, padding, dilation, groups, bias=False)
+    bn = nn.BatchNorm2d(c_out)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.2, 0.2)
+    model = nn.Sequential(conv, bn, nn.ReLU()) if relu else nn.Sequential(conv, bn)
+    mask = torch.rand_like(conv.weight) >= sparsity
+    attach(model, {"0": mask}, wbits)
+    x = torch.randn(2, c_in, 9, 11) * 2 + 0.5
+    if abits is not None:
+        add_activation_quantizers(model, abits)
+        model.eval()
+        model(x)  # calibration batch
+        model[0].input_quantizer.finish_calibration()
+    return model.eval(), x
+
+
+@torch.no_grad()
+def reference_accumulators(layer, x):
+    """sum k_w * (q_a - z_a) computed in float64 by PyTorch from the layer's own quantizers."""
+    aq = layer.input_quantizer
+    s_a, z_a, _, qmax = uniform_params(torch.stack([aq.lo, aq.hi]), aq.bits, False, False)
+    q = torch.clamp(torch.round(x / s_a) + z_a, 0, qmax) - z_a
+    w = layer.weight.detach()
+    t = layer.parametrizations.weight[0]
+    if t.bits in (1, 2):
+        s_w = w.abs().flatten(1).amax(1)
+    else:
+        s_w = uniform_params(layer.parametrizations.weight.original * t.mask, t.bits, True, True)[0].flatten()
+    k = torch.round(w / torch.where(s_w > 0, s_w, torch.ones_like(s_w)).view(-1, 1, 1, 1))
+    return torch.nn.functional.conv2d(q.double(), k.double(), None, layer.stride, layer.padding, layer.dilation,
+                                      layer.groups).numpy()
+
+
+layer_shapes = st.fixed_dictionaries({
+    "seed": st.integers(0, 10_000), "c_in": st.sampled_from([2, 4, 6]), "c_out": st.sampled_from([2, 4, 8]),
+    "k": st.sampled_from([1, 3]), "stride": st.sampled_from([1, 2]), "padding": st.integers(0, 2),
+    "dilation": st.sampled_from([1, 2]), "groups": st.sampled_from([1, 2]),
+    "sparsity": st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+})
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=layer_shapes, wbits=st.sampled_from([1, 2, 3, 4, 8]), abits=st.sampled_from([4, 8]))
+def test_integer_layer_matches_reference(shape, wbits, abits):
+    model, x = compressed_layer(**shape, wbits=wbits, abits=abits)
+    program = compile_network(model)
+    layer = program.layers[0]
+    assert layer.integer
+    # integer accumulators: exactly the reference's sum of k_w * (q_a - z_a)
+    np.testing.assert_array_equal(layer.accumulators(x.numpy()), reference_accumulators(model[0], x))
+    # outputs (BN folded, ReLU fused): float32 rounding apart, far below one accumulator step mul[c]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = program.run(x)
+    step = layer._kernel_weights()[-1].reshape(1, -1, 1, 1)
+    assert np.all(np.abs(out - ref) <= 1e-5 * np.abs(ref).max() + 1e-6)
+    assert np.all(np.abs(out - ref) < step)
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=layer_shapes, bits=st.sampled_from([(None, None), (8, None), (None, 8), (16, 8), (8, 12)]))
+def test_float_layer_matches_reference(shape, bits):
+    wbits, abits = bits
+    model, x = compressed_layer(**shape, wbits=wbits, abits=abits, relu=False)
+    program = compile_network(model)
+    assert not program.layers[0].integer
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(program.run(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([1, 2, 3, 4, 8, 32]), density=st.floats(0, 1), size=st.integers(1, 300),
+       seed=st.integers(0, 10_000))
+def test_packing_round_trip_and_cost_model_sizes(bits, density, size, seed):
+    rng = np.random.default_rng(seed)
+    if bits == 32:
+        values = rng.standard_normal(size).astype(np.float32)
+    else:
+        top = 1 if bits <= 2 else 2 ** (bits - 1) - 1
+        values = rng.choice([v for v in range(-top, top + 1) if v], size)
+    values = values * (rng.random(size) < density)
+    encoding, packed, index, entries = packing.encode(values, bits)
+    positions, kept = packing.decode(encoding, packed, index, bits, size, entries)
+    out = np.zeros(size, values.dtype)
+    out[positions] = kept
+    np.testing.assert_array_equal(out, values)
+    sizes = packing.encoding_sizes(values, bits)
+    assert packed.nbytes + index.nbytes == sum(-(-b // 8) for b in _stream_bits(encoding, bits, size, entries))
+    if "csr" in sizes and bits != 1:  # the cost model's relative-index CSR, to the bit
+        assert sizes["csr"] == csr_bits(torch.from_numpy(values != 0), bits)
+    if bits == 4:
+        assert packed.nbytes == -(-entries // 2)  # two 4-bit values per byte
+
+
+def _stream_bits(encoding, bits, size, entries):
+    return {"dense": [size * bits, 0], "bitmask": [entries * bits, size], "csr": [entries * bits, entries * 4]}[encoding]
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    from jpq_core.models import load_network
+    from jpq_core.tasks import make_task
+
+    task = make_task("resnet20")
+    return load_network("resnet20"), task
+
+
+def test_whole_resnet20_matches_reference(resnet, tmp_path):
+    model, task = resnet
+    net = magnitude_compressed(model, task, 0.9, 4, calibration_batches=2)
+    x = task.test_x[:32]
+    program = compile_network(net, (x[:1],))
+    assert all(layer.integer for layer in program.layers)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    out = program.run(x)
+    # Float rounding can move an activation across a rounding boundary: one step there, small downstream.
+    assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max()
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.95
+    # save / load: one file, identical outputs, its arrays are the packed bytes
+    path = program.save(tmp_path / "resnet20.jpqe")
+    loaded = load_program(path)
+    np.testing.assert_array_equal(loaded.run(x), out)
+    assert loaded.nbytes == program.nbytes < path.stat().st_size
+    # memory: the cost model's weight bits plus the folded batch-norm biases (32 bits per channel), which
+    # the cost model does not count, and byte rounding of each stream (at most 2 bytes per layer)
+    report = memory_report(program)
+    channels = sum(layer.shape[0] for layer in program.layers if layer.name != "fc")
+    extra = report["program_bytes"] - report["cost_model_bytes"]
+    assert 0 <= extra - 4 * channels <= 2 * len(program.layers)
+
+
+def test_plain_resnet20_runs_on_the_float_path(resnet):
+    model, task = resnet
+    program = compile_network(model)
+    x = task.test_x[:4]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert not any(layer.integer for layer in program.layers)
+    np.testing.assert_allclose(program.run(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_whole_stereo_net_matches_reference():
+    from jpq_core.models import load_network
+    from jpq_core.tasks import make_task
+
+    net = magnitude_compressed(load_network("stereo"), make_task("stereo"), 0.9, 8, calibration_batches=1)
+    g = torch.Generator().manual_seed(0)
+    left, right = torch.rand(1, 3, 60, 125, generator=g), torch.rand(1, 3, 60, 125, generator=g)
+    with torch.no_grad():
+        ref = net(left, right).numpy()
+    out = compile_network(net).run(left, right)
+    assert out.shape == ref.shape == (1, 60, 125)
+    diff = np.abs(out - ref)
+    assert diff.mean() < 0.02 and np.quantile(diff, 0.99) < 0.25  # pixels of disparity
+
+
+def test_unsupported_op_names_the_layer():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU()).eval()
+    with pytest.raises(JPQError, match=r"'1' \(GELU\)"):
+        compile_network(model)
+    reflect = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")).eval()
+    with pytest.raises(JPQError, match="'0'.*padding_mode"):
+        compile_network(reflect)
+
+
+def test_program_file_errors(tmp_path):
+    with pytest.raises(JPQError, match="no such program"):
+        load_program(tmp_path / "missing.jpqe")
+    bad = tmp_path / "bad.jpqe"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(JPQError, match="not a readable program"):
+        load_program(bad)
+
+
+def test_cli_bench_engine(capsys):
+    from jpq_core.cli import main
+
+    code = main(["bench", "engine", "--network", "resnet20", "--sparsities", "0.9", "--wbits", "8", "--repeats", "1",
+                 "--no-torch-sparse", "--no-first-call", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["network"] == "resnet20" and result["threads"] == 1
+    row = result["results"][0]
+    assert row["sparsity"] == 0.9 and row["wbits"] == 8
+    assert row["speedup"] == pytest.approx(row["dense_ms"] / row["engine_ms"])
+    assert "stage1.0.conv1" in row["layers_ms"]
+    assert main(["bench", "engine", "--network", "resnet20", "--threads", "0"]) == 2
+    assert "threads" in capsys.readouterr().err
