@@ -209,6 +209,30 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def cmd_bench(args) -> int:
+    from jpq_core.engine.bench import benchmark
+    from jpq_core.pruning import check_sparsity
+
+    for s in args.sparsities:
+        check_sparsity(s)
+    result = benchmark(args.network, args.sparsities, [_bits(b) for b in args.wbits.split(",")], batch=args.batch,
+                       threads=args.threads, repeats=args.repeats, torch_sparse=not args.no_torch_sparse,
+                       height=args.height, width=args.width, checkpoint=args.checkpoint,
+                       first_call=not args.no_first_call,
+                       progress=None if args.json else lambda r: print(
+                           f"sparsity {r['sparsity']:.3f} w{r['wbits']}: dense {r['dense_ms']:.1f} ms, "
+                           f"engine {r['engine_ms']:.1f} ms ({r['speedup']:.1f}x)", file=sys.stderr))
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jpq_core", description="JPQ Explorer: joint pruning and quantization.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -286,6 +310,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baselines", help="OpenCV StereoSGBM and StereoBM on the same data and metrics")
     add_data_args(p, "middlebury")
     p.set_defaults(func=cmd_baselines)
+
+    p = sub.add_parser("bench", help="latency of the sparse integer engine against dense and sparse PyTorch")
+    p.add_argument("target", choices=["engine"])
+    p.add_argument("--network", default="stereo", help="stereo, resnet20 or resnet18")
+    p.add_argument("--checkpoint", help="your own weights instead of the shipped ones")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="threads for PyTorch and the engine alike (default 1)")
+    p.add_argument("--sparsities", type=_floats, default=[0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995])
+    p.add_argument("--wbits", default="8,4", help="weight bit widths, comma-separated (default 8,4)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed runs per configuration (median)")
+    p.add_argument("--height", type=int, help="input height (default: Middlebury 500 for stereo, 32 for classifiers)")
+    p.add_argument("--width", type=int, help="input width (default: 741 for stereo, 32 for classifiers)")
+    p.add_argument("--no-torch-sparse", action="store_true", help="skip PyTorch's sparse path (slow at full size)")
+    p.add_argument("--no-first-call", action="store_true", help="skip timing the first call in a new process")
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
