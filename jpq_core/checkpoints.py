@@ -11,10 +11,12 @@ renamed into place, so an interrupted save never leaves a half-written checkpoin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import platform
+import re
 import tempfile
 import warnings
 import zipfile
@@ -36,28 +38,67 @@ def library_versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path to `path`; on any error the old file stays."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _save_failed(path: Path, exc: OSError) -> JPQError:
+    """A failed save, told in words: what happened, that the old file is kept, and what to do."""
+    if exc.errno == errno.ENOSPC:
+        why, todo = "the disk is full", "free some space and save again"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why, todo = "the folder is read-only or not yours to write", "choose a writable folder or fix its permissions"
+    else:
+        why, todo = exc.strerror or str(exc), "check the folder and save again"
+    return JPQError(f"{path}: could not save ({why}); the previous file, if any, is unchanged. Please {todo}.")
+
+
+def _as_os_error(exc: Exception) -> OSError | None:
+    """The operating-system error behind `exc`; safetensors wraps it as "I/O error: ... (os error 28)"."""
+    if isinstance(exc, OSError):
+        return exc
+    code = re.search(r"os error (\d+)", str(exc))
+    return OSError(int(code[1]), os.strerror(int(code[1]))) if code else None
+
+
+def atomic_write_all(writes: dict) -> None:
+    """For {path: write}: call every write(tmp_path), then rename every temporary file into place.
+
+    Nothing is renamed until every write has succeeded, so a full disk or a crash while writing leaves all
+    previous files as they were, and no temporary file is left behind. Renames within a folder are atomic
+    (POSIX rename), so a reader sees the old file or the new one, never a part.
+    """
+    temps: dict[Path, str] = {}
+    current = None
     try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; saved results are for everyone who runs the app
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for path, write in writes.items():
+            current = path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            write(temps[path])
+            os.chmod(temps[path], 0o644)  # mkstemp makes the file private; saved results are for everyone who runs the app
+        for path, tmp in temps.items():
+            current = path
+            os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        cause = _as_os_error(exc)
+        if cause is None:
+            raise
+        raise _save_failed(current, cause) from exc
+    finally:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)  # only those not renamed still exist
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path to `path`; on any error the old file stays (see atomic_write_all)."""
+    atomic_write_all({path: write})
 
 
 def save_checkpoint(model: torch.nn.Module, path: Path, sidecar: dict) -> None:
     """Write the weights as safetensors and `sidecar` (plus library versions) as JSON beside them."""
     path = Path(path).with_suffix(".safetensors")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp))
     meta = dict(sidecar, versions=library_versions())
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_all({path: lambda tmp: save_file(state, tmp),  # both or neither: weights never meet a stale sidecar
+                      path.with_suffix(".json"): lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")})
 
 
 def read_sidecar(path: Path) -> dict:

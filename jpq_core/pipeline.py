@@ -77,6 +77,10 @@ class CompressionConfig:
             raise JPQError(f"unknown fine-tuning mode {self.finetune!r}; choose one of: {', '.join(FINETUNE_MODES)}.")
         if self.steps < 0:
             raise JPQError("steps must be 0 or more.")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise JPQError(f"the learning rate must be a positive number, got {self.lr!r}; leave it out for the task's default.")
+        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+            raise JPQError(f"calibration batches must be a whole number >= 1, got {self.calibration_batches!r}.")
         if self.schedule not in SCHEDULES:
             raise JPQError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
         self.layer_wbits = {k: check_bits(v) for k, v in self.layer_wbits.items()}
@@ -211,6 +215,9 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
             loss = task.distill_loss(model, target, batch)
         else:
             loss = task.loss(model, batch)
+        if not torch.isfinite(loss):  # Adam would spread the NaN to every weight and the report would show NaN
+            raise JPQError(f"fine-tuning diverged at step {step + 1} of {steps} (the loss became {loss.item()}); "
+                           f"lower the learning rate (it was {lr:g}) or use fewer steps.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -404,6 +411,11 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None) -
         run.quantize()
         run.prune(1.0, "gradual", final=True)
     net = run.net.eval()
+    metrics = task.evaluate(net)
+    broken = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if broken:
+        raise JPQError(f"the compressed network's {', '.join(broken)} came out as NaN or infinite; it does not work at "
+                       "these settings. Try more bits, a lower sparsity or a lower learning rate.")
     masks = current_masks(net)
     geometry = layer_geometry(net, task.example_inputs())
     cost = network_cost(net, masks, run.wbits, run.abits, geometry, config.per_channel)
@@ -411,7 +423,7 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None) -
         "network": config.network,
         "granularity": get_criterion(config.criterion).level,
         "config": asdict(config),
-        "metrics": task.evaluate(net),
+        "metrics": metrics,
         "dense_metrics": task.evaluate(run.dense),
         "sparsity": sparsity_of(masks),
         "cost": cost,

@@ -13,6 +13,8 @@ Channel-level masks, which must remove coupled channels together, come from `jpq
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -23,9 +25,14 @@ MAX_SPARSITY = 0.999
 
 
 def check_sparsity(sparsity: float) -> float:
-    if not 0.0 <= sparsity < 1.0:
-        raise JPQError(f"sparsity must be in [0, 1), got {sparsity}; 0.95 removes 95% of the weights.")
-    return float(sparsity)
+    """`sparsity` as a float in [0, 1); anything else (NaN, text, 1.0) is a JPQError."""
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(sparsity, bool) or not 0.0 <= value < 1.0:  # NaN fails every comparison
+        raise JPQError(f"sparsity must be in [0, 1), got {sparsity!r}; 0.95 removes 95% of the weights.")
+    return value
 
 
 def first_and_last(model: nn.Module) -> set[str]:

@@ -28,9 +28,9 @@ ACTIVATION_BITS = (4, 5, 6, 7, 8, 10, 12, 16, None)
 
 
 def check_bits(bits, allowed=WEIGHT_BITS, what="weight") -> int | None:
-    if bits in (None, 32, "float"):
+    if bits in (None, 32, "float") and not isinstance(bits, bool):
         return None
-    if bits not in allowed:
+    if isinstance(bits, bool) or bits not in allowed:  # True == 1 would pass as binary weights
         shown = ", ".join("float" if b is None else str(b) for b in allowed)
         raise JPQError(f"{what} bits must be one of {shown}; got {bits}.")
     return int(bits)
