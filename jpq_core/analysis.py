@@ -156,6 +156,42 @@ def agreement_grid(mask_a: torch.Tensor, mask_b: torch.Tensor) -> np.ndarray:
 # ---- layer sensitivity --------------------------------------------------------------------------------
 
 
+QUICK_IMAGES = 256  # classification: the first test images
+QUICK_CROP = (256, 384)  # stereo: the central crop of each evaluation pair, full resolution (disparities unchanged)
+
+
+class QuickEvaluation:
+    """A task's evaluation on less data, for a faster sensitivity scan: the first `QUICK_IMAGES` test images
+    (classification) or the central `QUICK_CROP` of each evaluation pair at full resolution (stereo, so
+    disparities and bad-3 keep their meaning; pixels near the crop's left edge lose their match, for the
+    dense and the pruned network alike). Has what `sensitivity_scan` reads: name, primary_metric, evaluate."""
+
+    def __init__(self, task):
+        self.name, self.primary_metric, self.task = task.name, task.primary_metric, task
+        self.eval_data = f"quick:{getattr(task, 'eval_data', None) or getattr(task, 'data', '')}"
+        self._samples = None
+
+    def evaluate(self, model) -> dict:
+        from jpq_core.evaluation import evaluate_classifier, evaluate_stereo
+
+        if hasattr(self.task, "test_x"):
+            n = QUICK_IMAGES
+            return {"top1": evaluate_classifier(model, self.task.test_x[:n], self.task.test_y[:n])["top1"]}
+        if self._samples is None:
+            from dataclasses import replace
+
+            from jpq_core.data import stereo_eval_samples
+
+            h, w = QUICK_CROP
+            self._samples = []
+            for s in stereo_eval_samples(self.task.eval_data):
+                top, left = max(0, (s.shape[0] - h) // 2), max(0, (s.shape[1] - w) // 2)
+                box = (slice(top, top + h), slice(left, left + w))
+                self._samples.append(replace(s, left=s.left[box], right=s.right[box], disparity=s.disparity[box],
+                                             name=f"{s.name} (central {h}x{w})"))
+        return evaluate_stereo(model, self._samples)
+
+
 def _scan_key(model, task, criterion: str, sparsities) -> str:
     evaluation = getattr(task, "eval_data", None) or getattr(task, "data", "")
     grid = ",".join(f"{s:g}" for s in sparsities)
@@ -168,7 +204,8 @@ def _scan_path(model, task, criterion: str, sparsities, cache_dir) -> Path:
 
 
 def read_sensitivity(model, task, criterion: str, sparsities=SCAN_SPARSITIES, cache_dir: Path | None = None) -> dict | None:
-    """A scan saved by `sensitivity_curves` for these weights, task, criterion and grid, else None."""
+    """A scan saved by `sensitivity_curves` for these weights, task (or its `QuickEvaluation`), criterion and
+    grid, else None."""
     path = _scan_path(model, task, criterion, tuple(float(s) for s in sparsities), cache_dir)
     try:
         return dict(json.loads(path.read_text()), cached=True)
@@ -179,8 +216,8 @@ def read_sensitivity(model, task, criterion: str, sparsities=SCAN_SPARSITIES, ca
 def sensitivity_curves(model, task, criterion: str, stats: GradientStats | None, sparsities=SCAN_SPARSITIES,
                        cache_dir: Path | None = None, progress=None) -> dict:
     """`sensitivity_scan` of `model` by `criterion` (scores within each layer), read from disk when the same
-    weights, task, criterion and grid were scanned before. Adds "metric" (the task's primary metric),
-    "seconds" (wall time of the scan when it ran) and "cached" (whether it was read from disk)."""
+    weights, task, criterion and grid were scanned before. `task` may be a `QuickEvaluation`. Adds "metric"
+    (the task's primary metric), "seconds" (wall time of the scan when it ran) and "cached" (read from disk)."""
     sparsities = tuple(float(s) for s in sparsities)
     scan = read_sensitivity(model, task, criterion, sparsities, cache_dir)
     if scan is not None:

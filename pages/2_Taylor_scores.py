@@ -134,19 +134,22 @@ with tab_sens:
                 "sensitivity analysis). A flat curve marks a layer that can be pruned hard.")
     cols = st.columns(3)
     scan_criterion = cols[0].selectbox("Criterion", criteria, key="scan_criterion")
-    grid_name = cols[1].radio("Grid", ["quick", "full"], horizontal=True, key="scan_grid",
-                              help=f"quick: {', '.join(f'{s:g}' for s in analysis.QUICK_SCAN_SPARSITIES[1:])}; "
-                                   f"full: {', '.join(f'{s:g}' for s in SCAN_SPARSITIES[1:])}.")
-    grid_values = analysis.QUICK_SCAN_SPARSITIES if grid_name == "quick" else SCAN_SPARSITIES
+    mode = cols[1].radio("Scan", ["quick", "full"], horizontal=True, key="scan_grid",
+                         help=f"quick: sparsities {', '.join(f'{s:g}' for s in analysis.QUICK_SCAN_SPARSITIES[1:])}, "
+                              f"evaluated on the first {analysis.QUICK_IMAGES} test images (classifier) or the central "
+                              f"{analysis.QUICK_CROP[0]}x{analysis.QUICK_CROP[1]} crop of the pair (stereo). "
+                              f"full: sparsities {', '.join(f'{s:g}' for s in SCAN_SPARSITIES[1:])}, all evaluation data.")
+    grid_values = analysis.QUICK_SCAN_SPARSITIES if mode == "quick" else SCAN_SPARSITIES
+    scan_task = analysis.QuickEvaluation(task) if mode == "quick" else task
     evaluations = len(layers) * (len(grid_values) - 1) + 1
-    scan = analysis.read_sensitivity(model, task, scan_criterion, grid_values)
+    scan = analysis.read_sensitivity(model, scan_task, scan_criterion, grid_values)
     if scan is None:
         cols[2].write(f"{evaluations} evaluations of the network, not cached yet.")
         if cols[2].button("Run the scan", key="run_scan"):
             bar = st.progress(0.0, text="Scanning...")
             try:
                 scan = analysis.sensitivity_curves(
-                    model, task, scan_criterion, stats, grid_values,
+                    model, scan_task, scan_criterion, stats, grid_values,
                     progress=lambda i, n: bar.progress(i / n, text=f"Evaluations: {i}/{n}"))
             except JPQError as exc:
                 show_error(exc)
@@ -155,5 +158,5 @@ with tab_sens:
         metric = METRIC_LABELS.get(scan["metric"], scan["metric"])
         st.plotly_chart(sensitivity_figure(analysis.sensitivity_frame(scan), metric), width="stretch", key="sens_figure")
         dense = ", ".join(f"{k} {v:.4g}" for k, v in scan["dense"].items() if k in ("bad3", "epe", "top1"))
-        st.caption(f"Dense network: {dense}. This scan ({evaluations} evaluations) took {scan['seconds']:.0f} s on "
+        st.caption(f"Dense network on this scan's data: {dense}. This {mode} scan ({evaluations} evaluations) took {scan['seconds']:.0f} s on "
                    "this machine when it ran" + (" and was read from the disk cache." if scan["cached"] else "."))

@@ -145,3 +145,14 @@ def test_sensitivity_scan_is_computed_once_then_read_from_disk(tmp_path):
     frame = analysis.sensitivity_frame(first)
     assert len(frame) == 6 and set(frame.columns) == {"layer", "sparsity", "loss"}
     assert not hasattr(model[0], "parametrizations")  # the caller's network is left untouched
+
+
+def test_a_quick_scan_uses_fewer_test_images_and_is_never_served_as_a_full_one(tmp_path):
+    model, task = _digits_model(), ClassificationTask("digits")
+    quick = analysis.QuickEvaluation(task)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    scan = analysis.sensitivity_curves(model, quick, "magnitude", None, (0.0, 0.9), cache_dir=tmp_path)
+    assert scan["metric"] == "top1" and set(seen) == {analysis.QUICK_IMAGES} and len(seen) == 3
+    assert analysis.read_sensitivity(model, quick, "magnitude", (0.0, 0.9), cache_dir=tmp_path) is not None
+    assert analysis.read_sensitivity(model, task, "magnitude", (0.0, 0.9), cache_dir=tmp_path) is None

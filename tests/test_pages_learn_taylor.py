@@ -74,7 +74,7 @@ def test_a_cached_sensitivity_scan_is_drawn_without_running(taylor, tmp_path):
     grid = analysis.QUICK_SCAN_SPARSITIES
     scan = {"sparsities": list(grid), "dense": {"top1": 1.0}, "metric": "top1", "criterion": "magnitude", "seconds": 61.0,
             "layers": {k: [0.0, 0.0, 0.01, 0.2] for k in layers}}
-    path = analysis._scan_path(model, task, "magnitude", grid, tmp_path)
+    path = analysis._scan_path(model, analysis.QuickEvaluation(task), "magnitude", grid, tmp_path)
     path.write_text(json.dumps(scan))
     at = taylor.run()
     assert not at.exception
