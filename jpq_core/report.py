@@ -273,7 +273,7 @@ def headline_claim(df: pd.DataFrame) -> list[str]:
 
 
 def _matrix(d: pd.DataFrame, higher: bool) -> tuple[list[str], dict]:
-    """Markdown table sparsity x criterion of the headline metric, best per row in bold; and the wins."""
+    """Markdown table sparsity x criterion of the headline metric, best per row in bold; and the outright wins."""
     names = [c for c in CRITERIA if c in set(d.criterion)]
     out = ["| sparsity | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     wins = dict.fromkeys(names, 0)
@@ -281,8 +281,9 @@ def _matrix(d: pd.DataFrame, higher: bool) -> tuple[list[str], dict]:
         vals = {c: part[part.criterion == c].headline.mean() for c in names}
         present = {c: v for c, v in vals.items() if not math.isnan(v)}
         best = (max if higher else min)(present.values()) if present else None
-        for c, v in present.items():
-            wins[c] += v == best
+        leaders = [c for c, v in present.items() if v == best]
+        if len(leaders) == 1 and len(present) > 1:  # ties (e.g. all at chance) are nobody's win
+            wins[leaders[0]] += 1
         out.append(f"| {_pct(s)} | " + " | ".join("" if math.isnan(v) else (f"**{_pct(v)}**" if v == best else _pct(v))
                                                     for v in vals.values()) + " |")
     return out, wins
@@ -297,7 +298,7 @@ def criteria_section(df: pd.DataFrame, network: str) -> list[str]:
         table, wins = _matrix(d, higher)
         ranking = ", ".join(f"{c} {n}" for c, n in sorted(wins.items(), key=lambda kv: -kv[1]))
         budget = f" ({int(d.budget.iloc[0])} steps)" if title.startswith("fine") else ""
-        out += [f"**{title}{budget}**: best at each sparsity in bold; wins per criterion: {ranking}.", ""] + table + \
+        out += [f"**{title}{budget}**: best at each sparsity in bold; outright wins per criterion: {ranking}.", ""] + table + \
                ["", "Produced by: " + _commands(d), ""]
     return out
 
@@ -319,9 +320,9 @@ def pipeline_section(df: pd.DataFrame, network: str) -> list[str]:
             rows += 1
             joint_wins += best == "joint"
         out.append(f"| {b} | " + " | ".join("" if math.isnan(v) else _pct(v) for v in vals.values()) + f" | {best} |")
-    out += ["", f"Joint is best at {joint_wins} of the {rows} bit widths where all three pipelines ran "
-                f"(Taylor, 95% sparsity, 8-bit activations, {int(d.budget.iloc[0])} masked fine-tuning steps).", "",
-            "Produced by: " + _commands(d), ""]
+    setting = f"Taylor, 95% sparsity, 8-bit activations, {int(d.budget.iloc[0])} masked fine-tuning steps"
+    out += ["", f"Joint is best at {joint_wins} of the {rows} bit widths where all three pipelines ran ({setting})."
+            if rows else f"Not every pipeline has run yet at this setting ({setting}).", "", "Produced by: " + _commands(d), ""]
     return out
 
 

@@ -417,18 +417,18 @@ def _pool_results(todo, workers: int, keep, engine: bool):
         return
     import multiprocessing
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {pool.submit(run_config, asdict(c), keep(c), engine): c for c in todo}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    c = pending.pop(fut)
-                    exc = fut.exception()
-                    yield c, exc if exc is not None else fut.result()
-        finally:
-            for fut in pending:
-                fut.cancel()
+    # spawn, not fork: a forked copy of a process with PyTorch's threads running can deadlock
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pending = {pool.submit(run_config, asdict(c), keep(c), engine): c for c in todo}
+    try:
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                c = pending.pop(fut)
+                exc = fut.exception()
+                yield c, exc if exc is not None else fut.result()
+    finally:  # on Ctrl-C, do not wait for the configurations still running: their rows are simply not written
+        pool.shutdown(wait=not pending, cancel_futures=True)
 
 
 def ray_runtime_env() -> dict:

@@ -156,7 +156,8 @@ def test_ray_gives_the_rows_the_local_pool_gives(tmp_path):
     text = TINY.replace("[0.3, 0.5, 0.7, 0.9]", "[0.5]") + '[[grid]]\ncriterion = "magnitude"\nsparsity = 0.8\nwbits = 4\nfinetune = "masked"\nbudget = 2\n'
     configs = sweeps.load_grid(_grid(tmp_path, text))
     pool = sweeps.run_sweep(configs, tmp_path / "pool" / "results.jsonl", workers=2, progress=False)
-    ray.init(num_cpus=2, runtime_env=sweeps.ray_runtime_env(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, object_store_memory=100 * 2**20, runtime_env=sweeps.ray_runtime_env(), include_dashboard=False,
+             log_to_driver=False)
     try:
         on_ray = sweeps.run_sweep(configs, tmp_path / "ray" / "results.jsonl", ray_address="auto", progress=False)
     finally:
