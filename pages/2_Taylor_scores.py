@@ -12,7 +12,7 @@ from jpq_core.errors import JPQError
 from jpq_core.plots import (criteria_comparison_figure, mask_agreement_figure, score_distribution_figure,
                             sensitivity_figure)
 from jpq_core.sensitivity import SCAN_SPARSITIES
-from jpq_core.ui import cached_network, cached_task, show_error
+from jpq_core.ui import cached_network, cached_task, current_config, show_error
 
 st.set_page_config(page_title="Taylor scores - JPQ Explorer", layout="wide")
 st.title("Taylor scores: what each criterion would prune")
@@ -27,11 +27,15 @@ CRITERIA = [name for name in WEIGHT_CRITERIA if name != "taylor-abs"]  # "taylor
 SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
 METRIC_LABELS = {"bad3": "bad-3 increase (share of pixels)", "top1": "top-1 accuracy drop"}
 
+live = current_config()  # the configuration chosen on Explore (or in the URL) sets the defaults here
 controls = st.columns([1.2, 2.5, 2, 1.3])
-network = controls[0].selectbox("Network", list(NETWORKS), format_func=NETWORKS.get, key="network")
-criteria = controls[1].multiselect("Criteria", CRITERIA, default=["magnitude", "taylor"], key="criteria",
+network = controls[0].selectbox("Network", list(NETWORKS), format_func=NETWORKS.get, key="network",
+                                index=list(NETWORKS).index(live.network) if live.network in NETWORKS else 0)
+default_criteria = ["magnitude", "taylor"] + ([live.criterion] if live.criterion in CRITERIA else [])
+criteria = controls[1].multiselect("Criteria", CRITERIA, default=list(dict.fromkeys(default_criteria)), key="criteria",
                                    help="Weight-level criteria of jpq_core.criteria; pick two or more to compare.")
-sparsity = controls[2].select_slider("Sparsity", SPARSITIES, value=0.9, format_func=lambda s: f"{s:.1%}", key="sparsity")
+sparsity = controls[2].select_slider("Sparsity", SPARSITIES, value=live.sparsity if live.sparsity in SPARSITIES else 0.9,
+                                     format_func=lambda s: f"{s:.1%}", key="sparsity")
 allocation = controls[3].radio("Threshold", ["global", "uniform"], key="allocation", horizontal=True,
                                help="global: one threshold over all layers; uniform: every layer pruned to the "
                                     "same sparsity. First and last layers stay dense, as in compression.")

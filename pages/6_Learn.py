@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -119,6 +121,7 @@ with tabs[1]:
     cols[1].metric("RMS rounding error", f"{q['rmse']:.2e}")
     cols[2].metric("Largest error", f"{q['max_error']:.2e}")
     cols[3].metric("SQNR", f"{q['sqnr_db']:.1f} dB")
+    st.caption("Red lines: the grid's levels (drawn up to 64 of them, i.e. 6 bits symmetric).")
     st.plotly_chart(quantization_figure(q["weight"], q["error"], q["levels"],
                                         f"{q_layer}: {len(q['weight'])} weights at {bits} bits"),
                     width="stretch", key="l2_figure")
@@ -212,9 +215,11 @@ with tabs[5]:
                 "good on both axes and better on one; the ones left form the Pareto front, the only ones worth "
                 "choosing from. Here: live compressions of ResNet-20 without fine-tuning, by two criteria at three "
                 "sparsities and two weight widths (activations 8 bits).")
-    if st.button(f"Compute the {len(PARETO_GRID)} compressions", key="l6_run") or st.session_state.get("l6_ready"):
+    if st.button(f"Compute the {len(PARETO_GRID)} compressions", key="l6_run",
+                 help="each: prune, quantize, calibrate activations, evaluate on the test split; shared with Explore's cache") \
+            or st.session_state.get("l6_ready"):
         bar = st.progress(0.0, text="Compressing...")
-        points = []
+        points, started = [], time.perf_counter()
         try:
             for i, (criterion, s, b) in enumerate(PARETO_GRID):
                 result = live_result(LiveConfig(network=NETWORK, criterion=criterion, sparsity=s, wbits=b, abits=8))
@@ -225,6 +230,8 @@ with tabs[5]:
             show_error(exc)
             st.stop()
         bar.empty()
+        if not st.session_state.get("l6_ready"):
+            st.caption(f"Computed in {time.perf_counter() - started:.1f} s (kept for this session).")
         st.session_state["l6_ready"] = True
         table = pd.DataFrame(points)
         cols = st.columns(2)
@@ -240,5 +247,5 @@ with tabs[5]:
                      + "; ".join(f"{table['label'][j]} (top-1 {table['top1'][j]:.1%}, {table[axis][j]:.2%})" for j in beaten_by))
         else:
             st.write(f"**{table['label'][chosen]}** is on the front: nothing here is both smaller and more accurate.")
-        try_this("switch the cost axis from memory to BOPs: does the front keep the same points? Then find a "
-                 "4-bit point that beats an 8-bit one on both axes.")
+    try_this("compute the points, then switch the cost axis from memory to BOPs: does the front keep the same "
+             "points? Is any 8-bit configuration beaten on both axes by a 4-bit one, and if not, why not?")

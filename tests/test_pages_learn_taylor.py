@@ -39,7 +39,9 @@ def _number(text: str) -> float:
 @pytest.fixture
 def taylor(root, tmp_path, monkeypatch):
     monkeypatch.setattr(analysis, "SENSITIVITY_DIR", tmp_path)  # no scan from earlier runs on this machine
-    return AppTest.from_file(str(root / "pages" / "2_Taylor_scores.py"), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(root / "pages" / "2_Taylor_scores.py"), default_timeout=TIMEOUT)
+    at.query_params["network"] = "resnet20"  # a shared link's network is the page's default
+    return at
 
 
 def test_taylor_page_compares_two_criteria(taylor):
@@ -93,7 +95,7 @@ def test_learn_page_has_six_lessons_each_with_a_thing_to_try(learn):
     at = learn.run()
     assert not at.exception
     assert len(at.tabs) == 6
-    assert sum(box.value.startswith("**Try this:**") for box in at.info) == 5  # the sixth appears with its plot
+    assert sum(box.value.startswith("**Try this:**") for box in at.info) == 6
     assert at.button(key="l6_run") is not None
     metrics = _metrics(at)
     assert _number(metrics["Loss, taylor-pruned"]) > _number(metrics["Loss, dense"])
