@@ -123,7 +123,7 @@ def read_sidecar(path: Path) -> dict:
 def _torch_error_line(exc: Exception) -> str:
     """The line of a weights-only load error that names the problem (torch's message is a page long)."""
     lines = [l.strip() for l in str(exc).splitlines() if "WeightsUnpickler error" in l] or [str(exc).splitlines()[0] if str(exc) else ""]
-    return lines[0][:200]
+    return lines[0].split(" Please ")[0][:200]  # drop torch's advice to allowlist the global: we never do
 
 
 def _unreadable(path: Path, why: str) -> JPQError:
@@ -171,7 +171,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise JPQError(f"{path}: {size / 2**20:.0f} MiB is over the {MAX_CHECKPOINT_BYTES // 2**20} MiB limit for checkpoints.")
     with open(path, "rb") as f:
         head = f.read(9)
-    if zipfile.is_zipfile(path):
+    if head[:4] == b"PK\x03\x04":  # a zip archive (zipfile.is_zipfile raises on some damaged ones)
         state = _read_torch_zip(path)
     elif head[:1] == b"\x80":
         raise JPQError(f"{path}: refused to load: a raw pickle (or a PyTorch file older than 1.6) can run code and is never unpickled. "

@@ -3,7 +3,7 @@ anything else; valid inputs are never refused.
 
 Each test tallies the inputs it tried and what became of them. The figures in docs/reliability.md come from
 
-    JPQ_FUZZ_EXAMPLES=1000 JPQ_FUZZ_LOG=fuzz.json .venv/bin/pytest -q tests/test_reliability_fuzz.py
+    JPQ_FUZZ_EXAMPLES=300 JPQ_FUZZ_LOG=fuzz.json .venv/bin/pytest -q tests/test_reliability_fuzz.py
 
 (JPQ_FUZZ_EXAMPLES: examples per test, default 40 to keep the suite fast; JPQ_FUZZ_LOG: where the tally goes.)
 """

@@ -218,7 +218,7 @@ def _as_grey(img: np.ndarray) -> np.ndarray:
     return np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
 
 
-def pair_from_bytes(left: bytes, right: bytes, gt: bytes | None = None, *, labels=("left image", "right image", "ground truth"),
+def pair_from_bytes(left: bytes, right: bytes, gt: bytes | None = None, *, labels=("left image", "right image", "ground-truth file"),
                     png_scale: float = 256.0, max_pixels: int | None = MAX_WORKING_PIXELS, name: str = "user-pair") -> StereoSample:
     """A user stereo pair (and optional ground truth) from file contents, as the app receives uploads.
 
