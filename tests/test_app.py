@@ -26,7 +26,7 @@ def _number(text: str) -> float:
 
 
 def _explore(root, **query):
-    at = AppTest.from_file(str(root / "app.py"), default_timeout=240)
+    at = AppTest.from_file(str(root / "app.py"), default_timeout=240)  # the router opens Explore
     at.query_params.update(query)
     return at.run()
 
