@@ -125,6 +125,20 @@ MIN_MEASURE_MS = 100.0  # a fast network is called repeatedly per measurement, s
 # another process does not dominate a measurement of a millisecond
 
 
+def time_interleaved(runs: dict, repeats: int) -> dict[str, float]:
+    """Median milliseconds per call of each function in `runs`, timed in turns (a, b, c, a, b, c, ...) so that
+    load from other processes hits all alike; each is warmed up first (kernels compile, buffers allocate)."""
+    calls = {}
+    for k, fn in runs.items():
+        fn()
+        calls[k] = max(1, int(MIN_MEASURE_MS / max(_time(fn), 1e-3)))
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            times[k].append(_time(fn, calls[k]))
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def crossover(results: list[dict], wbits: int) -> float | None:
     """The lowest measured sparsity from which the engine is faster than dense PyTorch at every higher one."""
     rows = sorted((r for r in results if r["wbits"] == wbits), key=lambda r: r["sparsity"])
@@ -160,15 +174,7 @@ def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch
                 runs = {"dense": lambda: plain(*inputs), "engine": lambda: program.run(*inputs)}
                 if sparse is not None:
                     runs["torch_sparse"] = lambda: sparse(*inputs)
-                calls = {}
-                for k, fn in runs.items():  # warm-up: first calls compile kernels and allocate
-                    fn()
-                    calls[k] = max(1, int(MIN_MEASURE_MS / max(_time(fn), 1e-3)))
-                times = {k: [] for k in runs}
-                for _ in range(repeats):
-                    for k, fn in runs.items():
-                        times[k].append(_time(fn, calls[k]))
-            med = {k: float(np.median(v)) for k, v in times.items()}
+                med = time_interleaved(runs, repeats)
             kept = sum(int((l.weight != 0).sum()) for l in prunable_layers(net).values())
             total = sum(l.weight.numel() for l in prunable_layers(net).values())
             row = {"sparsity": sparsity, "measured_sparsity": 1 - kept / total, "wbits": bits,
