@@ -67,7 +67,7 @@ def score_distribution_figure(distributions: dict, height: int = 420) -> go.Figu
     fig.update_layout(boxmode="group", height=height, margin=dict(l=0, r=0, t=40, b=0),
                       title="Score per weight, by layer (box: quartiles, whiskers: 1st-99th percentile)",
                       yaxis=dict(type="log", title="score (log scale)", exponentformat="power"),
-                      legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+                      legend=dict(orientation="h", y=-0.35, x=0, yanchor="top"))
     return fig
 
 
@@ -86,7 +86,7 @@ def criteria_comparison_figure(table, height: int = 480) -> go.Figure:
     fig.update_yaxes(range=[0, 1], row=1, col=1)
     fig.update_yaxes(range=[-1, 1], row=2, col=1)
     fig.update_layout(barmode="group", height=height, margin=dict(l=0, r=0, t=40, b=0),
-                      legend=dict(orientation="h", y=1.08, x=1, xanchor="right"))
+                      legend=dict(orientation="h", y=-0.35, x=0, yanchor="top"))
     return fig
 
 
@@ -176,15 +176,13 @@ def quantization_figure(weight: np.ndarray, error: np.ndarray, levels: np.ndarra
     """Top: the weight histogram with the quantization grid's levels as lines. Bottom: the rounding error."""
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.15, row_heights=[0.65, 0.35],
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.22, row_heights=[0.65, 0.35],
                         subplot_titles=("weights and the grid levels", "rounding error w_hat - w"))
     fig.add_trace(go.Histogram(x=weight, nbinsx=120, name="weights", marker_color="#1f77b4"), row=1, col=1)
     if len(levels) <= 64:
         fig.update_layout(shapes=[dict(type="line", xref="x", yref="y domain", x0=v, x1=v, y0=0, y1=1,
                                        line=dict(width=1, color="#d62728")) for v in levels])
     fig.add_trace(go.Histogram(x=error, nbinsx=80, name="rounding error", marker_color="#ff7f0e"), row=2, col=1)
-    fig.update_xaxes(title_text="weight value", row=1, col=1)
-    fig.update_xaxes(title_text="error", row=2, col=1)
     fig.update_layout(showlegend=False)
     return _lesson_layout(fig, title, height)
 
@@ -234,7 +232,7 @@ def memory_lesson_figure(table, chosen: tuple | None = None, height: int = 420) 
         fig.add_trace(go.Scatter(x=[chosen[0]], y=[chosen[1]], mode="markers", name="your choice",
                                  marker=dict(size=14, symbol="star", color="black")))
     fig.update_xaxes(title="sparsity", tickformat=".0%")
-    fig.update_yaxes(type="log", title="weight memory / dense float32", tickformat=".1%")
+    fig.update_yaxes(type="log", title="weight memory / dense float32", tickformat=".3~%")
     return _lesson_layout(fig, "Memory of one layer: solid = cost model, dotted = no index bits", height)
 
 

@@ -99,12 +99,12 @@ with tab_compare:
         table = analysis.mask_overlap(masks).merge(_rank_agreement(network, tuple(criteria), scores),
                                                    on=["pair", "layer"], sort=False)
         overall = table[table["layer"] == "all layers"]
-        cols = st.columns(len(overall))
-        for col, row in zip(cols, overall.itertuples()):
-            col.metric(f"IoU, {row.pair}", f"{row.iou:.3f}",
-                       help="Overlap of the kept weights over the whole network at this sparsity.")
-            col.metric(f"Spearman, {row.pair}", f"{row.spearman:.3f}",
-                       help="Rank correlation of the pooled scores (what a global threshold ranks).")
+        cols = st.columns(max(4, 2 * len(overall)))
+        for i, row in enumerate(overall.itertuples()):
+            cols[2 * i].metric(f"IoU, {row.pair}", f"{row.iou:.3f}",
+                               help="Overlap of the kept weights over the whole network at this sparsity.")
+            cols[2 * i + 1].metric(f"Spearman, {row.pair}", f"{row.spearman:.3f}",
+                                   help="Rank correlation of the pooled scores (what a global threshold ranks).")
         st.plotly_chart(criteria_comparison_figure(table[table["layer"] != "all layers"]), width="stretch",
                         key="compare_figure")
         keep = 1.0 - sparsity
