@@ -311,3 +311,43 @@ def compress_command(config: LiveConfig, finetune: str = "distill") -> str:
     return (f"python -m jpq_core compress --network {config.network} --criterion {config.criterion} --sparsity {config.sparsity} "
             f"--wbits {bits['wbits']} --abits {bits['abits']} --allocation {config.allocation} "
             f"--pipeline prune-then-quantize --finetune {finetune} --json")
+
+
+def engine_inputs(live: LiveNetwork, batch: int = 1) -> tuple[torch.Tensor, ...]:
+    """What the Engine page runs: the Middlebury pair (stereo) or the first `batch` test digits."""
+    if live.is_stereo:
+        from jpq_core.data import stereo_eval_samples
+
+        sample = stereo_eval_samples("middlebury")[0]
+        return tuple(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None] for img in (sample.left, sample.right))
+    return (live.task.test_x[:batch],)
+
+
+def engine_comparison(result: LiveResult, inputs: tuple, threads: int, repeats: int = 5) -> dict:
+    """The live configuration compiled by the engine and timed against dense PyTorch and PyTorch's sparse path
+    (same thread count, interleaved repetitions, medians), with the engine's agreement with the PyTorch
+    reference and its packed size against the cost model."""
+    import numba
+
+    from jpq_core.engine import compile_network
+    from jpq_core.engine.bench import plain_copy, time_interleaved, torch_sparse_copy
+    from jpq_core.engine.program import memory_report
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    start = time.perf_counter()
+    program = compile_network(result.model, tuple(x[:1] for x in inputs))
+    compile_s = time.perf_counter() - start
+    plain = plain_copy(result.model, result.config.network)
+    sparse = torch_sparse_copy(plain)
+    with torch.inference_mode():
+        reference = result.model(*inputs).numpy()
+        engine_out = program.run(*inputs)
+        medians = time_interleaved({"dense": lambda: plain(*inputs), "torch_sparse": lambda: sparse(*inputs),
+                                    "engine": lambda: program.run(*inputs)}, repeats)
+    scale = float(np.abs(reference).max()) or 1.0
+    return {"threads": threads, "compile_s": compile_s, **{f"{k}_ms": v for k, v in medians.items()},
+            "speedup": medians["dense"] / medians["engine"], "torch_sparse_speedup": medians["dense"] / medians["torch_sparse"],
+            "max_abs_diff": float(np.abs(engine_out - reference).max()), "output_scale": scale,
+            "layers_ms": program.profile(*inputs, repeats=3), "layers": program.summary(), "memory": memory_report(program),
+            "program": program}

@@ -1,5 +1,7 @@
 """The app as a user sees it, driven by Streamlit's AppTest: Explore, Depth maps, Classifier."""
 
+import re
+
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -99,3 +101,33 @@ def test_classifier_page_reports_accuracy_and_confusion(root):
     metrics = _metrics(at)
     assert float(metrics["Top-1 accuracy"].rstrip("%")) >= 97.0
     assert metrics["Test images"] == "540"
+
+
+def test_engine_page_times_the_live_configuration_against_pytorch(root):
+    at = AppTest.from_file(str(root / "pages" / "5_Engine.py"), default_timeout=400)
+    at.query_params.update(network="resnet20", criterion="magnitude", sparsity="0.9", wbits="8", abits="8")
+    at.run()
+    assert not at.metric  # nothing is timed before the user asks
+    at.button(key="en_run").click().run()
+    assert not at.exception
+    metrics = {m.label: m for m in at.metric}
+    assert {"Engine", "Dense PyTorch", "PyTorch sparse", "Packed program"} <= set(metrics)
+    assert "x vs dense" in metrics["Engine"].delta
+    packed_share = float(metrics["Packed program"].delta.split("%")[0]) / 100
+    assert 0.95 < packed_share < 1.3  # measured size near the cost model (folded biases are extra)
+    assert at.get("download_button")
+
+
+def test_trade_offs_page_plots_measured_runs_and_the_live_point(root):
+    at = AppTest.from_file(str(root / "pages" / "4_Trade-offs.py"), default_timeout=240)
+    at.query_params.update(network="resnet20", criterion="magnitude", sparsity="0.5")
+    at.run()
+    assert not at.exception
+    caption = " ".join(c.value for c in at.caption)
+    runs, front = (int(x) for x in re.search(r"(\d+) runs, (\d+) on the front", caption).groups())
+    assert runs > front > 0
+    at.radio(key="to_tuned").set_value("fine-tuned").run()
+    assert not at.exception
+    caption = " ".join(c.value for c in at.caption)
+    tuned = int(re.search(r"(\d+) runs", caption).group(1))
+    assert 0 < tuned < runs
