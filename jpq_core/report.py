@@ -22,7 +22,8 @@ from jpq_core.sweeps import AXES, RESULTS, ROOT, checkpoint_dir, pareto_mask, pr
 FIGURES = ROOT / "docs" / "figures"
 CRITERIA = ("magnitude", "taylor", "taylor-square", "taylor-abs-norm", "fisher", "random")
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint")
-LOSS_LEVELS = (0.5, 2.0, 5.0, 10.0)  # accuracy loss in points for the "cut at which loss" table
+LOSS_LEVELS = (0.5, 2.0, 5.0, 10.0)
+WIN_MARGIN = 0.01  # a criterion wins a sparsity when it beats the next one by at least 1 point  # accuracy loss in points for the "cut at which loss" table
 METRIC_LABEL = {"bad3": "Middlebury bad-3 (%)", "top1": "digits top-1 (%)"}
 
 
@@ -116,8 +117,6 @@ def tradeoff_figure(df: pd.DataFrame, network: str, folder: Path) -> Path:
     d = df[df.network == network]
     metric, higher = primary_metric(network)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    from matplotlib.ticker import LogLocator, NullFormatter, PercentFormatter
-
     colours = dict(zip(["2", "3", "4", "8", "16", "float"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, x, label in ((axes[0], "memory_ratio", "weight memory vs dense float32 (with index overhead)"),
                          (axes[1], "bops_ratio", "BOPs vs dense float32")):
@@ -128,16 +127,23 @@ def tradeoff_figure(df: pd.DataFrame, network: str, folder: Path) -> Path:
         front = pareto_front(d, x, metric, True, not higher)
         ax.step(100 * front[x], 100 * front[metric], where="post", color="black", lw=1, label="Pareto front")
         ax.axhline(100 * d[f"dense_{metric}"].iloc[0], color="grey", ls="--", lw=1, label="dense float32")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-        ax.xaxis.set_major_formatter(PercentFormatter(decimals=None))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        _log_percent_axis(ax)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(METRIC_LABEL[metric])
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{network}: accuracy against memory and hardware cost ({len(d)} configurations)")
     return _save(fig, f"tradeoff-{network}", folder)
+
+
+def _log_percent_axis(ax):
+    """Log-scale x axis of percentages (values already x100) labelled 1%, 2%, 5%, 10%, ..."""
+    from matplotlib.ticker import LogLocator, NullFormatter, PercentFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(PercentFormatter(decimals=None))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _lines(ax, d: pd.DataFrame, by: str, x: str, metric: str, order=None):
@@ -214,9 +220,9 @@ def granularity_figure(df: pd.DataFrame, network: str, folder: Path) -> Path | N
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for crit, part in d.groupby("criterion"):
         part = part.sort_values("memory_ratio")
-        ax.plot(part["memory_ratio"], 100 * part[metric], marker="o" if part.granularity.iloc[0] == "channel" else ".",
+        ax.plot(100 * part["memory_ratio"], 100 * part[metric], marker="o" if part.granularity.iloc[0] == "channel" else ".",
                 ls="-" if part.granularity.iloc[0] == "channel" else ":", label=f"{crit} ({part.granularity.iloc[0]})")
-    ax.set_xscale("log")
+    _log_percent_axis(ax)
     ax.set_xlabel("weight memory vs dense float32")
     ax.set_ylabel(METRIC_LABEL[metric])
     ax.grid(alpha=0.3)
@@ -281,9 +287,9 @@ def _matrix(d: pd.DataFrame, higher: bool) -> tuple[list[str], dict]:
         vals = {c: part[part.criterion == c].headline.mean() for c in names}
         present = {c: v for c, v in vals.items() if not math.isnan(v)}
         best = (max if higher else min)(present.values()) if present else None
-        leaders = [c for c, v in present.items() if v == best]
-        if len(leaders) == 1 and len(present) > 1:  # ties (e.g. all at chance) are nobody's win
-            wins[leaders[0]] += 1
+        ranked = sorted(present.values(), reverse=higher)
+        if len(ranked) > 1 and abs(ranked[0] - ranked[1]) >= WIN_MARGIN:  # ties and noise at chance are nobody's win
+            wins[next(c for c, v in present.items() if v == best)] += 1
         out.append(f"| {_pct(s)} | " + " | ".join("" if math.isnan(v) else (f"**{_pct(v)}**" if v == best else _pct(v))
                                                     for v in vals.values()) + " |")
     return out, wins
@@ -298,7 +304,7 @@ def criteria_section(df: pd.DataFrame, network: str) -> list[str]:
         table, wins = _matrix(d, higher)
         ranking = ", ".join(f"{c} {n}" for c, n in sorted(wins.items(), key=lambda kv: -kv[1]))
         budget = f" ({int(d.budget.iloc[0])} steps)" if title.startswith("fine") else ""
-        out += [f"**{title}{budget}**: best at each sparsity in bold; outright wins per criterion: {ranking}.", ""] + table + \
+        out += [f"**{title}{budget}**: best at each sparsity in bold; wins by at least 1 point: {ranking}.", ""] + table + \
                ["", "Produced by: " + _commands(d), ""]
     return out
 
@@ -391,6 +397,9 @@ def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str]
     out += ["## Taylor against the other criteria", ""]
     for network in sorted(df.network.unique()):
         out += [f"### {network}", "", *criteria_section(df, network)]
+        if {"fisher", "taylor-square"} <= set(df[df.network == network].criterion):
+            out += ["`fisher` (0.5 E[g^2] w^2) and `taylor-square` (E[(g w)^2] = w^2 E[g^2]) rank weights identically, "
+                    "so their columns agree wherever both ran.", ""]
         if f"criteria-{network}" in figures:
             out += [f"![{network} criteria]({rel(figures[f'criteria-{network}'])})", ""]
         if f"granularity-{network}" in figures:
