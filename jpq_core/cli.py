@@ -217,6 +217,8 @@ def _floats(text: str) -> list[float]:
 
 
 def cmd_bench(args) -> int:
+    if args.target == "live":
+        return _bench_live(args)
     from jpq_core.engine.bench import benchmark
     from jpq_core.pruning import check_sparsity
 
@@ -229,6 +231,16 @@ def cmd_bench(args) -> int:
                        progress=None if args.json else lambda r: print(
                            f"sparsity {r['sparsity']:.3f} w{r['wbits']}: dense {r['dense_ms']:.1f} ms, "
                            f"engine {r['engine_ms']:.1f} ms ({r['speedup']:.1f}x)", file=sys.stderr))
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def _bench_live(args) -> int:
+    """Seconds per slider change of the Explore page (the dashboard's own functions, no browser)."""
+    from jpq_core.live import interaction_benchmark
+
+    result = interaction_benchmark(args.network, args.criterion, args.threads, progress=None if args.json else lambda r: print(
+        f"sparsity {r['sparsity']:.2f} w{r['wbits']}: {r['seconds']:.2f} s", file=sys.stderr))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -312,11 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("bench", help="latency of the sparse integer engine against dense and sparse PyTorch")
-    p.add_argument("target", choices=["engine"])
+    p.add_argument("target", choices=["engine", "live"],
+                   help="engine: sparse integer engine vs PyTorch; live: seconds per slider change in the app")
+    p.add_argument("--criterion", default="taylor", help="live: the criterion whose scores are cached")
     p.add_argument("--network", default="stereo", help="stereo, resnet20 or resnet18")
     p.add_argument("--checkpoint", help="your own weights instead of the shipped ones")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="threads for PyTorch and the engine alike (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="threads for PyTorch and the engine alike (default 1; the app uses all)")
     p.add_argument("--sparsities", type=_floats, default=[0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995])
     p.add_argument("--wbits", default="8,4", help="weight bit widths, comma-separated (default 8,4)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed runs per configuration (median)")

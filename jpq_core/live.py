@@ -351,3 +351,42 @@ def engine_comparison(result: LiveResult, inputs: tuple, threads: int, repeats: 
             "max_abs_diff": float(np.abs(engine_out - reference).max()), "output_scale": scale,
             "layers_ms": program.profile(*inputs, repeats=3), "layers": program.summary(), "memory": memory_report(program),
             "program": program}
+
+
+# Slider changes the interaction benchmark replays: sparsity up, then bits down, as a user explores.
+INTERACTION_CHANGES = ((0.5, 8), (0.7, 8), (0.8, 8), (0.9, 8), (0.95, 8), (0.95, 4), (0.98, 4), (0.99, 4), (0.99, 2))
+
+
+def interaction_benchmark(network: str = "stereo", criterion: str = "taylor", threads: int = 2, progress=None) -> dict:
+    """Seconds per slider change as the Explore page computes it (scores cached, then masks, quantization,
+    calibration, one full-resolution evaluation and the cost model), for a replayed sequence of changes.
+
+    The one-off costs (the gradient pass, tracing layer geometry, the dense evaluation) are reported apart:
+    the app pays them once per network and criterion, not per change."""
+    from jpq_core.models import load_network
+
+    torch.set_num_threads(threads)
+    live = LiveNetwork(network, load_network(network))
+    first = LiveConfig(network=network, criterion=criterion)
+    once = {}
+    start = time.perf_counter()
+    live.stats(first)
+    once["scores_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    live.geometry  # noqa: B018 - traced once per network
+    live.evaluate(live.dense)
+    once["geometry_and_dense_evaluation_s"] = time.perf_counter() - start
+    changes = []
+    for sparsity, wbits in INTERACTION_CHANGES:
+        config = LiveConfig(network=network, criterion=criterion, sparsity=sparsity, wbits=wbits, abits=8)
+        start = time.perf_counter()
+        result = live.compress(config)
+        seconds = time.perf_counter() - start
+        row = {"sparsity": sparsity, "wbits": wbits, "seconds": seconds, **result.timings,
+               "metric": result.evaluation.metrics}
+        changes.append(row)
+        if progress:
+            progress(row)
+    seconds = [c["seconds"] for c in changes]
+    return {"network": network, "criterion": criterion, "threads": threads, "once": once, "changes": changes,
+            "median_s": float(np.median(seconds)), "max_s": max(seconds), "target_s": 1.5}
