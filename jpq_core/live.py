@@ -56,6 +56,7 @@ class LiveConfig:
     abits: int | None = 8
     protect_first_last: bool = True
     calibration: str = "percentile"
+    checkpoint: str = ""  # "" = the shipped weights; else the content hash of an uploaded checkpoint
 
     def compression_config(self) -> CompressionConfig:
         return CompressionConfig(
@@ -92,6 +93,8 @@ class LiveConfig:
             "protect_first_last": lambda v: {"true": True, "false": False}.get(v.lower()) if v.lower() in ("true", "false")
             else _bad("protect_first_last must be true or false"),
             "calibration": lambda v: v if v in ("minmax", "percentile", "mse") else _bad("calibration must be minmax, percentile or mse"),
+            "checkpoint": lambda v: v if v == "" or (len(v) == 40 and all(c in "0123456789abcdef" for c in v))
+            else _bad("checkpoint must be the hash of an uploaded file"),
         }
         for key, parse in parsers.items():
             if key not in params:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import streamlit as st
 
 from jpq_core.data.stereo_files import middlebury_motorcycle
@@ -124,21 +127,62 @@ def sidebar_config() -> LiveConfig:
         abits = st.select_slider("Activation bits", LIVE_ACTIVATION_BITS, value=config.abits, format_func=_bits_label,
                                  key="w_abits")
         protect = st.checkbox("Keep first and last layer dense", value=config.protect_first_last, key="w_protect")
+        checkpoint = config.checkpoint if network == config.network else ""
+        with st.expander("Your own weights" + (" (in use)" if checkpoint else "")):
+            upload = st.file_uploader(f"A {LIVE_NETWORKS[network]} checkpoint: .safetensors, or a state dict from "
+                                      "torch.save (loaded as weights only)", type=["safetensors", "pt", "pth", "bin"],
+                                      key="w_upload")
+            if upload is not None:
+                try:
+                    checkpoint = upload_checkpoint(network, upload.getvalue())
+                    st.success(f"Using {upload.name}.")
+                except JPQError as exc:
+                    st.error(f"{upload.name}: {exc}")
+                    checkpoint = ""
+            elif checkpoint and st.button("Back to the shipped weights", key="w_shipped"):
+                checkpoint = ""
     new = LiveConfig(network=network, criterion=criterion, allocation=allocation, sparsity=sparsity, wbits=wbits,
-                     abits=abits, protect_first_last=protect, calibration=config.calibration)
+                     abits=abits, protect_first_last=protect, calibration=config.calibration, checkpoint=checkpoint)
     st.session_state[_STATE] = new
     st.query_params.from_dict(new.to_query())
     return new
 
 
-@st.cache_resource(show_spinner="Preparing the network for live compression...")
-def live_network(network: str) -> LiveNetwork:
-    return LiveNetwork(network, load_network(network))
+UPLOADS = Path(__file__).resolve().parents[1] / "runs" / "uploads"
+
+
+def upload_checkpoint(network: str, data: bytes) -> str:
+    """Keep an uploaded checkpoint under its content hash and check that it loads into `network` (weights only,
+    never unpickled; mismatching tensors named); returns the hash the configuration refers to it by."""
+    from jpq_core.checkpoints import MAX_CHECKPOINT_BYTES, atomic_write
+
+    if len(data) > MAX_CHECKPOINT_BYTES:
+        raise JPQError(f"the checkpoint is {len(data) / 2**20:.0f} MiB, over the {MAX_CHECKPOINT_BYTES // 2**20} MiB limit.")
+    digest = hashlib.sha1(data).hexdigest()
+    path = UPLOADS / f"{digest}.ckpt"
+    if not path.exists():
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    try:
+        live_network(network, digest)  # loads now, so a bad file is reported at upload, not later
+    except JPQError as exc:
+        path.unlink(missing_ok=True)
+        raise JPQError(str(exc).replace(f"{path}: ", "")) from None
+    return digest
+
+
+@st.cache_resource(show_spinner="Preparing the network for live compression...", max_entries=8)
+def live_network(network: str, checkpoint: str = "") -> LiveNetwork:
+    if not checkpoint:
+        return LiveNetwork(network, load_network(network))
+    path = UPLOADS / f"{checkpoint}.ckpt"
+    if not path.exists():
+        raise JPQError("the uploaded checkpoint of this link is not on this server; upload it again in the sidebar.")
+    return LiveNetwork(network, load_network(network, checkpoint=path))
 
 
 def ensure_scores(config: LiveConfig) -> None:
     """Compute the criterion's statistics once (a gradient pass), with a progress bar the first time."""
-    network = live_network(config.network)
+    network = live_network(config.network, config.checkpoint)
     if network.has_stats(config):
         return
     bar = st.progress(0.0, text=f"Scoring weights with {config.criterion} (once per network and criterion)...")
@@ -149,12 +193,12 @@ def ensure_scores(config: LiveConfig) -> None:
 @st.cache_resource(show_spinner="Pruning, quantizing and evaluating...", max_entries=48)
 def live_result(config: LiveConfig) -> LiveResult:
     """Shared between sessions: a LiveResult is never modified after it is made."""
-    return live_network(config.network).compress(config)
+    return live_network(config.network, config.checkpoint).compress(config)
 
 
 @st.cache_resource(show_spinner="Evaluating the dense network...", max_entries=4)
-def dense_evaluation(network: str) -> Evaluation:
-    live = live_network(network)
+def dense_evaluation(network: str, checkpoint: str = "") -> Evaluation:
+    live = live_network(network, checkpoint)
     return live.evaluate(live.dense)
 
 

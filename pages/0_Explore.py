@@ -27,7 +27,7 @@ config = sidebar_config()
 try:
     ensure_scores(config)
     result = live_result(config)
-    dense = dense_evaluation(config.network)
+    dense = dense_evaluation(config.network, config.checkpoint)
 except JPQError as exc:
     show_error(exc)
     st.stop()
@@ -48,7 +48,7 @@ cols[2].metric("Sparsity achieved", f"{result.sparsity:.2%}", help="share of pru
 cols[3].metric("Weight bits / act. bits", f"{config.wbits or 32} / {config.abits or 32}")
 cost_cards(result.cost)
 
-runs = matching_runs(cached_results()[0], config)
+runs = matching_runs(cached_results()[0], config) if not config.checkpoint else cached_results()[0].iloc[:0]
 tuned = runs[runs["finetune"] != "none"] if not runs.empty else runs
 with st.expander(f"Fine-tuned runs of this configuration (cached): {len(tuned)}", expanded=not tuned.empty):
     if tuned.empty:

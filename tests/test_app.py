@@ -131,3 +131,39 @@ def test_trade_offs_page_plots_measured_runs_and_the_live_point(root):
     caption = " ".join(c.value for c in at.caption)
     tuned = int(re.search(r"(\d+) runs", caption).group(1))
     assert 0 < tuned < runs
+
+
+class _WritesAFile:
+    """Unpickling this would create a file: the upload must be refused without running it."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_uploaded_checkpoints_are_used_or_refused_with_a_reason(root, tmp_path):
+    import pickle
+
+    import torch
+
+    from jpq_core.models import load_network
+
+    good, wrong = tmp_path / "mine.pt", tmp_path / "wrong.pt"
+    torch.save(load_network("resnet20").state_dict(), good)
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    target = tmp_path / "pwned"
+    evil = pickle.dumps({"fc.weight": _WritesAFile(str(target))})
+
+    at = _explore(root, network="resnet20", criterion="magnitude", sparsity="0.5")
+    uploader = at.sidebar.get("file_uploader")[0]
+    uploader.upload("evil.pt", evil).run()
+    assert not at.exception and not target.exists()
+    assert "never unpickled" in at.error[0].value
+    at.sidebar.get("file_uploader")[0].upload("wrong.pt", wrong.read_bytes()).run()
+    assert "fc.weight (3, 3) vs (10, 64)" in at.error[0].value
+    at.sidebar.get("file_uploader")[0].upload("mine.pt", good.read_bytes()).run()
+    assert not at.exception and not at.error
+    assert at.query_params["checkpoint"] not in ("", [""])
+    assert float(_metrics(at)["Top-1"].rstrip("%")) > 90
