@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -89,7 +88,7 @@ with tabs[0]:
         col.metric(f"Loss, {name}-pruned", f"{result[name]['loss']:.4f}",
                    delta=f"{result[name]['loss'] - dense['loss']:+.4f}", delta_color="inverse",
                    help=f"top-1 {result[name]['top1']:.1%} on {HELD_OUT} held-out images")
-    category = result["magnitude"]["mask"].astype(np.int8) + 2 * result["taylor"]["mask"].astype(np.int8)
+    category = analysis.agreement_grid(result["magnitude"]["mask"], result["taylor"]["mask"]).ravel()
     left, right = st.columns(2)
     left.plotly_chart(criteria_scatter_figure(result["scores"]["magnitude"], result["scores"]["taylor"], category,
                                               "magnitude", "taylor", f"{layer}: each weight by both scores"),
