@@ -38,7 +38,9 @@ sparsity = controls[2].select_slider("Sparsity", SPARSITIES, value=live.sparsity
                                      format_func=lambda s: f"{s:.1%}", key="sparsity")
 allocation = controls[3].radio("Threshold", ["global", "uniform"], key="allocation", horizontal=True,
                                help="global: one threshold over all layers; uniform: every layer pruned to the "
-                                    "same sparsity. First and last layers stay dense, as in compression.")
+                                    "same sparsity.")
+protect = controls[3].checkbox("First and last layer dense", value=live.protect_first_last, key="protect",
+                               help="as compression does by default; untick to reach the highest sparsities")
 if not criteria:
     st.info("Pick at least one criterion.")
     st.stop()
@@ -76,7 +78,7 @@ try:
         st.caption(f"Gradient statistics: {stats.batches} calibration batches, "
                    + (f"computed in {seconds:.1f} s (now cached on disk)." if ran else f"read from the cache in {seconds:.2f} s."))
     scores = _scores(network, tuple(criteria), stats)
-    masks = {name: analysis.kept_masks(model, scores[name], sparsity, allocation) for name in criteria}
+    masks = {name: analysis.kept_masks(model, scores[name], sparsity, allocation, protect) for name in criteria}
 except JPQError as exc:
     show_error(exc)
     st.stop()

@@ -69,6 +69,12 @@ def test_more_sparsity_removes_more_of_the_layer_and_leaves_the_ranking_alone(ta
     assert removed_after > removed_before
     assert _metrics(at)["Spearman, magnitude vs taylor"] == rho_before  # ranks do not depend on the threshold
 
+    at.select_slider(key="sparsity").set_value(0.999).run()  # more than the dense first and last layers allow
+    assert not at.exception and "protect fewer layers" in at.error[0].value
+    at.checkbox(key="protect").uncheck().run()
+    assert not at.exception and not at.error
+    assert int((_array(_figure(at, "mask_figure")["data"][0]["z"]) == 0).sum()) > removed_after
+
 
 def test_a_cached_sensitivity_scan_is_drawn_without_running(taylor, tmp_path):
     model, task = cached_network("resnet20"), cached_task("resnet20")
