@@ -167,3 +167,33 @@ def test_uploaded_checkpoints_are_used_or_refused_with_a_reason(root, tmp_path):
     assert not at.exception and not at.error
     assert at.query_params["checkpoint"] not in ("", [""])
     assert float(_metrics(at)["Top-1"].rstrip("%")) > 90
+
+
+def test_a_damaged_results_file_is_named_and_its_good_rows_still_shown(root, tmp_path, monkeypatch):
+    import jpq_core.report as report
+    from jpq_core.sweeps import RESULTS
+
+    table = tmp_path / "sweeps.jsonl"
+    good = RESULTS.read_text().splitlines()
+    table.write_text("\n".join(good) + "\n{\"network\": \"resnet20\", \"trunc")  # a row cut off mid-write
+    monkeypatch.setattr(report, "RESULTS", table)
+    st.cache_data.clear()
+    at = AppTest.from_file(str(root / "pages" / "4_Trade-offs.py"), default_timeout=240)
+    at.query_params.update(network="resnet20", criterion="magnitude")
+    at.run()
+    assert not at.exception
+    assert any("sweeps.jsonl" in w.value for w in at.warning)
+    expected = len(report.load_results(RESULTS)[0].query("network == 'resnet20'"))
+    assert f"{expected} runs" in " ".join(c.value for c in at.caption)
+    st.cache_data.clear()
+
+
+def test_two_sessions_keep_their_own_configuration(root):
+    first = _explore(root, network="resnet20", criterion="magnitude", sparsity="0.5")
+    second = _explore(root, network="resnet20", criterion="magnitude", sparsity="0.9")
+    before = _metrics(second)["Weight memory"]
+    first.sidebar.select_slider(key="w_sparsity").set_value(0.95).run()
+    second.run()
+    assert _metrics(second)["Weight memory"] == before
+    assert _number(_metrics(first)["Sparsity achieved"]) == pytest.approx(95.0, abs=0.01)
+    assert _number(_metrics(second)["Sparsity achieved"]) == pytest.approx(90.0, abs=0.01)
