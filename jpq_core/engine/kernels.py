@@ -30,28 +30,63 @@ def _store(v, mode, scale, zero, qmax):
     """mode 0: v; 1: fake-quantized s * (clamp(round(v / s) + z, 0, qmax) - z); 2: q = clamp(round(v / s) + z, 0, qmax)."""
     if mode == 0:
         return v
-    q = min(max(np.round(v / scale) + zero, np.float32(0.0)), qmax)
+    q = min(max(np.rint(v / scale) + zero, np.float32(0.0)), qmax)
     if mode == 1:
         return scale * (q - zero)
     return q
 
 
+@njit(inline="always")
+def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax):
+    """Store the output row y[:w] of sample n, channel c, row oy into dest (N', S, C_total, H_pad, W_phase) at
+    channel c0 + c, row oy + pad, column x + pad split into S column phases, each value through `_store`.
+    Samples n >= N' are not stored (a consumer that reads only the first part of the batch)."""
+    if n >= dest.shape[0]:
+        return
+    stride = dest.shape[1]
+    if stride == 1:
+        drow = dest[n, 0, c0 + c, oy + pad]
+        shift = np.uint64(pad)
+        if mode == 2:  # branches outside the loops, so that each loop vectorises
+            for x in range(np.uint64(w)):
+                drow[shift + x] = min(max(np.rint(y[x] / scale) + zero, np.float32(0.0)), qmax)
+        elif mode == 1:
+            for x in range(np.uint64(w)):
+                drow[shift + x] = _store(y[x], 1, scale, zero, qmax)
+        else:
+            for x in range(np.uint64(w)):
+                drow[shift + x] = y[x]
+        return
+    for p in range(stride):  # phase p holds padded columns j * stride + p, i.e. x = j * stride + p - pad
+        prow = dest[n, p, c0 + c, oy + pad]
+        j_lo = max(0, (pad - p + stride - 1) // stride)
+        j_hi = min(prow.shape[0], (w - 1 + pad - p) // stride + 1)
+        first = j_lo * stride + p - pad
+        if mode == 2 and stride == 2:  # a constant stride lets the loop vectorise
+            for j in range(j_hi - j_lo):
+                prow[j_lo + j] = min(max(np.rint(y[first + 2 * j] / scale) + zero, np.float32(0.0)), qmax)
+        else:
+            for j in range(j_hi - j_lo):
+                prow[j_lo + j] = _store(y[first + j * stride], mode, scale, zero, qmax)
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope,
-                n_batch, out_h, out_w, rowstride, rows_per_tile, acc_buf,
-                dest, c0, pad, mode, scale, zero, qmax):
+                n_batch, out_h, out_w, rowstride, rows_per_tile, acc_buf, out, keep,
+                dest_a, store_a, place_a, dest_b, store_b, place_b):
     """y[n, c, oy, ox] = act((acc - corr[c]) * mul[c] + bias[c] + res_scale * res[n, c, oy, ox]),
     acc = sum_k val[k] * inp[n * in_sample + off[k] + oy * rowstride + ox], act(y) = y if y > 0 else slope * y.
 
-    y is stored (`_store` with mode, scale, zero, qmax) into dest (N, S, C_total, H_pad, W_phase) at channel
-    c0 + c, row oy + pad, column ox + pad split into S phases: either a plain float output (S = 1, pad 0)
-    or directly the padded, quantized input of the one convolution that consumes it.
+    y goes, in the same pass, to the float output out (N, C, H, W) when `keep`, and to up to two padded,
+    phase-split input buffers of consuming convolutions (dest_a, dest_b: (N', S, C_total, H_pad, W_phase)),
+    each with its store = (mode, scale, zero, qmax) (see `_store`) and place = (c0, pad, active).
     """
     c_out = ptr.shape[0] - 1
-    stride = dest.shape[1]
     total_rows = n_batch * out_h
     tiles = (total_rows + rows_per_tile - 1) // rows_per_tile
     w = np.uint64(out_w)
+    ma, sa, za, qa = int(store_a[0]), store_a[1], store_a[2], store_a[3]
+    mb, sb, zb, qb = int(store_b[0]), store_b[1], store_b[2], store_b[3]
     for t in prange(tiles):
         acc = acc_buf[t]
         y = np.empty(out_w, np.float32)
@@ -88,30 +123,23 @@ def sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, 
                     for x in range(w):
                         acc[x] += v0 * inp[o0 + x]
                     k += np.uint64(1)
-                for x in range(w):
-                    y[x] = np.float32(acc[x] - cr) * m + b
                 if has_res:
                     rrow = res[n, c, oy]
                     for x in range(w):
-                        y[x] += res_scale * rrow[x]
-                for x in range(w):
-                    y[x] = y[x] if y[x] > 0 else y[x] * slope
-                if stride == 1:
-                    drow = dest[n, 0, c0 + c, oy + pad]
-                    shift = np.uint64(pad)
-                    if mode == 2:  # branches outside the loops, so that each loop vectorises
-                        for x in range(w):
-                            drow[shift + x] = min(max(np.round(y[x] / scale) + zero, np.float32(0.0)), qmax)
-                    elif mode == 1:
-                        for x in range(w):
-                            drow[shift + x] = _store(y[x], 1, scale, zero, qmax)
-                    else:
-                        for x in range(w):
-                            drow[shift + x] = y[x]
+                        v = np.float32(acc[x] - cr) * m + b + res_scale * rrow[x]
+                        y[x] = v if v > 0 else v * slope
                 else:
-                    for x in range(out_w):
-                        col = x + pad
-                        dest[n, col % stride, c0 + c, oy + pad, col // stride] = _store(y[x], mode, scale, zero, qmax)
+                    for x in range(w):
+                        v = np.float32(acc[x] - cr) * m + b
+                        y[x] = v if v > 0 else v * slope
+                if keep:
+                    orow = out[n, c, oy]
+                    for x in range(w):
+                        orow[x] = y[x]
+                if place_a[2]:
+                    _emit(y, out_w, dest_a, n, c, oy, place_a[0], place_a[1], ma, sa, za, qa)
+                if place_b[2]:
+                    _emit(y, out_w, dest_b, n, c, oy, place_b[0], place_b[1], mb, sb, zb, qb)
 
 
 @njit(parallel=True, cache=True)
@@ -147,7 +175,7 @@ def pad_input(x, out, c0, pad, mode, scale, zero, qmax):
             if stride == 1 and mode == 2:  # the common case, written out so that it vectorises
                 shift = np.uint64(pad)
                 for j in range(np.uint64(w)):
-                    row[j + shift] = min(max(np.round(src[j] / scale) + zero, np.float32(0.0)), qmax)
+                    row[j + shift] = min(max(np.rint(src[j] / scale) + zero, np.float32(0.0)), qmax)
             elif stride == 1:
                 shift = np.uint64(pad)
                 for j in range(np.uint64(w)):
@@ -160,17 +188,23 @@ def pad_input(x, out, c0, pad, mode, scale, zero, qmax):
 
 
 @njit(parallel=True, cache=True)
-def normalize_replicate(x, mean, std, out):
-    """out = (x - mean) / std, padded on the right and bottom by repeating the last row/column."""
+def normalize_into(x, mean, std, h_out, w_out, dest, n0, c0, pad, mode, scale, zero, qmax):
+    """(x - mean) / std, replicate-padded right and bottom to h_out x w_out, stored into samples n0.. of
+    dest (N, S, C_total, H_pad, W_phase) as a producer stores its output (`_emit`; dest's padding holds its
+    value from creation). Normalisation, padding and the first convolution's input quantization in one
+    pass over the image."""
     n_batch, c_in, h, w = x.shape
-    hp, wp = out.shape[2], out.shape[3]
-    for job in prange(n_batch * c_in):
-        n = job // c_in
-        c = job % c_in
-        for r in range(hp):
-            y = min(r, h - 1)
-            for j in range(wp):
-                out[n, c, r, j] = (x[n, c, y, min(j, w - 1)] - mean) / std
+    for job in prange(n_batch * c_in * h_out):
+        n = job // (c_in * h_out)
+        c = (job // h_out) % c_in
+        r = job % h_out
+        src = x[n, c, min(r, h - 1)]
+        row = np.empty(w_out, np.float32)
+        for j in range(w):
+            row[j] = (src[j] - mean) / std
+        for j in range(w, w_out):
+            row[j] = row[w - 1]
+        _emit(row, w_out, dest, n0 + n, c, r, c0, pad, mode, scale, zero, qmax)
 
 
 @njit(parallel=True, cache=True, fastmath=True)

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from jpq_core.engine import packing
-from jpq_core.engine.ops import INTEGER_ACTIVATION_BITS, INTEGER_WEIGHT_BITS, Conv, Glue
+from jpq_core.engine.ops import INTEGER_ACTIVATION_BITS, INTEGER_WEIGHT_BITS, INTO, Conv, Glue
 from jpq_core.errors import JPQError
 from jpq_core.models.resnet import ResNet20
 from jpq_core.models.stereo import _MEAN, _STD, ResidualBlock, StereoNet
@@ -220,8 +220,7 @@ class Lowering:
     def stereo(self, net: StereoNet) -> int:
         """StereoNet.forward, with both views through the shared feature extractor as one batch."""
         left, right = self.new_slot(), self.new_slot()
-        views = [self.glue("normalize", "normalize_pad", [v], mean=_MEAN, std=_STD, multiple=8) for v in (left, right)]
-        both = self.glue("normalize", "batch_concat", views)
+        both = self.glue("normalize", "normalize_pad", [left, right], mean=_MEAN, std=_STD, multiple=8)
         half = self.module(net.features.half_res, both)
         quarter = self.module(net.features.quarter_res, half)
         half_left = self.glue("features", "batch_part", [half], part=0, parts=2)
@@ -238,21 +237,45 @@ class Lowering:
         return self.glue("upsample", "channel", [full], index=0)
 
 
-def fuse(ops: list, output: int) -> None:
-    """Let a conv whose output has exactly one use, as (part of) another conv's input, write that conv's
-    padded, quantized input buffer directly: no float tensor and no separate padding pass in between."""
+MAX_TARGETS = 2  # padded inputs one conv can write in its epilogue (kernels.sparse_conv: dest_a, dest_b)
+
+
+def _uses(ops: list, output: int) -> dict[int, int]:
     uses = {output: 1}
     for op in ops:
         for slot in op.inputs + ([op.residual] if isinstance(op, Conv) and op.residual is not None else []):
             uses[slot] = uses.get(slot, 0) + 1
-    producers = {op.output: op for op in ops if isinstance(op, Conv) and not op.linear}
-    for index, consumer in enumerate(ops):
+    return uses
+
+
+def fuse(ops: list, output: int) -> list:
+    """Let producers write their consumers' padded, quantized input buffers directly, so that no float
+    tensor and no separate padding pass sits in between: a conv (or the stereo input normalisation) whose
+    output is (part of) a conv's input writes that conv's buffer in its epilogue, for up to MAX_TARGETS
+    consumers, also through `batch_part` 0 (StereoNet's left-view features: the first part of the batch).
+    The float output is kept only where something else still reads it (`Conv.keep`). Returns the ops
+    without the `batch_part` glue that fusion made unused."""
+    uses = _uses(ops, output)
+    producers = {op.output: op for op in ops
+                 if (isinstance(op, Conv) and not op.linear) or (isinstance(op, Glue) and op.op in INTO)}
+    halves = {op.output: (op.inputs[0], op.params["parts"]) for op in ops
+              if isinstance(op, Glue) and op.op == "batch_part" and op.params["part"] == 0}
+    links = {id(p): [] for p in producers.values()}
+    dead = set()
+    for consumer in ops:
         if not isinstance(consumer, Conv) or consumer.linear:
             continue
-        channels = [producers[s].shape[0] if s in producers else None for s in consumer.inputs]
         total = consumer.groups * consumer.shape[1]
-        for i, slot in enumerate(consumer.inputs):
-            if slot not in producers or uses[slot] != 1:
+        sources, channels = [], []
+        for slot in consumer.inputs:
+            src, parts = halves[slot] if slot in halves and uses[slot] == 1 else (slot, 1)
+            producer = producers.get(src)
+            if isinstance(producer, Glue) and (len(consumer.inputs) > 1 or parts != 1):
+                producer = None
+            sources.append((producer, parts, slot))
+            channels.append(None if producer is None else producer.shape[0] if isinstance(producer, Conv) else total)
+        for i, (producer, parts, slot) in enumerate(sources):
+            if producer is None or len(links[id(producer)]) >= (MAX_TARGETS if isinstance(producer, Conv) else 1):
                 continue
             before, after = channels[:i], channels[i + 1:]
             if None not in before:
@@ -261,16 +284,25 @@ def fuse(ops: list, output: int) -> None:
                 c0 = total - channels[i] - sum(after)
             else:
                 continue
-            producers[slot].target = [index, c0]
+            links[id(producer)].append((consumer, c0, parts))
             consumer.fused = consumer.fused or [0] * len(consumer.inputs)
             consumer.fused[i] = channels[i]
+            uses[producer.output] -= 1
+            if parts != 1:
+                dead.add(slot)
+    ops = [op for op in ops if op.output not in dead]
+    for producer in producers.values():
+        targets = [[ops.index(c), c0, parts] for c, c0, parts in links[id(producer)]]
+        producer.targets = targets or None
+        if isinstance(producer, Conv):
+            producer.keep = uses[producer.output] > 0
+    return ops
 
 
 def link(ops: list) -> None:
-    """Resolve each conv's `target` to the op object (after lowering or loading)."""
+    """Resolve each producer's `targets` to the consuming op objects (after lowering or loading)."""
     for op in ops:
-        if isinstance(op, Conv) and op.target is not None:
-            op.consumer = ops[op.target[0]]
+        op.consumers = [ops[t[0]] for t in op.targets or []] if hasattr(op, "targets") else []
 
 
 def lower(model: nn.Module):
@@ -280,6 +312,6 @@ def lower(model: nn.Module):
     lowering = Lowering(model)
     with torch.no_grad():
         n_inputs, output = lowering.network(model)
-    fuse(lowering.ops, output)
-    link(lowering.ops)
-    return lowering.ops, n_inputs, output, lowering.slots
+    ops = fuse(lowering.ops, output)
+    link(ops)
+    return ops, n_inputs, output, lowering.slots

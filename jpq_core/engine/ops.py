@@ -52,17 +52,19 @@ class Conv:
     residual: int | None = None
     res_scale: float = 1.0
     slope: float = 1.0  # 1 = no activation, 0 = ReLU, else LeakyReLU
-    target: list | None = None  # [op index, channel offset]: write straight into that conv's padded input
+    targets: list | None = None  # [[op index, channel offset, batch parts]]: convs whose padded input this
+    # layer writes directly (at most 2), into the first 1/parts of the batch
+    keep: bool = True  # whether the float output is needed too (other uses, residuals, program output)
     fused: list | None = None  # per input: its channels if its producer writes it here directly, else 0
     kind = "conv"
-    consumer: "Conv | None" = field(default=None, repr=False)
+    consumers: list = field(default_factory=list, repr=False)
     _csr: tuple | None = field(default=None, repr=False)
     _geometry: dict = field(default_factory=dict, repr=False)
 
     # --- storage -------------------------------------------------------------------------------------
     def describe(self) -> dict:
         keys = ("name", "inputs", "output", "shape", "stride", "padding", "dilation", "groups", "linear", "integer",
-                "bits", "encoding", "entries", "act", "residual", "res_scale", "slope", "target", "fused")
+                "bits", "encoding", "entries", "act", "residual", "res_scale", "slope", "targets", "keep", "fused")
         return {"kind": self.kind, **{k: getattr(self, k) for k in keys}}
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -127,7 +129,7 @@ class Conv:
         plain._csr = (ptr, ci, ky, kx, val, corr, np.ones_like(mul))
         plain.bias = np.zeros_like(self.bias)
         plain.inputs, plain.output, plain.residual, plain.slope = [0], 1, None, 1.0
-        plain.target, plain.fused, plain.consumer = None, None, None
+        plain.targets, plain.keep, plain.fused, plain.consumers = None, True, None, []
         env = [np.ascontiguousarray(x, np.float32), None]
         plain.run(env, {})
         return np.rint(env[1]).astype(np.int64)
@@ -142,13 +144,20 @@ class Conv:
     def input_buffer(self, buffers: dict, n: int, h: int, w: int) -> np.ndarray:
         """This layer's padded, phase-split (quantized) input for this run, created on first request and
         filled with the padding value (what 0.0 stores as)."""
-        if id(self) not in buffers:
-            g = self.geometry(h, w)
+        g = self.geometry(h, w)
+        shape = (n, self.stride, g["c_total"], g["hp"], g["wq"])
+        if id(self) not in buffers or buffers[id(self)][0].shape != shape:
             mode, scale, zero, _ = self.store_params()
             pad = zero if mode == 2 else 0
-            shape = (n, self.stride, g["c_total"], g["hp"], g["wq"])
             buffers[id(self)] = (np.full(shape, pad, np.uint8 if self.integer else np.float32), h, w)
         return buffers[id(self)][0]
+
+    def output_buffer(self, buffers: dict, shape: tuple) -> np.ndarray:
+        """The float output array, reused across runs of the same input size (the program copies its result)."""
+        key = (id(self), "out")
+        if key not in buffers or buffers[key].shape != shape:
+            buffers[key] = np.empty(shape, np.float32)
+        return buffers[key]
 
     def run(self, env: list, buffers: dict) -> None:
         fused = self.fused or [0] * len(self.inputs)
@@ -174,16 +183,14 @@ class Conv:
                 kernels.pad_input(np.ascontiguousarray(x, np.float32), buf, c0, self.padding, mode, scale, zero, qmax)
             c0 += f or x.shape[1]
         co, out_h, out_w = self.shape[0], g["out_h"], g["out_w"]
-        if self.consumer is not None:
-            dest = self.consumer.input_buffer(buffers, n, out_h, out_w)
-            c_dest, pad = self.target[1], self.consumer.padding
-            d_mode, d_scale, d_zero, d_qmax = self.consumer.store_params()
-            out = None
-        else:
-            out = np.empty((n, co, out_h, out_w), np.float32)
-            dest, c_dest, pad = out.reshape(n, 1, co, out_h, out_w), 0, 0
-            d_mode, d_scale, d_zero, d_qmax = 0, np.float32(1), np.float32(0), np.float32(0)
-        res = env[self.residual] if self.residual is not None else np.zeros((1, 1, 1, 1), np.float32)
+        keep = self.keep or not self.consumers
+        out = self.output_buffer(buffers, (n, co, out_h, out_w)) if keep else _NO_FLOAT
+        dests = [(consumer.input_buffer(buffers, n // parts, out_h, out_w), np.array(consumer.store_params(), np.float32),
+                  np.array([c0, consumer.padding, 1], np.int64))
+                 for consumer, (_, c0, parts) in zip(self.consumers, self.targets or [])]
+        unused = np.zeros((1, 1, 1, 1, 1), dests[0][0].dtype if dests else np.uint8)
+        dests += [(unused, np.zeros(4, np.float32), np.zeros(3, np.int64))] * (2 - len(dests))
+        res = env[self.residual] if self.residual is not None else _NO_FLOAT
         if self.linear and self.residual is not None:
             res = res.reshape(n, co, 1, 1)
         ptr, _, _, _, val, corr, mul = self._kernel_weights()
@@ -192,10 +199,12 @@ class Conv:
         acc = np.empty((math.ceil(rows / per_tile), out_w), np.int32 if self.integer else np.float32)
         kernels.sparse_conv(buf.reshape(-1), np.uint64(g["in_sample"]), ptr, g["off"], val, corr, mul, self.bias,
                             res, np.float32(self.res_scale), self.residual is not None, np.float32(self.slope),
-                            n, out_h, out_w, np.uint64(g["rowstride"]), per_tile, acc,
-                            dest, c_dest, pad, d_mode, d_scale, d_zero, d_qmax)
-        if out is not None:
+                            n, out_h, out_w, np.uint64(g["rowstride"]), per_tile, acc, out, keep, *dests[0], *dests[1])
+        if keep:
             env[self.output] = out.reshape(n, -1) if self.linear else out
+
+
+_NO_FLOAT = np.zeros((1, 1, 1, 1), np.float32)  # stands for an absent float array in kernel calls
 
 
 @dataclass
@@ -207,11 +216,13 @@ class Glue:
     inputs: list[int]
     output: int
     params: dict = field(default_factory=dict)
+    targets: list | None = None  # [[op index, channel offset, 1]]: a conv whose padded input this op writes
     kind = "glue"
+    consumers: list = field(default_factory=list, repr=False)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "name": self.name, "op": self.op, "inputs": self.inputs, "output": self.output,
-                "params": self.params}
+                "params": self.params, "targets": self.targets}
 
     def arrays(self) -> dict:
         return {}
@@ -219,20 +230,37 @@ class Glue:
     nbytes = 0
 
     def run(self, env: list, buffers: dict) -> None:
-        env[self.output] = GLUE[self.op]([env[i] for i in self.inputs], **self.params)
+        xs = [env[i] for i in self.inputs]
+        if self.consumers:
+            INTO[self.op](xs, self.consumers[0], self.targets[0][1], buffers, **self.params)
+            env[self.output] = None
+        else:
+            env[self.output] = GLUE[self.op](xs, **self.params)
 
 
 def _normalize_pad(xs, mean, std, multiple):
-    """(x - mean) / std, replicate-padded right and bottom to a multiple of `multiple` (StereoNet's input)."""
-    x = np.ascontiguousarray(xs[0], np.float32)
-    n, c, h, w = x.shape
-    out = np.empty((n, c, h + (-h) % multiple, w + (-w) % multiple), np.float32)
-    kernels.normalize_replicate(x, np.float32(mean), np.float32(std), out)
-    return out
+    """The inputs (x - mean) / std, concatenated along the batch and replicate-padded right and bottom to a
+    multiple of `multiple` (StereoNet's input), as float32 (N, C, H, W)."""
+    n, c, h, w = xs[0].shape
+    out = np.empty((n * len(xs), 1, c, h + (-h) % multiple, w + (-w) % multiple), np.float32)
+    _normalize_into(xs, out, 0, 0, (0, 0.0, 0.0, 0.0), mean, std, multiple)
+    return out[:, 0]
 
 
-def _batch_concat(xs):
-    return np.concatenate(xs, 0)
+def _normalize_pad_into_conv(xs, consumer, c0, buffers, mean, std, multiple):
+    """`_normalize_pad` written straight into the consuming conv's padded, quantized input."""
+    n, _, h, w = xs[0].shape
+    dest = consumer.input_buffer(buffers, n * len(xs), h + (-h) % multiple, w + (-w) % multiple)
+    _normalize_into(xs, dest, c0, consumer.padding, consumer.store_params(), mean, std, multiple)
+
+
+def _normalize_into(xs, dest, c0, pad, store, mean, std, multiple):
+    mode, scale, zero, qmax = store
+    for i, x in enumerate(xs):
+        x = np.ascontiguousarray(x, np.float32)
+        n, _, h, w = x.shape
+        kernels.normalize_into(x, np.float32(mean), np.float32(std), h + (-h) % multiple, w + (-w) % multiple, dest,
+                               i * n, c0, pad, int(mode), np.float32(scale), np.float32(zero), np.float32(qmax))
 
 
 def _batch_part(xs, part, parts):
@@ -284,10 +312,13 @@ def _relu(xs):
 
 
 GLUE = {
-    "normalize_pad": _normalize_pad, "batch_concat": _batch_concat, "batch_part": _batch_part,
+    "normalize_pad": _normalize_pad, "batch_part": _batch_part,
     "correlation": _correlation, "soft_argmin": _soft_argmin, "upsample2x": _upsample2x, "divide": _divide,
     "global_avg_pool": _global_avg_pool, "channel": _channel, "relu": _relu,
 }
+
+
+INTO = {"normalize_pad": _normalize_pad_into_conv}  # glue ops that can write a conv's input directly
 
 
 def op_from(description: dict, arrays: dict):
