@@ -197,3 +197,36 @@ def test_two_sessions_keep_their_own_configuration(root):
     assert _metrics(second)["Weight memory"] == before
     assert _number(_metrics(first)["Sparsity achieved"]) == pytest.approx(95.0, abs=0.01)
     assert _number(_metrics(second)["Sparsity achieved"]) == pytest.approx(90.0, abs=0.01)
+
+
+def _png(height: int, width: int) -> bytes:
+    import cv2
+    import numpy as np
+
+    ok, data = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    return data.tobytes()
+
+
+@pytest.mark.parametrize("left, right, message", [
+    (lambda: _png(64, 96), lambda: _png(64, 80), "differ in size"),
+    (lambda: b"not an image at all", lambda: _png(64, 96), "left.png"),
+    (lambda: _png(64, 96)[:40], lambda: _png(64, 96), "left.png"),
+])
+def test_a_bad_uploaded_pair_gets_a_message_not_a_traceback(root, left, right, message):
+    at = AppTest.from_file(str(root / "pages" / "3_Depth_maps.py"), default_timeout=240).run()
+    at.radio(key="dm_source").set_value("Your own pair").run()
+    uploaders = {u.key: u for u in at.get("file_uploader")}
+    uploaders["dm_left"].upload("left.png", left(), "image/png")
+    uploaders["dm_right"].upload("right.png", right(), "image/png").run()
+    assert not at.exception
+    assert message in at.error[0].value
+
+
+def test_an_uploaded_pair_without_ground_truth_is_shown_without_scores(root):
+    at = AppTest.from_file(str(root / "pages" / "3_Depth_maps.py"), default_timeout=240).run()
+    at.radio(key="dm_source").set_value("Your own pair").run()
+    uploaders = {u.key: u for u in at.get("file_uploader")}
+    uploaders["dm_left"].upload("left.png", _png(64, 96), "image/png")
+    uploaders["dm_right"].upload("right.png", _png(64, 96), "image/png").run()
+    assert not at.exception and not at.error
+    assert "No ground truth" in at.info[0].value
