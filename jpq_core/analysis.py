@@ -227,7 +227,10 @@ def sensitivity_curves(model, task, criterion: str, stats: GradientStats | None,
     scan = sensitivity_scan(_masked_copy(model), task, scores, sparsities, progress=progress)
     scan.update(metric=task.primary_metric[0], criterion=criterion, seconds=round(time.perf_counter() - start, 1))
     text = json.dumps(scan)
-    atomic_write(_scan_path(model, task, criterion, sparsities, cache_dir), lambda tmp: Path(tmp).write_text(text))
+    try:
+        atomic_write(_scan_path(model, task, criterion, sparsities, cache_dir), lambda tmp: Path(tmp).write_text(text))
+    except JPQError:  # a cache only saves time: a full disk or read-only folder must not stop the work
+        pass
     return dict(scan, cached=False)
 
 

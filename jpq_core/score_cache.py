@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from jpq_core.checkpoints import atomic_write
+from jpq_core.errors import JPQError
 from jpq_core.criteria import GradientStats, gather_gradient_stats
 
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "runs" / "score_cache"
@@ -54,6 +55,9 @@ def cached_gradient_stats(model, task, batches: int, seed: int, cache_dir: Path 
         stats = gather_gradient_stats(model, task.batches(batches, seed=seed), task.loss, progress)
         flat = {f"{f}::{k}": v.contiguous() for f in _FIELDS for k, v in getattr(stats, f).items()}
         flat["batches"] = torch.tensor(stats.batches)
-        atomic_write(path, lambda tmp: save_file(flat, tmp))
+        try:
+            atomic_write(path, lambda tmp: save_file(flat, tmp))
+        except JPQError:  # a cache only saves time: a full disk or read-only folder must not stop the work
+            pass
     _memory[key] = stats
     return stats

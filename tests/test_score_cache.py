@@ -36,3 +36,22 @@ def test_a_damaged_cache_file_is_recomputed(tmp_path, monkeypatch):
     monkeypatch.setattr(sc, "_memory", {})
     stats = sc.cached_gradient_stats(model, task, 1, 0, tmp_path)
     assert stats.batches == 1 and path.stat().st_size > 100
+
+
+def test_a_cache_folder_that_cannot_be_written_does_not_stop_scoring(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import jpq_core.checkpoints as checkpoints
+    from jpq_core.models import build_network
+    from jpq_core.score_cache import _memory, cached_gradient_stats
+    from jpq_core.tasks import make_task
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints.os, "replace", disk_full)
+    _memory.clear()
+    stats = cached_gradient_stats(build_network("resnet20"), make_task("resnet20"), 1, 0, cache_dir=tmp_path)
+    assert stats.batches == 1
+    assert not list(tmp_path.iterdir())  # nothing half-written left behind
