@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", default="stereo")
     p.add_argument("--checkpoint", help="start from your own weights instead of the shipped ones")
     p.add_argument("--data", help="evaluation data (stereo: middlebury or synthetic; classifiers: digits, cifar10:PATH, ...)")
-    p.add_argument("--criterion", default="taylor", help="magnitude, taylor(-abs|-square)(-norm), fisher, snip, gradient, random, l1-filter, l2-filter, taylor-channel")
+    p.add_argument("--criterion", default="taylor", help="magnitude, taylor(-abs|-square)(-norm), fisher, snip, gradient, random; channel level: group-l1, group-l2, bn-scale, group-taylor, group-fisher")
     p.add_argument("--sparsity", type=float, default=0.9, help="share of prunable weights removed, in [0, 1)")
     p.add_argument("--wbits", type=_bits, default=8, help="weight bits: 1, 2, 3..8, 16 or float")
     p.add_argument("--abits", type=_bits, default=8, help="activation bits: 4..16 or float")
