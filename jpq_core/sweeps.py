@@ -305,18 +305,18 @@ def append_row(path, row: dict) -> None:
 
 
 class _TableLock:
-    """One sweep writes a table at a time (an advisory lock on TABLE.lock)."""
+    """One sweep writes a table at a time: an advisory lock on the table file itself, held while it runs."""
 
     def __init__(self, path: Path):
-        self.path = path.with_name(path.name + ".lock")
+        self.path = path
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise JPQError(f"{self.path.with_suffix('')}: another sweep is writing this table; wait for it or give --out.") from None
+            raise JPQError(f"{self.path}: another sweep is writing this table; wait for it or give --out.") from None
         return self
 
     def __exit__(self, *exc):

@@ -171,3 +171,11 @@ def test_ray_gives_the_rows_the_local_pool_gives(tmp_path):
     # the fine-tuned point's checkpoint came back from the Ray worker to the driver
     tuned = next(r for r in b.values() if r["finetune"] == "masked")
     assert (tmp_path / "ray" / "checkpoints" / f"{tuned['id']}.safetensors").exists()
+
+
+def test_two_sweeps_cannot_write_one_table_at_once(tmp_path):
+    table = tmp_path / "results.jsonl"
+    with sweeps._TableLock(table):
+        with pytest.raises(JPQError, match="another sweep is writing this table"):
+            sweeps.run_sweep([], table, workers=1, progress=False)
+    assert sweeps.run_sweep([], table, workers=1, progress=False).total == 0
