@@ -168,19 +168,111 @@ def test_plain_resnet20_runs_on_the_float_path(resnet):
     np.testing.assert_allclose(program.run(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_whole_stereo_net_matches_reference():
+@pytest.mark.parametrize("sparsity", [0.9, 0.99])
+def test_whole_stereo_net_matches_reference(sparsity):
+    """Also at 99%, where the global threshold leaves channels without weights (constant outputs, written
+    only into new buffers), and across runs that reuse the buffers, at another size in between."""
     from jpq_core.models import load_network
     from jpq_core.tasks import make_task
 
-    net = magnitude_compressed(load_network("stereo"), make_task("stereo"), 0.9, 8, calibration_batches=1)
+    net = magnitude_compressed(load_network("stereo"), make_task("stereo"), sparsity, 8, calibration_batches=1)
+    program = compile_network(net)
+    empty = sum(int((np.diff(layer._kernel_weights()[0].astype(np.int64)) == 0).sum()) for layer in program.layers)
+    assert (empty > 0) == (sparsity == 0.99)
     g = torch.Generator().manual_seed(0)
-    left, right = torch.rand(1, 3, 60, 125, generator=g), torch.rand(1, 3, 60, 125, generator=g)
-    with torch.no_grad():
-        ref = net(left, right).numpy()
-    out = compile_network(net).run(left, right)
-    assert out.shape == ref.shape == (1, 60, 125)
-    diff = np.abs(out - ref)
-    assert diff.mean() < 0.02 and np.quantile(diff, 0.99) < 0.25  # pixels of disparity
+    for h, w in [(60, 125), (60, 125), (37, 70), (60, 125)]:
+        left, right = torch.rand(1, 3, h, w, generator=g), torch.rand(1, 3, h, w, generator=g)
+        with torch.no_grad():
+            ref = net(left, right).numpy()
+        out = program.run(left, right)
+        assert out.shape == ref.shape == (1, h, w)
+        diff = np.abs(out - ref)
+        assert diff.mean() < 0.02 and np.quantile(diff, 0.99) < 0.25  # pixels of disparity
+        np.testing.assert_array_equal(compile_network(net).run(left, right), out)  # a new program, new buffers
+
+
+def test_concurrent_runs_do_not_share_buffers(resnet):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, task = resnet
+    net = magnitude_compressed(model, task, 0.9, 8, calibration_batches=1)
+    program = compile_network(net)
+    inputs = [task.test_x[i:i + 8] for i in range(0, 64, 8)]
+    alone = [program.run(x) for x in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(program.run, inputs))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 2), c=st.integers(1, 9), h=st.integers(2, 12), w=st.integers(2, 40), shifts=st.integers(1, 12),
+       seed=st.integers(0, 10_000))
+def test_glue_kernels_match_pytorch(n, c, h, w, shifts, seed):
+    import torch.nn.functional as F
+
+    from jpq_core.engine import kernels
+    from jpq_core.models.stereo import correlation_volume, soft_argmin
+
+    rng = np.random.default_rng(seed)
+    left, right = (rng.standard_normal((n, c, h, w)).astype(np.float32) for _ in range(2))
+    out = np.full((n, shifts, h, w), np.nan, np.float32)
+    kernels.correlation(left, right, shifts, out)
+    ref = correlation_volume(torch.from_numpy(left), torch.from_numpy(right), shifts).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    logits = (rng.standard_normal((n, shifts, h, w)) * 20).astype(np.float32)
+    out = np.empty((n, 1, h, w), np.float32)
+    kernels.soft_argmin(logits, np.float32(4.0), out)
+    np.testing.assert_allclose(out, 4.0 * soft_argmin(torch.from_numpy(logits)).numpy(), rtol=1e-5, atol=1e-5)
+    out = np.empty((n, c, 2 * h - 1, 2 * w - 1), np.float32)  # a crop, as StereoNet's last upsampling
+    kernels.upsample2x(left, out)
+    ref = F.interpolate(torch.from_numpy(left), scale_factor=2, mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(out, ref[:, :, :2 * h - 1, :2 * w - 1].numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_vectorised_exp_is_accurate():
+    from numba import njit
+
+    from jpq_core.engine import kernels
+
+    @njit
+    def exp_all(x):
+        out = np.empty_like(x)
+        for i in range(x.shape[0]):
+            out[i] = kernels._exp(x[i])
+        return out
+
+    x = np.concatenate([np.linspace(-87, 0, 200_001), [-0.0, -1e-30, -88, -1e4, -np.inf]]).astype(np.float32)
+    exact = np.exp(x.astype(np.float64))
+    got = exp_all(x)
+    normal = exact > 1.2e-38
+    assert np.max(np.abs(got[normal] - exact[normal]) / exact[normal]) < 2e-7
+    assert np.all(got[~normal] < 1.2e-37) and np.all(got >= 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 20), multiple=st.sampled_from([1, 8]),
+       stride=st.sampled_from([1, 2]), pad=st.integers(0, 2), seed=st.integers(0, 10_000))
+def test_normalisation_writes_the_first_conv_input(n, c, h, w, multiple, stride, pad, seed):
+    """normalize_into = (x - mean) / std, replicate-padded to a multiple, quantized, zero-padded and split
+    into column phases: the padded input the first conv reads, against the same steps in PyTorch."""
+    import torch.nn.functional as F
+
+    from jpq_core.engine import kernels
+
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, c, h, w)).astype(np.float32)
+    scale, zero = np.float32(0.02), np.float32(110.0)
+    hm, wm = h + (-h) % multiple, w + (-w) % multiple
+    wq = -(-(wm + 2 * pad) // stride)
+    dest = np.full((2 * n, stride, c, hm + 2 * pad, wq), 7, np.uint8)  # 7: the padding value, left alone
+    kernels.normalize_into(x, np.float32(0.45), np.float32(0.25), hm, wm, dest, n, 0, pad, 2, scale, zero, np.float32(255))
+    t = F.pad((torch.from_numpy(x) - 0.45) / 0.25, (0, wm - w, 0, hm - h), mode="replicate")
+    q = torch.clamp(torch.round(t / scale) + zero, 0, 255)
+    full = F.pad(q, (pad, pad + wq * stride - wm - 2 * pad, pad, pad), value=7).numpy().astype(np.uint8)
+    for phase in range(stride):
+        np.testing.assert_array_equal(dest[n:, phase], full[..., phase::stride])
+    assert np.all(dest[:n] == 7)
 
 
 def test_unsupported_op_names_the_layer():

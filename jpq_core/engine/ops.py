@@ -149,7 +149,9 @@ class Conv:
         if id(self) not in buffers or buffers[id(self)][0].shape != shape:
             mode, scale, zero, _ = self.store_params()
             pad = zero if mode == 2 else 0
-            buffers[id(self)] = (np.full(shape, pad, np.uint8 if self.integer else np.float32), h, w)
+            # VECTOR columns of slack: the kernel computes whole vectors past a row's end (see sparse_conv)
+            flat = np.full(math.prod(shape) + kernels.VECTOR, pad, np.uint8 if self.integer else np.float32)
+            buffers[id(self)] = (flat[:math.prod(shape)].reshape(shape), h, w, flat)
         return buffers[id(self)][0]
 
     def output_buffer(self, buffers: dict, shape: tuple) -> np.ndarray:
@@ -167,7 +169,7 @@ class Conv:
         if xs:
             n, _, h, w = xs[0].shape
         else:
-            buf, h, w = buffers[id(self)]
+            buf, h, w, _ = buffers[id(self)]
             n = buf.shape[0]
         if sum(x.shape[1] for x in xs) + sum(fused) != self.groups * self.shape[1]:
             raise JPQError(f"layer {self.name!r} expects {self.groups * self.shape[1]} input channels, "
@@ -196,14 +198,17 @@ class Conv:
         ptr, _, _, _, val, corr, mul = self._kernel_weights()
         rows = n * out_h
         per_tile = int(min(4, max(1, rows // (4 * numba.get_num_threads()))))
-        acc = np.empty((math.ceil(rows / per_tile), out_w), np.int32 if self.integer else np.float32)
-        kernels.sparse_conv(buf.reshape(-1), np.uint64(g["in_sample"]), ptr, g["off"], val, corr, mul, self.bias,
+        acc = np.empty((math.ceil(rows / per_tile), -(-out_w // kernels.VECTOR) * kernels.VECTOR),
+                       np.int32 if self.integer else np.float32)
+        kernels.sparse_conv(buffers[id(self)][3], np.uint64(g["in_sample"]), ptr, g["off"], val, corr, mul, self.bias,
                             res, np.float32(self.res_scale), self.residual is not None, np.float32(self.slope),
-                            n, out_h, out_w, np.uint64(g["rowstride"]), per_tile, acc, out, keep, *dests[0], *dests[1])
+                            n, out_h, out_w, np.uint64(g["rowstride"]), per_tile, acc, out, keep, *dests[0], *dests[1],
+                            buffers.get(FRESH, True))
         if keep:
             env[self.output] = out.reshape(n, -1) if self.linear else out
 
 
+FRESH = "fresh"  # key of the buffers dict: False when its arrays were filled by a complete earlier run
 _NO_FLOAT = np.zeros((1, 1, 1, 1), np.float32)  # stands for an absent float array in kernel calls
 
 

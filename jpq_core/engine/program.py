@@ -22,7 +22,7 @@ import torch
 
 from jpq_core.checkpoints import atomic_write
 from jpq_core.engine.lowering import link, lower
-from jpq_core.engine.ops import Conv, op_from
+from jpq_core.engine.ops import FRESH, Conv, op_from
 from jpq_core.errors import JPQError
 
 FORMAT = "jpq-engine/2"  # 2: producers write several consumers' inputs (targets, keep)
@@ -59,11 +59,16 @@ class Program:
             if mine and shapes != self._shapes:
                 self._buffers, self._shapes = {}, shapes
             buffers = self._buffers if mine else {}
-            for op in self.ops:
-                start = time.perf_counter()
-                op.run(env, buffers)
-                if times is not None:
-                    times[op.name] += (time.perf_counter() - start) * 1e3
+            try:
+                for op in self.ops:
+                    start = time.perf_counter()
+                    op.run(env, buffers)
+                    if times is not None:
+                        times[op.name] += (time.perf_counter() - start) * 1e3
+            except BaseException:
+                self._shapes = None  # half-written buffers are not reused
+                raise
+            buffers[FRESH] = False
             return np.array(env[self.output])  # a copy: the buffers are reused by the next run
         finally:
             if mine:
