@@ -78,8 +78,7 @@ def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax):
                 prow[lo + j] = _store(y[first + j * step], mode, scale, zero, qmax)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
-def sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope,
+def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope,
                 n_batch, out_h, out_w, rowstride, rows_per_tile, acc_buf, out, keep,
                 dest_a, store_a, place_a, dest_b, store_b, place_b, fresh):
     """y[n, c, oy, ox] = act((acc - corr[c]) * mul[c] + bias[c] + res_scale * res[n, c, oy, ox]),
@@ -158,6 +157,12 @@ def sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, 
                     _emit(y, out_w, dest_a, n, c, oy, place_a[0], place_a[1], ma, sa, za, qa)
                 if place_b[2]:
                     _emit(y, out_w, dest_b, n, c, oy, place_b[0], place_b[1], mb, sb, zb, qb)
+
+
+sparse_conv = njit(parallel=True, cache=True, fastmath=True)(_sparse_conv)
+# The same kernel without threads: for small layers (ResNet-20 at batch 1), where starting a parallel
+# region costs more than the layer itself.
+sparse_conv_serial = njit(cache=True, fastmath=True)(_sparse_conv)
 
 
 @njit(parallel=True, cache=True)

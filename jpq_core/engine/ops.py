@@ -185,6 +185,24 @@ class Conv:
                 kernels.pad_input(np.ascontiguousarray(x, np.float32), buf, c0, self.padding, mode, scale, zero, qmax)
             c0 += f or x.shape[1]
         co, out_h, out_w = self.shape[0], g["out_h"], g["out_w"]
+        kernel, args = self.kernel_args(buffers, n, out_h, out_w)
+        keep = args[19]
+        if self.residual is not None:
+            args[8] = env[self.residual].reshape(n, co, 1, 1) if self.linear else env[self.residual]
+        args[-1] = buffers.get(FRESH, True)
+        kernel(*args)
+        if keep:
+            env[self.output] = args[18].reshape(n, -1) if self.linear else args[18]
+
+    def kernel_args(self, buffers: dict, n: int, out_h: int, out_w: int) -> tuple:
+        """(kernel, arguments) of the convolution for this input size (the residual, slot 8, and `fresh`, the
+        last, are set per run): made once per buffers dict, so that a run costs little Python (ResNet-20 at
+        batch 1). Layers of fewer than SERIAL_OUTPUTS outputs, or one thread, run without a parallel region."""
+        key = (id(self), "args", n, out_h, out_w, numba.get_num_threads())
+        if key in buffers:
+            return buffers[key]
+        g = self.geometry(*buffers[id(self)][1:3])
+        co = self.shape[0]
         keep = self.keep or not self.consumers
         out = self.output_buffer(buffers, (n, co, out_h, out_w)) if keep else _NO_FLOAT
         dests = [(consumer.input_buffer(buffers, n // parts, out_h, out_w), np.array(consumer.store_params(), np.float32),
@@ -192,22 +210,20 @@ class Conv:
                  for consumer, (_, c0, parts) in zip(self.consumers, self.targets or [])]
         unused = np.zeros((1, 1, 1, 1, 1), dests[0][0].dtype if dests else np.uint8)
         dests += [(unused, np.zeros(4, np.float32), np.zeros(3, np.int64))] * (2 - len(dests))
-        res = env[self.residual] if self.residual is not None else _NO_FLOAT
-        if self.linear and self.residual is not None:
-            res = res.reshape(n, co, 1, 1)
         ptr, _, _, _, val, corr, mul = self._kernel_weights()
         rows = n * out_h
         per_tile = int(min(4, max(1, rows // (4 * numba.get_num_threads()))))
         acc = np.empty((math.ceil(rows / per_tile), -(-out_w // kernels.VECTOR) * kernels.VECTOR),
                        np.int32 if self.integer else np.float32)
-        kernels.sparse_conv(buffers[id(self)][3], np.uint64(g["in_sample"]), ptr, g["off"], val, corr, mul, self.bias,
-                            res, np.float32(self.res_scale), self.residual is not None, np.float32(self.slope),
-                            n, out_h, out_w, np.uint64(g["rowstride"]), per_tile, acc, out, keep, *dests[0], *dests[1],
-                            buffers.get(FRESH, True))
-        if keep:
-            env[self.output] = out.reshape(n, -1) if self.linear else out
+        serial = numba.get_num_threads() == 1 or n * co * out_h * out_w < SERIAL_OUTPUTS
+        buffers[key] = (kernels.sparse_conv_serial if serial else kernels.sparse_conv,
+                        [buffers[id(self)][3], np.uint64(g["in_sample"]), ptr, g["off"], val, corr, mul, self.bias,
+                         _NO_FLOAT, np.float32(self.res_scale), self.residual is not None, np.float32(self.slope),
+                         n, out_h, out_w, np.uint64(g["rowstride"]), per_tile, acc, out, keep, *dests[0], *dests[1], True])
+        return buffers[key]
 
 
+SERIAL_OUTPUTS = 1 << 16  # below this many outputs a layer is not split across threads
 FRESH = "fresh"  # key of the buffers dict: False when its arrays were filled by a complete earlier run
 _NO_FLOAT = np.zeros((1, 1, 1, 1), np.float32)  # stands for an absent float array in kernel calls
 
