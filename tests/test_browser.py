@@ -46,11 +46,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(root):
+def server(root, tmp_path_factory):
     port = _free_port()
+    log = open(tmp_path_factory.mktemp("streamlit") / "server.log", "w+b")  # a file, so the server never blocks on a full pipe
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
-         "--browser.gatherUsageStats", "false"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+         "--browser.gatherUsageStats", "false"], cwd=root, stdout=log, stderr=subprocess.STDOUT,
         env=dict(os.environ, PYTHONPATH=str(root)))
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -62,10 +63,16 @@ def server(root):
             time.sleep(0.5)
     else:
         proc.kill()
-        pytest.fail("streamlit did not start:\n" + proc.stdout.read().decode(errors="replace")[-3000:])
+        log.seek(0)
+        pytest.fail("streamlit did not start:\n" + log.read().decode(errors="replace")[-3000:])
     yield url
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:  # busy in a script run: it would finish it first
+        proc.kill()
+        proc.wait(timeout=15)
+    log.close()
 
 
 @pytest.fixture(scope="module")
