@@ -22,8 +22,8 @@ st.caption("The stereo network compressed two ways, next to the dense network an
 
 config_a = sidebar_config()
 if config_a.network != "stereo":
-    config_a = LiveConfig(**{**config_a.__dict__, "network": "stereo", "criterion": "taylor"})
-    st.info("The sidebar's network is a classifier; setting A uses the stereo network with Taylor scores instead.")
+    config_a = LiveConfig(**{**config_a.__dict__, "network": "stereo", "checkpoint": ""})
+    st.info("The sidebar's network is a classifier; setting A applies its settings to the stereo network.")
 
 source = st.radio("Stereo pair", ["Middlebury motorcycle", "Synthetic scene", "Your own pair"], horizontal=True, key="dm_source")
 seed = 0
