@@ -133,15 +133,19 @@ def load_program(path) -> Program:
         raise JPQError(f"{path}: not a readable program file ({exc}).") from None
     if "program" not in meta:
         raise JPQError(f"{path}: a safetensors file without an engine program in its metadata.")
-    header = json.loads(meta["program"])
-    if header.get("format") != FORMAT:
-        raise JPQError(f"{path}: program format {header.get('format')!r}, this engine reads {FORMAT!r}.")
-    ops = []
-    for i, d in enumerate(header["ops"]):
-        mine = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.split(".", 1)[0] == str(i)}
-        ops.append(op_from(d, mine))
-    link(ops)
-    return Program(ops, header["n_inputs"], header["output"], header["slots"], header.get("info"))
+    try:
+        header = json.loads(meta["program"])
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            found = header.get("format") if isinstance(header, dict) else None
+            raise JPQError(f"{path}: program format {found!r}, this engine reads {FORMAT!r}.")
+        ops = []
+        for i, d in enumerate(header["ops"]):
+            mine = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.split(".", 1)[0] == str(i)}
+            ops.append(op_from(d, mine))
+        link(ops)
+        return Program(ops, header["n_inputs"], header["output"], header["slots"], header.get("info"))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # a damaged or hand-edited header
+        raise JPQError(f"{path}: a damaged program file ({type(exc).__name__}: {str(exc)[:120]}); compile and save it again.") from None
 
 
 def compile_network(model: torch.nn.Module, example_inputs: tuple | None = None) -> Program:
