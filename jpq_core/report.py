@@ -321,8 +321,8 @@ def pipeline_section(df: pd.DataFrame, network: str) -> list[str]:
         part = d[d.wbits_label == b]
         vals = {p: part[part.pipeline == p].headline.mean() for p in PIPELINES}
         present = {p: v for p, v in vals.items() if not math.isnan(v)}
-        best = (max if higher else min)(present, key=present.get)
-        if len(present) == len(PIPELINES):
+        best = (max if higher else min)(present, key=present.get) if len(present) == len(PIPELINES) else "-"
+        if best != "-":
             rows += 1
             joint_wins += best == "joint"
         out.append(f"| {b} | " + " | ".join("" if math.isnan(v) else _pct(v) for v in vals.values()) + f" | {best} |")
@@ -406,7 +406,12 @@ def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str]
             g = df[(df.network == network) & (df.finetune == "none") & (df.wbits_label == "4")]
             out += [f"![{network} channel vs weight]({rel(figures[f'granularity-{network}'])})", "",
                     "Channel criteria remove whole coupled channels (torch-pruning groups); produced by: " + _commands(g), ""]
-    out += ["## Joint against separate pruning and quantization", ""]
+    out += ["## Joint against separate pruning and quantization", "",
+            "All pipelines spend the same number of fine-tuning steps, but not in the same place (`jpq_core/pipeline.py`): "
+            "prune-then-quantize fine-tunes half after pruning and half after quantizing; quantize-then-prune spends "
+            "half before the network is pruned; joint prunes gradually and reaches the final sparsity only at the end "
+            "of its budget. With short budgets the last two leave fewer steps to recover from the final mask, which "
+            "the float-weight rows (where the order of quantization hardly matters) show.", ""]
     for network in sorted(df.network.unique()):
         section = pipeline_section(df, network)
         out += [f"### {network}", ""] + (section or ["No fine-tuned pipeline comparison for this network yet.", ""])
