@@ -6,6 +6,9 @@ from nbclient import NotebookClient
 
 def test_the_tour_notebook_runs_and_shows_measured_results(root, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: one torch thread, as in the other tests
+    # Importing streamlit (the app tests do) sets MPLBACKEND=Agg for the whole process; the kernel would inherit
+    # it and draw no inline figures.
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     nb = nbformat.read(root / "notebooks" / "tour.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(root / "notebooks")}}).execute()
     def shown(cell):
