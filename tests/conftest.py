@@ -26,3 +26,19 @@ class _WritesAFile:
 def code_running_object():
     """code_running_object(path) -> an object whose unpickling would create `path`."""
     return lambda target: _WritesAFile(str(target))
+
+
+@pytest.fixture(scope="module")
+def digits_task():
+    """ResNet-20's task on scikit-learn's digits (the training and test splits in memory)."""
+    from jpq_core.tasks import ClassificationTask
+
+    return ClassificationTask("digits")
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    """The shipped ResNet-20 (a fresh copy per test module)."""
+    from jpq_core.models import load_network
+
+    return load_network("resnet20")

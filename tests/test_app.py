@@ -133,17 +133,7 @@ def test_trade_offs_page_plots_measured_runs_and_the_live_point(root):
     assert 0 < tuned < runs
 
 
-class _WritesAFile:
-    """Unpickling this would create a file: the upload must be refused without running it."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
-def test_uploaded_checkpoints_are_used_or_refused_with_a_reason(root, tmp_path):
+def test_uploaded_checkpoints_are_used_or_refused_with_a_reason(root, tmp_path, code_running_object):
     import pickle
 
     import torch
@@ -154,7 +144,7 @@ def test_uploaded_checkpoints_are_used_or_refused_with_a_reason(root, tmp_path):
     torch.save(load_network("resnet20").state_dict(), good)
     torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
     target = tmp_path / "pwned"
-    evil = pickle.dumps({"fc.weight": _WritesAFile(str(target))})
+    evil = pickle.dumps({"fc.weight": code_running_object(target)})
 
     at = _explore(root, network="resnet20", criterion="magnitude", sparsity="0.5")
     uploader = at.sidebar.get("file_uploader")[0]

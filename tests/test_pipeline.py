@@ -7,17 +7,7 @@ from jpq_core.criteria import prunable_layers
 from jpq_core.errors import JPQError
 from jpq_core.models import load_network, shipped_checkpoint
 from jpq_core.pipeline import PIPELINES, CompressionConfig, compress, current_masks, effective_state_dict, load_compressed, save_compressed
-from jpq_core.tasks import ClassificationTask, StereoTask
-
-
-@pytest.fixture(scope="module")
-def digits_task():
-    return ClassificationTask("digits")
-
-
-@pytest.fixture(scope="module")
-def resnet20():
-    return load_network("resnet20")
+from jpq_core.tasks import StereoTask
 
 
 def _cfg(**kw):

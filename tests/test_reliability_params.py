@@ -8,20 +8,8 @@ import torch
 from jpq_core.cli import main
 from jpq_core.criteria import prunable_layers
 from jpq_core.errors import JPQError
-from jpq_core.models import load_network
 from jpq_core.pipeline import CompressionConfig, compress, current_masks
 from jpq_core.pruning import check_sparsity, make_masks
-from jpq_core.tasks import ClassificationTask
-
-
-@pytest.fixture(scope="module")
-def digits_task():
-    return ClassificationTask("digits")
-
-
-@pytest.fixture(scope="module")
-def resnet20():
-    return load_network("resnet20")
 
 
 def _cfg(**kw):
