@@ -153,12 +153,12 @@ def cmd_compress(args) -> int:
         layer_wbits=_layer_bits(args.layer_wbits),
         steps=args.steps if args.steps is not None else DEFAULT_FINETUNE_STEPS[task_of(args.network)],
         protect_first_last=not args.no_protect, per_channel=not args.per_tensor, symmetric=not args.asymmetric,
-        calibration=args.calibration, calibration_batches=args.calibration_batches, lr=args.lr, seed=args.seed,
+        calibration=args.calibration, calibration_batches=args.calibration_batches, lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed,
     ).check()
     model = load_network(args.network, args.checkpoint)
     data = args.data if args.data else ("middlebury" if task_of(args.network) == "stereo" else "digits")
     task = make_task(args.network, data)
-    bar = tqdm(desc="compress", disable=args.quiet or args.json, unit="batch")
+    bar = tqdm(desc="compress", disable=args.quiet, unit="batch")  # stderr: --json output stays clean
 
     def progress(stage, i, n):
         bar.set_description(stage)
@@ -296,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default="minmax", help="activation range: minmax, percentile or mse")
     p.add_argument("--calibration-batches", type=int, default=8, help="batches for gradient scores and activation ranges")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default per task)")
+    p.add_argument("--lr-schedule", default="constant", help="constant, or cosine (warm-up, then decay to zero per stage)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--save", help="save the compressed weights (masked and quantized) as safetensors + JSON")

@@ -40,6 +40,7 @@ from jpq_core.quantization import ACTIVATION_BITS, ActivationQuantizer, check_bi
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint", "prune-only", "quantize-only")
 FINETUNE_MODES = ("none", "masked", "distill", "regrow")
 SCHEDULES = ("oneshot", "iterative", "gradual")
+LR_SCHEDULES = ("constant", "cosine")
 ALLOCATIONS = ("global", "uniform", "sensitivity")
 ITERATIVE_ROUNDS = 4
 
@@ -64,6 +65,9 @@ class CompressionConfig:
     calibration: str = "minmax"
     calibration_batches: int = 8
     lr: float | None = None  # None: the task's default (fine-tuning rates differ by task)
+    # Learning rate over each fine-tuning stage: constant, or cosine decay to zero after a short warm-up.
+    # "constant" is the default because every row measured before this option existed used it.
+    lr_schedule: str = "constant"
     seed: int = 0
 
     def check(self) -> "CompressionConfig":
@@ -81,6 +85,8 @@ class CompressionConfig:
             raise JPQError(f"the learning rate must be a positive number, got {self.lr!r}; leave it out for the task's default.")
         if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
             raise JPQError(f"calibration batches must be a whole number >= 1, got {self.calibration_batches!r}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise JPQError(f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}.")
         if self.schedule not in SCHEDULES:
             raise JPQError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
         self.layer_wbits = {k: check_bits(v) for k, v in self.layer_wbits.items()}
@@ -190,12 +196,16 @@ class _Budget:
         return n
 
 
-def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=None, on_step=None, progress=None):
+def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=None, on_step=None, progress=None,
+             lr_schedule: str = "constant"):
     """Fine-tune the parametrized model in place for `steps` steps.
 
     `on_step(step, steps)` runs before each step (gradual pruning uses it); regrowth updates the masks
-    every 25 steps; `progress(i, n)` is told after each step.
+    every 25 steps; `progress(i, n)` is told after each step. `lr_schedule` "cosine" warms up over the first
+    5% of the steps (at most 50; Adam's fresh moments make the first steps large) and decays to zero.
     """
+    from jpq_core.training import cosine_lr
+
     if mode == "none" or steps == 0:
         return model
     model.train()
@@ -209,6 +219,9 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
     for step, batch in enumerate(task.batches(steps, seed=seed)):
         if on_step:
             on_step(step, steps)
+        if lr_schedule == "cosine":
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(lr, step, steps, warmup=min(50, max(1, steps // 20)))
         if mode == "distill":
             with torch.no_grad():
                 target = task.predict(teacher, batch)
@@ -349,7 +362,7 @@ class _Run:
     def finetune(self, steps: int, on_step=None):
         self._seed += 1
         finetune(self.net, self.task, steps, self.config.finetune, self.lr, self._seed, teacher=self.dense,
-                 on_step=on_step, progress=lambda i, n: self.progress("fine-tune", i, n))
+                 on_step=on_step, progress=lambda i, n: self.progress("fine-tune", i, n), lr_schedule=self.config.lr_schedule)
 
     def quantize(self):
         c = self.config

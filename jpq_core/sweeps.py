@@ -110,6 +110,8 @@ def load_grid(path) -> list[CompressionConfig]:
 def config_key(config: CompressionConfig | dict) -> str:
     """The full configuration as canonical JSON: what makes two rows the same run."""
     d = asdict(config) if isinstance(config, CompressionConfig) else config
+    if d.get("lr_schedule", "constant") == "constant":  # rows from before the option existed lack the key
+        d = {k: v for k, v in d.items() if k != "lr_schedule"}
     return json.dumps(d, sort_keys=True)
 
 

@@ -42,9 +42,30 @@ def test_more_sparsity_costs_less_memory_and_accuracy_does_not_improve(digits_ta
 def test_bad_configuration_is_refused_with_a_clear_message(digits_task, resnet20):
     for kw, msg in (({"sparsity": 1.0}, "sparsity must be"), ({"wbits": 9}, "weight bits"), ({"pipeline": "x"}, "unknown pipeline"),
                     ({"finetune": "x"}, "fine-tuning mode"), ({"criterion": "x"}, "unknown criterion"),
+                    ({"lr_schedule": "step"}, "learning-rate schedule"),
                     ({"layer_wbits": {"stem.9": 4}}, "no layer named stem.9")):
         with pytest.raises(JPQError, match=msg):
             compress(resnet20, digits_task, _cfg(**kw))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_learning_rate_schedule_is_the_one_asked_for(digits_task, resnet20, monkeypatch, schedule):
+    seen = []
+    original = torch.optim.Adam.step
+
+    def record(self, *a, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    compress(resnet20, digits_task, _cfg(pipeline="prune-only", steps=40, lr=1e-3, lr_schedule=schedule))
+    assert len(seen) == 40
+    if schedule == "constant":
+        assert set(seen) == {1e-3}
+    else:  # warm-up over 2 steps, then decay towards zero; the peak is the rate asked for
+        assert seen[0] < seen[1] == pytest.approx(1e-3)
+        assert all(a >= b for a, b in zip(seen[1:], seen[2:]))
+        assert seen[-1] < 0.01 * 1e-3
 
 
 def test_short_prune_then_quantize_keeps_the_stereo_output_close():

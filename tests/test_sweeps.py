@@ -2,6 +2,7 @@
 a damaged table keeps its good rows and names the bad lines, and Ray gives the rows the local pool gives."""
 
 import json
+from dataclasses import asdict
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from jpq_core import sweeps
 from jpq_core.errors import JPQError
-from jpq_core.pipeline import load_compressed
+from jpq_core.pipeline import CompressionConfig, load_compressed
 
 # Seconds per configuration on one core: magnitude needs no gradient pass, one calibration batch.
 TINY = """
@@ -49,6 +50,16 @@ def test_a_grid_is_the_product_of_its_axes(tmp_path):
     assert {c.steps for c in configs if c.finetune == "masked"} == {10, 20}
     assert all(c.calibration == "percentile" for c in configs)
     assert len({sweeps.config_key(c) for c in configs}) == len(configs)
+
+
+def test_rows_from_before_the_lr_schedule_option_still_match_their_configuration():
+    """Shipped rows lack `lr_schedule` (they all used a constant rate): a rerun must skip them, while a
+    cosine run of the same settings is a different configuration."""
+    old_row = asdict(CompressionConfig(network="stereo", sparsity=0.95, wbits=4))
+    del old_row["lr_schedule"]
+    assert sweeps.config_key(old_row) == sweeps.config_key(CompressionConfig(network="stereo", sparsity=0.95, wbits=4))
+    assert sweeps.config_key(old_row) != sweeps.config_key(
+        CompressionConfig(network="stereo", sparsity=0.95, wbits=4, lr_schedule="cosine"))
 
 
 def test_grid_mistakes_are_named(tmp_path):
