@@ -12,7 +12,7 @@
    dQ/dw := 1 and trains.
 5. `memory_lesson`: weight memory and BOPs of one layer over sparsity x bit width, from `jpq_core.costs`:
    BOPs = nnz * positions * b_w * b_a is exactly multiplicative; memory is not quite, because the sparse
-   encodings pay index bits (bitmask: 1 per weight; CSR: 4 per kept weight plus fillers).
+   encodings pay index bits (bitmask: 1 per weight; CSR: 2-8 per kept weight plus fillers).
 6. `dominators`: which points beat a given point in both objectives (none: it is on the Pareto front,
    `jpq_core.sweeps.pareto_mask`).
 """

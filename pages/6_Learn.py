@@ -185,7 +185,8 @@ BIT_STOPS = (1, 2, 4, 8, 16, None)
 with tabs[4]:
     st.markdown("BOPs = non-zero MACs × weight bits × activation bits, so sparsity and bit width multiply "
                 "exactly. Memory almost multiplies, but a sparse layer must also say **where** its weights are: "
-                "a bitmask costs 1 bit per weight, CSR 4 bits per kept weight (plus fillers for long gaps). The "
+                "a bitmask costs 1 bit per weight, CSR 2-8 bits per kept weight (the gap to the previous one, plus a "
+                "filler for gaps too long for that width; the width is chosen per layer). The "
                 "cost model picks the cheapest of dense, bitmask and CSR, and adds the scales and biases.")
     cols = st.columns(3)
     m_layer = cols[0].selectbox("Layer", layer_names, index=layer_names.index("stage3.0.conv2")

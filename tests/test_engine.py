@@ -114,14 +114,31 @@ def test_packing_round_trip_and_cost_model_sizes(bits, density, size, seed):
     np.testing.assert_array_equal(out, values)
     sizes = packing.encoding_sizes(values, bits)
     assert packed.nbytes + index.nbytes == sum(-(-b // 8) for b in _stream_bits(encoding, bits, size, entries))
-    if "csr" in sizes and bits != 1:  # the cost model's relative-index CSR, to the bit
-        assert sizes["csr"] == csr_bits(torch.from_numpy(values != 0), bits)
+    if "csr4" in sizes and bits != 1:  # the cost model's relative-index CSR at every gap width, to the bit
+        for width in packing.GAP_WIDTHS:
+            assert sizes[f"csr{width}"] == csr_bits(torch.from_numpy(values != 0), bits, width)
     if bits == 4:
         assert packed.nbytes == -(-entries // 2)  # two 4-bit values per byte
 
 
+def test_programs_saved_before_the_gap_width_choice_still_decode():
+    """Older programs name 4-bit CSR "csr"; the same bytes must give the same weights."""
+    values = np.zeros(200, np.int64)
+    values[[3, 4, 90, 199]] = [1, -2, 3, -4]
+    _, packed, index, entries = packing.encode(values, 4)
+    fields = np.flatnonzero(values)
+    width_4 = packing._csr_entries(fields, False, 4)[0]
+    index_4 = packing.pack_bits(width_4, 4)
+    vals_4 = np.zeros(width_4.size, np.int64)
+    vals_4[packing._csr_entries(fields, False, 4)[1]] = values[fields]
+    positions, kept = packing.decode("csr", packing.pack_bits(vals_4, 4), index_4, 4, 200, width_4.size)
+    assert positions.tolist() == [3, 4, 90, 199] and kept.tolist() == [1, -2, 3, -4]
+
+
 def _stream_bits(encoding, bits, size, entries):
-    return {"dense": [size * bits, 0], "bitmask": [entries * bits, size], "csr": [entries * bits, entries * 4]}[encoding]
+    if encoding.startswith("csr"):
+        return [entries * bits, entries * packing.gap_bits(encoding)]
+    return {"dense": [size * bits, 0], "bitmask": [entries * bits, size]}[encoding]
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,26 @@ The encodings are those of the cost model (`jpq_core.costs`, after Han et al., D
 so that a program's size is a measured counterpart of the model's `weight_bits`:
     dense    every position's value, N * b bits
     bitmask  one bit per position, then the kept values: N + nnz * b bits
-    csr      per kept value a 4-bit gap to the previous one (gap - 1 in 0..15) and the value; a gap over
-             16 inserts a zero-valued filler that advances 16 positions: (nnz + fillers) * (b + 4) bits.
+    csrG     per kept value a G-bit gap to the previous one (gap - 1 in 0..2^G - 1) and the value; a gap over
+             2^G inserts a zero-valued filler that advances 2^G positions: (nnz + fillers) * (b + G) bits,
+             G = 2..8, whichever is cheapest for the layer (Deep Compression used 8 bits for convolutions and
+             5 for fully connected layers: the sparser the layer, the wider the cheapest gap field).
 Values are b-bit two's complement integers (b = 4 packs two per byte), or float32 bit patterns (b = 32).
 Binary weights (b = 1: bit 1 = +1, bit 0 = -1) cannot store a zero, so dense is not an option for a
-sparse binary layer and a CSR filler is marked by the gap field alone (15 = advance 15, no value).
+sparse binary layer and a CSR filler is marked by the gap field alone (2^G - 1 = advance 2^G - 1, no value).
+Programs saved before the gap width was chosen per layer call 4-bit CSR "csr".
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-GAP_BITS = 4
+GAP_WIDTHS = range(2, 9)  # gap field widths the CSR encoding may use
+
+
+def gap_bits(encoding: str) -> int:
+    """The gap field width of a CSR encoding name ("csr5" -> 5; "csr", from older programs, -> 4)."""
+    return int(encoding[3:] or 4)
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
@@ -50,14 +58,15 @@ def _from_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return codes
 
 
-def _csr_entries(positions: np.ndarray, binary: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(gap fields, is_real) of the relative-index stream for sorted kept positions."""
-    step = 15 if binary else 16  # how far a filler advances
+def _csr_entries(positions: np.ndarray, binary: bool, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gap fields, is_real) of the `width`-bit relative-index stream for sorted kept positions."""
+    top = 2**width - 1
+    step = top if binary else top + 1  # how far a filler advances
     gaps = np.diff(positions, prepend=-1)
     fillers = (gaps - 1) // step
     real_gap = gaps - fillers * step
     count = len(positions) + int(fillers.sum())
-    fields = np.full(count, 15, np.int64)
+    fields = np.full(count, top, np.int64)
     is_real = np.zeros(count, bool)
     real_at = np.cumsum(fillers + 1) - 1
     fields[real_at] = real_gap - 1
@@ -75,8 +84,9 @@ def encoding_sizes(flat: np.ndarray, bits: int) -> dict[str, int]:
         sizes["dense"] = n * bits
     if nonzero.size < n:
         sizes["bitmask"] = n + nonzero.size * bits
-        fields, _ = _csr_entries(nonzero, bits == 1)
-        sizes["csr"] = fields.size * (bits + GAP_BITS)
+        for width in GAP_WIDTHS:
+            fields, _ = _csr_entries(nonzero, bits == 1, width)
+            sizes[f"csr{width}"] = fields.size * (bits + width)
     return sizes
 
 
@@ -91,10 +101,11 @@ def encode(flat: np.ndarray, bits: int) -> tuple[str, np.ndarray, np.ndarray, in
     if encoding == "bitmask":
         mask = np.packbits(flat != 0, bitorder="little")
         return encoding, pack_bits(_to_codes(flat[nonzero], bits), bits), mask, nonzero.size
-    fields, is_real = _csr_entries(nonzero, bits == 1)
+    width = gap_bits(encoding)
+    fields, is_real = _csr_entries(nonzero, bits == 1, width)
     values = np.zeros(fields.size, flat.dtype)
     values[is_real] = flat[nonzero]
-    return encoding, pack_bits(_to_codes(values, bits), bits), pack_bits(fields, GAP_BITS), fields.size
+    return encoding, pack_bits(_to_codes(values, bits), bits), pack_bits(fields, width), fields.size
 
 
 def decode(encoding: str, values: np.ndarray, index: np.ndarray, bits: int, size: int, entries: int):
@@ -106,10 +117,12 @@ def decode(encoding: str, values: np.ndarray, index: np.ndarray, bits: int, size
         return positions, vals[positions]
     if encoding == "bitmask":
         return np.flatnonzero(np.unpackbits(index, count=size, bitorder="little")), vals
-    fields = unpack_bits(index, GAP_BITS, entries, signed=False)
+    width = gap_bits(encoding)
+    top = 2**width - 1
+    fields = unpack_bits(index, width, entries, signed=False)
     if bits == 1:
-        is_real = fields < 15
-        positions = np.cumsum(np.where(is_real, fields + 1, 15)) - 1
+        is_real = fields < top
+        positions = np.cumsum(np.where(is_real, fields + 1, top)) - 1
     else:
         positions = np.cumsum(fields + 1) - 1
         is_real = vals != 0
