@@ -4,8 +4,6 @@ against dense PyTorch and PyTorch's sparse path on this machine."""
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
@@ -35,8 +33,9 @@ if st.button("Compile, run and time", type="primary", key="en_run"):
         ensure_scores(config)
         result = live_result(config)
         with st.spinner("Compiling and timing (the first run in a new process compiles the kernels)..."):
-            st.session_state["engine_run"] = (key, engine_comparison(result, engine_inputs(live_network(config.network), batch),
-                                                                     threads, repeats))
+            run = engine_comparison(result, engine_inputs(live_network(config.network), batch), threads, repeats)
+            run["program_file"] = run["program"].to_bytes()  # once per run, not on every rerun of the page
+            st.session_state["engine_run"] = (key, run)
     except JPQError as exc:
         show_error(exc)
         st.stop()
@@ -72,9 +71,7 @@ right.plotly_chart(px.bar(sizes.melt(id_vars="layer", value_vars=["program KiB",
                    width="stretch")
 st.dataframe(pd.DataFrame(run["layers"]), hide_index=True, width="stretch")
 
-with tempfile.TemporaryDirectory() as folder:
-    path = run["program"].save(Path(folder) / "program.jpqe")
-    st.download_button("Download the packed program (.jpqe, safetensors)", path.read_bytes(),
-                       file_name=f"{config.network}-{config.criterion}-{config.sparsity}-w{config.wbits}a{config.abits}.jpqe",
-                       key="en_download")
+st.download_button("Download the packed program (.jpqe, safetensors)", run["program_file"],
+                   file_name=f"{config.network}-{config.criterion}-{config.sparsity}-w{config.wbits}a{config.abits}.jpqe",
+                   key="en_download")
 st.caption("Load it with `jpq_core.engine.load_program(path).run(...)`: arrays and a JSON op list, nothing executable.")

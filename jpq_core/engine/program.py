@@ -106,15 +106,20 @@ class Program:
                  "abits": op.act["bits"] if op.act else None, "encoding": op.encoding, "bytes": op.nbytes}
                 for op in self.layers]
 
-    def save(self, path) -> Path:
-        """One safetensors file: packed arrays plus the op list as JSON metadata (written atomically)."""
-        from safetensors.numpy import save_file
+    def to_bytes(self) -> bytes:
+        """The program file's contents: safetensors, the packed arrays plus the op list as JSON metadata."""
+        from safetensors.numpy import save
 
-        path = Path(path)
         arrays = {f"{i}.{k}": np.ascontiguousarray(v) for i, op in enumerate(self.ops) for k, v in op.arrays().items()}
         header = {"format": FORMAT, "n_inputs": self.n_inputs, "output": self.output, "slots": self.slots,
                   "info": self.info, "ops": [op.describe() for op in self.ops]}
-        atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata={"program": json.dumps(header)}))
+        return save(arrays, metadata={"program": json.dumps(header)})
+
+    def save(self, path) -> Path:
+        """One program file (`to_bytes`), written atomically."""
+        path = Path(path)
+        data = self.to_bytes()
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
         return path
 
 
