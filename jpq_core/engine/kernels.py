@@ -41,10 +41,11 @@ def _store(v, mode, scale, zero, qmax):
 
 
 @njit(inline="always")
-def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax):
+def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax, scratch):
     """Store the output row y[:w] of sample n, channel c, row oy into dest (N', S, C_total, H_pad, W_phase) at
     channel c0 + c, row oy + pad, column x + pad split into S column phases, each value through `_store`.
-    Samples n >= N' are not stored (a consumer that reads only the first part of the batch)."""
+    Samples n >= N' are not stored (a consumer that reads only the first part of the batch).
+    `scratch` is a uint8 row of at least w + 2 (even) elements for the stride-2 quantized case."""
     if n >= dest.shape[0]:
         return
     stride = dest.shape[1]
@@ -61,6 +62,29 @@ def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax):
             for x in range(np.uint64(w)):
                 drow[shift + x] = y[x]
         return
+    if mode == 2 and stride == 2:
+        # Quantize the row contiguously, then read it as byte pairs: column phase 0/1 of x is the low/high
+        # byte of pair x // 2, so splitting the phases is contiguous loads and shifts instead of strided
+        # gathers (which took most of a stride-2 consumer's store time).
+        for x in range(np.uint64(w)):
+            scratch[x] = np.uint8(min(max(np.rint(y[x] / scale) + zero, np.float32(0.0)), qmax))
+        pairs = scratch.view(np.uint16)
+        for p in range(2):
+            prow = dest[n, 0 if p == 0 else 1, c0 + c, oy + pad]
+            j_lo = max(0, (pad - p + 1) // 2)
+            j_hi = min(prow.shape[0], (w - 1 + pad - p) // 2 + 1)
+            if j_hi <= j_lo:
+                continue
+            first = j_lo * 2 + p - pad
+            lo = np.uint64(j_lo)
+            k0 = np.uint64(first // 2)
+            if first % 2 == 0:
+                for j in range(np.uint64(j_hi - j_lo)):
+                    prow[lo + j] = np.uint8(pairs[k0 + j] & np.uint16(255))
+            else:
+                for j in range(np.uint64(j_hi - j_lo)):
+                    prow[lo + j] = np.uint8(pairs[k0 + j] >> np.uint16(8))
+        return
     for p in range(stride):  # phase p holds padded columns j * stride + p, i.e. x = j * stride + p - pad
         prow = dest[n, p, c0 + c, oy + pad]
         j_lo = max(0, (pad - p + stride - 1) // stride)
@@ -69,13 +93,9 @@ def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax):
             continue
         first = np.uint64(j_lo * stride + p - pad)  # unsigned indices: no negative-index checks, so it vectorises
         lo = np.uint64(j_lo)
-        if mode == 2 and stride == 2:  # a constant stride too
-            for j in range(np.uint64(j_hi - j_lo)):
-                prow[lo + j] = min(max(np.rint(y[first + np.uint64(2) * j] / scale) + zero, np.float32(0.0)), qmax)
-        else:
-            step = np.uint64(stride)
-            for j in range(np.uint64(j_hi - j_lo)):
-                prow[lo + j] = _store(y[first + j * step], mode, scale, zero, qmax)
+        step = np.uint64(stride)
+        for j in range(np.uint64(j_hi - j_lo)):
+            prow[lo + j] = _store(y[first + j * step], mode, scale, zero, qmax)
 
 
 def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope,
@@ -105,6 +125,7 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     for t in prange(tiles):
         acc = acc_buf[t]
         y = np.empty(out_w, np.float32)
+        scratch = np.empty(out_w + 2 + out_w % 2, np.uint8)
         r0 = t * rows_per_tile
         r1 = min(r0 + rows_per_tile, total_rows)
         for c in range(c_out):
@@ -154,9 +175,9 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
                     for x in range(w):
                         orow[x] = y[x]
                 if place_a[2]:
-                    _emit(y, out_w, dest_a, n, c, oy, place_a[0], place_a[1], ma, sa, za, qa)
+                    _emit(y, out_w, dest_a, n, c, oy, place_a[0], place_a[1], ma, sa, za, qa, scratch)
                 if place_b[2]:
-                    _emit(y, out_w, dest_b, n, c, oy, place_b[0], place_b[1], mb, sb, zb, qb)
+                    _emit(y, out_w, dest_b, n, c, oy, place_b[0], place_b[1], mb, sb, zb, qb, scratch)
 
 
 sparse_conv = njit(parallel=True, cache=True, fastmath=True)(_sparse_conv)
@@ -223,11 +244,12 @@ def normalize_into(x, mean, std, h_out, w_out, dest, n0, c0, pad, mode, scale, z
         r = job % h_out
         src = x[n, c, min(r, h - 1)]
         row = np.empty(w_out, np.float32)
+        scratch = np.empty(w_out + 2 + w_out % 2, np.uint8)
         for j in range(w):
             row[j] = (src[j] - mean) / std
         for j in range(w, w_out):
             row[j] = row[w - 1]
-        _emit(row, w_out, dest, n0 + n, c, r, c0, pad, mode, scale, zero, qmax)
+        _emit(row, w_out, dest, n0 + n, c, r, c0, pad, mode, scale, zero, qmax, scratch)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
