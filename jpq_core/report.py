@@ -250,8 +250,18 @@ def cut_at_loss(df: pd.DataFrame, network: str) -> list[str]:
     return out
 
 
+def finetuning_label(r) -> str:
+    """"distill 3000 steps, gradual, cosine lr": mode, budget, and the schedules when they are not the defaults."""
+    if r.finetune == "none":
+        return "no fine-tuning"
+    config = r.config if isinstance(r.get("config"), dict) else {}
+    extra = [s for s in (config.get("schedule", "oneshot"),) if s != "oneshot"]
+    extra += ["cosine lr"] if config.get("lr_schedule") == "cosine" else []
+    return ", ".join([f"{r.finetune} {int(r.budget)} steps", *extra])
+
+
 def describe(r) -> str:
-    ft = "no fine-tuning" if r.finetune == "none" else f"{r.finetune} {int(r.budget)} steps"
+    ft = finetuning_label(r)
     return (f"{r.criterion}, {_pct(r.sparsity)}, w{r.wbits_label}/a{r.abits_label}, {r.pipeline}, {ft}: "
             f"{r.metric} {_pct(r.headline)}")
 
@@ -267,7 +277,7 @@ def headline_claim(df: pd.DataFrame) -> list[str]:
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
     for _, r in d.sort_values(["sparsity", "budget"]).iterrows():
-        out.append(f"| {_pct(r.sparsity)} | {r.finetune} {int(r.budget)} steps | {_pct(r.bad3)} | {r.loss_pt:+.2f} pt | "
+        out.append(f"| {_pct(r.sparsity)} | {finetuning_label(r)} | {_pct(r.bad3)} | {r.loss_pt:+.2f} pt | "
                    f"{_pct(r.memory_ratio)} | {_pct(r.bops_ratio)} | {yes(r.loss_pt <= 2)} | {yes(r.memory_ratio <= 0.02)} | "
                    f"{yes(r.bops_ratio <= 0.005)} |")
     met = d[(d.loss_pt <= 2) & (d.memory_ratio <= 0.02) & (d.bops_ratio <= 0.005)]
