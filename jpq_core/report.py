@@ -382,7 +382,9 @@ def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str]
            "headline metric against the dense float32 network (bad-3 on the Middlebury motorcycle pair for stereo, "
            "top-1 on the digits test split for ResNet-20). Fine-tuning ran on one CPU core, so budgets are small: "
            "200 steps for ResNet-20, 300 for stereo; rows without fine-tuning show what pruning and quantization "
-           "alone do.", "",
+           "alone do. Rows measured before the cost model chose the CSR index width per layer (revision 683eeaf) "
+           "priced every index at 4 bits, so their memory figures are upper bounds: at 95% sparsity the per-layer "
+           "width gives about 2.0% of dense where 4 bits gave 2.7% (see costs.md).", "",
            "| network | grid | configurations |", "| --- | --- | --- |"]
     out += [f"| {n} | {g} | {c} |" for (n, g), c in counts.items()] + [""]
     out += grid_section(df)
