@@ -12,6 +12,7 @@ import streamlit as st
 from jpq_core.errors import JPQError
 from jpq_core.live import compress_command, matching_runs
 from jpq_core.plots import confusion_figure, disparity_figure, layer_cost_figure, rgb_figure
+from jpq_core.report import finetuning_label
 from jpq_core.ui import (cached_results, cost_cards, dense_evaluation, ensure_scores, live_network, live_result,
                          show_error, sidebar_config)
 
@@ -56,7 +57,8 @@ with st.expander(f"Fine-tuned runs of this configuration (cached): {len(tuned)}"
         st.code(compress_command(config), language="bash")
         st.caption("The Trade-offs page shows every cached run; selecting one opens it here.")
     else:
-        shown = tuned[["pipeline", "finetune", "budget", "headline", "dense_" + tuned["metric"].iloc[0], "memory_ratio",
+        tuned = tuned.assign(**{"fine-tuning": [finetuning_label(r) for _, r in tuned.iterrows()]})
+        shown = tuned[["pipeline", "fine-tuning", "headline", "dense_" + tuned["metric"].iloc[0], "memory_ratio",
                        "bops_ratio", "grid"]].rename(columns={"headline": tuned["metric"].iloc[0] + " (fine-tuned)"})
         st.dataframe(shown, hide_index=True, width="stretch")
         st.caption("Measured after fine-tuning with the stated budget (cached, not live); the cards above are live, "

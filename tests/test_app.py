@@ -58,6 +58,14 @@ def test_explore_fewer_weight_bits_cut_memory_and_bops(root):
     assert _number(after["BOPs"]) < _number(before["BOPs"])
 
 
+def test_explore_lists_the_cached_fine_tuned_runs_of_the_configuration(root):
+    at = _explore(root, network="resnet20", criterion="taylor", sparsity="0.95", wbits="4", abits="8")
+    assert not at.exception
+    runs = at.dataframe[0].value
+    assert "masked 200 steps" in set(runs["fine-tuning"])  # the shipped 200-step runs of this configuration
+    assert set(runs["pipeline"]) >= {"prune-then-quantize", "quantize-then-prune", "joint"}
+
+
 def test_a_link_with_a_bad_value_opens_and_says_what_it_ignored(root):
     at = _explore(root, network="resnet20", sparsity="1.5", wbits="5", criterion="magnitude")
     assert not at.exception
