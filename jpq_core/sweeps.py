@@ -211,7 +211,9 @@ def run_config(config: dict, keep_checkpoint: bool = False, engine: bool = False
 def import_reports(source, path=RESULTS, provenance: str = "imported") -> tuple[int, list[str]]:
     """Add `compress --json` reports (one JSON object per line of `source`, e.g. the older
     `compress_runs.jsonl`) to the table as rows, skipping configurations already there.
-    Their revision is unrecorded: `git_rev` says where they came from. Returns (rows added, problems)."""
+    Their revision is unrecorded: `git_rev` says where they came from. A report whose network was saved
+    (`compress --save`; its "saved" path, relative to the current folder) brings that network along when
+    its row is on the Pareto front, as a sweep's own rows do. Returns (rows added, problems)."""
     source = Path(source)
     path = Path(path)
     added, problems = 0, []
@@ -233,6 +235,11 @@ def import_reports(source, path=RESULTS, provenance: str = "imported") -> tuple[
             append_row(path, row)
             done.add(config_key(row["config"]))
             added += 1
+            saved = Path(report["saved"]) if report.get("saved") else None
+            if saved and saved.exists() and saved.with_suffix(".json").exists():
+                rows.append(row)
+                keep_front_checkpoints(path, rows, {row["id"]: {p.suffix: p.read_bytes()
+                                                                for p in (saved, saved.with_suffix(".json"))}})
     return added, problems
 
 

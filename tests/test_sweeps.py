@@ -2,6 +2,7 @@
 a damaged table keeps its good rows and names the bad lines, and Ray gives the rows the local pool gives."""
 
 import json
+from pathlib import Path
 from dataclasses import asdict
 import os
 import signal
@@ -97,6 +98,22 @@ def test_a_tiny_grid_runs_end_to_end_and_a_rerun_skips_it(tmp_path):
     again = sweeps.run_sweep(configs, table, workers=1, progress=False)
     assert (again.ran, again.skipped) == (0, 3)
     assert len(sweeps.read_rows(table)[0]) == 3
+
+
+def test_an_imported_report_brings_its_saved_network_when_on_the_front(tmp_path, monkeypatch, digits_task, resnet20):
+    from jpq_core.pipeline import compress, save_compressed
+
+    monkeypatch.chdir(tmp_path)  # a report's "saved" path is relative to where compress ran
+    config = CompressionConfig(network="resnet20", criterion="magnitude", sparsity=0.5, wbits=8, finetune="masked",
+                               steps=2, calibration_batches=1)
+    net, report = compress(resnet20, digits_task, config)
+    report["saved"] = str(save_compressed(net, Path("runs") / "mine", report))  # relative, as the CLI writes it
+    (tmp_path / "reports.jsonl").write_text(json.dumps(report) + "\n")
+    table = tmp_path / "results.jsonl"
+    assert sweeps.import_reports("reports.jsonl", table, "imported from reports.jsonl") == (1, [])
+    row = sweeps.read_rows(table)[0][0]
+    kept = tmp_path / "checkpoints" / f"{row['id']}.safetensors"
+    assert load_compressed(kept)[1]["metrics"]["top1"] == row["top1"]  # the only fine-tuned row: on the front
 
 
 def _fake_row(i: int) -> dict:
