@@ -16,7 +16,8 @@ Integer path: the input holds q_a (uint8, padded with the zero point z_a, which 
 weights hold integer k_w, the accumulator is acc = sum k_w * q_a, and the exact integer
 sum k_w * (q_a - z_a) = acc - z_a * sum_c(k_w) ("corr"). The accumulator is float32 (weights and corr
 as float32 integers) where every partial sum is below 2^24 and so exact, else int32: the same kernel,
-compiled for either (float FMAs beat the int32 multiply-add LLVM emits, vpmaddwd + vpaddd, on Zen 4). The epilogue computes
+compiled for either (float FMAs beat the int32 multiply-add LLVM emits, vpmaddwd + vpaddd, on Zen 4).
+The epilogue computes
 y = (acc - corr[c]) * mul[c] + bias[c] (+ res_scale * residual), then a (leaky) ReLU.
 Float path: the same kernel with float32 input and weights and corr = 0.
 """

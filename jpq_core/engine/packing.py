@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-GAP_WIDTHS = range(2, 9)  # gap field widths the CSR encoding may use
+from jpq_core.costs import INDEX_WIDTHS as GAP_WIDTHS  # the cost model's index widths: packing matches it
 
 
 def gap_bits(encoding: str) -> int:
