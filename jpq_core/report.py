@@ -255,8 +255,8 @@ def finetuning_label(r) -> str:
     if r.finetune == "none":
         return "no fine-tuning"
     config = r.config if isinstance(r.get("config"), dict) else {}
-    extra = [s for s in (config.get("schedule", "oneshot"),) if s != "oneshot"]
-    extra += ["cosine lr"] if config.get("lr_schedule") == "cosine" else []
+    schedule = config.get("schedule", "oneshot")
+    extra = ([schedule] if schedule != "oneshot" else []) + (["cosine lr"] if config.get("lr_schedule") == "cosine" else [])
     return ", ".join([f"{r.finetune} {int(r.budget)} steps", *extra])
 
 
