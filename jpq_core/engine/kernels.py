@@ -44,6 +44,49 @@ def _store(v, mode, scale, zero, qmax):
 
 
 @njit(inline="always")
+def _split_pairs(scratch, w, dest, n, c, oy, c0, pad):
+    """Store the quantized row scratch[:w] into the two column phases of a stride-2 dest (see `_emit`).
+
+    The row is read as byte pairs: column phase 0/1 of x is the low/high byte of pair x // 2, so splitting
+    the phases is contiguous loads and shifts instead of strided gathers (which took most of a stride-2
+    consumer's store time)."""
+    pairs = scratch.view(np.uint16)
+    for p in range(2):
+        prow = dest[n, 0 if p == 0 else 1, c0 + c, oy + pad]
+        j_lo = max(0, (pad - p + 1) // 2)
+        j_hi = min(prow.shape[0], (w - 1 + pad - p) // 2 + 1)
+        if j_hi <= j_lo:
+            continue
+        first = j_lo * 2 + p - pad
+        lo = np.uint64(j_lo)
+        k0 = np.uint64(first // 2)
+        if first % 2 == 0:
+            for j in range(np.uint64(j_hi - j_lo)):
+                prow[lo + j] = np.uint8(pairs[k0 + j] & np.uint16(255))
+        else:
+            for j in range(np.uint64(j_hi - j_lo)):
+                prow[lo + j] = np.uint8(pairs[k0 + j] >> np.uint16(8))
+
+
+@njit(inline="always")
+def _emit_quantized(acc, w, corr, mul, bias, low, dest, n, c, oy, c0, pad, qmax, scratch):
+    """Store q = clamp(rint((acc[x] - corr) * mul + bias), low, qmax) for the row acc[:w] into dest (stride
+    1 or 2) like `_emit`, straight from the accumulators: `mul` and `bias` fold the layer's output scale
+    and the consumer's quantizer (1 / scale, zero point), and `low` = the zero point folds a ReLU in."""
+    if n >= dest.shape[0]:
+        return
+    if dest.shape[1] == 1:
+        drow = dest[n, 0, c0 + c, oy + pad]
+        shift = np.uint64(pad)
+        for x in range(np.uint64(w)):
+            drow[shift + x] = min(max(np.rint(np.float32(acc[x] - corr) * mul + bias), low), qmax)
+        return
+    for x in range(np.uint64(w)):
+        scratch[x] = np.uint8(min(max(np.rint(np.float32(acc[x] - corr) * mul + bias), low), qmax))
+    _split_pairs(scratch, w, dest, n, c, oy, c0, pad)
+
+
+@njit(inline="always")
 def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax, scratch):
     """Store the output row y[:w] of sample n, channel c, row oy into dest (N', S, C_total, H_pad, W_phase) at
     channel c0 + c, row oy + pad, column x + pad split into S column phases, each value through `_store`.
@@ -66,27 +109,9 @@ def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax, scratch):
                 drow[shift + x] = y[x]
         return
     if mode == 2 and stride == 2:
-        # Quantize the row contiguously, then read it as byte pairs: column phase 0/1 of x is the low/high
-        # byte of pair x // 2, so splitting the phases is contiguous loads and shifts instead of strided
-        # gathers (which took most of a stride-2 consumer's store time).
         for x in range(np.uint64(w)):
             scratch[x] = np.uint8(min(max(np.rint(y[x] / scale) + zero, np.float32(0.0)), qmax))
-        pairs = scratch.view(np.uint16)
-        for p in range(2):
-            prow = dest[n, 0 if p == 0 else 1, c0 + c, oy + pad]
-            j_lo = max(0, (pad - p + 1) // 2)
-            j_hi = min(prow.shape[0], (w - 1 + pad - p) // 2 + 1)
-            if j_hi <= j_lo:
-                continue
-            first = j_lo * 2 + p - pad
-            lo = np.uint64(j_lo)
-            k0 = np.uint64(first // 2)
-            if first % 2 == 0:
-                for j in range(np.uint64(j_hi - j_lo)):
-                    prow[lo + j] = np.uint8(pairs[k0 + j] & np.uint16(255))
-            else:
-                for j in range(np.uint64(j_hi - j_lo)):
-                    prow[lo + j] = np.uint8(pairs[k0 + j] >> np.uint16(8))
+        _split_pairs(scratch, w, dest, n, c, oy, c0, pad)
         return
     for p in range(stride):  # phase p holds padded columns j * stride + p, i.e. x = j * stride + p - pad
         prow = dest[n, p, c0 + c, oy + pad]
@@ -125,6 +150,13 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     wv = (w + np.uint64(VECTOR - 1)) & ~np.uint64(VECTOR - 1)
     ma, sa, za, qa = int(store_a[0]), store_a[1], store_a[2], store_a[3]
     mb, sb, zb, qb = int(store_b[0]), store_b[1], store_b[2], store_b[3]
+    # Quantized stores straight from the accumulators, without the float row y, where nothing else needs y:
+    # no residual, no float output, ReLU or no activation, every destination quantized (mode 2).
+    direct = (not has_res and not keep and (slope == 0 or slope == 1) and (place_a[2] or place_b[2])
+              and (not place_a[2] or (ma == 2 and dest_a.shape[1] <= 2))
+              and (not place_b[2] or (mb == 2 and dest_b.shape[1] <= 2)))
+    low_a = za if slope == 0 else np.float32(0.0)
+    low_b = zb if slope == 0 else np.float32(0.0)
     for t in prange(tiles):
         acc = acc_buf[t]
         y = np.empty(out_w, np.float32)
@@ -143,10 +175,35 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
                 n = r // out_h
                 oy = r - n * out_h
                 base = np.uint64(n * in_sample + oy * rowstride)
-                for x in range(wv):
-                    acc[x] = 0
-                k = k0
-                while k + np.uint64(4) <= k1:
+                # The first pass sets the accumulators (no zeroing pass) and takes the (k1 - k0) % 4 odd
+                # weights together, so that a channel of few kept weights, common at high sparsity, makes one or
+                # two passes over its row.
+                k = k0 + (k1 - k0) % np.uint64(4)
+                if k == k0 + np.uint64(1):
+                    v0 = val[k0]
+                    o0 = base + off[k0]
+                    for x in range(wv):
+                        acc[x] = v0 * inp[o0 + x]
+                elif k == k0 + np.uint64(2):
+                    v0 = val[k0]
+                    v1 = val[k0 + np.uint64(1)]
+                    o0 = base + off[k0]
+                    o1 = base + off[k0 + np.uint64(1)]
+                    for x in range(wv):
+                        acc[x] = v0 * inp[o0 + x] + v1 * inp[o1 + x]
+                elif k == k0 + np.uint64(3):
+                    v0 = val[k0]
+                    v1 = val[k0 + np.uint64(1)]
+                    v2 = val[k0 + np.uint64(2)]
+                    o0 = base + off[k0]
+                    o1 = base + off[k0 + np.uint64(1)]
+                    o2 = base + off[k0 + np.uint64(2)]
+                    for x in range(wv):
+                        acc[x] = v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x]
+                else:
+                    for x in range(wv):
+                        acc[x] = 0
+                while k < k1:
                     v0 = val[k]
                     v1 = val[k + np.uint64(1)]
                     v2 = val[k + np.uint64(2)]
@@ -158,12 +215,14 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
                     for x in range(wv):
                         acc[x] += v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x] + v3 * inp[o3 + x]
                     k += np.uint64(4)
-                while k < k1:
-                    v0 = val[k]
-                    o0 = base + off[k]
-                    for x in range(wv):
-                        acc[x] += v0 * inp[o0 + x]
-                    k += np.uint64(1)
+                if direct:
+                    if place_a[2]:
+                        _emit_quantized(acc, out_w, cr, m / sa, b / sa + za, low_a, dest_a, n, c, oy, place_a[0],
+                                        place_a[1], qa, scratch)
+                    if place_b[2]:
+                        _emit_quantized(acc, out_w, cr, m / sb, b / sb + zb, low_b, dest_b, n, c, oy, place_b[0],
+                                        place_b[1], qb, scratch)
+                    continue
                 if has_res:
                     rrow = res[n, c, oy]
                     for x in range(w):
