@@ -69,17 +69,27 @@ def _split_pairs(scratch, w, dest, n, c, oy, c0, pad):
 
 
 @njit(inline="always")
-def _emit_quantized(acc, w, corr, mul, bias, low, dest, n, c, oy, c0, pad, qmax, scratch):
-    """Store q = clamp(rint((acc[x] - corr) * mul + bias), low, qmax) for the row acc[:w] into dest (stride
-    1 or 2) like `_emit`, straight from the accumulators: `mul` and `bias` fold the layer's output scale
-    and the consumer's quantizer (1 / scale, zero point), and `low` = the zero point folds a ReLU in."""
+def _emit_quantized(acc, w, corr, mul, bias, low, dest, n, c, oy, c0, pad, qmax, scratch, rrow, rmul, has_res):
+    """Store q = clamp(rint((acc[x] - corr) * mul + bias [+ rmul * rrow[x]]), low, qmax) for the row acc[:w]
+    into dest (stride 1 or 2) like `_emit`, straight from the accumulators: `mul`, `bias` and `rmul` fold the
+    layer's output scale, the residual's scale and the consumer's quantizer (1 / scale, zero point), and
+    `low` = the zero point folds a ReLU in."""
     if n >= dest.shape[0]:
         return
     if dest.shape[1] == 1:
         drow = dest[n, 0, c0 + c, oy + pad]
         shift = np.uint64(pad)
+        if has_res:
+            for x in range(np.uint64(w)):
+                drow[shift + x] = min(max(np.rint(np.float32(acc[x] - corr) * mul + bias + rmul * rrow[x]), low), qmax)
+        else:
+            for x in range(np.uint64(w)):
+                drow[shift + x] = min(max(np.rint(np.float32(acc[x] - corr) * mul + bias), low), qmax)
+        return
+    if has_res:
         for x in range(np.uint64(w)):
-            drow[shift + x] = min(max(np.rint(np.float32(acc[x] - corr) * mul + bias), low), qmax)
+            scratch[x] = np.uint8(min(max(np.rint(np.float32(acc[x] - corr) * mul + bias + rmul * rrow[x]), low), qmax))
+        _split_pairs(scratch, w, dest, n, c, oy, c0, pad)
         return
     for x in range(np.uint64(w)):
         scratch[x] = np.uint8(min(max(np.rint(np.float32(acc[x] - corr) * mul + bias), low), qmax))
@@ -134,7 +144,9 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
 
     y goes, in the same pass, to the float output out (N, C, H, W) when `keep`, and to up to two padded,
     phase-split input buffers of consuming convolutions (dest_a, dest_b: (N', S, C_total, H_pad, W_phase)),
-    each with its store = (mode, scale, zero, qmax) (see `_store`) and place = (c0, pad, active).
+    each with its store = (mode, scale, zero, qmax) (see `_store`) and place = (c0, pad, active). Where no
+    float output is kept and every destination is quantized, y is never formed: the epilogue goes from the
+    accumulators to the stored bytes in one pass (`_emit_quantized`).
 
     A channel without kept weights and without residual is the constant act(bias[c]): it is stored only
     when the output arrays are `fresh` (new this run); arrays reused from an earlier run of the same
@@ -151,8 +163,8 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     ma, sa, za, qa = int(store_a[0]), store_a[1], store_a[2], store_a[3]
     mb, sb, zb, qb = int(store_b[0]), store_b[1], store_b[2], store_b[3]
     # Quantized stores straight from the accumulators, without the float row y, where nothing else needs y:
-    # no residual, no float output, ReLU or no activation, every destination quantized (mode 2).
-    direct = (not has_res and not keep and (slope == 0 or slope == 1) and (place_a[2] or place_b[2])
+    # no float output, ReLU or no activation, every destination quantized (mode 2).
+    direct = (not keep and (slope == 0 or slope == 1) and (place_a[2] or place_b[2])
               and (not place_a[2] or (ma == 2 and dest_a.shape[1] <= 2))
               and (not place_b[2] or (mb == 2 and dest_b.shape[1] <= 2)))
     low_a = za if slope == 0 else np.float32(0.0)
@@ -216,12 +228,13 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
                         acc[x] += v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x] + v3 * inp[o3 + x]
                     k += np.uint64(4)
                 if direct:
+                    rrow = res[n, c, oy] if has_res else res[0, 0, 0]
                     if place_a[2]:
                         _emit_quantized(acc, out_w, cr, m / sa, b / sa + za, low_a, dest_a, n, c, oy, place_a[0],
-                                        place_a[1], qa, scratch)
+                                        place_a[1], qa, scratch, rrow, res_scale / sa, has_res)
                     if place_b[2]:
                         _emit_quantized(acc, out_w, cr, m / sb, b / sb + zb, low_b, dest_b, n, c, oy, place_b[0],
-                                        place_b[1], qb, scratch)
+                                        place_b[1], qb, scratch, rrow, res_scale / sb, has_res)
                     continue
                 if has_res:
                     rrow = res[n, c, oy]
