@@ -1,6 +1,7 @@
 """The synthetic generator's geometry is exact: what users train and validate on must be true."""
 
 import numpy as np
+import torch
 import pytest
 
 from jpq_core.data.synthetic_stereo import VALIDATION_SEED_BASE, _Layer, _render_view, make_scene, scene_seed
@@ -73,3 +74,39 @@ def test_train_and_validation_seeds_never_meet():
         scene_seed("train", VALIDATION_SEED_BASE)
     with pytest.raises(ValueError):
         scene_seed("test", 0)
+
+
+def test_fine_tuning_batches_rendered_ahead_are_the_plain_loops_batches():
+    """StereoTask.batches renders in a thread; the batches (and so every fine-tuning result) must not change."""
+    from jpq_core.tasks import StereoTask
+
+    task = StereoTask(crop=(32, 64), batch_size=2)
+    ahead = list(task.batches(3, seed=4))
+    plain = [task.batch(i, seed=4) for i in range(3)]
+    assert len(ahead) == 3
+    for a, p in zip(ahead, plain):
+        assert all(torch.equal(x, y) for x, y in zip(a, p))
+
+
+def test_prefetched_raises_the_makers_error_and_stops_when_left_early():
+    import threading
+
+    from jpq_core.tasks import prefetched
+
+    def make(i):
+        if i == 2:
+            raise ValueError("scene 2 is broken")
+        return i
+
+    items = prefetched(make, 5)
+    assert [next(items), next(items)] == [0, 1]
+    with pytest.raises(ValueError, match="scene 2"):
+        next(items)
+
+    left = prefetched(lambda i: i, 1000)
+    assert next(left) == 0
+    left.close()  # what a `break` out of a for loop does
+    for thread in threading.enumerate():
+        if thread.name == "prefetch":
+            thread.join(timeout=2)
+    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
