@@ -44,96 +44,195 @@ def _store(v, mode, scale, zero, qmax):
 
 
 @njit(inline="always")
-def _split_pairs(scratch, w, dest, n, c, oy, c0, pad):
-    """Store the quantized row scratch[:w] into the two column phases of a stride-2 dest (see `_emit`).
+def _split_pairs(pairs, w, dest, n, c, oy, c0, pad):
+    """Store a quantized row, held as byte pairs `pairs` (a uint16 view of a row of w bytes), into the two
+    column phases of a stride-2 dest (see `_emit`).
 
-    The row is read as byte pairs: column phase 0/1 of x is the low/high byte of pair x // 2, so splitting
-    the phases is contiguous loads and shifts instead of strided gathers (which took most of a stride-2
-    consumer's store time)."""
-    pairs = scratch.view(np.uint16)
+    Column phase 0/1 of x is the low/high byte of pair x // 2, so splitting the phases is contiguous loads
+    and shifts instead of strided gathers (which took most of a stride-2 consumer's store time)."""
+    un, uc, uy = np.uint64(n), np.uint64(c0 + c), np.uint64(oy + pad)
     for p in range(2):
-        prow = dest[n, 0 if p == 0 else 1, c0 + c, oy + pad]
         j_lo = max(0, (pad - p + 1) // 2)
-        j_hi = min(prow.shape[0], (w - 1 + pad - p) // 2 + 1)
+        j_hi = min(dest.shape[4], (w - 1 + pad - p) // 2 + 1)
         if j_hi <= j_lo:
             continue
         first = j_lo * 2 + p - pad
         lo = np.uint64(j_lo)
         k0 = np.uint64(first // 2)
+        up = np.uint64(p)
         if first % 2 == 0:
             for j in range(np.uint64(j_hi - j_lo)):
-                prow[lo + j] = np.uint8(pairs[k0 + j] & np.uint16(255))
+                dest[un, up, uc, uy, lo + j] = np.uint8(pairs[k0 + j] & np.uint16(255))
         else:
             for j in range(np.uint64(j_hi - j_lo)):
-                prow[lo + j] = np.uint8(pairs[k0 + j] >> np.uint16(8))
+                dest[un, up, uc, uy, lo + j] = np.uint8(pairs[k0 + j] >> np.uint16(8))
 
 
 @njit(inline="always")
-def _emit_quantized(acc, w, corr, mul, bias, low, dest, n, c, oy, c0, pad, qmax, scratch, rrow, rmul, has_res):
-    """Store q = clamp(rint((acc[x] - corr) * mul + bias [+ rmul * rrow[x]]), low, qmax) for the row acc[:w]
-    into dest (stride 1 or 2) like `_emit`, straight from the accumulators: `mul`, `bias` and `rmul` fold the
-    layer's output scale, the residual's scale and the consumer's quantizer (1 / scale, zero point), and
-    `low` = the zero point folds a ReLU in."""
+def _emit_quantized(acc, w, corr, mul, bias, low, dest, n, c, oy, c0, pad, qmax, scratch, pairs, res, rmul, has_res):
+    """Store q = clamp(rint((acc[x] - corr) * mul + bias [+ rmul * res[n, c, oy, x]]), low, qmax) for the row
+    acc[:w] into dest (stride 1 or 2) like `_emit`, straight from the accumulators: `mul`, `bias` and `rmul`
+    fold the layer's output scale, the residual's scale and the consumer's quantizer (1 / scale, zero point),
+    and `low` = the zero point folds a ReLU in."""
     if n >= dest.shape[0]:
         return
+    un, uc, uy, ur = np.uint64(n), np.uint64(c), np.uint64(oy), np.uint64(oy + pad)
     if dest.shape[1] == 1:
-        drow = dest[n, 0, c0 + c, oy + pad]
-        shift = np.uint64(pad)
+        ud, shift = np.uint64(c0 + c), np.uint64(pad)
         if has_res:
             for x in range(np.uint64(w)):
-                drow[shift + x] = min(max(np.rint(np.float32(acc[x] - corr) * mul + bias + rmul * rrow[x]), low), qmax)
+                dest[un, 0, ud, ur, shift + x] = min(max(np.rint(np.float32(acc[x] - corr) * mul + bias
+                                                                 + rmul * res[un, uc, uy, x]), low), qmax)
         else:
             for x in range(np.uint64(w)):
-                drow[shift + x] = min(max(np.rint(np.float32(acc[x] - corr) * mul + bias), low), qmax)
+                dest[un, 0, ud, ur, shift + x] = min(max(np.rint(np.float32(acc[x] - corr) * mul + bias), low), qmax)
         return
     if has_res:
         for x in range(np.uint64(w)):
-            scratch[x] = np.uint8(min(max(np.rint(np.float32(acc[x] - corr) * mul + bias + rmul * rrow[x]), low), qmax))
-        _split_pairs(scratch, w, dest, n, c, oy, c0, pad)
-        return
-    for x in range(np.uint64(w)):
-        scratch[x] = np.uint8(min(max(np.rint(np.float32(acc[x] - corr) * mul + bias), low), qmax))
-    _split_pairs(scratch, w, dest, n, c, oy, c0, pad)
+            scratch[x] = np.uint8(min(max(np.rint(np.float32(acc[x] - corr) * mul + bias + rmul * res[un, uc, uy, x]),
+                                          low), qmax))
+    else:
+        for x in range(np.uint64(w)):
+            scratch[x] = np.uint8(min(max(np.rint(np.float32(acc[x] - corr) * mul + bias), low), qmax))
+    _split_pairs(pairs, w, dest, n, c, oy, c0, pad)
 
 
 @njit(inline="always")
-def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax, scratch):
+def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax, scratch, pairs):
     """Store the output row y[:w] of sample n, channel c, row oy into dest (N', S, C_total, H_pad, W_phase) at
     channel c0 + c, row oy + pad, column x + pad split into S column phases, each value through `_store`.
     Samples n >= N' are not stored (a consumer that reads only the first part of the batch).
-    `scratch` is a uint8 row of at least w + 2 (even) elements for the stride-2 quantized case."""
+    `scratch` is a uint8 row of at least w + 2 (even) elements for the stride-2 quantized case, `pairs` its
+    uint16 view.
+
+    Rows are addressed by full index, not taken as views: a view of a shared array updates its reference
+    count, an atomic operation that two threads writing the same array turn into a contended cache line
+    (with views per output row, two threads ran a layer no faster than one)."""
     if n >= dest.shape[0]:
         return
     stride = dest.shape[1]
+    un, ud, ur = np.uint64(n), np.uint64(c0 + c), np.uint64(oy + pad)
     if stride == 1:
-        drow = dest[n, 0, c0 + c, oy + pad]
         shift = np.uint64(pad)
         if mode == 2:  # branches outside the loops, so that each loop vectorises
             for x in range(np.uint64(w)):
-                drow[shift + x] = min(max(np.rint(y[x] / scale) + zero, np.float32(0.0)), qmax)
+                dest[un, 0, ud, ur, shift + x] = min(max(np.rint(y[x] / scale) + zero, np.float32(0.0)), qmax)
         elif mode == 1:
             for x in range(np.uint64(w)):
-                drow[shift + x] = _store(y[x], 1, scale, zero, qmax)
+                dest[un, 0, ud, ur, shift + x] = _store(y[x], 1, scale, zero, qmax)
         else:
             for x in range(np.uint64(w)):
-                drow[shift + x] = y[x]
+                dest[un, 0, ud, ur, shift + x] = y[x]
         return
     if mode == 2 and stride == 2:
         for x in range(np.uint64(w)):
             scratch[x] = np.uint8(min(max(np.rint(y[x] / scale) + zero, np.float32(0.0)), qmax))
-        _split_pairs(scratch, w, dest, n, c, oy, c0, pad)
+        _split_pairs(pairs, w, dest, n, c, oy, c0, pad)
         return
     for p in range(stride):  # phase p holds padded columns j * stride + p, i.e. x = j * stride + p - pad
-        prow = dest[n, p, c0 + c, oy + pad]
         j_lo = max(0, (pad - p + stride - 1) // stride)
-        j_hi = min(prow.shape[0], (w - 1 + pad - p) // stride + 1)
+        j_hi = min(dest.shape[4], (w - 1 + pad - p) // stride + 1)
         if j_hi <= j_lo:
             continue
         first = np.uint64(j_lo * stride + p - pad)  # unsigned indices: no negative-index checks, so it vectorises
         lo = np.uint64(j_lo)
         step = np.uint64(stride)
+        up = np.uint64(p)
         for j in range(np.uint64(j_hi - j_lo)):
-            prow[lo + j] = _store(y[first + j * step], mode, scale, zero, qmax)
+            dest[un, up, ud, ur, lo + j] = _store(y[first + j * step], mode, scale, zero, qmax)
+
+
+@njit(cache=True, fastmath=True)
+def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
+               rows_per_tile, total_rows, wv, acc_buf, out, keep, direct, dest_a, place_a, ma, sa, za, qa,
+               low_a, dest_b, place_b, mb, sb, zb, qb, low_b, fresh):
+    """Output rows of tile t (rows_per_tile rows of the batch) for every output channel: `_sparse_conv`'s
+    parallel unit. A function of its own, so that numba compiles it like serial code: written inline in the
+    prange loop, the parallel kernel's inner loops did not vectorise and two threads ran slower than one."""
+    c_out = ptr.shape[0] - 1
+    w = np.uint64(out_w)
+    acc = acc_buf[t]
+    y = np.empty(out_w, np.float32)
+    scratch = np.empty(out_w + 2 + out_w % 2, np.uint8)
+    pairs = scratch.view(np.uint16)
+    r0 = t * rows_per_tile
+    r1 = min(r0 + rows_per_tile, total_rows)
+    for c in range(c_out):
+        m = mul[c]
+        b = bias[c]
+        cr = corr[c]
+        k0 = ptr[c]
+        k1 = ptr[c + 1]
+        if k0 == k1 and not has_res and not fresh:
+            continue
+        for r in range(r0, r1):
+            n = r // out_h
+            oy = r - n * out_h
+            base = np.uint64(n * in_sample + oy * rowstride)
+            # The first pass sets the accumulators (no zeroing pass) and takes the (k1 - k0) % 4 odd
+            # weights together, so that a channel of few kept weights, common at high sparsity, makes one or
+            # two passes over its row.
+            k = k0 + (k1 - k0) % np.uint64(4)
+            if k == k0 + np.uint64(1):
+                v0 = val[k0]
+                o0 = base + off[k0]
+                for x in range(wv):
+                    acc[x] = v0 * inp[o0 + x]
+            elif k == k0 + np.uint64(2):
+                v0 = val[k0]
+                v1 = val[k0 + np.uint64(1)]
+                o0 = base + off[k0]
+                o1 = base + off[k0 + np.uint64(1)]
+                for x in range(wv):
+                    acc[x] = v0 * inp[o0 + x] + v1 * inp[o1 + x]
+            elif k == k0 + np.uint64(3):
+                v0 = val[k0]
+                v1 = val[k0 + np.uint64(1)]
+                v2 = val[k0 + np.uint64(2)]
+                o0 = base + off[k0]
+                o1 = base + off[k0 + np.uint64(1)]
+                o2 = base + off[k0 + np.uint64(2)]
+                for x in range(wv):
+                    acc[x] = v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x]
+            else:
+                for x in range(wv):
+                    acc[x] = 0
+            while k < k1:
+                v0 = val[k]
+                v1 = val[k + np.uint64(1)]
+                v2 = val[k + np.uint64(2)]
+                v3 = val[k + np.uint64(3)]
+                o0 = base + off[k]
+                o1 = base + off[k + np.uint64(1)]
+                o2 = base + off[k + np.uint64(2)]
+                o3 = base + off[k + np.uint64(3)]
+                for x in range(wv):
+                    acc[x] += v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x] + v3 * inp[o3 + x]
+                k += np.uint64(4)
+            if direct:
+                if place_a[2]:
+                    _emit_quantized(acc, out_w, cr, m / sa, b / sa + za, low_a, dest_a, n, c, oy, place_a[0],
+                                    place_a[1], qa, scratch, pairs, res, res_scale / sa, has_res)
+                if place_b[2]:
+                    _emit_quantized(acc, out_w, cr, m / sb, b / sb + zb, low_b, dest_b, n, c, oy, place_b[0],
+                                    place_b[1], qb, scratch, pairs, res, res_scale / sb, has_res)
+                continue
+            un, uc, uy = np.uint64(n), np.uint64(c), np.uint64(oy)  # full indices, not row views (see `_emit`)
+            if has_res:
+                for x in range(w):
+                    v = np.float32(acc[x] - cr) * m + b + res_scale * res[un, uc, uy, x]
+                    y[x] = v if v > 0 else v * slope
+            else:
+                for x in range(w):
+                    v = np.float32(acc[x] - cr) * m + b
+                    y[x] = v if v > 0 else v * slope
+            if keep:
+                for x in range(w):
+                    out[un, uc, uy, x] = y[x]
+            if place_a[2]:
+                _emit(y, out_w, dest_a, n, c, oy, place_a[0], place_a[1], ma, sa, za, qa, scratch, pairs)
+            if place_b[2]:
+                _emit(y, out_w, dest_b, n, c, oy, place_b[0], place_b[1], mb, sb, zb, qb, scratch, pairs)
 
 
 def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope,
@@ -152,7 +251,6 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     when the output arrays are `fresh` (new this run); arrays reused from an earlier run of the same
     program and input size already hold it.
     """
-    c_out = ptr.shape[0] - 1
     total_rows = n_batch * out_h
     tiles = (total_rows + rows_per_tile - 1) // rows_per_tile
     w = np.uint64(out_w)
@@ -170,89 +268,9 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     low_a = za if slope == 0 else np.float32(0.0)
     low_b = zb if slope == 0 else np.float32(0.0)
     for t in prange(tiles):
-        acc = acc_buf[t]
-        y = np.empty(out_w, np.float32)
-        scratch = np.empty(out_w + 2 + out_w % 2, np.uint8)
-        r0 = t * rows_per_tile
-        r1 = min(r0 + rows_per_tile, total_rows)
-        for c in range(c_out):
-            m = mul[c]
-            b = bias[c]
-            cr = corr[c]
-            k0 = ptr[c]
-            k1 = ptr[c + 1]
-            if k0 == k1 and not has_res and not fresh:
-                continue
-            for r in range(r0, r1):
-                n = r // out_h
-                oy = r - n * out_h
-                base = np.uint64(n * in_sample + oy * rowstride)
-                # The first pass sets the accumulators (no zeroing pass) and takes the (k1 - k0) % 4 odd
-                # weights together, so that a channel of few kept weights, common at high sparsity, makes one or
-                # two passes over its row.
-                k = k0 + (k1 - k0) % np.uint64(4)
-                if k == k0 + np.uint64(1):
-                    v0 = val[k0]
-                    o0 = base + off[k0]
-                    for x in range(wv):
-                        acc[x] = v0 * inp[o0 + x]
-                elif k == k0 + np.uint64(2):
-                    v0 = val[k0]
-                    v1 = val[k0 + np.uint64(1)]
-                    o0 = base + off[k0]
-                    o1 = base + off[k0 + np.uint64(1)]
-                    for x in range(wv):
-                        acc[x] = v0 * inp[o0 + x] + v1 * inp[o1 + x]
-                elif k == k0 + np.uint64(3):
-                    v0 = val[k0]
-                    v1 = val[k0 + np.uint64(1)]
-                    v2 = val[k0 + np.uint64(2)]
-                    o0 = base + off[k0]
-                    o1 = base + off[k0 + np.uint64(1)]
-                    o2 = base + off[k0 + np.uint64(2)]
-                    for x in range(wv):
-                        acc[x] = v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x]
-                else:
-                    for x in range(wv):
-                        acc[x] = 0
-                while k < k1:
-                    v0 = val[k]
-                    v1 = val[k + np.uint64(1)]
-                    v2 = val[k + np.uint64(2)]
-                    v3 = val[k + np.uint64(3)]
-                    o0 = base + off[k]
-                    o1 = base + off[k + np.uint64(1)]
-                    o2 = base + off[k + np.uint64(2)]
-                    o3 = base + off[k + np.uint64(3)]
-                    for x in range(wv):
-                        acc[x] += v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x] + v3 * inp[o3 + x]
-                    k += np.uint64(4)
-                if direct:
-                    rrow = res[n, c, oy] if has_res else res[0, 0, 0]
-                    if place_a[2]:
-                        _emit_quantized(acc, out_w, cr, m / sa, b / sa + za, low_a, dest_a, n, c, oy, place_a[0],
-                                        place_a[1], qa, scratch, rrow, res_scale / sa, has_res)
-                    if place_b[2]:
-                        _emit_quantized(acc, out_w, cr, m / sb, b / sb + zb, low_b, dest_b, n, c, oy, place_b[0],
-                                        place_b[1], qb, scratch, rrow, res_scale / sb, has_res)
-                    continue
-                if has_res:
-                    rrow = res[n, c, oy]
-                    for x in range(w):
-                        v = np.float32(acc[x] - cr) * m + b + res_scale * rrow[x]
-                        y[x] = v if v > 0 else v * slope
-                else:
-                    for x in range(w):
-                        v = np.float32(acc[x] - cr) * m + b
-                        y[x] = v if v > 0 else v * slope
-                if keep:
-                    orow = out[n, c, oy]
-                    for x in range(w):
-                        orow[x] = y[x]
-                if place_a[2]:
-                    _emit(y, out_w, dest_a, n, c, oy, place_a[0], place_a[1], ma, sa, za, qa, scratch)
-                if place_b[2]:
-                    _emit(y, out_w, dest_b, n, c, oy, place_b[0], place_b[1], mb, sb, zb, qb, scratch)
+        _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h,
+                   out_w, rows_per_tile, total_rows, wv, acc_buf, out, keep, direct, dest_a, place_a, ma, sa, za, qa,
+                   low_a, dest_b, place_b, mb, sb, zb, qb, low_b, fresh)
 
 
 sparse_conv = njit(parallel=True, cache=True, fastmath=True)(_sparse_conv)
@@ -324,7 +342,7 @@ def normalize_into(x, mean, std, h_out, w_out, dest, n0, c0, pad, mode, scale, z
             row[j] = (src[j] - mean) / std
         for j in range(w, w_out):
             row[j] = row[w - 1]
-        _emit(row, w_out, dest, n0 + n, c, r, c0, pad, mode, scale, zero, qmax, scratch)
+        _emit(row, w_out, dest, n0 + n, c, r, c0, pad, mode, scale, zero, qmax, scratch, scratch.view(np.uint16))
 
 
 @njit(inline="always")
