@@ -293,35 +293,37 @@ def pad_input(x, out, c0, pad, mode, scale, zero, qmax):
         n = job // (stride * c_in)
         ph = (job // c_in) % stride
         c = job % c_in
-        plane = out[n, ph, c0 + c]
+        # full indices, not row views, which would update shared reference counts (see `_emit`)
+        un, up, uc, ud = np.uint64(n), np.uint64(ph), np.uint64(c), np.uint64(c0 + c)
         # valid phase columns j: 0 <= j * stride + ph - pad < w
         j_lo = max(0, (pad - ph + stride - 1) // stride)
         j_hi = min(wq, (w - 1 + pad - ph) // stride + 1) if w - 1 + pad - ph >= 0 else 0
         for r in range(hp):
+            ur = np.uint64(r)
             y = r - pad
             if y < 0 or y >= h:
-                for j in range(wq):
-                    plane[r, j] = padval
+                for j in range(np.uint64(wq)):
+                    out[un, up, ud, ur, j] = padval
                 continue
-            for j in range(j_lo):
-                plane[r, j] = padval
-            for j in range(j_hi, wq):
-                plane[r, j] = padval
-            src = x[n, c, y]
-            row = plane[r]
+            uy = np.uint64(y)
+            for j in range(np.uint64(j_lo)):
+                out[un, up, ud, ur, j] = padval
+            for j in range(np.uint64(j_hi), np.uint64(wq)):
+                out[un, up, ud, ur, j] = padval
             if stride == 1 and mode == 2:  # the common case, written out so that it vectorises
                 shift = np.uint64(pad)
                 for j in range(np.uint64(w)):
-                    row[j + shift] = min(max(np.rint(src[j] / scale) + zero, np.float32(0.0)), qmax)
+                    out[un, up, ud, ur, j + shift] = min(max(np.rint(x[un, uc, uy, j] / scale) + zero, np.float32(0.0)), qmax)
             elif stride == 1:
                 shift = np.uint64(pad)
                 for j in range(np.uint64(w)):
-                    row[j + shift] = _store(src[j], mode, scale, zero, qmax)
+                    out[un, up, ud, ur, j + shift] = _store(x[un, uc, uy, j], mode, scale, zero, qmax)
             else:
                 first = np.uint64(j_lo * stride + ph - pad)
                 step = np.uint64(stride)
                 for j in range(np.uint64(j_lo), np.uint64(j_hi)):
-                    row[j] = _store(src[first + (j - np.uint64(j_lo)) * step], mode, scale, zero, qmax)
+                    out[un, up, ud, ur, j] = _store(x[un, uc, uy, first + (j - np.uint64(j_lo)) * step], mode, scale,
+                                                    zero, qmax)
 
 
 @njit(parallel=True, cache=True)
