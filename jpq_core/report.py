@@ -251,13 +251,16 @@ def cut_at_loss(df: pd.DataFrame, network: str) -> list[str]:
 
 
 def finetuning_label(r) -> str:
-    """"distill 3000 steps, gradual, cosine lr": mode, budget, and the schedules when they are not the defaults."""
-    if r.finetune == "none":
-        return "no fine-tuning"
+    """"distill 3000 steps, gradual, cosine lr, uniform allocation": mode, budget, and the schedules and the
+    layer allocation when they are not the defaults (one-shot, constant rate, one global threshold)."""
     config = r.config if isinstance(r.get("config"), dict) else {}
+    allocation = config.get("allocation", "global")
+    extra_allocation = [f"{allocation} allocation"] if allocation != "global" else []
+    if r.finetune == "none":
+        return ", ".join(["no fine-tuning", *extra_allocation])
     schedule = config.get("schedule", "oneshot")
     extra = ([schedule] if schedule != "oneshot" else []) + (["cosine lr"] if config.get("lr_schedule") == "cosine" else [])
-    return ", ".join([f"{r.finetune} {int(r.budget)} steps", *extra])
+    return ", ".join([f"{r.finetune} {int(r.budget)} steps", *extra, *extra_allocation])
 
 
 def describe(r) -> str:

@@ -65,3 +65,17 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["report", "--results", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "r.md")]) == 2
     assert "no complete rows" in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
+
+
+def test_finetuning_labels_tell_apart_runs_that_differ_only_in_how_they_spend_the_budget():
+    """The headline table lists several 95% runs; each label must say what differs (schedule, rate, allocation)."""
+    from jpq_core.report import finetuning_label
+
+    def row(finetune="masked", budget=300, **config):
+        return pd.Series({"finetune": finetune, "budget": budget, "config": config})
+
+    assert finetuning_label(row(schedule="oneshot", lr_schedule="constant", allocation="global")) == "masked 300 steps"
+    assert finetuning_label(row("distill", 3000, schedule="gradual", lr_schedule="cosine")) == \
+        "distill 3000 steps, gradual, cosine lr"
+    assert finetuning_label(row(allocation="uniform")) == "masked 300 steps, uniform allocation"
+    assert finetuning_label(row("none", 0, allocation="sensitivity")) == "no fine-tuning, sensitivity allocation"
