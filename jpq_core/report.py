@@ -156,11 +156,26 @@ def _lines(ax, d: pd.DataFrame, by: str, x: str, metric: str, order=None):
         ax.legend(fontsize=8)
 
 
+def _same_budget_default_recipe(d: pd.DataFrame) -> pd.DataFrame:
+    """The fine-tuned rows that spent the grid's usual budget (the most common one) the default way: one-shot
+    pruning, a constant rate, one global threshold; so that one cell of a comparison is one recipe."""
+    if d.empty:
+        return d
+    config = [c if isinstance(c, dict) else {} for c in d.config]
+    default = pd.Series([c.get("schedule", "oneshot") == "oneshot" and c.get("lr_schedule", "constant") == "constant"
+                         and c.get("allocation", "global") == "global" for c in config], index=d.index)
+    return d[default & (d.budget == d.budget.mode().iloc[0])]
+
+
 def criteria_rows(df: pd.DataFrame, network: str) -> dict[str, pd.DataFrame]:
-    """The criteria comparisons: fine-tuned (prune only, float) and without fine-tuning (4-bit, prune first)."""
+    """The criteria comparisons: fine-tuned (prune only, float; and 4-bit weights, prune first, the headline
+    setting, which also shows where accuracy breaks) and without fine-tuning (4-bit, prune first)."""
     d = df[(df.network == network) & (df.granularity == "weight") & df.criterion.isin(CRITERIA)]
     return {
-        "fine-tuned, prune only, float": d[(d.finetune == "masked") & (d.pipeline == "prune-only")],
+        "fine-tuned, prune only, float": _same_budget_default_recipe(d[(d.finetune == "masked") & (d.pipeline == "prune-only")]),
+        "fine-tuned, 4-bit weights, 8-bit activations, prune then quantize": _same_budget_default_recipe(
+            d[(d.finetune == "masked") & (d.pipeline == "prune-then-quantize") & (d.wbits_label == "4")
+              & (d.abits_label == "8")]),
         "no fine-tuning, 4-bit weights, prune then quantize":
             d[(d.finetune == "none") & (d.pipeline == "prune-then-quantize") & (d.wbits_label == "4")],
     }

@@ -79,3 +79,18 @@ def test_finetuning_labels_tell_apart_runs_that_differ_only_in_how_they_spend_th
         "distill 3000 steps, gradual, cosine lr"
     assert finetuning_label(row(allocation="uniform")) == "masked 300 steps, uniform allocation"
     assert finetuning_label(row("none", 0, allocation="sensitivity")) == "no fine-tuning, sensitivity allocation"
+
+
+def test_criteria_tables_compare_one_recipe_at_one_budget():
+    """A 95% cell must not average the plain 300-step run with a cosine-rate run or a 3,000-step run."""
+    from jpq_core.report import criteria_rows
+
+    def row(bad3, budget=300, **config):
+        return {"network": "stereo", "granularity": "weight", "criterion": "taylor", "sparsity": 0.95,
+                "finetune": "masked", "pipeline": "prune-then-quantize", "wbits_label": "4", "abits_label": "8",
+                "budget": budget, "headline": bad3, "config": {"schedule": "oneshot", **config}}
+
+    df = pd.DataFrame([row(0.33), row(0.52, lr_schedule="cosine"), row(0.34, allocation="uniform"),
+                       row(0.25, budget=3000), row(0.40, sparsity_note="another 300-step run")])
+    part = criteria_rows(df, "stereo")["fine-tuned, 4-bit weights, 8-bit activations, prune then quantize"]
+    assert sorted(part.headline) == [0.33, 0.40]
