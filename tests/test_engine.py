@@ -180,12 +180,15 @@ def test_whole_resnet20_matches_reference(resnet, tmp_path):
     loaded = load_program(path)
     np.testing.assert_array_equal(loaded.run(x), out)
     assert loaded.nbytes == program.nbytes < path.stat().st_size
-    # memory: the cost model's weight bits plus the folded batch-norm biases (32 bits per channel), which
-    # the cost model does not count, and byte rounding of each stream (at most 2 bytes per layer)
+    # memory: the cost model's weight bits plus the folded batch-norm biases (32 bits per channel of every
+    # layer but fc, which has a bias of its own), which the cost model does not count and the report shows
+    # apart, and byte rounding of each stream (at most 2 bytes per layer)
     report = memory_report(program)
     channels = sum(layer.shape[0] for layer in program.layers if layer.name != "fc")
-    extra = report["program_bytes"] - report["cost_model_bytes"]
-    assert 0 <= extra - 4 * channels <= 2 * len(program.layers)
+    assert report["folded_bn_bytes"] == 4 * channels
+    extra = report["program_bytes"] - report["folded_bn_bytes"] - report["cost_model_bytes"]
+    assert 0 <= extra <= 2 * len(program.layers)
+    assert 1 <= report["ratio"] <= 1 + 2 * len(program.layers) / report["cost_model_bytes"]
 
 
 def test_plain_resnet20_runs_on_the_float_path(resnet):

@@ -162,7 +162,12 @@ def compile_network(model: torch.nn.Module, example_inputs: tuple | None = None)
     ops, n_inputs, output, slots = lower(model)
     program = Program(ops, n_inputs, output, slots)
     if example_inputs is not None:
+        from jpq_core.criteria import prunable_layers
+
         program.info["cost_model_weight_bits"] = cost_model_bits(model, example_inputs)
+        # Layers whose bias the cost model prices (a bias of their own); the others' biases in the program
+        # come from folding batch norm, which the cost model leaves out (memory_report shows them apart).
+        program.info["cost_model_biased"] = sorted(k for k, m in prunable_layers(model).items() if m.bias is not None)
     return program
 
 
@@ -187,11 +192,19 @@ def cost_model_bits(model, example_inputs) -> dict[str, float]:
 
 
 def memory_report(program: Program) -> dict:
-    """Measured packed bytes against the cost model's weight memory, in total and per layer."""
+    """Measured packed bytes against the cost model's weight memory, in total and per layer.
+
+    The program also stores the biases of folded batch norm (4 bytes per output channel), which the cost
+    model does not count (it prices weights, indices, scales and a layer's own bias): they are reported as
+    `folded_bn_bytes`, and `ratio` compares like with like, (program - folded batch norm) / cost model.
+    """
     model = program.info.get("cost_model_weight_bits")
     if model is None:
         raise JPQError("this program was compiled without example inputs, so it has no cost-model figures.")
-    layers = [{"layer": k, "program_bytes": v, "cost_model_bytes": model[k] / 8} for k, v in program.layer_bytes().items()]
+    biased = set(program.info.get("cost_model_biased", ()))
+    layers = [{"layer": op.name, "program_bytes": op.nbytes, "cost_model_bytes": model[op.name] / 8,
+               "folded_bn_bytes": 0 if op.name in biased else op.bias.nbytes} for op in program.layers]
     total_model = sum(model.values()) / 8
-    return {"program_bytes": program.nbytes, "cost_model_bytes": total_model,
-            "ratio": program.nbytes / total_model if total_model else None, "layers": layers}
+    folded = sum(layer["folded_bn_bytes"] for layer in layers)
+    return {"program_bytes": program.nbytes, "folded_bn_bytes": folded, "cost_model_bytes": total_model,
+            "ratio": (program.nbytes - folded) / total_model if total_model else None, "layers": layers}
