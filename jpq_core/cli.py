@@ -166,7 +166,7 @@ def cmd_compress(args) -> int:
         bar.n = i
         bar.refresh()
 
-    net, report = compress(model, task, config, progress=progress)
+    net, report = compress(model, task, config, progress=progress, state=args.state)
     bar.close()
     report["data"] = data
     if args.save:
@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--save", help="save the compressed weights (masked and quantized) as safetensors + JSON")
+    p.add_argument("--state", metavar="FILE", help="keep the run's progress in FILE every 100 fine-tuning steps; run the "
+                   "same command again to continue after an interruption (FILE is deleted when the run completes)")
     p.add_argument("--layers", action="store_true", help="full per-layer cost detail")
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument("--quiet", action="store_true")

@@ -157,8 +157,8 @@ class _FixedBatches:
     def __init__(self, task, batches: list):
         self.predict, self._batches = task.predict, batches
 
-    def batches(self, count: int, seed: int = 0):
-        return iter(self._batches[:count])
+    def batches(self, count: int, seed: int = 0, start: int = 0):
+        return iter(self._batches[start:count])
 
 
 class LiveNetwork:

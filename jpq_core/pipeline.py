@@ -20,7 +20,10 @@ ones with the largest gradient; Evci et al. 2020).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
+import os
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
@@ -197,12 +200,14 @@ class _Budget:
 
 
 def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=None, on_step=None, progress=None,
-             lr_schedule: str = "constant"):
+             lr_schedule: str = "constant", start: int = 0, opt_state=None, checkpoint=None):
     """Fine-tune the parametrized model in place for `steps` steps.
 
     `on_step(step, steps)` runs before each step (gradual pruning uses it); regrowth updates the masks
     every 25 steps; `progress(i, n)` is told after each step. `lr_schedule` "cosine" warms up over the first
     5% of the steps (at most 50; Adam's fresh moments make the first steps large) and decays to zero.
+    To continue an interrupted stage: `start` (steps already done) and `opt_state` (the optimiser's state
+    then). `checkpoint(done, optimizer)` is called every CHECKPOINT_EVERY steps and after the last one.
     """
     from jpq_core.training import cosine_lr
 
@@ -211,12 +216,16 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
     layers = prunable_layers(model)
     regrow_every = 25
     if mode == "regrow":
         for layer in layers.values():
             _transform(layer).dense_grad = torch.zeros_like(_transform(layer).mask, dtype=torch.float32)
-    for step, batch in enumerate(task.batches(steps, seed=seed)):
+    if progress and start:
+        progress(start, steps)
+    for step, batch in enumerate(task.batches(steps, seed=seed, start=start), start=start):
         if on_step:
             on_step(step, steps)
         if lr_schedule == "cosine":
@@ -238,6 +247,8 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
             _regrow(layers, drop_fraction=0.3 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         if progress:
             progress(step + 1, steps)
+        if checkpoint and ((step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps):
+            checkpoint(step + 1, opt)
     if mode == "regrow":
         for layer in layers.values():
             _transform(layer).dense_grad = None
@@ -300,10 +311,61 @@ def _effective_weights(model):
     return {n: l.weight.detach() for n, l in prunable_layers(model).items()}
 
 
+CHECKPOINT_EVERY = 100  # fine-tuning steps between saves of a run's state (a stereo step: 1-3 s on one core)
+
+
+class RunState:
+    """A compression run's progress in one file, so that an interrupted run goes on where it stopped.
+
+    Saved (atomically) every CHECKPOINT_EVERY fine-tuning steps and at the end of each fine-tuning stage:
+    the stage and step reached, the network's state (weights, masks, activation ranges, batch-norm
+    statistics) and the optimiser's. `compress` started again with the same file, configuration, task data
+    and starting network replays the pipeline's structural steps, skips the fine-tuning stages already done,
+    loads the state at the stage it reached and continues from the step after the save; training batches
+    are a function of (seed, step), so it sees the batches the uninterrupted run would have. The result is
+    then the uninterrupted run's (tested), except where scores are taken after an earlier fine-tuning stage
+    (quantize-then-prune with gradual pruning or a sensitivity scan): those come from the restored weights.
+    The file is deleted when the run completes. It holds tensors and numbers only (read with weights_only).
+    """
+
+    def __init__(self, path, config: CompressionConfig, model: nn.Module, task):
+        self.path = Path(path)
+        fingerprint = hashlib.sha1()
+        for name, tensor in sorted(model.state_dict().items()):
+            fingerprint.update(name.encode())
+            fingerprint.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.key = json.dumps({"config": asdict(config), "data": getattr(task, "data_key", task.name),
+                               "model": fingerprint.hexdigest()}, sort_keys=True)
+        self.saved = None
+        if self.path.exists():
+            try:
+                saved = torch.load(self.path, weights_only=True)
+            except Exception as error:  # any unreadable file: say which and what to do
+                raise JPQError(f"{self.path}: not a run state written by compress ({error}); delete it to start afresh.")
+            if not isinstance(saved, dict) or saved.get("key") != self.key:
+                raise JPQError(f"{self.path}: holds the state of another run (other settings, data or starting network); "
+                               "give another --state file, or delete this one to start afresh.")
+            self.saved = saved
+
+    @property
+    def elapsed(self) -> float:
+        return float(self.saved["elapsed"]) if self.saved else 0.0
+
+    def save(self, stage: int, step: int, net: nn.Module, optimizer, elapsed: float) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": self.key, "stage": stage, "step": step, "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(), "elapsed": elapsed}, tmp)
+        os.replace(tmp, self.path)  # a run killed while saving leaves the previous state intact
+
+    def finished(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 class _Run:
     """One compression run: the network being compressed, its budget, and the stages pipelines combine."""
 
-    def __init__(self, model, task, config: CompressionConfig, progress):
+    def __init__(self, model, task, config: CompressionConfig, progress, state: RunState | None = None):
         self.task, self.config = task, config
         # progress(stage, i, n), with stage "scores" (gradient pass) or "fine-tune"
         self.progress = progress or (lambda stage, i, n: None)
@@ -316,6 +378,9 @@ class _Run:
         self._seed = config.seed
         self._groups = None
         self.scan = None
+        self.state = state
+        self._stage = 0  # fine-tuning stages begun, which is how a saved state says where it was
+        self.started = time.time() - (state.elapsed if state else 0.0)
 
     @property
     def groups(self):
@@ -361,8 +426,21 @@ class _Run:
 
     def finetune(self, steps: int, on_step=None):
         self._seed += 1
+        self._stage += 1
+        saved = self.state.saved if self.state else None
+        if saved is not None and self._stage < saved["stage"]:
+            return  # done before the interruption: the saved state, loaded at its own stage, holds the result
+        start, opt_state = 0, None
+        if saved is not None and self._stage == saved["stage"]:
+            self.net.load_state_dict(saved["model"])
+            start, opt_state = saved["step"], saved["optimizer"]
+            self.state.saved = None
+        stage = self._stage
+        checkpoint = None if self.state is None else \
+            (lambda done, opt: self.state.save(stage, done, self.net, opt, time.time() - self.started))
         finetune(self.net, self.task, steps, self.config.finetune, self.lr, self._seed, teacher=self.dense,
-                 on_step=on_step, progress=lambda i, n: self.progress("fine-tune", i, n), lr_schedule=self.config.lr_schedule)
+                 on_step=on_step, progress=lambda i, n: self.progress("fine-tune", i, n), lr_schedule=self.config.lr_schedule,
+                 start=start, opt_state=opt_state, checkpoint=checkpoint)
 
     def quantize(self):
         c = self.config
@@ -398,15 +476,16 @@ class _Run:
             self.set_masks(self.masks(c.sparsity, stats))
 
 
-def compress(model: nn.Module, task, config: CompressionConfig, progress=None) -> tuple[nn.Module, dict]:
+def compress(model: nn.Module, task, config: CompressionConfig, progress=None, state=None) -> tuple[nn.Module, dict]:
     """Run the configured pipeline on a copy of `model`; returns (compressed model, report).
 
     `progress(stage, i, n)` is told about the gradient pass ("scores") and fine-tuning ("fine-tune").
+    `state`: a file that keeps the run's progress (see `RunState`); a run interrupted with one continues when
+    started again with it.
     """
     config = config.check()
-    start = time.time()
     torch.manual_seed(config.seed)
-    run = _Run(model, task, config, progress)
+    run = _Run(model, task, config, progress, RunState(state, config, model, task) if state else None)
     if config.pipeline == "prune-only":
         run.prune(1.0, config.schedule, final=True)
     elif config.pipeline == "quantize-only":
@@ -443,8 +522,10 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None) -
         "layers": cost.pop("layers"),
         "finetune_steps": run.budget.used,
         "sensitivity": run.scan,
-        "seconds": round(time.time() - start, 1),
+        "seconds": round(time.time() - run.started, 1),
     }
+    if run.state:
+        run.state.finished()
     return net, report
 
 

@@ -184,10 +184,13 @@ def row_from_report(report: dict, wall_s: float) -> dict:
     return row
 
 
-def run_config(config: dict, keep_checkpoint: bool = False, engine: bool = False, threads: int = 1) -> dict:
+def run_config(config: dict, keep_checkpoint: bool = False, engine: bool = False, threads: int = 1,
+               state: str | None = None) -> dict:
     """Compress with one configuration (a dict of `CompressionConfig` fields); returns the row, plus the
     compressed network's files as bytes under "_files" when `keep_checkpoint` (so that a Ray worker on
-    another machine can hand them to the driver). `engine`: also time the engine (column engine_ms)."""
+    another machine can hand them to the driver). `engine`: also time the engine (column engine_ms).
+    `state`: a file that keeps the run's progress, so that a sweep killed in a long configuration goes on
+    from its last save when run again (see `pipeline.RunState`)."""
     import torch
 
     from jpq_core.pipeline import compress, save_compressed
@@ -196,7 +199,7 @@ def run_config(config: dict, keep_checkpoint: bool = False, engine: bool = False
     cfg = CompressionConfig(**config)
     model, task = _network_and_task(cfg.network)
     start = time.time()
-    net, report = compress(model, task, cfg)
+    net, report = compress(model, task, cfg, state=state)
     wall = time.time() - start
     row = row_from_report(report, wall)
     row["engine_ms"] = engine_latency_ms(net, cfg.network) if engine else None
@@ -415,12 +418,17 @@ class SweepSummary:
         return "\n".join(lines)
 
 
-def _pool_results(todo, workers: int, keep, engine: bool):
+def state_file(table: Path, config: CompressionConfig) -> str:
+    """Where a local sweep keeps the progress of a configuration while it runs (deleted when it is done)."""
+    return str(table.parent / "state" / f"{row_id(config_key(config))}.pt")
+
+
+def _pool_results(todo, workers: int, keep, engine: bool, table: Path):
     """Yield (config, row or exception) as local worker processes finish them."""
     if workers == 1:  # no pool to start: the same function in this process
         for c in todo:
             try:
-                yield c, run_config(asdict(c), keep(c), engine)
+                yield c, run_config(asdict(c), keep(c), engine, state=state_file(table, c))
             except Exception as exc:  # noqa: BLE001 - one failed configuration must not stop the sweep
                 yield c, exc
         return
@@ -428,7 +436,7 @@ def _pool_results(todo, workers: int, keep, engine: bool):
 
     # spawn, not fork: a forked copy of a process with PyTorch's threads running can deadlock
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    pending = {pool.submit(run_config, asdict(c), keep(c), engine): c for c in todo}
+    pending = {pool.submit(run_config, asdict(c), keep(c), engine, 1, state_file(table, c)): c for c in todo}
     try:
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -491,7 +499,7 @@ def run_sweep(configs: list[CompressionConfig], path=RESULTS, workers: int | Non
         revision = git_revision()
         workers = workers or os.cpu_count() or 1
         results = (_ray_results(todo, ray_address, keep, engine) if ray_address
-                   else _pool_results(todo, min(workers, max(1, len(todo))), keep, engine))
+                   else _pool_results(todo, min(workers, max(1, len(todo))), keep, engine, path))
         failed = []
         bar = tqdm(total=len(todo), desc=f"sweep {grid}".strip(), unit="run", disable=not progress or not todo)
         for config, result in results:

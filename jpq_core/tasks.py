@@ -66,9 +66,9 @@ class StereoTask:
         self.eval_data, self.crop, self.batch_size = eval_data, crop, batch_size
         self._eval_samples = None
 
-    def batches(self, count: int, seed: int = 0):
-        """`count` synthetic training batches (left, right, disparity), rendered ahead in a thread."""
-        return prefetched(lambda i: self.batch(i, seed), count)
+    def batches(self, count: int, seed: int = 0, start: int = 0):
+        """Synthetic training batches start..count-1 (left, right, disparity), rendered ahead in a thread."""
+        return prefetched(lambda i: self.batch(start + i, seed), count - start)
 
     def batch(self, index: int, seed: int = 0):
         h, w = self.crop
@@ -129,11 +129,13 @@ class ClassificationTask:
         self.train_x, self.train_y = load_classification(data, "train")
         self.test_x, self.test_y = load_classification(data, "test")
 
-    def batches(self, count: int, seed: int = 0):
+    def batches(self, count: int, seed: int = 0, start: int = 0):
+        """Random training batches start..count-1 of the sequence that `seed` fixes."""
         g = torch.Generator().manual_seed(seed)
-        for _ in range(count):
+        for i in range(count):
             idx = torch.randint(0, len(self.train_x), (self.batch_size,), generator=g)
-            yield self.train_x[idx], self.train_y[idx]
+            if i >= start:
+                yield self.train_x[idx], self.train_y[idx]
 
     @staticmethod
     def predict(model, batch):

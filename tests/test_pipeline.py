@@ -48,6 +48,56 @@ def test_bad_configuration_is_refused_with_a_clear_message(digits_task, resnet20
             compress(resnet20, digits_task, _cfg(**kw))
 
 
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("schedule, stop_at", [("oneshot", (2, 13)), ("gradual", (1, 7))])
+def test_an_interrupted_run_goes_on_from_its_state_file_to_the_uninterrupted_result(digits_task, resnet20, tmp_path,
+                                                                                   monkeypatch, schedule, stop_at):
+    """Killed in the second (QAT) or first (gradual pruning) stage, then started again with the same --state:
+    the same network and report as a run never interrupted, and the state file is gone at the end."""
+    import jpq_core.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY", 5)
+    cfg = _cfg(pipeline="prune-then-quantize", steps=40, schedule=schedule)
+    reference_net, reference = compress(resnet20, digits_task, cfg)
+
+    stage, seen = [0], []
+
+    def stop(kind, i, n):
+        if kind == "fine-tune":
+            if i == 1:
+                stage[0] += 1
+            if (stage[0], i) == stop_at:
+                raise _Interrupt
+
+    state = tmp_path / "run.state"
+    with pytest.raises(_Interrupt):
+        compress(resnet20, digits_task, cfg, progress=stop, state=state)
+    assert state.exists()
+    net, report = compress(resnet20, digits_task, cfg, progress=lambda kind, i, n: seen.append((kind, i)), state=state)
+    steps = [i for kind, i in seen if kind == "fine-tune"]
+    saved = stop_at[1] // 5 * 5  # the last save before the interruption
+    assert steps[0] == saved  # resumed there: what was done before is not done again
+    assert len(steps) == 1 + (20 - saved) + (20 if stop_at[0] == 1 else 0)
+    assert not state.exists()
+    assert report["metrics"] == reference["metrics"] and report["cost"] == reference["cost"]
+    ours, theirs = effective_state_dict(net), effective_state_dict(reference_net)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_state_file_of_another_run_is_refused(digits_task, resnet20, tmp_path):
+    state = tmp_path / "run.state"
+    state.write_bytes(b"not a state")
+    with pytest.raises(JPQError, match="not a run state"):
+        compress(resnet20, digits_task, _cfg(), state=state)
+    torch.save({"key": "another run"}, state)
+    with pytest.raises(JPQError, match="another run"):
+        compress(resnet20, digits_task, _cfg(), state=state)
+    assert state.exists()  # nothing is lost: the user decides
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_the_learning_rate_schedule_is_the_one_asked_for(digits_task, resnet20, monkeypatch, schedule):
     seen = []

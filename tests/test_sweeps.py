@@ -95,9 +95,37 @@ def test_a_tiny_grid_runs_end_to_end_and_a_rerun_skips_it(tmp_path):
     net, side = load_compressed(saved)
     assert side["compression"]["finetune"] == "masked" and side["metrics"]["top1"] == tuned["top1"]
 
+    assert not list((table.parent / "state").glob("*"))  # progress files of finished runs are gone
+
     again = sweeps.run_sweep(configs, table, workers=1, progress=False)
     assert (again.ran, again.skipped) == (0, 3)
     assert len(sweeps.read_rows(table)[0]) == 3
+
+
+def test_a_sweep_killed_inside_a_configuration_goes_on_from_its_progress_file(tmp_path, digits_task, resnet20):
+    from jpq_core.pipeline import compress
+
+    table = tmp_path / "results.jsonl"
+    config = CompressionConfig(network="resnet20", criterion="magnitude", sparsity=0.5, wbits=8, finetune="masked",
+                               steps=4, calibration_batches=1)
+    _, reference = compress(resnet20, digits_task, config)
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_second_stage(kind, i, n, seen=[]):  # noqa: B006 - counts fine-tuning stages across calls
+        seen.append((kind, i))
+        if kind == "fine-tune" and seen.count(("fine-tune", 1)) == 2:
+            raise Killed
+
+    state = Path(sweeps.state_file(table, config))
+    with pytest.raises(Killed):  # what a sweep killed in the second stage leaves: the first stage's end, saved
+        compress(resnet20, digits_task, config, progress=kill_in_second_stage, state=state)
+    assert state.exists()
+    summary = sweeps.run_sweep([config], table, workers=1, progress=False)
+    assert summary.ran == 1 and not state.exists()
+    row = sweeps.read_rows(table)[0][0]
+    assert row["top1"] == reference["metrics"]["top1"] and row["weight_bits"] == reference["cost"]["weight_bits"]
 
 
 def test_an_imported_report_brings_its_saved_network_when_on_the_front(tmp_path, monkeypatch, digits_task, resnet20):
