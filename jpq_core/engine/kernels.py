@@ -18,7 +18,8 @@ sum k_w * (q_a - z_a) = acc - z_a * sum_c(k_w) ("corr"). The accumulator is floa
 as float32 integers) where every partial sum is below 2^24 and so exact, else int32: the same kernel,
 compiled for either (float FMAs beat the int32 multiply-add LLVM emits, vpmaddwd + vpaddd, on Zen 4).
 The epilogue computes
-y = (acc - corr[c]) * mul[c] + bias[c] (+ res_scale * residual), then a (leaky) ReLU.
+y = (acc - corr[c]) * mul[c] + bias[c] (+ res_scale * residual), then a (leaky) ReLU; where only
+quantized consumers read y, it goes from the accumulators to their bytes in one step (`_emit_quantized`).
 Float path: the same kernel with float32 input and weights and corr = 0.
 """
 
@@ -147,8 +148,8 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
                rows_per_tile, total_rows, wv, acc_buf, out, keep, direct, dest_a, place_a, ma, sa, za, qa,
                low_a, dest_b, place_b, mb, sb, zb, qb, low_b, fresh):
     """Output rows of tile t (rows_per_tile rows of the batch) for every output channel: `_sparse_conv`'s
-    parallel unit. A function of its own, so that numba compiles it like serial code: written inline in the
-    prange loop, the parallel kernel's inner loops did not vectorise and two threads ran slower than one."""
+    parallel unit, written as serial code that the parallel and the serial kernel both call. It addresses rows
+    of shared arrays by full index, never as views (see `_emit`): views made two threads no faster than one."""
     c_out = ptr.shape[0] - 1
     w = np.uint64(out_w)
     acc = acc_buf[t]
