@@ -360,6 +360,23 @@ def pipeline_section(df: pd.DataFrame, network: str) -> list[str]:
     return out
 
 
+def finetune_mode_section(df: pd.DataFrame, network: str) -> list[str]:
+    """The fine-tuning modes under one budget at the headline setting (Taylor, 95%, 4/8 bits, prune first)."""
+    d = df[(df.network == network) & (df.criterion == "taylor") & (df.sparsity == 0.95) & (df.finetune != "none")
+           & (df.pipeline == "prune-then-quantize") & (df.wbits_label == "4") & (df.abits_label == "8")]
+    d = _same_budget_default_recipe(d)
+    if d.finetune.nunique() < 2:
+        return []
+    metric, higher = primary_metric(network)
+    best = (d.headline.max() if higher else d.headline.min())
+    out = [f"Taylor, 95%, w4/a8, prune-then-quantize, one-shot, {int(d.budget.iloc[0])} steps each; best in bold.", "",
+           f"| fine-tuning | {metric} | loss against dense |", "| --- | --- | --- |"]
+    for _, r in d.sort_values("finetune").iterrows():
+        value = f"**{_pct(r.headline)}**" if r.headline == best else _pct(r.headline)
+        out.append(f"| {r.finetune} | {value} | {r.loss_pt:+.2f} pt |")
+    return out + ["", "Produced by: " + _commands(d), ""]
+
+
 def _shown(path: Path, base: Path) -> str:
     """`path` relative to `base` when it is inside the repository (portable links), else absolute."""
     return os.path.relpath(path, base) if ROOT in Path(path).resolve().parents else str(path)
@@ -450,6 +467,14 @@ def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str]
             out += [f"![{network} pipelines]({rel(figures[f'pipelines-{network}'])})", "",
                     "Right: without fine-tuning, joint is quantize-then-prune exactly (no steps to prune gradually over), "
                     "so it is not run there.", ""]
+    out += ["## Fine-tuning modes under one budget", "",
+            "masked: the task loss with the pruned weights held at zero; distill: half the task loss, half a "
+            "distance to the dense network's own outputs (smooth L1 to its disparities; KL divergence at temperature 4 "
+            "to its class probabilities); regrow: masked, plus RigL-style mask updates every 25 steps "
+            "(drop the smallest kept weights, grow the pruned ones with the largest accumulated gradient).", ""]
+    for network in sorted(df.network.unique()):
+        out += [f"### {network}", ""] + (finetune_mode_section(df, network) or
+                                          ["No comparison of fine-tuning modes for this network yet.", ""])
     return "\n".join(out) + "\n"
 
 

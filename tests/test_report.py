@@ -94,3 +94,18 @@ def test_criteria_tables_compare_one_recipe_at_one_budget():
                        row(0.25, budget=3000), row(0.40, sparsity_note="another 300-step run")])
     part = criteria_rows(df, "stereo")["fine-tuned, 4-bit weights, 8-bit activations, prune then quantize"]
     assert sorted(part.headline) == [0.33, 0.40]
+
+
+def test_the_fine_tuning_modes_are_compared_at_one_budget_and_the_best_is_marked():
+    from jpq_core.report import finetune_mode_section
+
+    def row(finetune, bad3, budget=300, **config):
+        return {"network": "stereo", "criterion": "taylor", "sparsity": 0.95, "finetune": finetune,
+                "pipeline": "prune-then-quantize", "wbits_label": "4", "abits_label": "8", "budget": budget,
+                "headline": bad3, "loss_pt": (bad3 - 0.138) * 100, "grid": "g", "config": {"schedule": "oneshot", **config}}
+
+    df = pd.DataFrame([row("masked", 0.33), row("distill", 0.36), row("regrow", 0.31),
+                       row("distill", 0.20, budget=3000), row("masked", 0.52, lr_schedule="cosine")])
+    table = [line for line in finetune_mode_section(df, "stereo") if line.startswith("| ") and "%" in line]
+    assert [line.split(" | ")[0] for line in table] == ["| distill", "| masked", "| regrow"]
+    assert "**31.00%**" in table[2] and "**" not in table[0] + table[1]
