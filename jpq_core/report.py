@@ -416,8 +416,8 @@ def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str]
            "which are estimates from the 45 nm model in [costs.md](costs.md). Accuracy loss is in points of the "
            "headline metric against the dense float32 network (bad-3 on the Middlebury motorcycle pair for stereo, "
            "top-1 on the digits test split for ResNet-20). Fine-tuning ran on one CPU core, so budgets are small: "
-           "200 steps for ResNet-20, 300 for stereo (one stereo run at the headline setting has 3,000: "
-           "configs/stereo-long.toml, 2 h); rows without fine-tuning show what pruning and quantization "
+           "200 steps for ResNet-20, 300 for stereo (two stereo runs at the headline setting have 3,000: "
+           "configs/stereo-long.toml, 75 min to 2 h each); rows without fine-tuning show what pruning and quantization "
            "alone do. Rows measured before the cost model chose the CSR index width per layer (revision 683eeaf) "
            "priced every index at 4 bits, so their memory figures are upper bounds: at 95% sparsity the per-layer "
            "width gives about 2.0% of dense where 4 bits gave 2.7% (see costs.md).", "",
