@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default="minmax", help="activation range: minmax, percentile or mse")
     p.add_argument("--calibration-batches", type=int, default=8, help="batches for gradient scores and activation ranges")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default per task)")
-    p.add_argument("--lr-schedule", default="constant", help="constant, or cosine (warm-up, then decay to zero per stage)")
+    p.add_argument("--lr-schedule", default="constant", help="constant; cosine (warm-up, then decay to zero per stage); or constant-decay "
+                   "(constant, then cosine decay to zero over the last 20%% of each stage)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--save", help="save the compressed weights (masked and quantized) as safetensors + JSON")

@@ -43,7 +43,7 @@ from jpq_core.quantization import ACTIVATION_BITS, ActivationQuantizer, check_bi
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint", "prune-only", "quantize-only")
 FINETUNE_MODES = ("none", "masked", "distill", "regrow")
 SCHEDULES = ("oneshot", "iterative", "gradual")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "constant-decay")
 ALLOCATIONS = ("global", "uniform", "sensitivity")
 ITERATIVE_ROUNDS = 4
 
@@ -68,7 +68,8 @@ class CompressionConfig:
     calibration: str = "minmax"
     calibration_batches: int = 8
     lr: float | None = None  # None: the task's default (fine-tuning rates differ by task)
-    # Learning rate over each fine-tuning stage: constant, or cosine decay to zero after a short warm-up.
+    # Learning rate over each fine-tuning stage: constant; cosine decay to zero after a short warm-up; or
+    # constant-decay: constant, then cosine decay to zero over the stage's last 20%.
     # "constant" is the default because every row measured before this option existed used it.
     lr_schedule: str = "constant"
     seed: int = 0
@@ -205,11 +206,12 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
 
     `on_step(step, steps)` runs before each step (gradual pruning uses it); regrowth updates the masks
     every 25 steps; `progress(i, n)` is told after each step. `lr_schedule` "cosine" warms up over the first
-    5% of the steps (at most 50; Adam's fresh moments make the first steps large) and decays to zero.
+    5% of the steps (at most 50; Adam's fresh moments make the first steps large) and decays to zero;
+    "constant-decay" holds the rate, then decays it to zero over the last 20% of the steps.
     To continue an interrupted stage: `start` (steps already done) and `opt_state` (the optimiser's state
     then). `checkpoint(done, optimizer)` is called every CHECKPOINT_EVERY steps and after the last one.
     """
-    from jpq_core.training import cosine_lr
+    from jpq_core.training import constant_decay_lr, cosine_lr
 
     if mode == "none" or steps == 0:
         return model
@@ -231,6 +233,9 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
         if lr_schedule == "cosine":
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(lr, step, steps, warmup=min(50, max(1, steps // 20)))
+        elif lr_schedule == "constant-decay":
+            for group in opt.param_groups:
+                group["lr"] = constant_decay_lr(lr, step, steps)
         if mode == "distill":
             with torch.no_grad():
                 target = task.predict(teacher, batch)

@@ -274,7 +274,7 @@ def finetuning_label(r) -> str:
     if r.finetune == "none":
         return ", ".join(["no fine-tuning", *extra_allocation])
     schedule = config.get("schedule", "oneshot")
-    extra = ([schedule] if schedule != "oneshot" else []) + (["cosine lr"] if config.get("lr_schedule") == "cosine" else [])
+    extra = ([schedule] if schedule != "oneshot" else []) + ([f"{config['lr_schedule']} lr"] if config.get("lr_schedule", "constant") != "constant" else [])
     return ", ".join([f"{r.finetune} {int(r.budget)} steps", *extra, *extra_allocation])
 
 

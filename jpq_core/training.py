@@ -50,6 +50,20 @@ def cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+DECAY_SHARE = 0.2  # the final share of the steps over which "constant-decay" anneals
+
+
+def constant_decay_lr(base: float, step: int, total: int, share: float = DECAY_SHARE) -> float:
+    """Constant, then cosine decay to zero over the last `share` of the steps: warmup-stable-decay without the
+    warm-up (Zhai et al. 2022; Hu et al. 2024, MiniCPM). Up to the decay it is the constant schedule, step
+    for step."""
+    decay = max(1, round(total * share))
+    start = total - decay
+    if step < start:
+        return base
+    return 0.5 * base * (1 + math.cos(math.pi * (step - start) / decay))
+
+
 class _StereoBatches(torch.utils.data.IterableDataset):
     """Synthetic batches for steps start..total-1, rendered in a worker process."""
 

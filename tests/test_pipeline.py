@@ -98,7 +98,7 @@ def test_a_state_file_of_another_run_is_refused(digits_task, resnet20, tmp_path)
     assert state.exists()  # nothing is lost: the user decides
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "constant-decay"])
 def test_the_learning_rate_schedule_is_the_one_asked_for(digits_task, resnet20, monkeypatch, schedule):
     seen = []
     original = torch.optim.Adam.step
@@ -112,6 +112,10 @@ def test_the_learning_rate_schedule_is_the_one_asked_for(digits_task, resnet20, 
     assert len(seen) == 40
     if schedule == "constant":
         assert set(seen) == {1e-3}
+    elif schedule == "constant-decay":  # the constant rate for 32 steps, then down towards zero over the last 8
+        assert set(seen[:32]) == {1e-3}
+        assert all(a > b for a, b in zip(seen[32:], seen[33:]))
+        assert seen[-1] < 0.05 * 1e-3
     else:  # warm-up over 2 steps, then decay towards zero; the peak is the rate asked for
         assert seen[0] < seen[1] == pytest.approx(1e-3)
         assert all(a >= b for a, b in zip(seen[1:], seen[2:]))
