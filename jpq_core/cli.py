@@ -153,7 +153,8 @@ def cmd_compress(args) -> int:
         layer_wbits=_layer_bits(args.layer_wbits),
         steps=args.steps if args.steps is not None else DEFAULT_FINETUNE_STEPS[task_of(args.network)],
         protect_first_last=not args.no_protect, per_channel=not args.per_tensor, symmetric=not args.asymmetric,
-        calibration=args.calibration, calibration_batches=args.calibration_batches, lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed,
+        calibration=args.calibration, calibration_batches=args.calibration_batches, lr=args.lr, lr_schedule=args.lr_schedule,
+        learned_step=args.learned_step, seed=args.seed,
     ).check()
     model = load_network(args.network, args.checkpoint)
     data = args.data if args.data else ("middlebury" if task_of(args.network) == "stereo" else "digits")
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-protect", action="store_true", help="also prune the first and last layers")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (zero point)")
+    p.add_argument("--learned-step", action="store_true",
+                   help="weights at 3-16 bits learn their quantization step in QAT (LSQ) instead of max|w| / qmax")
     p.add_argument("--calibration", default="minmax", help="activation range: minmax, percentile or mse")
     p.add_argument("--calibration-batches", type=int, default=8, help="batches for gradient scores and activation ranges")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default per task)")

@@ -38,7 +38,8 @@ from jpq_core.criteria import get_criterion, prunable_layers
 from jpq_core.errors import JPQError
 from jpq_core.pruning import agp_sparsity, check_sparsity, first_and_last, make_masks, sparsity_of
 from jpq_core.score_cache import cached_gradient_stats
-from jpq_core.quantization import ACTIVATION_BITS, ActivationQuantizer, check_bits, quantize_weight, ste
+from jpq_core.quantization import (ACTIVATION_BITS, ActivationQuantizer, check_bits, learned_step_quantize,
+                                   quantize_weight, step_bound, ste)
 
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint", "prune-only", "quantize-only")
 FINETUNE_MODES = ("none", "masked", "distill", "regrow")
@@ -72,6 +73,8 @@ class CompressionConfig:
     # constant-decay: constant, then cosine decay to zero over the stage's last 20%.
     # "constant" is the default because every row measured before this option existed used it.
     lr_schedule: str = "constant"
+    # Weights at 3-16 bits learn their quantization step during QAT (LSQ) instead of taking max|w| / qmax.
+    learned_step: bool = False
     seed: int = 0
 
     def check(self) -> "CompressionConfig":
@@ -97,16 +100,22 @@ class CompressionConfig:
         self.layer_abits = {k: check_bits(v, ACTIVATION_BITS, "activation") for k, v in self.layer_abits.items()}
         if self.allocation not in ALLOCATIONS:
             raise JPQError(f"allocation must be one of {', '.join(ALLOCATIONS)}, not {self.allocation!r}.")
+        if self.learned_step and not self.symmetric:
+            raise JPQError("learned step sizes (LSQ) are for the symmetric weight grid; leave out the asymmetric "
+                           "option or the learned step.")
         return self
 
 
 class MaskedQuantizedWeight(nn.Module):
-    """Parametrization w -> Q(w * mask) with a straight-through estimator for Q."""
+    """Parametrization w -> Q(w * mask) with a straight-through estimator for Q; with a learned `step`
+    (LSQ, symmetric 3-16 bits), Q uses it as its scale, capped at max|w| / qmax."""
 
     def __init__(self, mask: torch.Tensor, bits, symmetric: bool, per_channel: bool):
         super().__init__()
         self.register_buffer("mask", mask.clone())
         self.bits, self.symmetric, self.per_channel = bits, symmetric, per_channel
+        self.register_parameter("step", None)
+        self._step_bits = None
         self.dense_grad: torch.Tensor | None = None  # filled when regrowth asks for it
 
     def forward(self, w):
@@ -115,7 +124,26 @@ class MaskedQuantizedWeight(nn.Module):
             masked.register_hook(self._keep_grad)
         if self.bits is None:
             return masked
+        if self.step is not None:
+            return learned_step_quantize(masked, self.step, self.bits, self.per_channel)
         return ste(masked, quantize_weight(masked.detach(), self.bits, self.symmetric, self.per_channel))
+
+    def learn_step(self, weight: torch.Tensor, learned: bool) -> None:
+        """Give this layer a learned step, starting at min/max's (kept while the width stays), or take it away."""
+        if not (learned and self.bits is not None and self.bits >= 3 and self.symmetric):
+            self.step = None
+        else:
+            bound = step_bound(weight * self.mask, self.bits, self.per_channel)
+            if self.step is None or self._step_bits != self.bits or self.step.shape != bound.shape:
+                self.step = nn.Parameter(bound)
+        self._step_bits = self.bits
+
+    @torch.no_grad()
+    def project_step(self, weight: torch.Tensor) -> None:
+        """Keep the learned step at or below its bound after an optimiser step (projected gradient descent):
+        above it the cap would hide the step from its gradient and it could drift up for good."""
+        if self.step is not None:
+            self.step.copy_(torch.minimum(self.step, step_bound(weight * self.mask, self.bits, self.per_channel)))
 
     def _keep_grad(self, g):
         self.dense_grad += g.detach().abs()
@@ -130,10 +158,11 @@ def bits_for(spec, name):
     return spec.get(name) if isinstance(spec, dict) else spec
 
 
-def attach(model: nn.Module, masks: dict | None, wbits, symmetric=True, per_channel=True) -> nn.Module:
+def attach(model: nn.Module, masks: dict | None, wbits, symmetric=True, per_channel=True, learned_step=False) -> nn.Module:
     """Give every prunable layer its mask and weight quantizer (replacing earlier ones).
 
-    `wbits` is one width for all layers or {layer: width}; None means float.
+    `wbits` is one width for all layers or {layer: width}; None means float. `learned_step`: layers at
+    3-16 bits learn their step (LSQ); a step already learned is kept while the layer's width stays.
     """
     for name, layer in prunable_layers(model).items():
         mask = masks[name] if masks is not None else torch.ones_like(layer.weight, dtype=torch.bool)
@@ -144,7 +173,15 @@ def attach(model: nn.Module, masks: dict | None, wbits, symmetric=True, per_chan
             t.bits, t.symmetric, t.per_channel = bits, symmetric, per_channel
         else:
             parametrize.register_parametrization(layer, "weight", MaskedQuantizedWeight(mask, bits, symmetric, per_channel))
+        _transform(layer).learn_step(layer.parametrizations.weight.original, learned_step)
     return model
+
+
+def project_steps(model: nn.Module) -> None:
+    """Cap every learned step at its bound (after each optimiser step)."""
+    for layer in prunable_layers(model).values():
+        if parametrize.is_parametrized(layer, "weight"):
+            _transform(layer).project_step(layer.parametrizations.weight.original)
 
 
 def current_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -186,6 +223,17 @@ def effective_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in prunable_layers(model).items():
         state[f"{name}.weight"] = layer.weight.detach().clone()
     return state
+
+
+# Options added after rows and run states were saved: at its default, such an option is left out of a
+# configuration's identity, so that what was saved before it existed is still found.
+LATER_OPTIONS = {"lr_schedule": "constant", "learned_step": False}
+
+
+def config_identity(config: CompressionConfig | dict) -> dict:
+    """The configuration as a plain dict, without the later options at their defaults."""
+    d = asdict(config) if isinstance(config, CompressionConfig) else config
+    return {k: v for k, v in d.items() if k not in LATER_OPTIONS or v != LATER_OPTIONS[k]}
 
 
 class _Budget:
@@ -248,6 +296,7 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        project_steps(model)
         if mode == "regrow" and (step + 1) % regrow_every == 0 and step + 1 < steps:
             _regrow(layers, drop_fraction=0.3 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         if progress:
@@ -339,7 +388,7 @@ class RunState:
         for name, tensor in sorted(model.state_dict().items()):
             fingerprint.update(name.encode())
             fingerprint.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        self.key = json.dumps({"config": asdict(config), "data": getattr(task, "data_key", task.name),
+        self.key = json.dumps({"config": config_identity(config), "data": getattr(task, "data_key", task.name),
                                "model": fingerprint.hexdigest()}, sort_keys=True)
         self.saved = None
         if self.path.exists():
@@ -427,7 +476,7 @@ class _Run:
         return {name: overrides.get(name, default) for name in names}
 
     def set_masks(self, masks):
-        attach(self.net, masks, self.wbits, self.config.symmetric, self.config.per_channel)
+        attach(self.net, masks, self.wbits, self.config.symmetric, self.config.per_channel, self.config.learned_step)
 
     def finetune(self, steps: int, on_step=None):
         self._seed += 1

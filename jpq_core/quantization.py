@@ -15,9 +15,17 @@ percentile, or the MSE-optimal clipping.
 
 Fake quantization in training uses the straight-through estimator (Bengio et al. 2013): the forward pass
 sees x_hat, the backward pass treats rounding as the identity.
+
+Learned step size (`learned_step_quantize`, LSQ; Esser et al. 2020): symmetric uniform weights at 3 to 16 bits
+can learn their scale s during QAT instead of taking max|x| / qmax, trading clipping error against rounding
+error. It starts at max|x| / qmax and is kept at or below it: a wider grid than min/max's only leaves levels
+unused, and this bound is what lets anyone recover s from the quantized weights alone (the largest kept
+weight sits on a grid end), as the engine and `load_compressed` do.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -102,6 +110,28 @@ def quantize_weight(w: torch.Tensor, bits, symmetric: bool = True, per_channel: 
         return _ternary(w, per_channel)
     scale, zero, qmin, qmax = uniform_params(w, bits, symmetric, per_channel)
     return fake_quantize(w, scale, zero, qmin, qmax) * (w != 0)
+
+
+def step_bound(x: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+    """The largest step a learned scale may take: symmetric min/max's, max|x| / qmax (per channel or tensor)."""
+    scale, _, _, _ = uniform_params(x.detach(), bits, symmetric=True, per_channel=per_channel)
+    return scale
+
+
+def learned_step_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+    """LSQ: x_hat = s * round(clamp(x / s, -qmax, qmax)), s = min(step, max|x| / qmax), with gradients for x
+    (straight through the rounding, zero where clipped) and for step (Esser et al. 2020, eq. 3), the step's
+    gradient scaled by 1 / sqrt(weights per scale * qmax) so that it moves at the weights' pace."""
+    qmax = 2 ** (bits - 1) - 1
+    per_scale = x[0].numel() if per_channel and x.dim() >= 2 else x.numel()
+    g = 1.0 / math.sqrt(per_scale * qmax)
+    step = step * g + (step - step * g).detach()  # value of step, gradient times g
+    # (s * qmax) / qmax: the scale min/max finds again from the quantized weights, to the last bit (in float32
+    # it can differ from s by one ulp, once; enough to flip an 8-bit activation's rounding downstream)
+    s = torch.minimum(step, step_bound(x, bits, per_channel)) * qmax / qmax
+    q = torch.clamp(x / s, -qmax, qmax)
+    soft = (q + (torch.round(q) - q).detach()) * s  # the gradients of LSQ
+    return soft + (torch.round(q).detach() * s.detach() - soft).detach()  # the value of min/max's formula, exactly
 
 
 def ste(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

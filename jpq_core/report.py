@@ -266,15 +266,20 @@ def cut_at_loss(df: pd.DataFrame, network: str) -> list[str]:
 
 
 def finetuning_label(r) -> str:
-    """"distill 3000 steps, gradual, cosine lr, uniform allocation": mode, budget, and the schedules and the
-    layer allocation when they are not the defaults (one-shot, constant rate, one global threshold)."""
+    """"distill 3000 steps, gradual, cosine lr, uniform allocation": mode, budget, and the schedules, a learned
+    step and the layer allocation when they are not the defaults (one-shot, constant rate, min/max step, one
+    global threshold)."""
     config = r.config if isinstance(r.get("config"), dict) else {}
     allocation = config.get("allocation", "global")
     extra_allocation = [f"{allocation} allocation"] if allocation != "global" else []
     if r.finetune == "none":
         return ", ".join(["no fine-tuning", *extra_allocation])
     schedule = config.get("schedule", "oneshot")
-    extra = ([schedule] if schedule != "oneshot" else []) + ([f"{config['lr_schedule']} lr"] if config.get("lr_schedule", "constant") != "constant" else [])
+    extra = [schedule] if schedule != "oneshot" else []
+    if config.get("lr_schedule", "constant") != "constant":
+        extra.append(f"{config['lr_schedule']} lr")
+    if config.get("learned_step"):
+        extra.append("learned step (LSQ)")
     return ", ".join([f"{r.finetune} {int(r.budget)} steps", *extra, *extra_allocation])
 
 

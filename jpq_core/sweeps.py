@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from jpq_core.errors import JPQError
-from jpq_core.pipeline import CompressionConfig
+from jpq_core.pipeline import CompressionConfig, config_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "cached_runs" / "results" / "sweeps.jsonl"
@@ -109,10 +109,7 @@ def load_grid(path) -> list[CompressionConfig]:
 
 def config_key(config: CompressionConfig | dict) -> str:
     """The full configuration as canonical JSON: what makes two rows the same run."""
-    d = asdict(config) if isinstance(config, CompressionConfig) else config
-    if d.get("lr_schedule", "constant") == "constant":  # rows from before the option existed lack the key
-        d = {k: v for k, v in d.items() if k != "lr_schedule"}
-    return json.dumps(d, sort_keys=True)
+    return json.dumps(config_identity(config), sort_keys=True)
 
 
 def row_id(key: str) -> str:

@@ -43,6 +43,7 @@ def test_bad_configuration_is_refused_with_a_clear_message(digits_task, resnet20
     for kw, msg in (({"sparsity": 1.0}, "sparsity must be"), ({"wbits": 9}, "weight bits"), ({"pipeline": "x"}, "unknown pipeline"),
                     ({"finetune": "x"}, "fine-tuning mode"), ({"criterion": "x"}, "unknown criterion"),
                     ({"lr_schedule": "step"}, "learning-rate schedule"),
+                    ({"learned_step": True, "symmetric": False}, "learned step sizes"),
                     ({"layer_wbits": {"stem.9": 4}}, "no layer named stem.9")):
         with pytest.raises(JPQError, match=msg):
             compress(resnet20, digits_task, _cfg(**kw))
@@ -52,15 +53,17 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("schedule, stop_at", [("oneshot", (2, 13)), ("gradual", (1, 7))])
+@pytest.mark.parametrize("schedule, stop_at, learned_step", [("oneshot", (2, 13), False), ("gradual", (1, 7), False),
+                                                             ("oneshot", (2, 13), True)])
 def test_an_interrupted_run_goes_on_from_its_state_file_to_the_uninterrupted_result(digits_task, resnet20, tmp_path,
-                                                                                   monkeypatch, schedule, stop_at):
+                                                                                   monkeypatch, schedule, stop_at, learned_step):
     """Killed in the second (QAT) or first (gradual pruning) stage, then started again with the same --state:
-    the same network and report as a run never interrupted, and the state file is gone at the end."""
+    the same network and report as a run never interrupted (learned steps included), and the state file is
+    gone at the end."""
     import jpq_core.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY", 5)
-    cfg = _cfg(pipeline="prune-then-quantize", steps=40, schedule=schedule)
+    cfg = _cfg(pipeline="prune-then-quantize", steps=40, schedule=schedule, learned_step=learned_step)
     reference_net, reference = compress(resnet20, digits_task, cfg)
 
     stage, seen = [0], []
@@ -134,6 +137,27 @@ def test_short_prune_then_quantize_keeps_the_stereo_output_close():
     assert compressed["epe"] < dense["epe"] + 0.5
     assert compressed["bad3"] < dense["bad3"] + 0.03
     assert report["cost"]["memory_ratio"] < 0.25 * 1.05  # 8-bit and half the weights
+
+
+def test_learned_steps_clip_within_their_bound_and_the_saved_network_reloads_identically(digits_task, resnet20, tmp_path):
+    """LSQ at 3 bits: the steps move during QAT, never above max|w| / qmax, pruned weights stay zero, and the
+    saved network (effective weights only) computes the same outputs when loaded again."""
+    from jpq_core.pipeline import _transform
+    from jpq_core.quantization import step_bound
+
+    net, report = compress(resnet20, digits_task, _cfg(pipeline="prune-then-quantize", wbits=3, steps=20, lr=3e-3, learned_step=True))
+    moved = 0
+    for name, layer in prunable_layers(net).items():
+        t = _transform(layer)
+        bound = step_bound(layer.parametrizations.weight.original * t.mask, 3, True)
+        assert torch.all(t.step <= bound * (1 + 1e-6))
+        moved += int((t.step < bound * (1 - 1e-3)).sum())
+        assert torch.all(layer.weight[~t.mask] == 0)
+    assert moved > 0
+    path = save_compressed(net, tmp_path / "lsq", report)
+    again, _ = load_compressed(path)
+    x = digits_task.test_x[:32]
+    torch.testing.assert_close(again(x), net(x))
 
 
 def test_saved_compressed_network_reloads_identically(digits_task, resnet20, tmp_path):

@@ -53,14 +53,15 @@ def test_a_grid_is_the_product_of_its_axes(tmp_path):
     assert len({sweeps.config_key(c) for c in configs}) == len(configs)
 
 
-def test_rows_from_before_the_lr_schedule_option_still_match_their_configuration():
-    """Shipped rows lack `lr_schedule` (they all used a constant rate): a rerun must skip them, while a
-    cosine run of the same settings is a different configuration."""
+@pytest.mark.parametrize("option, other", [("lr_schedule", "cosine"), ("learned_step", True)])
+def test_rows_from_before_an_option_existed_still_match_their_configuration(option, other):
+    """Shipped rows lack the later options (`lr_schedule`: they all used a constant rate; `learned_step`): a
+    rerun must skip them, while a run with the option set is a different configuration."""
     old_row = asdict(CompressionConfig(network="stereo", sparsity=0.95, wbits=4))
-    del old_row["lr_schedule"]
+    del old_row[option]
     assert sweeps.config_key(old_row) == sweeps.config_key(CompressionConfig(network="stereo", sparsity=0.95, wbits=4))
     assert sweeps.config_key(old_row) != sweeps.config_key(
-        CompressionConfig(network="stereo", sparsity=0.95, wbits=4, lr_schedule="cosine"))
+        CompressionConfig(network="stereo", sparsity=0.95, wbits=4, **{option: other}))
 
 
 def test_grid_mistakes_are_named(tmp_path):
