@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from jpq_core.checkpoints import atomic_write
-from jpq_core.sweeps import AXES, RESULTS, ROOT, checkpoint_dir, pareto_mask, primary_metric, read_rows
+from jpq_core.sweeps import AXES, RESULTS, ROOT, checkpoint_dir, config_key, pareto_mask, primary_metric, read_rows
 
 FIGURES = ROOT / "docs" / "figures"
 CRITERIA = ("magnitude", "taylor", "taylor-square", "taylor-abs-norm", "fisher", "random")
@@ -158,12 +158,14 @@ def _lines(ax, d: pd.DataFrame, by: str, x: str, metric: str, order=None):
 
 def _same_budget_default_recipe(d: pd.DataFrame) -> pd.DataFrame:
     """The fine-tuned rows that spent the grid's usual budget (the most common one) the default way: one-shot
-    pruning, a constant rate, one global threshold; so that one cell of a comparison is one recipe."""
+    pruning, a constant rate, the min/max step, one global threshold; so that one cell of a comparison is one
+    recipe."""
     if d.empty:
         return d
     config = [c if isinstance(c, dict) else {} for c in d.config]
     default = pd.Series([c.get("schedule", "oneshot") == "oneshot" and c.get("lr_schedule", "constant") == "constant"
-                         and c.get("allocation", "global") == "global" for c in config], index=d.index)
+                         and not c.get("learned_step") and c.get("allocation", "global") == "global" for c in config],
+                        index=d.index)
     return d[default & (d.budget == d.budget.mode().iloc[0])]
 
 
@@ -198,10 +200,10 @@ def criteria_figure(df: pd.DataFrame, network: str, folder: Path) -> Path | None
 
 
 def pipeline_rows(df: pd.DataFrame, network: str) -> pd.DataFrame:
-    """Fine-tuned Taylor runs at 95% with 8-bit activations, one per pipeline and weight width."""
-    d = df[(df.network == network) & (df.criterion == "taylor") & (df.sparsity == 0.95) & (df.finetune == "masked")
-           & df.pipeline.isin(PIPELINES) & (df.abits_label == "8")]
-    return d
+    """Fine-tuned Taylor runs at 95% with 8-bit activations, one recipe and budget (`_same_budget_default_recipe`),
+    one per pipeline and weight width."""
+    return _same_budget_default_recipe(df[(df.network == network) & (df.criterion == "taylor") & (df.sparsity == 0.95)
+                                          & (df.finetune == "masked") & df.pipeline.isin(PIPELINES) & (df.abits_label == "8")])
 
 
 def pipeline_figure(df: pd.DataFrame, network: str, folder: Path) -> Path | None:
@@ -382,6 +384,26 @@ def finetune_mode_section(df: pd.DataFrame, network: str) -> list[str]:
     return out + ["", "Produced by: " + _commands(d), ""]
 
 
+def learned_step_section(df: pd.DataFrame) -> list[str]:
+    """Each run with a learned step (LSQ) next to its twin: the same configuration with the min/max step."""
+    keyed = {config_key(r.config): r for _, r in df.iterrows() if isinstance(r.config, dict)}
+    out = []
+    for _, r in df.iterrows():
+        if not (isinstance(r.config, dict) and r.config.get("learned_step")):
+            continue
+        twin = keyed.get(config_key({**r.config, "learned_step": False}))
+        if twin is None:
+            continue
+        _, higher = primary_metric(r.network)
+        gain = (r.headline - twin.headline) * (100 if higher else -100)
+        out.append(f"| {r.network} | {r.criterion}, {_pct(r.sparsity)}, w{r.wbits_label}/a{r.abits_label}, {r.pipeline}, "
+                   f"{finetuning_label(twin)} | {r.metric} | {_pct(twin.headline)} | {_pct(r.headline)} | {gain:+.2f} pt |")
+    if not out:
+        return []
+    return ["| network | setting | metric | min/max step (STE) | learned step (LSQ) | LSQ better by |",
+            "| --- | --- | --- | --- | --- | --- |", *out, ""]
+
+
 def _shown(path: Path, base: Path) -> str:
     """`path` relative to `base` when it is inside the repository (portable links), else absolute."""
     return os.path.relpath(path, base) if ROOT in Path(path).resolve().parents else str(path)
@@ -480,6 +502,13 @@ def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str]
     for network in sorted(df.network.unique()):
         out += [f"### {network}", ""] + (finetune_mode_section(df, network) or
                                           ["No comparison of fine-tuning modes for this network yet.", ""])
+    lsq = learned_step_section(df)
+    if lsq:
+        out += ["## Learned step size against the min/max step", "",
+                "QAT with the weight step fixed at max|w| / qmax (straight-through estimator) against the same run with "
+                "the step learned (LSQ, Esser et al. 2020; capped at max|w| / qmax, so it can only clip). "
+                "Produced by: " + _commands(df[[isinstance(c, dict) and bool(c.get("learned_step")) for c in df.config]]), "",
+                *lsq]
     return "\n".join(out) + "\n"
 
 

@@ -96,7 +96,35 @@ def test_criteria_tables_compare_one_recipe_at_one_budget():
     assert sorted(part.headline) == [0.33, 0.40]
 
 
-def test_the_fine_tuning_modes_are_compared_at_one_budget_and_the_best_is_marked():
+def test_pipeline_table_cells_hold_one_recipe_at_one_budget():
+    """The 4-bit prune-then-quantize cell once averaged the 300-step run with 3,000-step, cosine and LSQ runs."""
+    from jpq_core.report import pipeline_rows
+
+    def row(pipeline, bad3, budget=300, **config):
+        return {"network": "stereo", "criterion": "taylor", "sparsity": 0.95, "finetune": "masked", "pipeline": pipeline,
+                "wbits_label": "4", "abits_label": "8", "budget": budget, "headline": bad3, "config": {"schedule": "oneshot", **config}}
+
+    df = pd.DataFrame([row("prune-then-quantize", 0.33), row("joint", 0.37), row("prune-then-quantize", 0.20, budget=3000),
+                       row("prune-then-quantize", 0.52, lr_schedule="cosine"), row("prune-then-quantize", 0.30, learned_step=True),
+                       row("quantize-then-prune", 0.46)])
+    assert sorted(pipeline_rows(df, "stereo").headline) == [0.33, 0.37, 0.46]
+
+
+def test_learned_step_runs_are_shown_next_to_their_min_max_twin():
+    from jpq_core.pipeline import CompressionConfig
+    from dataclasses import asdict
+    from jpq_core.report import learned_step_section
+
+    def row(top1, **kw):
+        config = asdict(CompressionConfig(network="resnet20", sparsity=0.95, wbits=3, finetune="masked", steps=200, **kw))
+        return pd.Series({"network": "resnet20", "criterion": "taylor", "sparsity": 0.95, "wbits_label": "3", "abits_label": "8",
+                          "pipeline": "prune-then-quantize", "finetune": "masked", "budget": 200, "metric": "top1",
+                          "headline": top1, "config": config})
+
+    lonely = row(0.5, learned_step=True, seed=1)  # no min/max run with seed 1: nothing to compare it with
+    df = pd.DataFrame([row(0.9574), row(0.9700, learned_step=True), row(0.8, lr_schedule="cosine"), lonely])
+    lines = [line for line in learned_step_section(df) if line.startswith("| resnet20")]
+    assert len(lines) == 1 and "95.74%" in lines[0] and "97.00%" in lines[0] and "+1.26 pt" in lines[0]
     from jpq_core.report import finetune_mode_section
 
     def row(finetune, bad3, budget=300, **config):
