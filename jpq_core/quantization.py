@@ -121,7 +121,8 @@ def step_bound(x: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
 def learned_step_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
     """LSQ: x_hat = s * round(clamp(x / s, -qmax, qmax)), s = min(step, max|x| / qmax), with gradients for x
     (straight through the rounding, zero where clipped) and for step (Esser et al. 2020, eq. 3), the step's
-    gradient scaled by 1 / sqrt(weights per scale * qmax) so that it moves at the weights' pace."""
+    gradient scaled by 1 / sqrt(weights per scale * qmax) as the paper does for SGD (Adam, which fine-tuning
+    uses, is blind to that scale: there it is the step's parametrization that sets its pace)."""
     qmax = 2 ** (bits - 1) - 1
     per_scale = x[0].numel() if per_channel and x.dim() >= 2 else x.numel()
     g = 1.0 / math.sqrt(per_scale * qmax)
