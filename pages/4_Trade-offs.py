@@ -7,7 +7,7 @@ import streamlit as st
 from jpq_core.errors import JPQError
 from jpq_core.live import config_from_row
 from jpq_core.plots import pareto_plot
-from jpq_core.report import pareto_front
+from jpq_core.report import finetuning_label, pareto_front
 from jpq_core.ui import cached_results, ensure_scores, live_result, set_config, show_error, sidebar_config
 
 st.set_page_config(page_title="Trade-offs - JPQ Explorer", layout="wide")
@@ -63,10 +63,12 @@ st.caption(f"{len(rows)} runs, {len(front)} on the front. Energy and hardware co
 points = event.selection.points if event and event.selection else []
 if points:
     run_id = points[0]["customdata"][-1]
-    row = rows[rows["id"] == run_id].iloc[0].to_dict()
+    picked = rows[rows["id"] == run_id].iloc[0]
+    row = picked.to_dict()
     chosen, differences = config_from_row(row)
     st.write(f"Selected: **{row['criterion']}**, sparsity {row['sparsity']:.1%}, {row['wbits_label']}/{row['abits_label']} "
-             f"bits, {row['pipeline']}, fine-tuning {row['finetune']} ({row['budget']} steps): {metric} {row['headline']:.3f}.")
+             f"bits, {row['pipeline']}, fine-tuning: {finetuning_label(picked)}: "
+             f"{metric} {row['headline']:.3f}.")
     for note in differences:
         st.caption(note)
     if st.button("Open in Explore", key="to_open"):
@@ -74,5 +76,6 @@ if points:
         st.switch_page("app.py")
 
 with st.expander("The front as a table"):
-    st.dataframe(front[["criterion", "granularity", "sparsity", "wbits_label", "abits_label", "pipeline", "finetune",
-                        "budget", "headline", x]], hide_index=True, width="stretch")
+    shown = front.assign(finetuning=[finetuning_label(r) for _, r in front.iterrows()])
+    st.dataframe(shown[["criterion", "granularity", "sparsity", "wbits_label", "abits_label", "pipeline", "finetuning",
+                        "headline", x]], hide_index=True, width="stretch")
