@@ -157,6 +157,12 @@ def _is_plain_tensor(v) -> bool:
     return isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_quantized and not v.dtype.is_complex
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """Whether the first 9 bytes are a safetensors header: its length (8 bytes, little-endian), then '{'.
+    A header of 128 + 256k bytes starts with 0x80 like a pickle, so the first byte alone cannot tell."""
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read weights from a .safetensors file or a PyTorch (zip) state dict, never executing code from it.
 
@@ -173,7 +179,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04":  # a zip archive (zipfile.is_zipfile raises on some damaged ones)
         state = _read_torch_zip(path)
-    elif head[:1] == b"\x80":
+    elif head[:1] == b"\x80" and not _looks_like_safetensors(head, size):
         raise JPQError(f"{path}: refused to load: a raw pickle (or a PyTorch file older than 1.6) can run code and is never unpickled. "
                        "Re-save it with a current torch.save(model.state_dict(), ...) or as .safetensors.")
     else:

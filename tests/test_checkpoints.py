@@ -68,3 +68,33 @@ def test_checkpoint_of_another_network_is_refused(tmp_path):
     save_checkpoint(build_network("resnet20"), tmp_path / "r.safetensors", {"config": {"network": "resnet20"}})
     with pytest.raises(JPQError, match="is a 'resnet20' checkpoint"):
         load_network("stereo", tmp_path / "r.safetensors")
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_loads(tmp_path):
+    # A header of 128 + 256k bytes begins with 0x80, the pickle protocol byte; such a file is still safetensors.
+    from safetensors.torch import save_file
+
+    from jpq_core.checkpoints import read_state_dict
+
+    for pad in range(400):
+        path = tmp_path / "w.safetensors"
+        save_file({"w" * (pad + 1): torch.ones(2)}, str(path))
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no name length gave a header starting with 0x80")
+    assert torch.equal(read_state_dict(path)["w" * (pad + 1)], torch.ones(2))
+
+
+def test_every_shipped_front_checkpoint_loads_with_its_rows_sparsity():
+    from jpq_core.pipeline import current_masks, load_compressed
+    from jpq_core.sweeps import RESULTS, checkpoint_dir, read_rows
+
+    rows = {r["id"]: r for r in read_rows(RESULTS)[0]}
+    shipped = sorted(checkpoint_dir(RESULTS).glob("*.safetensors"))
+    assert shipped
+    for path in shipped:
+        net, _ = load_compressed(path)
+        masks = current_masks(net)
+        sparsity = 1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+        assert sparsity == pytest.approx(rows[path.stem]["achieved_sparsity"], abs=1e-6), path.name
