@@ -158,13 +158,14 @@ def _lines(ax, d: pd.DataFrame, by: str, x: str, metric: str, order=None):
 
 def _same_budget_default_recipe(d: pd.DataFrame) -> pd.DataFrame:
     """The fine-tuned rows that spent the grid's usual budget (the most common one) the default way: one-shot
-    pruning, a constant rate, the min/max step, one global threshold; so that one cell of a comparison is one
-    recipe."""
+    pruning, a constant rate, the min/max step, one global threshold, min/max activation ranges; so that one
+    cell of a comparison is one recipe."""
     if d.empty:
         return d
     config = [c if isinstance(c, dict) else {} for c in d.config]
     default = pd.Series([c.get("schedule", "oneshot") == "oneshot" and c.get("lr_schedule", "constant") == "constant"
-                         and not c.get("learned_step") and c.get("allocation", "global") == "global" for c in config],
+                         and not c.get("learned_step") and c.get("allocation", "global") == "global"
+                         and c.get("calibration", "minmax") == "minmax" for c in config],
                         index=d.index)
     return d[default & (d.budget == d.budget.mode().iloc[0])]
 
@@ -269,11 +270,13 @@ def cut_at_loss(df: pd.DataFrame, network: str) -> list[str]:
 
 def finetuning_label(r) -> str:
     """"distill 3000 steps, gradual, cosine lr, uniform allocation": mode, budget, and the schedules, a learned
-    step and the layer allocation when they are not the defaults (one-shot, constant rate, min/max step, one
-    global threshold)."""
+    step, the layer allocation and the activation calibration when they are not the defaults (one-shot,
+    constant rate, min/max step, one global threshold, min/max ranges)."""
     config = r.config if isinstance(r.get("config"), dict) else {}
     allocation = config.get("allocation", "global")
     extra_allocation = [f"{allocation} allocation"] if allocation != "global" else []
+    if config.get("calibration", "minmax") != "minmax":
+        extra_allocation.append(f"{config['calibration']} activation ranges")
     if r.finetune == "none":
         return ", ".join(["no fine-tuning", *extra_allocation])
     schedule = config.get("schedule", "oneshot")
@@ -404,6 +407,28 @@ def learned_step_section(df: pd.DataFrame) -> list[str]:
             "| --- | --- | --- | --- | --- | --- |", *out, ""]
 
 
+def calibration_section(df: pd.DataFrame) -> list[str]:
+    """The same runs with activation ranges calibrated three ways (min/max, percentile, MSE), side by side."""
+    methods = ("minmax", "percentile", "mse")
+    groups: dict[str, dict] = {}
+    for _, r in df.iterrows():
+        if isinstance(r.config, dict) and r.config.get("calibration", "minmax") in methods:
+            rest = config_key({**r.config, "calibration": "minmax"})
+            groups.setdefault(rest, {})[r.config.get("calibration", "minmax")] = r
+    out = []
+    for runs in groups.values():
+        if len(runs) < 2:
+            continue
+        base = runs.get("minmax", next(iter(runs.values())))
+        cells = [_pct(runs[m].headline) if m in runs else "-" for m in methods]
+        out.append(f"| {base.network} | {base.criterion}, {_pct(base.sparsity)}, w{base.wbits_label}/a{base.abits_label}, "
+                   f"{base.pipeline}, {finetuning_label(runs.get('minmax', base))} | {base.metric} | {' | '.join(cells)} |")
+    if not out:
+        return []
+    return ["| network | setting | metric | min/max | percentile (99.99%) | MSE |", "| --- | --- | --- | --- | --- | --- |",
+            *sorted(out), ""]
+
+
 def _shown(path: Path, base: Path) -> str:
     """`path` relative to `base` when it is inside the repository (portable links), else absolute."""
     return os.path.relpath(path, base) if ROOT in Path(path).resolve().parents else str(path)
@@ -518,6 +543,14 @@ def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str]
                 "the step learned (LSQ, Esser et al. 2020; capped at max|w| / qmax, so it can only clip). "
                 "Produced by: " + _commands(df[[isinstance(c, dict) and bool(c.get("learned_step")) for c in df.config]]), "",
                 *lsq]
+    calibration = calibration_section(df)
+    if calibration:
+        out += ["## Activation calibration", "",
+                "How the 8-bit (or narrower) activation ranges are chosen, on the same runs: min/max of the calibration "
+                "batches, the 0.01% and 99.99% quantiles, or the clipping of the min/max range that minimises the "
+                "squared quantization error. Produced by: "
+                + _commands(df[[isinstance(c, dict) and c.get("calibration", "minmax") != "minmax" for c in df.config]]), "",
+                *calibration]
     return "\n".join(out) + "\n"
 
 

@@ -137,3 +137,25 @@ def test_learned_step_runs_are_shown_next_to_their_min_max_twin():
     table = [line for line in finetune_mode_section(df, "stereo") if line.startswith("| ") and "%" in line]
     assert [line.split(" | ")[0] for line in table] == ["| distill", "| masked", "| regrow"]
     assert "**31.00%**" in table[2] and "**" not in table[0] + table[1]
+
+
+def test_calibrations_of_one_run_are_side_by_side_and_kept_out_of_the_default_recipe():
+    from dataclasses import asdict
+
+    from jpq_core.pipeline import CompressionConfig
+    from jpq_core.report import _same_budget_default_recipe, calibration_section
+
+    def row(bad3, abits=8, **kw):
+        config = asdict(CompressionConfig(network="stereo", sparsity=0.0, wbits=None, abits=abits, pipeline="quantize-only",
+                                          finetune="none", steps=0, **kw))
+        return pd.Series({"network": "stereo", "criterion": "magnitude", "sparsity": 0.0, "wbits_label": "float",
+                          "abits_label": str(abits), "pipeline": "quantize-only", "finetune": "none", "budget": 0,
+                          "metric": "bad3", "headline": bad3, "config": config})
+
+    df = pd.DataFrame([row(0.1734), row(0.1402, calibration="percentile"), row(0.1482, calibration="mse"),
+                       row(0.30, abits=4), row(0.50, abits=6, calibration="mse")])  # lone runs: nothing to compare
+    lines = [line for line in calibration_section(df) if line.startswith("| stereo")]
+    assert len(lines) == 1 and "/a8" in lines[0] and "activation ranges" not in lines[0]
+    assert lines[0].endswith("| 17.34% | 14.02% | 14.82% |")
+    kept = _same_budget_default_recipe(df.assign(finetune="masked", budget=300))
+    assert sorted(kept.headline) == [0.1734, 0.30]
