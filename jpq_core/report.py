@@ -421,7 +421,8 @@ def calibration_section(df: pd.DataFrame) -> list[str]:
             continue
         base = runs.get("minmax", next(iter(runs.values())))
         cells = [_pct(runs[m].headline) if m in runs else "-" for m in methods]
-        out.append(f"| {base.network} | {base.criterion}, {_pct(base.sparsity)}, w{base.wbits_label}/a{base.abits_label}, "
+        pruning = f"{base.criterion}, {_pct(base.sparsity)}" if base.sparsity > 0 else "no pruning"
+        out.append(f"| {base.network} | {pruning}, w{base.wbits_label}/a{base.abits_label}, "
                    f"{base.pipeline}, {finetuning_label(runs.get('minmax', base))} | {base.metric} | {' | '.join(cells)} |")
     if not out:
         return []
