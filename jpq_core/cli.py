@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wbits", type=_bits, default=8, help="weight bits: 1, 2, 3..8, 16 or float")
     p.add_argument("--abits", type=_bits, default=8, help="activation bits: 4..16 or float")
     p.add_argument("--pipeline", default="prune-then-quantize", help="prune-then-quantize, quantize-then-prune, joint, prune-only, quantize-only")
-    p.add_argument("--finetune", default="masked", help="none, masked, distill, regrow")
+    p.add_argument("--finetune", default="masked", help="none, masked, distill, distill-cost (stereo: KL to the dense network's cost volume), regrow")
     p.add_argument("--steps", type=int, help="fine-tuning steps in all (default: a few minutes on 2 cores)")
     p.add_argument("--schedule", default="oneshot", help="oneshot, iterative (4 rounds) or gradual (AGP); joint is always gradual")
     p.add_argument("--layer-wbits", help="per-layer weight bits overriding --wbits, e.g. 'stem.0=8,fc=8'")

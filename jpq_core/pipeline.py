@@ -13,8 +13,9 @@ Pipelines, all with the same total fine-tuning budget of `steps`:
     quantize-then-prune quantize -> QAT (steps/2) -> prune (scores of the quantized net) -> fine-tune (steps/2)
     joint               quantize, then prune gradually (AGP) during QAT over all steps
 Fine-tuning modes: none, masked (task loss), distill (task loss + the dense network's own outputs as soft
-targets), regrow (masked, plus RigL-style mask updates: drop the smallest kept weights, grow the pruned
-ones with the largest gradient; Evci et al. 2020).
+targets), distill-cost (stereo: task loss + KL divergence to the dense network's distribution over disparity
+shifts in the cost volume), regrow (masked, plus RigL-style mask updates: drop the smallest kept weights, grow
+the pruned ones with the largest gradient; Evci et al. 2020).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from jpq_core.quantization import (ACTIVATION_BITS, ActivationQuantizer, check_b
                                    quantize_weight, step_bound, ste)
 
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint", "prune-only", "quantize-only")
-FINETUNE_MODES = ("none", "masked", "distill", "regrow")
+FINETUNE_MODES = ("none", "masked", "distill", "distill-cost", "regrow")
 SCHEDULES = ("oneshot", "iterative", "gradual")
 LR_SCHEDULES = ("constant", "cosine", "constant-decay")
 ALLOCATIONS = ("global", "uniform", "sensitivity")
@@ -86,6 +87,11 @@ class CompressionConfig:
             raise JPQError(f"unknown pipeline {self.pipeline!r}; choose one of: {', '.join(PIPELINES)}.")
         if self.finetune not in FINETUNE_MODES:
             raise JPQError(f"unknown fine-tuning mode {self.finetune!r}; choose one of: {', '.join(FINETUNE_MODES)}.")
+        from jpq_core.models import task_of
+
+        if self.finetune == "distill-cost" and task_of(self.network) != "stereo":
+            raise JPQError("distill-cost distils the stereo network's cost volume; for a classifier use distill, "
+                           "which already matches the dense network's class probabilities.")
         if self.steps < 0:
             raise JPQError("steps must be 0 or more.")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -294,6 +300,8 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
             with torch.no_grad():
                 target = task.predict(teacher, batch)
             loss = task.distill_loss(model, target, batch)
+        elif mode == "distill-cost":
+            loss = task.cost_distill_loss(model, teacher, batch)
         else:
             loss = task.loss(model, batch)
         if not torch.isfinite(loss):  # Adam would spread the NaN to every weight and the report would show NaN

@@ -532,7 +532,9 @@ def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str]
     out += ["## Fine-tuning modes under one budget", "",
             "masked: the task loss with the pruned weights held at zero; distill: half the task loss, half a "
             "distance to the dense network's own outputs (smooth L1 to its disparities; KL divergence at temperature 4 "
-            "to its class probabilities); regrow: masked, plus RigL-style mask updates every 25 steps "
+            "to its class probabilities); distill-cost (stereo): the task loss plus the KL divergence from the dense "
+            "network's distribution over disparity shifts in the cost volume to the compressed one's, at every "
+            "1/4-resolution pixel; regrow: masked, plus RigL-style mask updates every 25 steps "
             "(drop the smallest kept weights, grow the pruned ones with the largest accumulated gradient).", ""]
     for network in sorted(df.network.unique()):
         out += [f"### {network}", ""] + (finetune_mode_section(df, network) or

@@ -80,10 +80,13 @@ class StereoTask:
         return model(batch[0], batch[1])
 
     def loss(self, model, batch):
-        pred = self.predict(model, batch)
+        return self._disparity_loss(self.predict(model, batch), batch[2], model.max_disparity)
+
+    @staticmethod
+    def _disparity_loss(pred, gt, max_disparity):
+        """Smooth L1 of the full-resolution disparity over the pixels with ground truth in range."""
         full = pred[0] if isinstance(pred, tuple) else pred
-        gt = batch[2]
-        valid = torch.isfinite(gt) & (gt < model.max_disparity)
+        valid = torch.isfinite(gt) & (gt < max_disparity)
         return F.smooth_l1_loss(full[valid], gt[valid])
 
     def distill_loss(self, model, teacher_output, batch):
@@ -91,6 +94,17 @@ class StereoTask:
         pred = self.predict(model, batch)
         full = pred[0] if isinstance(pred, tuple) else pred
         return 0.5 * self.loss(model, batch) + 0.5 * F.smooth_l1_loss(full, teacher_output)
+
+    def cost_distill_loss(self, model, teacher, batch):
+        """The task loss plus the KL divergence from the dense network's matching distribution to the compressed
+        one's, at every 1/4-resolution pixel: softmax over the D disparity shifts of the logits that soft-argmin
+        reads. Knowledge distillation (Hinton et al. 2015) applied to the cost volume: where the final disparity
+        gives one number per pixel, this says how sure the dense network is of every shift, ambiguities included."""
+        with torch.no_grad():
+            _, target = teacher.forward_with_logits(batch[0], batch[1])
+        pred, logits = model.forward_with_logits(batch[0], batch[1])
+        kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(target, 1), log_target=True, reduction="none").sum(1).mean()
+        return self._disparity_loss(pred, batch[2], model.max_disparity) + kl
 
     def example_inputs(self):
         from jpq_core.data.stereo_files import middlebury_motorcycle

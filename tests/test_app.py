@@ -141,7 +141,7 @@ def test_trade_offs_page_plots_measured_runs_and_the_live_point(root):
     assert 0 < tuned < runs
     # the front's table says how each run was fine-tuned, budget and recipe included
     labels = list(at.dataframe[0].value["finetuning"])
-    assert labels and all(re.fullmatch(r"(masked|distill|regrow) \d+ steps.*", label) for label in labels)
+    assert labels and all(re.fullmatch(r"(masked|distill|distill-cost|regrow) \d+ steps.*", label) for label in labels)
 
 
 def test_uploaded_checkpoints_are_used_or_refused_with_a_reason(root, tmp_path, code_running_object):

@@ -44,6 +44,7 @@ def test_bad_configuration_is_refused_with_a_clear_message(digits_task, resnet20
                     ({"finetune": "x"}, "fine-tuning mode"), ({"criterion": "x"}, "unknown criterion"),
                     ({"lr_schedule": "step"}, "learning-rate schedule"),
                     ({"learned_step": True, "symmetric": False}, "learned step sizes"),
+                    ({"finetune": "distill-cost"}, "distils the stereo network's cost volume"),
                     ({"layer_wbits": {"stem.9": 4}}, "no layer named stem.9")):
         with pytest.raises(JPQError, match=msg):
             compress(resnet20, digits_task, _cfg(**kw))

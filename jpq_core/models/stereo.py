@@ -120,6 +120,11 @@ class StereoNet(nn.Module):
         )
 
     def forward(self, left: torch.Tensor, right: torch.Tensor):
+        return self.forward_with_logits(left, right)[0]
+
+    def forward_with_logits(self, left: torch.Tensor, right: torch.Tensor):
+        """(forward's output, the matching logits N x D x H/4 x W/4 over the padded input that it came from):
+        what distillation from the cost volume compares (`jpq_core.tasks.StereoTask.distill_loss`)."""
         h, w = left.shape[-2:]
         pad = (0, (-w) % 8, 0, (-h) % 8)  # right and bottom, so disparities keep their meaning
         left = F.pad((left - _MEAN) / _STD, pad, mode="replicate")
@@ -138,5 +143,5 @@ class StereoNet(nn.Module):
         full = full[:, 0, :h, :w]
         if self.training:
             coarse_full = F.interpolate(coarse, scale_factor=4, mode="bilinear", align_corners=False)[:, 0, :h, :w]
-            return full, coarse_full
-        return full
+            return (full, coarse_full), logits
+        return full, logits
