@@ -156,18 +156,24 @@ def _lines(ax, d: pd.DataFrame, by: str, x: str, metric: str, order=None):
         ax.legend(fontsize=8)
 
 
-def _same_budget_default_recipe(d: pd.DataFrame) -> pd.DataFrame:
-    """The fine-tuned rows that spent the grid's usual budget (the most common one) the default way: one-shot
-    pruning, a constant rate, the min/max step, one global threshold, min/max activation ranges; so that one
-    cell of a comparison is one recipe."""
+def _default_recipe(d: pd.DataFrame) -> pd.DataFrame:
+    """The rows fine-tuned the default way: one-shot pruning, a constant rate, the min/max step, one global
+    threshold, min/max activation ranges, seed 0 (other seeds are the seed section's); so that one cell of a
+    comparison is one recipe."""
     if d.empty:
         return d
     config = [c if isinstance(c, dict) else {} for c in d.config]
     default = pd.Series([c.get("schedule", "oneshot") == "oneshot" and c.get("lr_schedule", "constant") == "constant"
                          and not c.get("learned_step") and c.get("allocation", "global") == "global"
-                         and c.get("calibration", "minmax") == "minmax" for c in config],
+                         and c.get("calibration", "minmax") == "minmax" and c.get("seed", 0) == 0 for c in config],
                         index=d.index)
-    return d[default & (d.budget == d.budget.mode().iloc[0])]
+    return d[default]
+
+
+def _same_budget_default_recipe(d: pd.DataFrame) -> pd.DataFrame:
+    """The default-recipe rows that spent the grid's usual budget (the most common one)."""
+    d = _default_recipe(d)
+    return d if d.empty else d[d.budget == d.budget.mode().iloc[0]]
 
 
 def criteria_rows(df: pd.DataFrame, network: str) -> dict[str, pd.DataFrame]:
@@ -285,7 +291,8 @@ def finetuning_label(r) -> str:
         extra.append(f"{config['lr_schedule']} lr")
     if config.get("learned_step"):
         extra.append("learned step (LSQ)")
-    return ", ".join([f"{r.finetune} {int(r.budget)} steps", *extra, *extra_allocation])
+    seed = [f"seed {config['seed']}"] if config.get("seed", 0) != 0 else []
+    return ", ".join([f"{r.finetune} {int(r.budget)} steps", *extra, *extra_allocation, *seed])
 
 
 def describe(r) -> str:
@@ -374,17 +381,19 @@ def finetune_mode_section(df: pd.DataFrame, network: str) -> list[str]:
     """The fine-tuning modes under one budget at the headline setting (Taylor, 95%, 4/8 bits, prune first)."""
     d = df[(df.network == network) & (df.criterion == "taylor") & (df.sparsity == 0.95) & (df.finetune != "none")
            & (df.pipeline == "prune-then-quantize") & (df.wbits_label == "4") & (df.abits_label == "8")]
-    d = _same_budget_default_recipe(d)
-    if d.finetune.nunique() < 2:
-        return []
     metric, higher = primary_metric(network)
-    best = (d.headline.max() if higher else d.headline.min())
-    out = [f"Taylor, 95%, w4/a8, prune-then-quantize, one-shot, {int(d.budget.iloc[0])} steps each; best in bold.", "",
-           f"| fine-tuning | {metric} | loss against dense |", "| --- | --- | --- |"]
-    for _, r in d.sort_values("finetune").iterrows():
-        value = f"**{_pct(r.headline)}**" if r.headline == best else _pct(r.headline)
-        out.append(f"| {r.finetune} | {value} | {r.loss_pt:+.2f} pt |")
-    return out + ["", "Produced by: " + _commands(d), ""]
+    out = []
+    for budget, part in _default_recipe(d).groupby("budget"):  # one table per budget at which two modes or more ran
+        if part.finetune.nunique() < 2:
+            continue
+        best = (part.headline.max() if higher else part.headline.min())
+        out += [f"Taylor, 95%, w4/a8, prune-then-quantize, one-shot, constant rate, {int(budget)} steps each; best in bold.", "",
+                f"| fine-tuning | {metric} | loss against dense |", "| --- | --- | --- |"]
+        for _, r in part.sort_values("finetune").iterrows():
+            value = f"**{_pct(r.headline)}**" if r.headline == best else _pct(r.headline)
+            out.append(f"| {r.finetune} | {value} | {r.loss_pt:+.2f} pt |")
+        out += ["", "Produced by: " + _commands(part), ""]
+    return out
 
 
 def learned_step_section(df: pd.DataFrame) -> list[str]:
@@ -428,6 +437,30 @@ def calibration_section(df: pd.DataFrame) -> list[str]:
         return []
     return ["| network | setting | metric | min/max | percentile (99.99%) | MSE |", "| --- | --- | --- | --- | --- | --- |",
             *sorted(out), ""]
+
+
+def seed_section(df: pd.DataFrame) -> list[str]:
+    """Runs that differ only by their seed, side by side: how far apart the seed alone puts two rows."""
+    groups: dict[str, list] = {}
+    for _, r in df.iterrows():
+        if isinstance(r.config, dict) and r.finetune != "none":
+            groups.setdefault(config_key({**r.config, "seed": 0}), []).append(r)
+    out = []
+    for runs in groups.values():
+        if len(runs) < 2:
+            continue
+        runs = sorted(runs, key=lambda r: r.config.get("seed", 0))
+        base = runs[0]
+        values = [100 * r.headline for r in runs]
+        mean = sum(values) / len(values)
+        out.append(f"| {base.network} | {base.criterion}, {_pct(base.sparsity)}, w{base.wbits_label}/a{base.abits_label}, "
+                   f"{base.pipeline}, {finetuning_label(base)} | {base.metric} | "
+                   f"{', '.join(f'{v:.2f}%' for v in values)} ({', '.join(str(r.config.get('seed', 0)) for r in runs)}) | "
+                   f"{mean:.2f}% | {max(values) - min(values):.2f} pt |")
+    if not out:
+        return []
+    return ["| network | setting | metric | by seed (seeds) | mean | spread (max - min) |",
+            "| --- | --- | --- | --- | --- | --- |", *sorted(out), ""]
 
 
 def _shown(path: Path, base: Path) -> str:
@@ -495,6 +528,13 @@ def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str]
                 "and the shipped grids ran without it, on a CPU shared with other jobs where latencies are not comparable "
                 "between rows; the engine's own benchmark measures speed.", ""]
 
+    seeds = seed_section(df)
+    if seeds:
+        out += ["## How much the seed alone moves a row", "",
+                "The same fine-tuned configuration run with other seeds (which change the calibration batches behind the "
+                "scores and activation ranges, and the fine-tuning batches). Two recipes whose rows below differ by less "
+                "than their setting's spread here are not told apart by one run each. Produced by: "
+                + _commands(df[[isinstance(c, dict) and c.get("seed", 0) != 0 for c in df.config]]), "", *seeds]
     out += ["## Stereo headline (issue 3's target)", "", *headline_claim(df), ""]
     out += ["## Memory and hardware cost cut, at which accuracy loss", ""]
     for network in sorted(df.network.unique()):

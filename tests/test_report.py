@@ -133,10 +133,33 @@ def test_learned_step_runs_are_shown_next_to_their_min_max_twin():
                 "headline": bad3, "loss_pt": (bad3 - 0.138) * 100, "grid": "g", "config": {"schedule": "oneshot", **config}}
 
     df = pd.DataFrame([row("masked", 0.33), row("distill", 0.36), row("regrow", 0.31),
-                       row("distill", 0.20, budget=3000), row("masked", 0.52, lr_schedule="cosine")])
+                       row("distill", 0.20, budget=3000), row("masked", 0.52, lr_schedule="cosine"),
+                       row("masked", 0.30, seed=1)])  # another seed is not another cell
     table = [line for line in finetune_mode_section(df, "stereo") if line.startswith("| ") and "%" in line]
     assert [line.split(" | ")[0] for line in table] == ["| distill", "| masked", "| regrow"]
     assert "**31.00%**" in table[2] and "**" not in table[0] + table[1]
+    # a second budget at which two modes ran gets a table of its own
+    section = finetune_mode_section(pd.concat([df, pd.DataFrame([row("distill-cost", 0.18, budget=3000)])]), "stereo")
+    assert sum("steps each" in line for line in section) == 2 and any("3000 steps each" in line for line in section)
+    assert any(line.startswith("| distill-cost | **18.00%** |") for line in section)
+
+
+def test_runs_differing_only_by_seed_are_shown_with_their_spread():
+    from dataclasses import asdict
+
+    from jpq_core.pipeline import CompressionConfig
+    from jpq_core.report import seed_section
+
+    def row(bad3, seed, **kw):
+        config = asdict(CompressionConfig(network="stereo", sparsity=0.95, wbits=4, abits=8, steps=300, seed=seed, **kw))
+        return pd.Series({"network": "stereo", "criterion": "taylor", "sparsity": 0.95, "wbits_label": "4", "abits_label": "8",
+                          "pipeline": "prune-then-quantize", "finetune": "masked", "budget": 300, "metric": "bad3",
+                          "headline": bad3, "config": config})
+
+    df = pd.DataFrame([row(0.3325, 0), row(0.3747, 2), row(0.3500, 1), row(0.40, 1, calibration="percentile")])
+    lines = [line for line in seed_section(df) if line.startswith("| stereo")]
+    assert len(lines) == 1  # the percentile run has no twin with another seed
+    assert "33.25%, 35.00%, 37.47% (0, 1, 2)" in lines[0] and lines[0].endswith("| 35.24% | 4.22 pt |")
 
 
 def test_calibrations_of_one_run_are_side_by_side_and_kept_out_of_the_default_recipe():
