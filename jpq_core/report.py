@@ -575,7 +575,9 @@ def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str]
             "to its class probabilities); distill-cost (stereo): the task loss plus the KL divergence from the dense "
             "network's distribution over disparity shifts in the cost volume to the compressed one's, at every "
             "1/4-resolution pixel; regrow: masked, plus RigL-style mask updates every 25 steps "
-            "(drop the smallest kept weights, grow the pruned ones with the largest accumulated gradient).", ""]
+            "(drop the smallest kept weights, grow the pruned ones with the largest accumulated gradient). "
+            "One run each: a difference smaller than the seed spread of its setting (section 'How much the seed alone "
+            "moves a row') does not tell two modes apart.", ""]
     for network in sorted(df.network.unique()):
         out += [f"### {network}", ""] + (finetune_mode_section(df, network) or
                                           ["No comparison of fine-tuning modes for this network yet.", ""])
