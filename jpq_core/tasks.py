@@ -90,10 +90,11 @@ class StereoTask:
         return F.smooth_l1_loss(full[valid], gt[valid])
 
     def distill_loss(self, model, teacher_output, batch):
-        """Half task loss, half distance to the dense network's own disparity (its soft target)."""
+        """Half task loss, half distance to the dense network's own disparity (its soft target), from one forward
+        pass (until 7c3f4b2 the task loss ran a second one, which also moved batch-norm statistics twice a step)."""
         pred = self.predict(model, batch)
         full = pred[0] if isinstance(pred, tuple) else pred
-        return 0.5 * self.loss(model, batch) + 0.5 * F.smooth_l1_loss(full, teacher_output)
+        return 0.5 * self._disparity_loss(pred, batch[2], model.max_disparity) + 0.5 * F.smooth_l1_loss(full, teacher_output)
 
     def cost_distill_loss(self, model, teacher, batch):
         """The task loss plus the KL divergence from the dense network's matching distribution to the compressed

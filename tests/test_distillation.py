@@ -58,3 +58,21 @@ def test_distill_cost_fine_tuning_brings_the_pruned_network_closer_to_the_dense_
     assert report["finetune_steps"] == 12
     held_out = small_task.batch(10_000, seed=99)
     assert _matching_kl(tuned, stereo, held_out) < 0.8 * _matching_kl(pruned, stereo, held_out)
+
+
+@pytest.mark.parametrize("mode", ["distill", "distill-cost"])
+def test_a_distillation_step_runs_the_compressed_network_once(stereo, small_task, mode):
+    """One forward pass of the student per step: a second one would cost time and, in training mode, move its
+    batch-norm statistics twice."""
+    student, teacher = copy.deepcopy(stereo).train(), copy.deepcopy(stereo).eval()
+    calls = []
+    student.features.register_forward_hook(lambda *a: calls.append(1))
+    batch = small_task.batch(0)
+    if mode == "distill":
+        with torch.no_grad():
+            target = small_task.predict(teacher, batch)
+        loss = small_task.distill_loss(student, target, batch)
+    else:
+        loss = small_task.cost_distill_loss(student, teacher, batch)
+    assert len(calls) == 2  # the shared feature extractor sees the left and the right view once each
+    assert torch.isfinite(loss)
