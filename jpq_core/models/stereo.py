@@ -124,7 +124,7 @@ class StereoNet(nn.Module):
 
     def forward_with_logits(self, left: torch.Tensor, right: torch.Tensor):
         """(forward's output, the matching logits N x D x H/4 x W/4 over the padded input that it came from):
-        what distillation from the cost volume compares (`jpq_core.tasks.StereoTask.distill_loss`)."""
+        what distillation from the cost volume compares (`jpq_core.tasks.StereoTask.cost_distill_loss`)."""
         h, w = left.shape[-2:]
         pad = (0, (-w) % 8, 0, (-h) % 8)  # right and bottom, so disparities keep their meaning
         left = F.pad((left - _MEAN) / _STD, pad, mode="replicate")
