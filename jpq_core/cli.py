@@ -167,7 +167,7 @@ def cmd_compress(args) -> int:
         bar.n = i
         bar.refresh()
 
-    net, report = compress(model, task, config, progress=progress, state=args.state)
+    net, report = compress(model, task, config, progress=progress, state=args.state, device=args.device)
     bar.close()
     report["data"] = data
     if args.save:
@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(constant, then cosine decay to zero over the last 20%% of each stage)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="auto", help="where fine-tuning runs: auto (a CUDA GPU when there is one, else "
+                   "the CPU), cpu, or cuda[:N]; everything else runs on the CPU")
     p.add_argument("--save", help="save the compressed weights (masked and quantized) as safetensors + JSON")
     p.add_argument("--state", metavar="FILE", help="keep the run's progress in FILE every 100 fine-tuning steps; run the "
                    "same command again to continue after an interruption (FILE is deleted when the run completes)")

@@ -261,7 +261,7 @@ class _Budget:
 
 
 def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=None, on_step=None, progress=None,
-             lr_schedule: str = "constant", start: int = 0, opt_state=None, checkpoint=None):
+             lr_schedule: str = "constant", start: int = 0, opt_state=None, checkpoint=None, device="cpu"):
     """Fine-tune the parametrized model in place for `steps` steps.
 
     `on_step(step, steps)` runs before each step (gradual pruning uses it); regrowth updates the masks
@@ -270,12 +270,16 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
     "constant-decay" holds the rate, then decays it to zero over the last 20% of the steps.
     To continue an interrupted stage: `start` (steps already done) and `opt_state` (the optimiser's state
     then). `checkpoint(done, optimizer)` is called every CHECKPOINT_EVERY steps and after the last one.
+    `device`: where the steps run (model, teacher and batches are moved there, and the model back to the CPU
+    at the end, where the rest of the pipeline runs).
     """
     from jpq_core.training import constant_decay_lr, cosine_lr
 
     if mode == "none" or steps == 0:
         return model
-    model.train()
+    model.to(device).train()
+    if teacher is not None:
+        teacher.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     if opt_state is not None:
@@ -288,6 +292,7 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
     if progress and start:
         progress(start, steps)
     for step, batch in enumerate(task.batches(steps, seed=seed, start=start), start=start):
+        batch = tuple(b.to(device) for b in batch)
         if on_step:
             on_step(step, steps)
         if lr_schedule == "cosine":
@@ -320,8 +325,9 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
     if mode == "regrow":
         for layer in layers.values():
             _transform(layer).dense_grad = None
-    model.eval()
-    return model
+    if teacher is not None:
+        teacher.cpu()
+    return model.cpu().eval()
 
 
 @torch.no_grad()
@@ -360,7 +366,7 @@ def prune_masks(model, task, config: CompressionConfig, sparsity: float, stats=N
         stats = gradient_stats(model, task, config, criterion, groups, progress)
     if criterion.level == "channel":
         return channel_masks(model, groups, criterion.group_scores(model, groups, stats), sparsity)
-    weights = {k: v.detach().clone() for k, v in _effective_weights(model).items()}
+    weights = {k: v.detach().cpu().clone() for k, v in _effective_weights(model).items()}  # where stats are
     scores = criterion.scores(weights, stats)
     protect = first_and_last(model) if config.protect_first_last else set()
     if allocation is None and config.allocation == "sensitivity":
@@ -407,7 +413,7 @@ class RunState:
         self.saved = None
         if self.path.exists():
             try:
-                saved = torch.load(self.path, weights_only=True)
+                saved = torch.load(self.path, weights_only=True, map_location="cpu")  # saved on a GPU, read anywhere
             except Exception as error:  # any unreadable file: say which and what to do
                 raise JPQError(f"{self.path}: not a run state written by compress ({error}); delete it to start afresh.")
             if not isinstance(saved, dict) or saved.get("key") != self.key:
@@ -433,8 +439,8 @@ class RunState:
 class _Run:
     """One compression run: the network being compressed, its budget, and the stages pipelines combine."""
 
-    def __init__(self, model, task, config: CompressionConfig, progress, state: RunState | None = None):
-        self.task, self.config = task, config
+    def __init__(self, model, task, config: CompressionConfig, progress, state: RunState | None = None, device="cpu"):
+        self.task, self.config, self.device = task, config, device
         # progress(stage, i, n), with stage "scores" (gradient pass) or "fine-tune"
         self.progress = progress or (lambda stage, i, n: None)
         self.dense = copy.deepcopy(model).eval()
@@ -508,7 +514,7 @@ class _Run:
             (lambda done, opt: self.state.save(stage, done, self.net, opt, time.time() - self.started))
         finetune(self.net, self.task, steps, self.config.finetune, self.lr, self._seed, teacher=self.dense,
                  on_step=on_step, progress=lambda i, n: self.progress("fine-tune", i, n), lr_schedule=self.config.lr_schedule,
-                 start=start, opt_state=opt_state, checkpoint=checkpoint)
+                 start=start, opt_state=opt_state, checkpoint=checkpoint, device=self.device)
 
     def quantize(self):
         c = self.config
@@ -544,16 +550,38 @@ class _Run:
             self.set_masks(self.masks(c.sparsity, stats))
 
 
-def compress(model: nn.Module, task, config: CompressionConfig, progress=None, state=None) -> tuple[nn.Module, dict]:
+def check_device(device) -> torch.device:
+    """The torch device fine-tuning runs on: "cpu", "cuda" ("cuda:N"), or "auto" (a GPU when there is one)."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise JPQError(f"unknown device {device!r}; use cpu, cuda (or cuda:N) or auto.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise JPQError(f"fine-tuning runs on cpu or cuda, not {device.type}.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise JPQError("no CUDA GPU is visible here; fine-tune with --device cpu (or auto, which picks one when there is one).")
+    return device
+
+
+def compress(model: nn.Module, task, config: CompressionConfig, progress=None, state=None,
+             device="cpu") -> tuple[nn.Module, dict]:
     """Run the configured pipeline on a copy of `model`; returns (compressed model, report).
 
     `progress(stage, i, n)` is told about the gradient pass ("scores") and fine-tuning ("fine-tune").
     `state`: a file that keeps the run's progress (see `RunState`); a run interrupted with one continues when
-    started again with it.
+    started again with it. `device`: where fine-tuning runs (see `check_device`); scores, masks, calibration,
+    evaluation and costs stay on the CPU.
     """
     config = config.check()
+    device = check_device(device)
+    gradual = config.schedule == "gradual" or config.pipeline == "joint"
+    if device.type != "cpu" and gradual and (get_criterion(config.criterion).level == "channel" or config.allocation == "sensitivity"):
+        raise JPQError("gradual pruning with channel criteria or a sensitivity scan scores the network as it trains, "
+                       "which runs on the CPU only: fine-tune with --device cpu, or choose a one-shot or iterative schedule.")
     torch.manual_seed(config.seed)
-    run = _Run(model, task, config, progress, RunState(state, config, model, task) if state else None)
+    run = _Run(model, task, config, progress, RunState(state, config, model, task) if state else None, device)
     if config.pipeline == "prune-only":
         run.prune(1.0, config.schedule, final=True)
     elif config.pipeline == "quantize-only":
@@ -591,6 +619,7 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None, s
         "finetune_steps": run.budget.used,
         "sensitivity": run.scan,
         "seconds": round(time.time() - run.started, 1),
+        "device": str(device),  # where fine-tuning ran
     }
     if run.state:
         run.state.finished()

@@ -207,3 +207,13 @@ def test_sensitivity_allocation_spares_the_sensitive_layers(digits_task, resnet2
     most, least = max(loss_at_90, key=loss_at_90.get), min(loss_at_90, key=loss_at_90.get)
     if loss_at_90[most] > loss_at_90[least]:
         assert layers[most] <= layers[least]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_fine_tuning_on_a_gpu_that_is_not_there_is_refused_and_auto_picks_the_cpu(digits_task, resnet20):
+    with pytest.raises(JPQError, match="no CUDA GPU is visible here"):
+        compress(resnet20, digits_task, _cfg(), device="cuda")
+    with pytest.raises(JPQError, match="unknown device 'gpu0'"):
+        compress(resnet20, digits_task, _cfg(), device="gpu0")
+    net, report = compress(resnet20, digits_task, _cfg(steps=2), device="auto")
+    assert report["device"] == "cpu" and all(p.device.type == "cpu" for p in net.parameters())
