@@ -37,6 +37,11 @@ AUTH_HELP = ("On the head machine, `ray get-auth-token` prints the cluster's tok
              "names (see README, 'Sweeps on a Ray cluster').")
 
 
+def configured_address() -> str | None:
+    """The cluster the app sends fine-tuning runs to: JPQ_RAY_ADDRESS (HOST:PORT), or None for this machine."""
+    return os.environ.get("JPQ_RAY_ADDRESS", "").strip() or None
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """(host, port) of a HOST:PORT address ([::1]:PORT for IPv6); a JPQError says what is wrong otherwise."""
     host, sep, port = address.strip().rpartition(":")

@@ -235,3 +235,26 @@ def test_a_node_lost_mid_sweep_has_its_configuration_run_again_elsewhere(loopbac
     assert problems == [] and sorted(r["sparsity"] for r in rows) == [0.2, 0.4, 0.6]  # each once, all whole
     # the configuration seen running on the lost node (its first) was finished by the head, as were the others
     assert _nodes_line(output) == {loopback_cluster.head_id[:12]: 3}, (lost.group(1), output[-2000:])
+
+
+def test_the_pages_fine_tuning_command_goes_to_the_configured_cluster(monkeypatch):
+    """With JPQ_RAY_ADDRESS set, Explore's command for a configuration without a cached fine-tuned run is a
+    one-configuration sweep on that cluster: the same configuration, the same Ray path, a row the pages read."""
+    import shlex
+
+    from jpq_core.cli import _pairs, build_parser
+    from jpq_core.live import LiveConfig, compress_command
+
+    live = LiveConfig(network="resnet20", criterion="taylor", allocation="global", sparsity=0.7, wbits=4, abits=None)
+    monkeypatch.delenv("JPQ_RAY_ADDRESS", raising=False)
+    assert cluster.configured_address() is None
+    assert " compress " in compress_command(live, ray_address=cluster.configured_address())
+    monkeypatch.setenv("JPQ_RAY_ADDRESS", "10.0.0.5:6379")
+    command = compress_command(live, ray_address=cluster.configured_address())
+    args = build_parser().parse_args(shlex.split(command)[3:])
+    assert args.func.__name__ == "cmd_sweep" and args.ray_address == "10.0.0.5:6379"
+    (config,) = sweeps.expand_grid({"grid": [_pairs(args.one)]}, "--one")
+    assert (config.network, config.criterion, config.allocation, config.sparsity, config.wbits, config.abits,
+            config.finetune) == ("resnet20", "taylor", "global", 0.7, 4, None, "distill")
+    with pytest.raises(JPQError, match="KEY=VALUE"):
+        _pairs(["sparsity"])
