@@ -15,6 +15,7 @@ import argparse
 import json
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 
 from jpq_core.errors import JPQError
@@ -183,6 +184,20 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _pairs(items: list[str]) -> dict:
+    """{key: value} of KEY=VALUE words, each value read as TOML when it is a number or boolean, else as text."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise JPQError(f"--one wants KEY=VALUE words (e.g. sparsity=0.5), got {item!r}.")
+        try:
+            out[key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = text
+    return out
+
+
 def cmd_sweep(args) -> int:
     from jpq_core import sweeps
 
@@ -193,13 +208,14 @@ def cmd_sweep(args) -> int:
             print(f"problem: {p}", file=sys.stderr)
         print(f"{added} rows added to {table}")
         return 0
-    if not args.grid:
-        raise JPQError("give a grid file (configs/*.toml), or --import-reports FILE.")
+    if bool(args.grid) == bool(args.one):
+        raise JPQError("give a grid file (configs/*.toml) or --one KEY=VALUE ..., or --import-reports FILE.")
     if args.workers is not None and args.workers < 1:
         raise JPQError("--workers must be 1 or more.")
-    configs = sweeps.load_grid(args.grid)
+    configs = sweeps.load_grid(args.grid) if args.grid else sweeps.expand_grid({"grid": [_pairs(args.one)]}, "--one")
     summary = sweeps.run_sweep(configs, table, workers=args.workers, ray_address=args.ray_address,
-                               grid=Path(args.grid).stem, progress=not args.quiet, engine=args.engine_latency)
+                               grid=Path(args.grid).stem if args.grid else "one", progress=not args.quiet,
+                               engine=args.engine_latency)
     print(summary)
     print(f"results in {table}")
     return 1 if summary.failed else 0
@@ -324,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a grid of compression configurations (resumable), locally or on Ray")
     p.add_argument("grid", nargs="?", help="grid file, e.g. configs/smoke.toml")
     p.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
-    p.add_argument("--ray-address", help="run on a Ray cluster: auto, HOST:PORT, or local (start one here)")
+    p.add_argument("--one", nargs="+", metavar="KEY=VALUE", help="one configuration instead of a grid file, "
+                   "e.g. network=resnet20 criterion=taylor sparsity=0.5 wbits=4 finetune=distill (grid axes and settings)")
+    p.add_argument("--ray-address", help="run on a Ray cluster: HOST:PORT of its head (README: 'Sweeps on a Ray "
+                   "cluster'), auto (the one started on this machine), or local (start one here)")
     p.add_argument("--out", help="results table (default cached_runs/results/sweeps.jsonl)")
     p.add_argument("--import-reports", metavar="FILE", help="add `compress --json` lines from FILE to the table")
     p.add_argument("--engine-latency", action="store_true", help="also time each network on the sparse engine (engine_ms)")

@@ -308,9 +308,15 @@ def _bits_text(bits) -> str:
     return "float" if bits is None or bits != bits else str(int(bits))  # NaN (float in a table) != itself
 
 
-def compress_command(config: LiveConfig, finetune: str = "distill") -> str:
-    """The CLI command that fine-tunes this configuration (what to run when no cached run exists)."""
+def compress_command(config: LiveConfig, finetune: str = "distill", ray_address: str | None = None) -> str:
+    """The CLI command that fine-tunes this configuration (what to run when no cached run exists). Given a Ray
+    cluster's address (`cluster.configured_address()`): a one-configuration sweep on that cluster, the path of
+    `sweep --ray-address`, whose row joins the sweeps table the pages read."""
     bits = {k: "float" if v is None else str(v) for k, v in (("wbits", config.wbits), ("abits", config.abits))}
+    if ray_address:
+        return (f"python -m jpq_core sweep --ray-address {ray_address} --one network={config.network} "
+                f"criterion={config.criterion} sparsity={config.sparsity} wbits={bits['wbits']} abits={bits['abits']} "
+                f"allocation={config.allocation} pipeline=prune-then-quantize finetune={finetune}")
     return (f"python -m jpq_core compress --network {config.network} --criterion {config.criterion} --sparsity {config.sparsity} "
             f"--wbits {bits['wbits']} --abits {bits['abits']} --allocation {config.allocation} "
             f"--pipeline prune-then-quantize --finetune {finetune} --json")

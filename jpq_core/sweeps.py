@@ -32,7 +32,7 @@ import time
 import tomllib
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from jpq_core.errors import JPQError
@@ -407,10 +407,14 @@ class SweepSummary:
     failed: list[str]
     problems: list[str]
     seconds: float
+    nodes: dict[str, int] = field(default_factory=dict)  # on Ray: configurations finished per node id
 
     def __str__(self):
         lines = [f"{self.total} configurations: {self.skipped} already in the table, {self.ran} run now, "
                  f"{len(self.failed)} failed ({self.seconds:.0f} s)."]
+        if self.nodes:
+            lines.append(f"  on {len(self.nodes)} Ray node(s): " +
+                         ", ".join(f"{n} on {node[:12]}" for node, n in sorted(self.nodes.items())))
         lines += [f"  failed: {f}" for f in self.failed] + [f"  problem: {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -452,15 +456,30 @@ def ray_runtime_env() -> dict:
                                                    "__pycache__", ".hypothesis", ".pytest_cache", ".ruff_cache"]}
 
 
-def _ray_results(todo, address: str, keep, engine: bool):
+RAY_TASK_RETRIES = 3
+
+
+def run_config_on_node(config: dict, keep_checkpoint: bool = False, engine: bool = False) -> tuple[str, dict]:
+    """`run_config` as a Ray task: (the id of the node it ran on, the row)."""
+    from jpq_core.cluster import node_id
+
+    return node_id(), run_config(config, keep_checkpoint, engine)
+
+
+def _ray_results(todo, address: str, keep, engine: bool, nodes: dict):
     """Yield (config, row or exception) as Ray tasks finish; rows come back to the driver, which writes them.
+    `nodes` counts the configurations finished per Ray node id.
     `address` is "auto" (a running cluster), "local" (start one here) or HOST:PORT; an already initialised Ray
     (e.g. `ray.init(num_cpus=2, runtime_env=ray_runtime_env())`) is used as it is."""
     import ray
 
+    from jpq_core import cluster
+
     if not ray.is_initialized():
-        ray.init(address=None if address == "local" else address, runtime_env=ray_runtime_env(), log_to_driver=False)
-    remote = ray.remote(num_cpus=1, max_retries=1)(run_config)
+        cluster.connect(address, ray_runtime_env())
+    # A task whose node or worker process dies is run again on another node (up to RAY_TASK_RETRIES times); its
+    # row comes back once, from the run that finished, and only then does the driver write it.
+    remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(run_config_on_node)
     pending = {remote.remote(asdict(c), keep(c), engine): c for c in todo}
     try:
         while pending:
@@ -468,9 +487,12 @@ def _ray_results(todo, address: str, keep, engine: bool):
             for ref in done:
                 c = pending.pop(ref)
                 try:
-                    yield c, ray.get(ref)
+                    node, row = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - a task's error, reported in the summary
                     yield c, exc
+                else:
+                    nodes[node] = nodes.get(node, 0) + 1
+                    yield c, row
     finally:
         for ref in pending:
             ray.cancel(ref)
@@ -495,7 +517,8 @@ def run_sweep(configs: list[CompressionConfig], path=RESULTS, workers: int | Non
         keep = lambda c: save_front and c.finetune != "none"  # noqa: E731 - no-fine-tuning points rerun in seconds
         revision = git_revision()
         workers = workers or os.cpu_count() or 1
-        results = (_ray_results(todo, ray_address, keep, engine) if ray_address
+        nodes: dict[str, int] = {}
+        results = (_ray_results(todo, ray_address, keep, engine, nodes) if ray_address
                    else _pool_results(todo, min(workers, max(1, len(todo))), keep, engine, path))
         failed = []
         bar = tqdm(total=len(todo), desc=f"sweep {grid}".strip(), unit="run", disable=not progress or not todo)
@@ -516,4 +539,4 @@ def run_sweep(configs: list[CompressionConfig], path=RESULTS, workers: int | Non
         if save_front and rows:
             keep_front_checkpoints(path, rows, {})
     return SweepSummary(len(configs), len(configs) - len(todo), len(todo) - len(failed), failed, problems,
-                        time.time() - start)
+                        time.time() - start, nodes)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from jpq_core.cluster import configured_address
 from jpq_core.errors import JPQError
 from jpq_core.live import compress_command, matching_runs
 from jpq_core.plots import confusion_figure, disparity_figure, layer_cost_figure, rgb_figure
@@ -54,7 +55,7 @@ tuned = runs[runs["finetune"] != "none"] if not runs.empty else runs
 with st.expander(f"Fine-tuned runs of this configuration (cached): {len(tuned)}", expanded=not tuned.empty):
     if tuned.empty:
         st.write("None is cached for this exact configuration. Fine-tune it yourself (minutes on a CPU):")
-        st.code(compress_command(config), language="bash")
+        st.code(compress_command(config, ray_address=configured_address()), language="bash")
         st.caption("The Trade-offs page shows every cached run; selecting one opens it here.")
     else:
         tuned = tuned.assign(**{"fine-tuning": [finetuning_label(r) for _, r in tuned.iterrows()]})
