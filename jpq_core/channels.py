@@ -38,10 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
-from torch.nn.utils import parametrize
 
-from jpq_core.criteria import prunable_layers
+from jpq_core.compressed import raw_weight, transform
 from jpq_core.errors import JPQError
+from jpq_core.layers import prunable_layers
 from jpq_core.models.stereo import StereoNet
 from jpq_core.pruning import apply_masks, check_sparsity
 
@@ -185,11 +185,6 @@ def channel_groups(model: nn.Module, example_inputs, ignored_layers=()) -> list[
 # ---- criteria -------------------------------------------------------------------------------------------
 
 
-def _weight_param(m: nn.Module) -> torch.Tensor:
-    """The parameter that receives the weight's gradient (the raw one on a compressed layer)."""
-    return m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
-
-
 def freed_parameters(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     """Prunable weights (convolution / linear weights) removed with each group channel, one count per channel."""
     count = torch.zeros(group.size)
@@ -269,7 +264,7 @@ def _member_gw(module: nn.Module, m: Member) -> torch.Tensor:
     zero = torch.zeros(len(m.index))
     if m.kind == "act" or module.weight is None:  # a batch norm without affine parameters has none
         return zero
-    params = [(_weight_param(module), module.weight)] + ([(module.bias, module.bias)] if module.bias is not None else [])
+    params = [(raw_weight(module), module.weight)] + ([(module.bias, module.bias)] if module.bias is not None else [])
     total = zero
     for p, w in params:
         if p.grad is None or (m.kind == "in" and w.dim() < 2):
@@ -458,9 +453,9 @@ def physically_prune(model: nn.Module, example_inputs, masks_or_channels: dict) 
     channels to remove}. Masks are applied to the copy, then every group channel whose weights are all masked
     is removed with torch-pruning (each group keeps at least one channel). `model` is not changed.
     """
-    if any(parametrize.is_parametrized(m, "weight") for m in prunable_layers(model).values()):
-        raise JPQError("physically_prune needs plain weights: remove the compression parametrizations first "
-                       "(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')).")
+    if any(transform(m) is not None for m in prunable_layers(model).values()):
+        raise JPQError("physically_prune needs plain weights: take the plain network first "
+                       "(jpq_core.compressed.detach(model)).")
     pruned = copy.deepcopy(model)
     graph, traced = _trace(pruned, example_inputs)
     values = list(masks_or_channels.values())

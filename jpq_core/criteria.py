@@ -21,18 +21,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
+
+from jpq_core.compressed import raw_weight
+from jpq_core.layers import prunable_layers
 
 Scores = dict[str, torch.Tensor]
-
-
-def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every convolution and linear layer, by module name, in forward-definition order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
-def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: m.weight.detach() for name, m in prunable_layers(model).items()}
 
 
 @dataclass
@@ -62,8 +55,7 @@ def gather_gradient_stats(model: nn.Module, batches, loss_fn, progress=None) -> 
         for name, m in layers.items():
             # On a compressed layer the gradient lands on the raw parameter; through the straight-through
             # estimator it equals the gradient of the effective weight wherever that weight is kept.
-            param = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
-            g, w = param.grad.detach(), m.weight.detach()
+            g, w = raw_weight(m).grad.detach(), m.weight.detach()
             gw = g * w
             acc["gw_abs"][name] += gw.abs()
             acc["gw_sq"][name] += gw**2

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from jpq_core.costs import FLOAT_BITS, layer_cost
-from jpq_core.criteria import Magnitude, Taylor, layer_weights, prunable_layers
+from jpq_core.criteria import Magnitude, Taylor
+from jpq_core.layers import first_and_last, layer_weights, prunable_layers
 from jpq_core.errors import JPQError
 from jpq_core.pruning import make_masks
 from jpq_core.quantization import quantize_weight, ste, uniform_params
@@ -124,7 +125,6 @@ def zero_point_lesson(model, sparsity: float, bits: int, images, labels, geometr
     Returns per variant ("exact zero", "no zero point"): "nonzero" share of all weights, "loss"/"top1" on the
     images, "memory_bits" (weights, from `jpq_core.costs`), "macs"; plus "pruned_share" and per layer the
     value a pruned weight comes back as ("zero_value", layer -> float)."""
-    from jpq_core.pruning import first_and_last
 
     if not 3 <= bits <= 8:
         raise JPQError(f"this lesson uses uniform grids of 3 to 8 bits, not {bits}.")

@@ -24,14 +24,15 @@ import numpy as np
 import torch
 
 from jpq_core.costs import layer_geometry, network_cost
-from jpq_core.criteria import get_criterion, prunable_layers
+from jpq_core.compressed import add_activation_quantizers, attach, calibrate_activations
+from jpq_core.criteria import get_criterion
 from jpq_core.data.stereo_types import StereoSample
 from jpq_core.errors import JPQError
 from jpq_core.evaluation import classifier_logits, predict_disparity
 from jpq_core.metrics import confusion_matrix, stereo_metrics, top1
 from jpq_core.models import task_of
-from jpq_core.pipeline import (CompressionConfig, add_activation_quantizers, attach, calibrate_activations,
-                               gradient_stats, prune_masks)
+from jpq_core.layers import prunable_layers
+from jpq_core.pipeline import CompressionConfig, gradient_stats, prune_masks
 from jpq_core.pruning import sparsity_of
 from jpq_core.tasks import StereoTask, make_task
 

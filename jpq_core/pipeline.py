@@ -1,10 +1,7 @@
 """The compression pipeline: score, prune, quantize, fine-tune; in the order a pipeline names.
 
-A compressed network is the original network with, on every convolution and linear layer:
-- a weight parametrization w_eff = Q(w * mask) (torch.nn.utils.parametrize), Q = weight quantizer with a
-  straight-through estimator, so the same module serves evaluation, masked fine-tuning and QAT, and a
-  pruned weight is exactly zero in every forward pass;
-- an input activation quantizer (forward pre-hook), calibrated on training data.
+The compressed network it works on (masks and quantizers on every convolution and linear layer) is
+`jpq_core.compressed`'s.
 
 Pipelines, all with the same total fine-tuning budget of `steps`:
     prune-only          prune -> fine-tune
@@ -31,16 +28,18 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from jpq_core.channels import channel_groups, channel_masks, gather_group_stats
+from jpq_core.compressed import (activation_bits, add_activation_quantizers, attach, calibrate_activations, current_masks,
+                                 effective_state_dict, effective_weights, layer_bits, project_steps, raw_weight,
+                                 transform)
 from jpq_core.costs import layer_geometry, network_cost
-from jpq_core.criteria import get_criterion, prunable_layers
+from jpq_core.criteria import get_criterion
 from jpq_core.errors import JPQError
-from jpq_core.pruning import agp_sparsity, check_sparsity, first_and_last, make_masks, sparsity_of
+from jpq_core.layers import first_and_last, prunable_layers
+from jpq_core.pruning import agp_sparsity, check_sparsity, make_masks, sparsity_of
 from jpq_core.score_cache import cached_gradient_stats
-from jpq_core.quantization import (ACTIVATION_BITS, ActivationQuantizer, check_bits, learned_step_quantize,
-                                   quantize_weight, step_bound, ste)
+from jpq_core.quantization import ACTIVATION_BITS, check_bits
 
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint", "prune-only", "quantize-only")
 FINETUNE_MODES = ("none", "masked", "distill", "distill-cost", "regrow")
@@ -112,131 +111,6 @@ class CompressionConfig:
         return self
 
 
-class MaskedQuantizedWeight(nn.Module):
-    """Parametrization w -> Q(w * mask) with a straight-through estimator for Q; with a learned step (LSQ,
-    symmetric 3-16 bits), Q uses it as its scale, capped at max|w| / qmax.
-
-    The step is learned as its logarithm, `log_step`: Adam's updates do not depend on the gradient's scale, so
-    a step learned directly would move by about the learning rate per update (1e-3 against steps of 1e-3 to
-    1e-1: measured, ResNet-20 at 4 bits lost 10.6 points of top-1 that way); its logarithm moves by about
-    0.1% of the step per update."""
-
-    def __init__(self, mask: torch.Tensor, bits, symmetric: bool, per_channel: bool):
-        super().__init__()
-        self.register_buffer("mask", mask.clone())
-        self.bits, self.symmetric, self.per_channel = bits, symmetric, per_channel
-        self.register_parameter("log_step", None)
-        self._step_bits = None
-        self.dense_grad: torch.Tensor | None = None  # filled when regrowth asks for it
-
-    def forward(self, w):
-        masked = w * self.mask
-        if masked.requires_grad and self.dense_grad is not None:
-            masked.register_hook(self._keep_grad)
-        if self.bits is None:
-            return masked
-        if self.log_step is not None:
-            return learned_step_quantize(masked, self.log_step.exp(), self.bits, self.per_channel)
-        return ste(masked, quantize_weight(masked.detach(), self.bits, self.symmetric, self.per_channel))
-
-    def learn_step(self, weight: torch.Tensor, learned: bool) -> None:
-        """Give this layer a learned step, starting at min/max's (kept while the width stays), or take it away."""
-        if not (learned and self.bits is not None and self.bits >= 3 and self.symmetric):
-            self.log_step = None
-        else:
-            bound = step_bound(weight * self.mask, self.bits, self.per_channel)
-            if self.log_step is None or self._step_bits != self.bits or self.log_step.shape != bound.shape:
-                self.log_step = nn.Parameter(bound.log())
-        self._step_bits = self.bits
-
-    @torch.no_grad()
-    def project_step(self, weight: torch.Tensor) -> None:
-        """Keep the learned step at or below its bound after an optimiser step (projected gradient descent):
-        above it the cap would hide the step from its gradient and it could drift up for good."""
-        if self.log_step is not None:
-            bound = step_bound(weight * self.mask, self.bits, self.per_channel)
-            self.log_step.copy_(torch.minimum(self.log_step, bound.log()))
-
-    def _keep_grad(self, g):
-        self.dense_grad += g.detach().abs()
-
-
-def _transform(layer) -> MaskedQuantizedWeight:
-    return layer.parametrizations.weight[0]
-
-
-def bits_for(spec, name):
-    """Bit width of layer `name` from one width for all layers or a {layer: width} dict."""
-    return spec.get(name) if isinstance(spec, dict) else spec
-
-
-def attach(model: nn.Module, masks: dict | None, wbits, symmetric=True, per_channel=True, learned_step=False) -> nn.Module:
-    """Give every prunable layer its mask and weight quantizer (replacing earlier ones).
-
-    `wbits` is one width for all layers or {layer: width}; None means float. `learned_step`: layers at
-    3-16 bits learn their step (LSQ); a step already learned is kept while the layer's width stays.
-    """
-    for name, layer in prunable_layers(model).items():
-        mask = masks[name] if masks is not None else torch.ones_like(layer.weight, dtype=torch.bool)
-        bits = bits_for(wbits, name)
-        if parametrize.is_parametrized(layer, "weight"):
-            t = _transform(layer)
-            t.mask.copy_(mask)
-            t.bits, t.symmetric, t.per_channel = bits, symmetric, per_channel
-        else:
-            parametrize.register_parametrization(layer, "weight", MaskedQuantizedWeight(mask, bits, symmetric, per_channel))
-        _transform(layer).learn_step(layer.parametrizations.weight.original, learned_step)
-    return model
-
-
-def project_steps(model: nn.Module) -> None:
-    """Cap every learned step at its bound (after each optimiser step)."""
-    for layer in prunable_layers(model).values():
-        if parametrize.is_parametrized(layer, "weight"):
-            _transform(layer).project_step(layer.parametrizations.weight.original)
-
-
-def current_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: _transform(l).mask.clone() for n, l in prunable_layers(model).items() if parametrize.is_parametrized(l, "weight")}
-
-
-def add_activation_quantizers(model: nn.Module, abits, method: str = "minmax") -> nn.Module:
-    """Put an (uncalibrated) input quantizer on every prunable layer; `abits` one width or {layer: width}."""
-    for name, layer in prunable_layers(model).items():
-        bits = bits_for(abits, name)
-        if hasattr(layer, "input_quantizer"):
-            layer.input_quantizer.reset(bits, method)
-        else:
-            layer.input_quantizer = ActivationQuantizer(bits, method)
-            layer.register_forward_pre_hook(lambda mod, args: (mod.input_quantizer(args[0]), *args[1:]))
-    return model
-
-
-def calibrate_activations(model: nn.Module, task, batches: int, seed: int) -> nn.Module:
-    """Run training batches through the network and fix every input quantizer's range."""
-    model.eval()
-    with torch.inference_mode():
-        for batch in task.batches(batches, seed=seed + 17):
-            task.predict(model, batch)
-    for layer in prunable_layers(model).values():
-        if layer.input_quantizer.bits is not None:
-            layer.input_quantizer.finish_calibration()
-        else:
-            layer.input_quantizer.samples.clear()
-            layer.input_quantizer.calibrating = False
-    return model
-
-
-def effective_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the plain network that computes what `model` computes: each parametrized weight
-    replaced by its effective (masked, quantized) value. (Removing parametrizations from a deep copy is no
-    option: the copy shares its parametrized class with the original and would break it.)"""
-    state = {k: v for k, v in model.state_dict().items() if ".parametrizations.weight." not in k}
-    for name, layer in prunable_layers(model).items():
-        state[f"{name}.weight"] = layer.weight.detach().clone()
-    return state
-
-
 # Options added after rows and run states were saved: at its default, such an option is left out of a
 # configuration's identity, so that what was saved before it existed is still found.
 LATER_OPTIONS = {"lr_schedule": "constant", "learned_step": False}
@@ -288,7 +162,7 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
     regrow_every = 25
     if mode == "regrow":
         for layer in layers.values():
-            _transform(layer).dense_grad = torch.zeros_like(_transform(layer).mask, dtype=torch.float32)
+            transform(layer).dense_grad = torch.zeros_like(transform(layer).mask, dtype=torch.float32)
     if progress and start:
         progress(start, steps)
     for step, batch in enumerate(task.batches(steps, seed=seed, start=start), start=start):
@@ -324,7 +198,7 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
             checkpoint(step + 1, opt)
     if mode == "regrow":
         for layer in layers.values():
-            _transform(layer).dense_grad = None
+            transform(layer).dense_grad = None
     if teacher is not None:
         teacher.cpu()
     return model.cpu().eval()
@@ -335,8 +209,8 @@ def _regrow(layers, drop_fraction: float) -> None:
     """RigL update per layer: drop the kept weights of smallest |w|, grow as many pruned weights with the
     largest accumulated |gradient|, starting at zero. The layer's sparsity is unchanged."""
     for layer in layers.values():
-        t = _transform(layer)
-        mask, w = t.mask, layer.parametrizations.weight.original
+        t = transform(layer)
+        mask, w = t.mask, raw_weight(layer)
         kept = int(mask.sum())
         n = int(drop_fraction * kept)
         if n == 0 or kept == mask.numel():
@@ -366,7 +240,7 @@ def prune_masks(model, task, config: CompressionConfig, sparsity: float, stats=N
         stats = gradient_stats(model, task, config, criterion, groups, progress)
     if criterion.level == "channel":
         return channel_masks(model, groups, criterion.group_scores(model, groups, stats), sparsity)
-    weights = {k: v.detach().cpu().clone() for k, v in _effective_weights(model).items()}  # where stats are
+    weights = {k: v.detach().cpu().clone() for k, v in effective_weights(model).items()}  # where stats are
     scores = criterion.scores(weights, stats)
     protect = first_and_last(model) if config.protect_first_last else set()
     if allocation is None and config.allocation == "sensitivity":
@@ -379,10 +253,6 @@ def gradient_stats(model, task, config: CompressionConfig, criterion, groups=Non
     if criterion.level == "channel":
         return gather_group_stats(model, groups, task.batches(config.calibration_batches, seed=config.seed + 1), task.loss, progress)
     return cached_gradient_stats(model, task, config.calibration_batches, config.seed + 1, progress=progress)
-
-
-def _effective_weights(model):
-    return {n: l.weight.detach() for n, l in prunable_layers(model).items()}
 
 
 CHECKPOINT_EVERY = 100  # fine-tuning steps between saves of a run's state (a stereo step: 1-3 s on one core)
@@ -480,7 +350,7 @@ class _Run:
         if self.scan is None:
             if criterion.needs_gradients and stats is None:
                 stats = gradient_stats(self.net, self.task, self.config, criterion)
-            scores = criterion.scores({k: v.detach().clone() for k, v in _effective_weights(self.net).items()}, stats)
+            scores = criterion.scores({k: v.detach().clone() for k, v in effective_weights(self.net).items()}, stats)
             kept = current_masks(self.net)
             self.scan = sensitivity_scan(self.net, self.task, scores, set_masks=self.set_masks)
             self.set_masks(kept)
@@ -637,8 +507,8 @@ def save_compressed(net: nn.Module, path, report: dict) -> Path:
     baked = effective_state_dict(net)
     layers = prunable_layers(net)
     extra = {MASK_PREFIX + k: m.to(torch.uint8) for k, m in current_masks(net).items()}
-    wbits = {k: _transform(l).bits for k, l in layers.items()}
-    abits = {k: (l.input_quantizer.bits if hasattr(l, "input_quantizer") else None) for k, l in layers.items()}
+    wbits = {k: layer_bits(l) for k, l in layers.items()}
+    abits = {k: activation_bits(l) for k, l in layers.items()}
 
     class _WithMasks(nn.Module):  # save_checkpoint writes a module's state dict; add the masks to it
         def state_dict(self, *a, **kw):

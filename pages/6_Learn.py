@@ -9,7 +9,7 @@ import streamlit as st
 
 from jpq_core import analysis, lessons
 from jpq_core.costs import layer_geometry
-from jpq_core.criteria import layer_weights
+from jpq_core.layers import layer_weights
 from jpq_core.errors import JPQError
 from jpq_core.live import LiveConfig
 from jpq_core.plots import (criteria_scatter_figure, mask_agreement_figure, memory_lesson_figure, pareto_lesson_figure,

@@ -8,9 +8,11 @@ import torch.nn as nn
 
 from jpq_core import analysis
 from jpq_core.channels import GROUP_CRITERIA
-from jpq_core.criteria import Random, Taylor, layer_weights
+from jpq_core.compressed import attach
+from jpq_core.criteria import Random, Taylor
+from jpq_core.layers import layer_weights
 from jpq_core.errors import JPQError
-from jpq_core.pipeline import CompressionConfig, attach, gradient_stats
+from jpq_core.pipeline import CompressionConfig, gradient_stats
 from jpq_core.pruning import make_masks
 from jpq_core.tasks import ClassificationTask
 

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from jpq_core.criteria import prunable_layers
+from jpq_core.layers import prunable_layers
 from jpq_core.errors import JPQError
 from jpq_core.models import load_network, shipped_checkpoint
-from jpq_core.pipeline import PIPELINES, CompressionConfig, compress, current_masks, effective_state_dict, load_compressed, save_compressed
+from jpq_core.compressed import current_masks, effective_state_dict
+from jpq_core.pipeline import PIPELINES, CompressionConfig, compress, load_compressed, save_compressed
 from jpq_core.tasks import StereoTask
 
 
@@ -143,7 +144,7 @@ def test_short_prune_then_quantize_keeps_the_stereo_output_close():
 def test_learned_steps_clip_within_their_bound_and_the_saved_network_reloads_identically(digits_task, resnet20, tmp_path):
     """LSQ at 3 bits: the steps move during QAT, never above max|w| / qmax, pruned weights stay zero, and the
     saved network (effective weights only) computes the same outputs when loaded again."""
-    from jpq_core.pipeline import _transform
+    from jpq_core.compressed import transform as _transform
     from jpq_core.quantization import step_bound
 
     net, report = compress(resnet20, digits_task, _cfg(pipeline="prune-then-quantize", wbits=3, steps=20, lr=3e-3, learned_step=True))
