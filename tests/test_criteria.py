@@ -6,8 +6,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jpq_core.criteria import (SNIP, Fisher, GradientMagnitude, Magnitude, Random, Taylor, gather_gradient_stats,
-                               get_criterion, layer_weights)
+                               get_criterion)
 from jpq_core.errors import JPQError
+from jpq_core.layers import layer_weights
 
 
 def _linear_problem():
