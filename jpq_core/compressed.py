@@ -84,7 +84,7 @@ def transform(layer: nn.Module) -> MaskedQuantizedWeight | None:
 def raw_weight(layer: nn.Module) -> torch.Tensor:
     """The parameter the optimiser updates and gradients land on: the weight under the parametrization
     (before mask and quantizer) on a compressed layer, the weight itself on a plain one."""
-    return raw_weight(layer) if parametrize.is_parametrized(layer, "weight") else layer.weight
+    return layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
 
 
 def layer_mask(layer: nn.Module) -> torch.Tensor | None:
