@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from jpq_core.compressed import raw_weight, transform
+from jpq_core.criterion import Criterion
 from jpq_core.errors import JPQError
 from jpq_core.layers import prunable_layers
 from jpq_core.models.stereo import StereoNet
@@ -276,12 +277,20 @@ def _member_gw(module: nn.Module, m: Member) -> torch.Tensor:
     return total
 
 
-class GroupCriterion:
-    """Shared interface: `group_scores(model, groups, stats)` -> one score per group channel, groups concatenated."""
+class GroupCriterion(Criterion):
+    """A criterion that scores whole channels: `group_scores(model, groups, stats)` -> one score per group channel,
+    groups concatenated; the masks remove the lowest-scoring channels with everything coupled to them
+    (`channel_masks`)."""
 
     name = "group-criterion"
     level = "channel"
     needs_gradients = False
+
+    def masks(self, model, sparsity, stats=None, *, groups=None, protect=frozenset(), allocation="global"):
+        if groups is None:
+            raise JPQError(f"{self.name!r} removes coupled channels: pass their groups "
+                           "(jpq_core.compression.trace_groups).")
+        return channel_masks(model, groups, self.group_scores(model, groups, stats), sparsity)
 
     def group_scores(self, model: nn.Module, groups: list[ChannelGroup], stats: GroupStats | None = None) -> torch.Tensor:
         return torch.cat([self._scores(model, g, i, stats) for i, g in enumerate(groups)]) if groups else torch.zeros(0)
@@ -352,10 +361,6 @@ class GroupFisher(GroupCriterion):
 
     def _scores(self, model, group, i, stats):
         return self._need(stats).fisher[i] / freed_parameters(model, group).clamp_min(1.0)
-
-
-GROUP_CRITERIA = {"group-l1": GroupL1, "group-l2": GroupL2, "bn-scale": BNScale,
-                  "group-taylor": GroupTaylor, "group-fisher": GroupFisher}
 
 
 # ---- masks and physical pruning -------------------------------------------------------------------------

@@ -29,17 +29,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from jpq_core.channels import channel_groups, channel_masks, gather_group_stats
 from jpq_core.compressed import (activation_bits, add_activation_quantizers, attach, calibrate_activations, current_masks,
                                  effective_state_dict, effective_weights, layer_bits, project_steps, raw_weight,
                                  transform)
+from jpq_core.compression import compress_without_training, gradient_stats, layer_widths, prune_masks, trace_groups
 from jpq_core.costs import layer_geometry, network_cost
-from jpq_core.criteria import get_criterion
 from jpq_core.errors import JPQError
 from jpq_core.layers import first_and_last, prunable_layers
-from jpq_core.pruning import agp_sparsity, check_sparsity, make_masks, sparsity_of
-from jpq_core.score_cache import cached_gradient_stats
+from jpq_core.pruning import agp_sparsity, check_sparsity, sparsity_of
 from jpq_core.quantization import ACTIVATION_BITS, check_bits
+from jpq_core.registry import get_criterion
 
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint", "prune-only", "quantize-only")
 FINETUNE_MODES = ("none", "masked", "distill", "distill-cost", "regrow")
@@ -227,34 +226,6 @@ def _regrow(layers, drop_fraction: float) -> None:
         t.dense_grad.zero_()
 
 
-def prune_masks(model, task, config: CompressionConfig, sparsity: float, stats=None, groups=None, progress=None,
-                allocation=None):
-    """Masks for `sparsity` from the config's criterion, computed on the model as it is now.
-
-    Weight-level criteria score every weight; channel-level ones score the coupled channel `groups`
-    (from `jpq_core.channels.channel_groups`) and remove whole channels. `stats` are reused when given;
-    `allocation` (a per-layer sparsity dict) overrides the config's.
-    """
-    criterion = get_criterion(config.criterion)
-    if criterion.needs_gradients and stats is None:
-        stats = gradient_stats(model, task, config, criterion, groups, progress)
-    if criterion.level == "channel":
-        return channel_masks(model, groups, criterion.group_scores(model, groups, stats), sparsity)
-    weights = {k: v.detach().cpu().clone() for k, v in effective_weights(model).items()}  # where stats are
-    scores = criterion.scores(weights, stats)
-    protect = first_and_last(model) if config.protect_first_last else set()
-    if allocation is None and config.allocation == "sensitivity":
-        raise JPQError("sensitivity allocation needs a scan; compress() runs one (see jpq_core.sensitivity).")
-    return make_masks(scores, {k: w.shape for k, w in weights.items()}, sparsity, allocation or config.allocation, protect)
-
-
-def gradient_stats(model, task, config: CompressionConfig, criterion, groups=None, progress=None):
-    """One pass over the calibration batches: per-weight statistics, or per-channel ones for channel criteria."""
-    if criterion.level == "channel":
-        return gather_group_stats(model, groups, task.batches(config.calibration_batches, seed=config.seed + 1), task.loss, progress)
-    return cached_gradient_stats(model, task, config.calibration_batches, config.seed + 1, progress=progress)
-
-
 CHECKPOINT_EVERY = 100  # fine-tuning steps between saves of a run's state (a stereo step: 1-3 s on one core)
 
 
@@ -330,8 +301,7 @@ class _Run:
     def groups(self):
         """Coupled channel groups, traced once on the dense copy (same layer names as the compressed net)."""
         if self._groups is None:
-            ignored = [next(iter(prunable_layers(self.dense)))] if self.config.protect_first_last else []
-            self._groups = channel_groups(self.dense, self.task.trace_inputs(), ignored_layers=ignored)
+            self._groups = trace_groups(self.dense, self.task, self.config.protect_first_last)
         return self._groups
 
     def masks(self, sparsity, stats=None):
@@ -358,12 +328,17 @@ class _Run:
         protect = first_and_last(self.net) if self.config.protect_first_last else set()
         return allocate(self.scan, sizes, sparsity, protect)
 
-    def layer_bits(self, default, overrides):
-        names = list(prunable_layers(self.net))
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise JPQError(f"no layer named {', '.join(unknown)} in {self.config.network}; layers are: {', '.join(names)}.")
-        return {name: overrides.get(name, default) for name in names}
+    def without_training(self, recovery=None):
+        """The whole run when it has nothing to fine-tune between its stages: `compress_without_training`."""
+        c = self.config
+        criterion = get_criterion(c.criterion)
+        allocation = self.sensitivity_allocation(c.sparsity, criterion, None) \
+            if c.allocation == "sensitivity" and criterion.level == "weight" else None
+        self.net = compress_without_training(self.dense, self.task, c, groups=self.groups if criterion.level == "channel" else None,
+                                             allocation=allocation, recovery=recovery,
+                                             progress=lambda i, n: self.progress("scores", i, n))
+        self.wbits = layer_widths(self.net, c.wbits, c.layer_wbits, c.network)
+        self.abits = layer_widths(self.net, c.abits, c.layer_abits, c.network)
 
     def set_masks(self, masks):
         attach(self.net, masks, self.wbits, self.config.symmetric, self.config.per_channel, self.config.learned_step)
@@ -388,8 +363,8 @@ class _Run:
 
     def quantize(self):
         c = self.config
-        self.wbits = self.layer_bits(c.wbits, c.layer_wbits)
-        self.abits = self.layer_bits(c.abits, c.layer_abits)
+        self.wbits = layer_widths(self.net, c.wbits, c.layer_wbits, c.network)
+        self.abits = layer_widths(self.net, c.abits, c.layer_abits, c.network)
         self.set_masks(current_masks(self.net))
         add_activation_quantizers(self.net, self.abits, c.calibration)
         calibrate_activations(self.net, self.task, c.calibration_batches, c.seed)
@@ -436,15 +411,21 @@ def check_device(device) -> torch.device:
 
 
 def compress(model: nn.Module, task, config: CompressionConfig, progress=None, state=None,
-             device="cpu") -> tuple[nn.Module, dict]:
+             device="cpu", recovery=None) -> tuple[nn.Module, dict]:
     """Run the configured pipeline on a copy of `model`; returns (compressed model, report).
 
     `progress(stage, i, n)` is told about the gradient pass ("scores") and fine-tuning ("fine-tune").
     `state`: a file that keeps the run's progress (see `RunState`); a run interrupted with one continues when
     started again with it. `device`: where fine-tuning runs (see `check_device`); scores, masks, calibration,
-    evaluation and costs stay on the CPU.
+    evaluation and costs stay on the CPU. `recovery`: a one-shot recovery step for runs without fine-tuning
+    (see `jpq_core.compression.compress_without_training`).
     """
     config = config.check()
+    without_training = config.pipeline == "prune-then-quantize" and config.schedule == "oneshot" and \
+        (config.finetune == "none" or config.steps == 0)
+    if recovery is not None and not without_training:
+        raise JPQError("a recovery step stands in for fine-tuning: use it with the prune-then-quantize pipeline, a "
+                       "one-shot schedule and no fine-tuning (--finetune none).")
     device = check_device(device)
     gradual = config.schedule == "gradual" or config.pipeline == "joint"
     if device.type != "cpu" and gradual and (get_criterion(config.criterion).level == "channel" or config.allocation == "sensitivity"):
@@ -452,7 +433,9 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None, s
                        "which runs on the CPU only: fine-tune with --device cpu, or choose a one-shot or iterative schedule.")
     torch.manual_seed(config.seed)
     run = _Run(model, task, config, progress, RunState(state, config, model, task) if state else None, device)
-    if config.pipeline == "prune-only":
+    if without_training:  # nothing to fine-tune between the stages: the path the live view and the engine share
+        run.without_training(recovery)
+    elif config.pipeline == "prune-only":
         run.prune(1.0, config.schedule, final=True)
     elif config.pipeline == "quantize-only":
         run.quantize()

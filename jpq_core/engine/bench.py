@@ -36,17 +36,12 @@ WBITS = (8, 4)
 def magnitude_compressed(model, task, sparsity: float, wbits, abits=8, calibration_batches: int = 4, seed: int = 0):
     """`model` pruned by magnitude and quantized, activations calibrated, without fine-tuning
     (the prune-then-quantize pipeline with finetune="none", minus its evaluation)."""
-    from jpq_core.compressed import add_activation_quantizers, attach, calibrate_activations
-    from jpq_core.pipeline import CompressionConfig, prune_masks
+    from jpq_core.compression import compress_without_training
+    from jpq_core.pipeline import CompressionConfig
 
     config = CompressionConfig(criterion="magnitude", sparsity=sparsity, wbits=wbits, abits=abits, finetune="none",
                                calibration_batches=calibration_batches, seed=seed).check()
-    net = attach(copy.deepcopy(model).eval(), None, None)
-    attach(net, prune_masks(net, task, config, sparsity), config.wbits)
-    if config.abits is not None:
-        add_activation_quantizers(net, config.abits, config.calibration)
-        calibrate_activations(net, task, calibration_batches, seed)
-    return net.eval()
+    return compress_without_training(model, task, config)
 
 
 def plain_copy(compressed, network: str):
