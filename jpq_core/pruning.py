@@ -21,8 +21,6 @@ import torch.nn as nn
 from jpq_core.errors import JPQError
 from jpq_core.layers import prunable_layers
 
-MAX_SPARSITY = 0.999
-
 
 def check_sparsity(sparsity: float) -> float:
     """`sparsity` as a float in [0, 1); anything else (NaN, text, 1.0) is a JPQError."""

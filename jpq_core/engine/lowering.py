@@ -26,7 +26,7 @@ from jpq_core.engine import packing
 from jpq_core.engine.ops import INTEGER_ACTIVATION_BITS, INTEGER_WEIGHT_BITS, INTO, Conv, Glue
 from jpq_core.errors import JPQError
 from jpq_core.models.resnet import ResNet20
-from jpq_core.models.stereo import _MEAN, _STD, ResidualBlock, StereoNet
+from jpq_core.models.stereo import INPUT_MEAN, INPUT_STD, ResidualBlock, StereoNet
 from jpq_core.quantization import uniform_params
 
 SUPPORTED = ("Conv2d (zero padding, equal stride/padding/dilation in both directions), Linear, BatchNorm after "
@@ -216,7 +216,7 @@ class Lowering:
     def stereo(self, net: StereoNet) -> int:
         """StereoNet.forward, with both views through the shared feature extractor as one batch."""
         left, right = self.new_slot(), self.new_slot()
-        both = self.glue("normalize", "normalize_pad", [left, right], mean=_MEAN, std=_STD, multiple=8)
+        both = self.glue("normalize", "normalize_pad", [left, right], mean=INPUT_MEAN, std=INPUT_STD, multiple=8)
         half = self.module(net.features.half_res, both)
         quarter = self.module(net.features.quarter_res, half)
         half_left = self.glue("features", "batch_part", [half], part=0, parts=2)
