@@ -13,7 +13,9 @@ from jpq_core.errors import JPQError
 from jpq_core.evaluation import stereo_comparison
 from jpq_core.live import (LIVE_ACTIVATION_BITS, LIVE_ALLOCATIONS, LIVE_WEIGHT_BITS, SPARSITY_CHOICES, Evaluation,
                            LiveConfig, LiveNetwork, LiveResult)
+from jpq_core.compressed import detach
 from jpq_core.models import load_network, network_label
+from jpq_core.pipeline import load_any
 from jpq_core.registry import criterion_names
 
 
@@ -128,7 +130,10 @@ def sidebar_config() -> LiveConfig:
             if upload is not None:
                 try:
                     checkpoint = upload_checkpoint(network, upload.getvalue())
-                    st.success(f"Using {upload.name}.")
+                    origin = live_network(network, checkpoint).compressed_from
+                    st.success(f"Using {upload.name}." if origin is None else
+                               f"Using {upload.name}: a compressed network with {origin['sparsity']:.1%} of its weights "
+                               "pruned; live compression starts from its (pruned, quantized) weights.")
                 except JPQError as exc:
                     st.error(f"{upload.name}: {exc}")
                     checkpoint = ""
@@ -170,7 +175,8 @@ def live_network(network: str, checkpoint: str = "") -> LiveNetwork:
     path = UPLOADS / f"{checkpoint}.ckpt"
     if not path.exists():
         raise JPQError("the uploaded checkpoint of this link is not on this server; upload it again in the sidebar.")
-    return LiveNetwork(network, load_network(network, checkpoint=path))
+    model, compressed = load_any(network, path)  # a compressed network's weights are a starting point too
+    return LiveNetwork(network, detach(model) if compressed else model, compressed_from=compressed)
 
 
 def ensure_scores(config: LiveConfig) -> None:

@@ -165,8 +165,9 @@ class _FixedBatches:
 class LiveNetwork:
     """A dense network ready for live compression, with everything that does not depend on the sliders cached."""
 
-    def __init__(self, network: str, model: torch.nn.Module, data: str | None = None):
+    def __init__(self, network: str, model: torch.nn.Module, data: str | None = None, compressed_from: dict | None = None):
         self.network = network
+        self.compressed_from = compressed_from  # what the starting weights are when they come from a compressed network
         self.task = make_task(network, data)
         self.dense = model.eval()
         for p in self.dense.parameters():

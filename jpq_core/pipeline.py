@@ -562,3 +562,52 @@ def load_compressed(path) -> tuple[nn.Module, dict]:
     net.load_state_dict(fit_state_dict(net, weights, path))
     attach(net, {k: m != 0 for k, m in masks.items()}, side["layer_wbits"], cfg["symmetric"], cfg["per_channel"])
     return net.eval(), side
+
+
+def compressed_summary(side: dict) -> dict:
+    """What a compressed network saved by `save_compressed` is, from its sidecar: criterion, sparsity (achieved
+    and asked for), bit widths (the configuration's and the distinct per-layer ones), pipeline and fine-tuning."""
+    cfg = side.get("compression", {})
+
+    def distinct(widths: dict):
+        return sorted({w for w in widths.values()}, key=lambda w: (w is None, w or 0))
+
+    return {"criterion": cfg.get("criterion"), "sparsity": side.get("sparsity"), "target_sparsity": cfg.get("sparsity"),
+            "wbits": cfg.get("wbits"), "abits": cfg.get("abits"),
+            "layer_wbits": distinct(side.get("layer_wbits", {})), "layer_abits": distinct(side.get("layer_abits", {})),
+            "pipeline": cfg.get("pipeline"), "finetune": cfg.get("finetune"), "steps": cfg.get("steps")}
+
+
+def load_any(network: str, checkpoint=None) -> tuple[nn.Module, dict | None]:
+    """`network` from `checkpoint` (the shipped weights when None), whatever the project wrote there:
+
+    - a compressed network with its sidecar (`compress --save`, the sweeps): loaded by `load_compressed`, masks,
+      weight quantizers and activation ranges restored; returns (network, `compressed_summary`);
+    - a compressed network's weights without the sidecar (an upload of the .safetensors alone): its effective
+      (pruned, quantized) weights as a plain network, the activation quantizers left out, since their bit widths
+      are in the sidecar; returns (network, {"sparsity", "note"});
+    - plain weights: `jpq_core.models.load_network`; returns (network, None).
+    """
+    from jpq_core.checkpoints import fit_state_dict, read_sidecar, read_state_dict
+    from jpq_core.models import build_network, load_network
+
+    if checkpoint is None:
+        return load_network(network), None
+    path = Path(checkpoint)
+    if read_sidecar(path).get("compressed"):
+        net, side = load_compressed(path)
+        if side["config"]["network"] != network:
+            raise JPQError(f"{path}: is a compressed {side['config']['network']} network, not {network}; "
+                           f"give --network {side['config']['network']}.")
+        return net, compressed_summary(side)
+    state = read_state_dict(path)
+    masks = {k: v for k, v in state.items() if k.startswith(MASK_PREFIX)}
+    if not masks:
+        return load_network(network, path), None
+    weights = {k: v for k, v in state.items() if not k.startswith(MASK_PREFIX) and ".input_quantizer." not in k}
+    net = build_network(network).eval()
+    net.load_state_dict(fit_state_dict(net, weights, path))
+    kept = sum(int((m != 0).sum()) for m in masks.values())
+    return net, {"sparsity": 1.0 - kept / max(1, sum(m.numel() for m in masks.values())),
+                 "note": "a compressed network without its sidecar (.json): its pruned and quantized weights, "
+                         "activations in float; put the .json beside it for its bit widths and activation ranges."}
