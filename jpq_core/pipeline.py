@@ -9,10 +9,8 @@ Pipelines, all with the same total fine-tuning budget of `steps`:
     prune-then-quantize prune -> fine-tune (steps/2) -> quantize -> QAT (steps/2)      (the paper's two stages)
     quantize-then-prune quantize -> QAT (steps/2) -> prune (scores of the quantized net) -> fine-tune (steps/2)
     joint               quantize, then prune gradually (AGP) during QAT over all steps
-Fine-tuning modes: none, masked (task loss), distill (task loss + the dense network's own outputs as soft
-targets), distill-cost (stereo: task loss + KL divergence to the dense network's distribution over disparity
-shifts in the cost volume), regrow (masked, plus RigL-style mask updates: drop the smallest kept weights, grow
-the pruned ones with the largest gradient; Evci et al. 2020).
+Fine-tuning modes (none, masked, distill, distill-cost, regrow) and the training loop are `jpq_core.finetuning`'s;
+a pipeline with nothing to fine-tune is `jpq_core.compression.compress_without_training`.
 """
 
 from __future__ import annotations
@@ -30,18 +28,17 @@ import torch
 import torch.nn as nn
 
 from jpq_core.compressed import (activation_bits, add_activation_quantizers, attach, calibrate_activations, current_masks,
-                                 effective_state_dict, effective_weights, layer_bits, project_steps, raw_weight,
-                                 transform)
+                                 effective_state_dict, effective_weights, layer_bits)
 from jpq_core.compression import compress_without_training, gradient_stats, layer_widths, prune_masks, trace_groups
 from jpq_core.costs import layer_geometry, network_cost
 from jpq_core.errors import JPQError
+from jpq_core.finetuning import FINETUNE_MODES, finetune, get_mode
 from jpq_core.layers import first_and_last, prunable_layers
 from jpq_core.pruning import agp_sparsity, check_sparsity, sparsity_of
 from jpq_core.quantization import ACTIVATION_BITS, check_bits
 from jpq_core.registry import get_criterion
 
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint", "prune-only", "quantize-only")
-FINETUNE_MODES = ("none", "masked", "distill", "distill-cost", "regrow")
 SCHEDULES = ("oneshot", "iterative", "gradual")
 LR_SCHEDULES = ("constant", "cosine", "constant-decay")
 ALLOCATIONS = ("global", "uniform", "sensitivity")
@@ -85,11 +82,8 @@ class CompressionConfig:
             raise JPQError(f"unknown pipeline {self.pipeline!r}; choose one of: {', '.join(PIPELINES)}.")
         if self.finetune not in FINETUNE_MODES:
             raise JPQError(f"unknown fine-tuning mode {self.finetune!r}; choose one of: {', '.join(FINETUNE_MODES)}.")
-        from jpq_core.models import task_of
-
-        if self.finetune == "distill-cost" and task_of(self.network) != "stereo":
-            raise JPQError("distill-cost distils the stereo network's cost volume; for a classifier use distill, "
-                           "which already matches the dense network's class probabilities.")
+        if self.finetune != "none":
+            get_mode(self.finetune).check(self.network)
         if self.steps < 0:
             raise JPQError("steps must be 0 or more.")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -133,106 +127,12 @@ class _Budget:
         return n
 
 
-def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=None, on_step=None, progress=None,
-             lr_schedule: str = "constant", start: int = 0, opt_state=None, checkpoint=None, device="cpu"):
-    """Fine-tune the parametrized model in place for `steps` steps.
-
-    `on_step(step, steps)` runs before each step (gradual pruning uses it); regrowth updates the masks
-    every 25 steps; `progress(i, n)` is told after each step. `lr_schedule` "cosine" warms up over the first
-    5% of the steps (at most 50; Adam's fresh moments make the first steps large) and decays to zero;
-    "constant-decay" holds the rate, then decays it to zero over the last 20% of the steps.
-    To continue an interrupted stage: `start` (steps already done) and `opt_state` (the optimiser's state
-    then). `checkpoint(done, optimizer)` is called every CHECKPOINT_EVERY steps and after the last one.
-    `device`: where the steps run (model, teacher and batches are moved there, and the model back to the CPU
-    at the end, where the rest of the pipeline runs).
-    """
-    from jpq_core.training import constant_decay_lr, cosine_lr
-
-    if mode == "none" or steps == 0:
-        return model
-    model.to(device).train()
-    if teacher is not None:
-        teacher.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    layers = prunable_layers(model)
-    regrow_every = 25
-    if mode == "regrow":
-        for layer in layers.values():
-            transform(layer).dense_grad = torch.zeros_like(transform(layer).mask, dtype=torch.float32)
-    if progress and start:
-        progress(start, steps)
-    for step, batch in enumerate(task.batches(steps, seed=seed, start=start), start=start):
-        batch = tuple(b.to(device) for b in batch)
-        if on_step:
-            on_step(step, steps)
-        if lr_schedule == "cosine":
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(lr, step, steps, warmup=min(50, max(1, steps // 20)))
-        elif lr_schedule == "constant-decay":
-            for group in opt.param_groups:
-                group["lr"] = constant_decay_lr(lr, step, steps)
-        if mode == "distill":
-            with torch.no_grad():
-                target = task.predict(teacher, batch)
-            loss = task.distill_loss(model, target, batch)
-        elif mode == "distill-cost":
-            loss = task.cost_distill_loss(model, teacher, batch)
-        else:
-            loss = task.loss(model, batch)
-        if not torch.isfinite(loss):  # Adam would spread the NaN to every weight and the report would show NaN
-            raise JPQError(f"fine-tuning diverged at step {step + 1} of {steps} (the loss became {loss.item()}); "
-                           f"lower the learning rate (it was {lr:g}) or use fewer steps.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        project_steps(model)
-        if mode == "regrow" and (step + 1) % regrow_every == 0 and step + 1 < steps:
-            _regrow(layers, drop_fraction=0.3 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        if progress:
-            progress(step + 1, steps)
-        if checkpoint and ((step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps):
-            checkpoint(step + 1, opt)
-    if mode == "regrow":
-        for layer in layers.values():
-            transform(layer).dense_grad = None
-    if teacher is not None:
-        teacher.cpu()
-    return model.cpu().eval()
-
-
-@torch.no_grad()
-def _regrow(layers, drop_fraction: float) -> None:
-    """RigL update per layer: drop the kept weights of smallest |w|, grow as many pruned weights with the
-    largest accumulated |gradient|, starting at zero. The layer's sparsity is unchanged."""
-    for layer in layers.values():
-        t = transform(layer)
-        mask, w = t.mask, raw_weight(layer)
-        kept = int(mask.sum())
-        n = int(drop_fraction * kept)
-        if n == 0 or kept == mask.numel():
-            t.dense_grad.zero_()
-            continue
-        drop_score = torch.where(mask, w.abs(), torch.full_like(w, float("inf")))
-        drop = torch.topk(drop_score.flatten(), n, largest=False).indices
-        grow_score = torch.where(mask, torch.full_like(w, -1.0), t.dense_grad)
-        grow = torch.topk(grow_score.flatten(), n).indices
-        flat = mask.flatten()
-        flat[drop] = False
-        flat[grow] = True
-        w.view(-1)[grow] = 0.0
-        t.dense_grad.zero_()
-
-
-CHECKPOINT_EVERY = 100  # fine-tuning steps between saves of a run's state (a stereo step: 1-3 s on one core)
 
 
 class RunState:
     """A compression run's progress in one file, so that an interrupted run goes on where it stopped.
 
-    Saved (atomically) every CHECKPOINT_EVERY fine-tuning steps and at the end of each fine-tuning stage:
+    Saved (atomically) every `jpq_core.finetuning.CHECKPOINT_EVERY` fine-tuning steps and at the end of each fine-tuning stage:
     the stage and step reached, the network's state (weights, masks, activation ranges, batch-norm
     statistics) and the optimiser's. `compress` started again with the same file, configuration, task data
     and starting network replays the pipeline's structural steps, skips the fine-tuning stages already done,

@@ -62,9 +62,9 @@ def test_an_interrupted_run_goes_on_from_its_state_file_to_the_uninterrupted_res
     """Killed in the second (QAT) or first (gradual pruning) stage, then started again with the same --state:
     the same network and report as a run never interrupted (learned steps included), and the state file is
     gone at the end."""
-    import jpq_core.pipeline as pipeline
+    import jpq_core.finetuning as finetuning
 
-    monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY", 5)
+    monkeypatch.setattr(finetuning, "CHECKPOINT_EVERY", 5)
     cfg = _cfg(pipeline="prune-then-quantize", steps=40, schedule=schedule, learned_step=learned_step)
     reference_net, reference = compress(resnet20, digits_task, cfg)
 
