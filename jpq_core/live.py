@@ -198,12 +198,16 @@ class LiveNetwork:
                 self._groups[protect_first_last] = trace_groups(self.dense, self.task, protect_first_last)
             return self._groups[protect_first_last]
 
+    def groups_for(self, config: LiveConfig):
+        """The channel groups the configuration's criterion removes channels by (None for weight criteria)."""
+        return self.groups(config.protect_first_last) if get_criterion(config.criterion).level == "channel" else None
+
     def stats(self, config: LiveConfig, progress=None):
         """The criterion's statistics of the dense network (None for criteria that need weights only)."""
         criterion = get_criterion(config.criterion)
         if not criterion.needs_gradients:
             return None
-        groups = self.groups(config.protect_first_last) if criterion.level == "channel" else None
+        groups = self.groups_for(config)
         key = self._stats_key(config)
         with self._lock:
             if key not in self._stats:
@@ -254,8 +258,8 @@ class LiveNetwork:
         stats = self.stats(config, progress)
         timings["scores"] = time.perf_counter() - t
 
-        groups = self.groups(config.protect_first_last) if get_criterion(config.criterion).level == "channel" else None
-        net = compress_without_training(self.dense, self.task, config.compression_config(), stats=stats, groups=groups,
+        net = compress_without_training(self.dense, self.task, config.compression_config(), stats=stats,
+                                        groups=self.groups_for(config),
                                         calibration_task=self.calibration_task, calibration_batches=1, timings=timings)
         masks = current_masks(net)
 

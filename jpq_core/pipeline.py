@@ -204,13 +204,20 @@ class _Run:
             self._groups = trace_groups(self.dense, self.task, self.config.protect_first_last)
         return self._groups
 
+    def groups_for(self, criterion):
+        """The channel groups a criterion removes channels by (None for weight criteria)."""
+        return self.groups if criterion.level == "channel" else None
+
+    def allocation_for(self, sparsity, criterion, stats=None):
+        """Per-layer sparsities from a sensitivity scan when the configuration asks for them (weight criteria)."""
+        if self.config.allocation == "sensitivity" and criterion.level == "weight":
+            return self.sensitivity_allocation(sparsity, criterion, stats)
+        return None
+
     def masks(self, sparsity, stats=None):
         criterion = get_criterion(self.config.criterion)
-        groups = self.groups if criterion.level == "channel" else None
-        allocation = None
-        if self.config.allocation == "sensitivity" and criterion.level == "weight":
-            allocation = self.sensitivity_allocation(sparsity, criterion, stats)
-        return prune_masks(self.net, self.task, self.config, sparsity, stats, groups, allocation=allocation,
+        return prune_masks(self.net, self.task, self.config, sparsity, stats, self.groups_for(criterion),
+                           allocation=self.allocation_for(sparsity, criterion, stats),
                            progress=lambda i, n: self.progress("scores", i, n))
 
     def sensitivity_allocation(self, sparsity, criterion, stats):
@@ -232,10 +239,8 @@ class _Run:
         """The whole run when it has nothing to fine-tune between its stages: `compress_without_training`."""
         c = self.config
         criterion = get_criterion(c.criterion)
-        allocation = self.sensitivity_allocation(c.sparsity, criterion, None) \
-            if c.allocation == "sensitivity" and criterion.level == "weight" else None
-        self.net = compress_without_training(self.dense, self.task, c, groups=self.groups if criterion.level == "channel" else None,
-                                             allocation=allocation, recovery=recovery,
+        self.net = compress_without_training(self.dense, self.task, c, groups=self.groups_for(criterion),
+                                             allocation=self.allocation_for(c.sparsity, criterion), recovery=recovery,
                                              progress=lambda i, n: self.progress("scores", i, n))
         self.wbits = layer_widths(self.net, c.wbits, c.layer_wbits, c.network)
         self.abits = layer_widths(self.net, c.abits, c.layer_abits, c.network)
@@ -282,8 +287,7 @@ class _Run:
                 self.finetune(self.budget.take(1.0 if final and last else share / ITERATIVE_ROUNDS))
         else:  # gradual (AGP), scores gathered once so that the masks are nested as sparsity grows
             criterion = get_criterion(c.criterion)
-            groups = self.groups if criterion.level == "channel" else None
-            stats = gradient_stats(self.net, self.task, c, criterion, groups, lambda i, n: self.progress("scores", i, n)) \
+            stats = gradient_stats(self.net, self.task, c, criterion, self.groups_for(criterion), lambda i, n: self.progress("scores", i, n)) \
                 if criterion.needs_gradients else None
             steps = self.budget.take(1.0 if final else share)
             every = max(1, steps // 10)
