@@ -145,7 +145,9 @@ def _layer_bits(text: str | None) -> dict:
 def cmd_compress(args) -> int:
     from tqdm import tqdm
 
+    from jpq_core.curve import LearningCurve
     from jpq_core.models import load_network, task_of
+    from jpq_core.finetuning import CHECKPOINT_EVERY
     from jpq_core.pipeline import CompressionConfig, compress, save_compressed
     from jpq_core.tasks import make_task
 
@@ -170,7 +172,11 @@ def cmd_compress(args) -> int:
         bar.n = i
         bar.refresh()
 
-    net, report = compress(model, task, config, progress=progress, state=args.state, device=args.device)
+    if args.curve and (args.curve_every < 1 or args.curve_every % CHECKPOINT_EVERY):
+        raise JPQError(f"--curve-every must be a positive multiple of {CHECKPOINT_EVERY} (the steps between saves), "
+                       f"not {args.curve_every}.")
+    curve = LearningCurve(args.curve, args.curve_every) if args.curve else None
+    net, report = compress(model, task, config, progress=progress, state=args.state, device=args.device, curve=curve)
     bar.close()
     report["data"] = data
     if args.save:
@@ -312,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", help="save the compressed weights (masked and quantized) as safetensors + JSON")
     p.add_argument("--state", metavar="FILE", help="keep the run's progress in FILE every 100 fine-tuning steps; run the "
                    "same command again to continue after an interruption (FILE is deleted when the run completes)")
+    p.add_argument("--curve", metavar="FILE", help="append the task's metrics every --curve-every fine-tuning steps of "
+                   "each stage to FILE (JSON lines; a resumed run does not write a point twice)")
+    p.add_argument("--curve-every", type=int, default=2500, help="steps between curve points, a multiple of 100 (default 2500)")
     p.add_argument("--layers", action="store_true", help="full per-layer cost detail")
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument("--quiet", action="store_true")

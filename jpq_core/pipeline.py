@@ -180,8 +180,9 @@ class RunState:
 class _Run:
     """One compression run: the network being compressed, its budget, and the stages pipelines combine."""
 
-    def __init__(self, model, task, config: CompressionConfig, progress, state: RunState | None = None, device="cpu"):
-        self.task, self.config, self.device = task, config, device
+    def __init__(self, model, task, config: CompressionConfig, progress, state: RunState | None = None, device="cpu",
+                 curve=None):
+        self.task, self.config, self.device, self.curve = task, config, device, curve
         # progress(stage, i, n), with stage "scores" (gradient pass) or "fine-tune"
         self.progress = progress or (lambda stage, i, n: None)
         self.dense = copy.deepcopy(model).eval()
@@ -195,6 +196,7 @@ class _Run:
         self.scan = None
         self.state = state
         self._stage = 0  # fine-tuning stages begun, which is how a saved state says where it was
+        self._steps_before = 0  # fine-tuning steps of the stages before this one (the curve's step axis)
         self.started = time.time() - (state.elapsed if state else 0.0)
 
     @property
@@ -251,6 +253,7 @@ class _Run:
     def finetune(self, steps: int, on_step=None):
         self._seed += 1
         self._stage += 1
+        before, self._steps_before = self._steps_before, self._steps_before + steps
         saved = self.state.saved if self.state else None
         if saved is not None and self._stage < saved["stage"]:
             return  # done before the interruption: the saved state, loaded at its own stage, holds the result
@@ -260,11 +263,17 @@ class _Run:
             start, opt_state = saved["step"], saved["optimizer"]
             self.state.saved = None
         stage = self._stage
-        checkpoint = None if self.state is None else \
-            (lambda done, opt: self.state.save(stage, done, self.net, opt, time.time() - self.started))
+
+        def checkpoint(done, opt):
+            if self.curve and self.curve.due(done):  # before the save: a run resumed from it reaches this point again
+                self.curve.record(self.net, self.task, stage, done, before + done, quantized=self.wbits is not None)
+                self.net.train()
+            if self.state:
+                self.state.save(stage, done, self.net, opt, time.time() - self.started)
         finetune(self.net, self.task, steps, self.config.finetune, self.lr, self._seed, teacher=self.dense,
                  on_step=on_step, progress=lambda i, n: self.progress("fine-tune", i, n), lr_schedule=self.config.lr_schedule,
-                 start=start, opt_state=opt_state, checkpoint=checkpoint, device=self.device)
+                 start=start, opt_state=opt_state, checkpoint=checkpoint if self.state or self.curve else None,
+                 device=self.device)
 
     def quantize(self):
         c = self.config
@@ -315,14 +324,15 @@ def check_device(device) -> torch.device:
 
 
 def compress(model: nn.Module, task, config: CompressionConfig, progress=None, state=None,
-             device="cpu", recovery=None) -> tuple[nn.Module, dict]:
+             device="cpu", curve=None, recovery=None) -> tuple[nn.Module, dict]:
     """Run the configured pipeline on a copy of `model`; returns (compressed model, report).
 
     `progress(stage, i, n)` is told about the gradient pass ("scores") and fine-tuning ("fine-tune").
     `state`: a file that keeps the run's progress (see `RunState`); a run interrupted with one continues when
     started again with it. `device`: where fine-tuning runs (see `check_device`); scores, masks, calibration,
-    evaluation and costs stay on the CPU. `recovery`: a one-shot recovery step for runs without fine-tuning
-    (see `jpq_core.compression.compress_without_training`).
+    evaluation and costs stay on the CPU. `curve`: a `LearningCurve` that records the task's metrics every so many
+    steps of each fine-tuning stage. `recovery`: a one-shot recovery step for runs without fine-tuning (see
+    `jpq_core.compression.compress_without_training`).
     """
     config = config.check()
     without_training = config.pipeline == "prune-then-quantize" and config.schedule == "oneshot" and \
@@ -336,7 +346,8 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None, s
         raise JPQError("gradual pruning with channel criteria or a sensitivity scan scores the network as it trains, "
                        "which runs on the CPU only: fine-tune with --device cpu, or choose a one-shot or iterative schedule.")
     torch.manual_seed(config.seed)
-    run = _Run(model, task, config, progress, RunState(state, config, model, task) if state else None, device)
+    run = _Run(model, task, config, progress, RunState(state, config, model, task) if state else None, device,
+               curve)
     if without_training:  # nothing to fine-tune between the stages: the path the live view and the engine share
         run.without_training(recovery)
     elif config.pipeline == "prune-only":

@@ -92,6 +92,31 @@ def test_an_interrupted_run_goes_on_from_its_state_file_to_the_uninterrupted_res
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_learning_curve_records_each_point_once_across_an_interruption(digits_task, resnet20, tmp_path, monkeypatch):
+    """Points every 10 steps of each stage, on the global step axis, marked quantized in the QAT stage; a run killed
+    after a point and resumed from the save before it does not write that point twice; recording changes nothing."""
+    import jpq_core.finetuning as finetuning
+    from jpq_core.curve import LearningCurve
+
+    monkeypatch.setattr(finetuning, "CHECKPOINT_EVERY", 5)
+    cfg = _cfg(pipeline="prune-then-quantize", steps=40)
+    _, reference = compress(resnet20, digits_task, cfg)
+    curve, state = LearningCurve(tmp_path / "curve.jsonl", every=10), tmp_path / "run.state"
+
+    def stop(kind, i, n):
+        if kind == "fine-tune" and curve.points() and len(curve.points()) == 3 and i == 12:
+            raise _Interrupt  # in the QAT stage, after its first point and its save at 10
+    with pytest.raises(_Interrupt):
+        compress(resnet20, digits_task, cfg, progress=stop, state=state, curve=curve)
+    _, report = compress(resnet20, digits_task, cfg, state=state, curve=curve)
+    points = curve.points()
+    assert [(p["stage"], p["stage_step"], p["step"], p["quantized"]) for p in points] == \
+        [(1, 10, 10, False), (1, 20, 20, False), (2, 10, 30, True), (2, 20, 40, True)]
+    assert all(0 <= p["metrics"]["top1"] <= 100 for p in points)
+    assert points[-1]["metrics"] == report["metrics"]  # the last point is the finished network
+    assert report["metrics"] == reference["metrics"]
+
+
 def test_a_state_file_of_another_run_is_refused(digits_task, resnet20, tmp_path):
     state = tmp_path / "run.state"
     state.write_bytes(b"not a state")
