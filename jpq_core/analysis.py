@@ -27,10 +27,13 @@ import torch
 from scipy.stats import spearmanr
 
 from jpq_core.checkpoints import atomic_write
-from jpq_core.criteria import GradientStats, get_criterion, layer_weights, prunable_layers
+from jpq_core.compressed import attach
+from jpq_core.criteria import GradientStats
 from jpq_core.errors import JPQError
-from jpq_core.pipeline import CompressionConfig, attach
-from jpq_core.pruning import first_and_last, make_masks
+from jpq_core.layers import first_and_last, layer_weights, prunable_layers
+from jpq_core.pipeline import CompressionConfig
+from jpq_core.pruning import make_masks
+from jpq_core.registry import get_criterion
 from jpq_core.score_cache import cached_gradient_stats, weights_fingerprint
 from jpq_core.sensitivity import SCAN_SPARSITIES, sensitivity_scan
 

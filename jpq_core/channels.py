@@ -38,10 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
-from torch.nn.utils import parametrize
 
-from jpq_core.criteria import prunable_layers
+from jpq_core.compressed import raw_weight, transform
+from jpq_core.criterion import Criterion
 from jpq_core.errors import JPQError
+from jpq_core.layers import prunable_layers
 from jpq_core.models.stereo import StereoNet
 from jpq_core.pruning import apply_masks, check_sparsity
 
@@ -185,11 +186,6 @@ def channel_groups(model: nn.Module, example_inputs, ignored_layers=()) -> list[
 # ---- criteria -------------------------------------------------------------------------------------------
 
 
-def _weight_param(m: nn.Module) -> torch.Tensor:
-    """The parameter that receives the weight's gradient (the raw one on a compressed layer)."""
-    return m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
-
-
 def freed_parameters(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     """Prunable weights (convolution / linear weights) removed with each group channel, one count per channel."""
     count = torch.zeros(group.size)
@@ -269,7 +265,7 @@ def _member_gw(module: nn.Module, m: Member) -> torch.Tensor:
     zero = torch.zeros(len(m.index))
     if m.kind == "act" or module.weight is None:  # a batch norm without affine parameters has none
         return zero
-    params = [(_weight_param(module), module.weight)] + ([(module.bias, module.bias)] if module.bias is not None else [])
+    params = [(raw_weight(module), module.weight)] + ([(module.bias, module.bias)] if module.bias is not None else [])
     total = zero
     for p, w in params:
         if p.grad is None or (m.kind == "in" and w.dim() < 2):
@@ -281,12 +277,20 @@ def _member_gw(module: nn.Module, m: Member) -> torch.Tensor:
     return total
 
 
-class GroupCriterion:
-    """Shared interface: `group_scores(model, groups, stats)` -> one score per group channel, groups concatenated."""
+class GroupCriterion(Criterion):
+    """A criterion that scores whole channels: `group_scores(model, groups, stats)` -> one score per group channel,
+    groups concatenated; the masks remove the lowest-scoring channels with everything coupled to them
+    (`channel_masks`)."""
 
     name = "group-criterion"
     level = "channel"
     needs_gradients = False
+
+    def masks(self, model, sparsity, stats=None, *, groups=None, protect=frozenset(), allocation="global"):
+        if groups is None:
+            raise JPQError(f"{self.name!r} removes coupled channels: pass their groups "
+                           "(jpq_core.compression.trace_groups).")
+        return channel_masks(model, groups, self.group_scores(model, groups, stats), sparsity)
 
     def group_scores(self, model: nn.Module, groups: list[ChannelGroup], stats: GroupStats | None = None) -> torch.Tensor:
         return torch.cat([self._scores(model, g, i, stats) for i, g in enumerate(groups)]) if groups else torch.zeros(0)
@@ -357,10 +361,6 @@ class GroupFisher(GroupCriterion):
 
     def _scores(self, model, group, i, stats):
         return self._need(stats).fisher[i] / freed_parameters(model, group).clamp_min(1.0)
-
-
-GROUP_CRITERIA = {"group-l1": GroupL1, "group-l2": GroupL2, "bn-scale": BNScale,
-                  "group-taylor": GroupTaylor, "group-fisher": GroupFisher}
 
 
 # ---- masks and physical pruning -------------------------------------------------------------------------
@@ -458,9 +458,9 @@ def physically_prune(model: nn.Module, example_inputs, masks_or_channels: dict) 
     channels to remove}. Masks are applied to the copy, then every group channel whose weights are all masked
     is removed with torch-pruning (each group keeps at least one channel). `model` is not changed.
     """
-    if any(parametrize.is_parametrized(m, "weight") for m in prunable_layers(model).values()):
-        raise JPQError("physically_prune needs plain weights: remove the compression parametrizations first "
-                       "(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')).")
+    if any(transform(m) is not None for m in prunable_layers(model).values()):
+        raise JPQError("physically_prune needs plain weights: take the plain network first "
+                       "(jpq_core.compressed.detach(model)).")
     pruned = copy.deepcopy(model)
     graph, traced = _trace(pruned, example_inputs)
     values = list(masks_or_channels.values())

@@ -84,9 +84,10 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from jpq_core.evaluation import evaluate_stereo
-    from jpq_core.models import load_network, task_of
+    from jpq_core.models import task_of
+    from jpq_core.pipeline import load_any
 
-    model = load_network(args.network, args.checkpoint)
+    model, compressed = load_any(args.network, args.checkpoint)
     if task_of(args.network) == "stereo":
         samples = _stereo_samples(args)
         if any(s.disparity is None for s in samples):
@@ -97,6 +98,8 @@ def cmd_evaluate(args) -> int:
         data = args.data if args.data != "middlebury" else "digits"
         metrics = evaluate_network(args.network, model, data)
     result = {"network": args.network, "data": data, "checkpoint": str(args.checkpoint or "shipped"), "metrics": metrics}
+    if compressed is not None:
+        result["compressed"] = compressed  # what the network is: criterion, sparsity, bit widths
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -145,7 +148,8 @@ def cmd_compress(args) -> int:
 
     from jpq_core.curve import LearningCurve
     from jpq_core.models import load_network, task_of
-    from jpq_core.pipeline import CHECKPOINT_EVERY, CompressionConfig, compress, save_compressed
+    from jpq_core.finetuning import CHECKPOINT_EVERY
+    from jpq_core.pipeline import CompressionConfig, compress, save_compressed
     from jpq_core.tasks import make_task
 
     _set_threads(args.threads)
@@ -294,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score a network (shipped or --checkpoint) on data")
     p.add_argument("--network", default="stereo")
-    p.add_argument("--checkpoint", help="your own .safetensors or .pt state dict (loaded as weights only)")
+    p.add_argument("--checkpoint", help="your own .safetensors or .pt state dict (loaded as weights only), or a "
+                   "compressed network saved by `compress --save` or a sweep (with its .json)")
     add_data_args(p, "middlebury")
     p.set_defaults(func=cmd_evaluate)
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from jpq_core.criteria import prunable_layers
+from jpq_core.layers import prunable_layers
 
 FLOAT_BITS = 32
 INDEX_WIDTHS = range(2, 9)  # relative-index widths a CSR layer may use (the cheapest is taken)

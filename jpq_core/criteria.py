@@ -12,7 +12,8 @@ recomputes gradients. With g_b = dL/dw on calibration batch b (b = 1..B) and w t
     mean_g_sq   = 1/B sum_b g_b^2             mean_g_abs = 1/B sum_b |g_b|
 
 Channel-level criteria, which must score coupled channels (residual adds, shared layers) together, live in
-`jpq_core.channels`; `get_criterion` returns either kind by name.
+`jpq_core.channels`; both implement `jpq_core.criterion.Criterion`, and `jpq_core.registry.get_criterion`
+returns either kind by name.
 """
 
 from __future__ import annotations
@@ -21,18 +22,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
+
+from jpq_core.compressed import effective_weights, raw_weight
+from jpq_core.criterion import Criterion
+from jpq_core.errors import JPQError
+from jpq_core.layers import prunable_layers
+from jpq_core.pruning import make_masks
 
 Scores = dict[str, torch.Tensor]
-
-
-def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every convolution and linear layer, by module name, in forward-definition order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
-def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: m.weight.detach() for name, m in prunable_layers(model).items()}
 
 
 @dataclass
@@ -62,8 +59,7 @@ def gather_gradient_stats(model: nn.Module, batches, loss_fn, progress=None) -> 
         for name, m in layers.items():
             # On a compressed layer the gradient lands on the raw parameter; through the straight-through
             # estimator it equals the gradient of the effective weight wherever that weight is kept.
-            param = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
-            g, w = param.grad.detach(), m.weight.detach()
+            g, w = raw_weight(m).grad.detach(), m.weight.detach()
             gw = g * w
             acc["gw_abs"][name] += gw.abs()
             acc["gw_sq"][name] += gw**2
@@ -77,18 +73,21 @@ def gather_gradient_stats(model: nn.Module, batches, loss_fn, progress=None) -> 
     return GradientStats(mean["gw_abs"], mean["gw_sq"], mean["g_sq"], mean["g_abs"], len(batches))
 
 
-class Criterion:
-    """Shared interface. `level` is "weight" or "channel"; `needs_gradients` says whether `stats` is used."""
+class WeightCriterion(Criterion):
+    """A criterion that scores every weight: `scores(weights, stats)` -> {layer: score per weight}; the masks
+    keep the highest scores (`jpq_core.pruning.make_masks`)."""
 
-    name = "criterion"
     level = "weight"
-    needs_gradients = False
 
     def scores(self, weights: Scores, stats: GradientStats | None = None) -> Scores:
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        return self.name
+    def masks(self, model, sparsity, stats=None, *, groups=None, protect=frozenset(), allocation="global"):
+        if allocation == "sensitivity":
+            raise JPQError("sensitivity allocation needs a scan; compress() runs one (see jpq_core.sensitivity).")
+        weights = {k: v.detach().cpu().clone() for k, v in effective_weights(model).items()}  # where stats are
+        scores = self.scores(weights, stats)
+        return make_masks(scores, {k: w.shape for k, w in weights.items()}, sparsity, allocation, protect)
 
 
 def _normalise_per_layer(scores: Scores) -> Scores:
@@ -99,7 +98,7 @@ def _normalise_per_layer(scores: Scores) -> Scores:
 # ---- weight level ------------------------------------------------------------------------------------
 
 
-class Magnitude(Criterion):
+class Magnitude(WeightCriterion):
     """|w| (Han et al., NeurIPS 2015, "Learning both Weights and Connections")."""
 
     name = "magnitude"
@@ -108,7 +107,7 @@ class Magnitude(Criterion):
         return {k: w.abs() for k, w in weights.items()}
 
 
-class Taylor(Criterion):
+class Taylor(WeightCriterion):
     """First-order Taylor estimate of the loss change when w is removed (Molchanov et al., ICLR 2017 and
     CVPR 2019): form "abs" = mean_b |g_b * w|, form "square" = mean_b (g_b * w)^2. With `normalise`, each
     layer's scores are divided by their L2 norm (the 2017 paper); without, all layers are pooled as in
@@ -129,7 +128,7 @@ class Taylor(Criterion):
         return _normalise_per_layer(s) if self.normalise else s
 
 
-class Fisher(Criterion):
+class Fisher(WeightCriterion):
     """Optimal Brain Damage with the empirical diagonal Fisher as Hessian (LeCun et al., 1990):
     0.5 * E[g^2] * w^2."""
 
@@ -140,7 +139,7 @@ class Fisher(Criterion):
         return {k: 0.5 * stats.mean_g_sq[k] * w**2 for k, w in weights.items()}
 
 
-class SNIP(Criterion):
+class SNIP(WeightCriterion):
     """Connection sensitivity |g * w| normalised to sum 1 over the network (Lee et al., ICLR 2019)."""
 
     name = "snip"
@@ -151,7 +150,7 @@ class SNIP(Criterion):
         return {k: stats.mean_gw_abs[k] / total for k in weights}
 
 
-class GradientMagnitude(Criterion):
+class GradientMagnitude(WeightCriterion):
     """mean_b |g_b|: a weak baseline that shows why the weight factor in Taylor matters."""
 
     name = "gradient"
@@ -161,7 +160,7 @@ class GradientMagnitude(Criterion):
         return {k: stats.mean_g_abs[k].clone() for k in weights}
 
 
-class Random(Criterion):
+class Random(WeightCriterion):
     """Uniform random scores: the baseline every criterion must beat. Deterministic in `seed`."""
 
     def __init__(self, seed: int = 0):
@@ -171,30 +170,3 @@ class Random(Criterion):
     def scores(self, weights, stats=None):
         g = torch.Generator().manual_seed(self.seed)
         return {k: torch.rand(w.shape, generator=g) for k, w in weights.items()}
-
-
-WEIGHT_CRITERIA = {
-    "magnitude": Magnitude,
-    "taylor": lambda: Taylor("abs"),
-    "taylor-abs": lambda: Taylor("abs"),
-    "taylor-square": lambda: Taylor("square"),
-    "taylor-abs-norm": lambda: Taylor("abs", normalise=True),
-    "taylor-square-norm": lambda: Taylor("square", normalise=True),
-    "fisher": Fisher,
-    "snip": SNIP,
-    "gradient": GradientMagnitude,
-    "random": Random,
-}
-
-
-def get_criterion(name: str):
-    """A weight-level criterion (this module) or a channel-level one (`jpq_core.channels`) by name."""
-    from jpq_core.channels import GROUP_CRITERIA
-    from jpq_core.errors import JPQError
-
-    if name in WEIGHT_CRITERIA:
-        return WEIGHT_CRITERIA[name]()
-    if name in GROUP_CRITERIA:
-        return GROUP_CRITERIA[name]()
-    raise JPQError(f"unknown criterion {name!r}; weight level: {', '.join(WEIGHT_CRITERIA)}; "
-                   f"channel level: {', '.join(GROUP_CRITERIA)}.")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from jpq_core.data.stereo_types import StereoSample
-from jpq_core.metrics import stereo_metrics, top1
+from jpq_core.metrics import confusion_matrix, stereo_metrics, top1
 
 
 def _as_tensor(img: np.ndarray) -> torch.Tensor:
@@ -39,6 +39,15 @@ def classifier_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: 
 def evaluate_classifier(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """{'top1', 'samples'} of a classifier on a tensor dataset."""
     return {"top1": top1(classifier_logits(model, images), labels.numpy()), "samples": int(len(labels))}
+
+
+def classifier_summary(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """What the Classifier page shows: top-1, predicted classes, the confusion matrix over every class the
+    network outputs, and the indices of the mistakes."""
+    predicted = logits.argmax(1)
+    classes = logits.shape[1]
+    return {"top1": top1(logits, labels), "predicted": predicted, "classes": classes,
+            "confusion": confusion_matrix(predicted, labels, classes), "mistakes": np.flatnonzero(predicted != labels)}
 
 
 def stereo_comparison(model: torch.nn.Module, sample: StereoSample) -> dict:

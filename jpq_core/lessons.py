@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from jpq_core.costs import FLOAT_BITS, layer_cost
-from jpq_core.criteria import Magnitude, Taylor, layer_weights, prunable_layers
+from jpq_core.criteria import Magnitude, Taylor
+from jpq_core.layers import first_and_last, layer_weights, prunable_layers
 from jpq_core.errors import JPQError
 from jpq_core.pruning import make_masks
 from jpq_core.quantization import quantize_weight, ste, uniform_params
@@ -124,7 +125,6 @@ def zero_point_lesson(model, sparsity: float, bits: int, images, labels, geometr
     Returns per variant ("exact zero", "no zero point"): "nonzero" share of all weights, "loss"/"top1" on the
     images, "memory_bits" (weights, from `jpq_core.costs`), "macs"; plus "pruned_share" and per layer the
     value a pruned weight comes back as ("zero_value", layer -> float)."""
-    from jpq_core.pruning import first_and_last
 
     if not 3 <= bits <= 8:
         raise JPQError(f"this lesson uses uniform grids of 3 to 8 bits, not {bits}.")
@@ -228,3 +228,44 @@ def dominators(xs, ys, i: int, x_lower_is_better: bool = True, y_lower_is_better
     x, y = sx * xs[i], sy * ys[i]
     return [j for j, (a, b) in enumerate(zip(xs, ys))
             if sx * a <= x and sy * b <= y and (sx * a < x or sy * b < y)]
+
+
+class Lessons:
+    """The Learn page's lessons on one classifier: what they share computed once (the gradient statistics
+    `compress` would use, layer geometry, `held_out` test images for the loss), each lesson's result kept
+    (the last 64 per lesson) and handed out as a copy, so callers may change what they get."""
+
+    def __init__(self, model, task, held_out: int = 192):
+        from jpq_core.analysis import calibration_stats
+        from jpq_core.costs import layer_geometry
+
+        self.model = model
+        self.stats = calibration_stats(model, task)
+        self.geometry = layer_geometry(model, task.example_inputs())
+        self.images, self.labels = task.test_x[:held_out], task.test_y[:held_out]
+        self.layers = list(layer_weights(model))
+        self._kept = {}
+
+    def _remember(self, key, compute):
+        if key not in self._kept:
+            if len(self._kept) >= 4 * 64:  # four lessons, 64 results each on average
+                self._kept.pop(next(iter(self._kept)))
+            self._kept[key] = compute()
+        return copy.deepcopy(self._kept[key])
+
+    def prune_layer(self, layer: str, sparsity: float) -> dict:
+        return self._remember(("prune", layer, sparsity), lambda: prune_layer_lesson(
+            self.model, self.stats, layer, sparsity, self.images, self.labels))
+
+    def quantize(self, layer: str, bits: int, symmetric: bool) -> dict:
+        return self._remember(("quantize", layer, bits, symmetric), lambda: quantization_lesson(
+            layer_weights(self.model)[layer], bits, symmetric))
+
+    def zero_point(self, sparsity: float, bits: int) -> dict:
+        return self._remember(("zero_point", sparsity, bits), lambda: zero_point_lesson(
+            self.model, sparsity, bits, self.images, self.labels, self.geometry))
+
+    def memory(self, layer: str, sparsities: tuple, bits: tuple) -> pd.DataFrame:
+        return self._remember(("memory", layer, tuple(sparsities), tuple(bits)), lambda: memory_lesson(
+            self.model, layer, self.geometry, sparsities, bits))
+

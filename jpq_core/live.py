@@ -24,14 +24,15 @@ import numpy as np
 import torch
 
 from jpq_core.costs import layer_geometry, network_cost
-from jpq_core.criteria import get_criterion, prunable_layers
+from jpq_core.compressed import attach, current_masks
+from jpq_core.compression import compress_without_training, gradient_stats, trace_groups
 from jpq_core.data.stereo_types import StereoSample
 from jpq_core.errors import JPQError
 from jpq_core.evaluation import classifier_logits, predict_disparity
 from jpq_core.metrics import confusion_matrix, stereo_metrics, top1
 from jpq_core.models import task_of
-from jpq_core.pipeline import (CompressionConfig, add_activation_quantizers, attach, calibrate_activations,
-                               gradient_stats, prune_masks)
+from jpq_core.pipeline import CompressionConfig
+from jpq_core.registry import get_criterion
 from jpq_core.pruning import sparsity_of
 from jpq_core.tasks import StereoTask, make_task
 
@@ -164,8 +165,9 @@ class _FixedBatches:
 class LiveNetwork:
     """A dense network ready for live compression, with everything that does not depend on the sliders cached."""
 
-    def __init__(self, network: str, model: torch.nn.Module, data: str | None = None):
+    def __init__(self, network: str, model: torch.nn.Module, data: str | None = None, compressed_from: dict | None = None):
         self.network = network
+        self.compressed_from = compressed_from  # what the starting weights are when they come from a compressed network
         self.task = make_task(network, data)
         self.dense = model.eval()
         for p in self.dense.parameters():
@@ -175,7 +177,7 @@ class LiveNetwork:
         self.calibration_task = _FixedBatches(source, list(source.batches(1, seed=17)))
         self._lock = threading.Lock()
         self._stats: dict[str, object] = {}
-        self._groups = None
+        self._groups: dict[bool, list] = {}
         self._geometry = None
 
     @property
@@ -190,20 +192,22 @@ class LiveNetwork:
             return self._geometry
 
     def groups(self, protect_first_last: bool):
-        from jpq_core.channels import channel_groups
-
+        """Coupled channel groups, traced once per setting of `protect_first_last` (it decides which are prunable)."""
         with self._lock:
-            if self._groups is None:
-                ignored = [next(iter(prunable_layers(self.dense)))] if protect_first_last else []
-                self._groups = channel_groups(self.dense, self.task.trace_inputs(), ignored_layers=ignored)
-            return self._groups
+            if protect_first_last not in self._groups:
+                self._groups[protect_first_last] = trace_groups(self.dense, self.task, protect_first_last)
+            return self._groups[protect_first_last]
+
+    def groups_for(self, config: LiveConfig):
+        """The channel groups the configuration's criterion removes channels by (None for weight criteria)."""
+        return self.groups(config.protect_first_last) if get_criterion(config.criterion).level == "channel" else None
 
     def stats(self, config: LiveConfig, progress=None):
         """The criterion's statistics of the dense network (None for criteria that need weights only)."""
         criterion = get_criterion(config.criterion)
         if not criterion.needs_gradients:
             return None
-        groups = self.groups(config.protect_first_last) if criterion.level == "channel" else None
+        groups = self.groups_for(config)
         key = self._stats_key(config)
         with self._lock:
             if key not in self._stats:
@@ -217,14 +221,9 @@ class LiveNetwork:
 
     @staticmethod
     def _stats_key(config: LiveConfig) -> str:
-        return "weight" if get_criterion(config.criterion).level == "weight" else config.criterion
-
-    def masks(self, config: LiveConfig, progress=None) -> dict[str, torch.Tensor]:
-        criterion = get_criterion(config.criterion)
-        groups = self.groups(config.protect_first_last) if criterion.level == "channel" else None
-        stats = self.stats(config, progress)
-        model = attach(copy.deepcopy(self.dense), None, None)
-        return prune_masks(model, self.task, config.compression_config(), config.sparsity, stats, groups)
+        # Weight statistics serve every weight criterion; channel statistics are per criterion and per group
+        # tracing, which protect_first_last changes.
+        return "weight" if get_criterion(config.criterion).level == "weight" else f"{config.criterion}:{config.protect_first_last}"
 
     def evaluate(self, model: torch.nn.Module, sample: StereoSample | None = None) -> Evaluation:
         """Metrics of `model`: on `sample` (stereo; default the task's evaluation pair) or the test split.
@@ -256,19 +255,13 @@ class LiveNetwork:
                            "needs a scan of every layer and is available from the CLI (`compress --allocation sensitivity`).")
         timings = {}
         t = time.perf_counter()
-        self.stats(config, progress)
+        stats = self.stats(config, progress)
         timings["scores"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        masks = self.masks(config)
-        net = attach(copy.deepcopy(self.dense), masks, config.wbits)
-        timings["masks"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        if config.abits is not None:
-            add_activation_quantizers(net, config.abits, config.calibration)
-            calibrate_activations(net, self.calibration_task, batches=1, seed=0)  # seed unused: fixed batch
-        timings["calibrate"] = time.perf_counter() - t
+        net = compress_without_training(self.dense, self.task, config.compression_config(), stats=stats,
+                                        groups=self.groups_for(config),
+                                        calibration_task=self.calibration_task, calibration_batches=1, timings=timings)
+        masks = current_masks(net)
 
         evaluation = self.evaluate(net.eval(), sample)
         timings["evaluate"] = evaluation.seconds

@@ -1,10 +1,7 @@
 """The compression pipeline: score, prune, quantize, fine-tune; in the order a pipeline names.
 
-A compressed network is the original network with, on every convolution and linear layer:
-- a weight parametrization w_eff = Q(w * mask) (torch.nn.utils.parametrize), Q = weight quantizer with a
-  straight-through estimator, so the same module serves evaluation, masked fine-tuning and QAT, and a
-  pruned weight is exactly zero in every forward pass;
-- an input activation quantizer (forward pre-hook), calibrated on training data.
+The compressed network it works on (masks and quantizers on every convolution and linear layer) is
+`jpq_core.compressed`'s.
 
 Pipelines, all with the same total fine-tuning budget of `steps`:
     prune-only          prune -> fine-tune
@@ -12,10 +9,8 @@ Pipelines, all with the same total fine-tuning budget of `steps`:
     prune-then-quantize prune -> fine-tune (steps/2) -> quantize -> QAT (steps/2)      (the paper's two stages)
     quantize-then-prune quantize -> QAT (steps/2) -> prune (scores of the quantized net) -> fine-tune (steps/2)
     joint               quantize, then prune gradually (AGP) during QAT over all steps
-Fine-tuning modes: none, masked (task loss), distill (task loss + the dense network's own outputs as soft
-targets), distill-cost (stereo: task loss + KL divergence to the dense network's distribution over disparity
-shifts in the cost volume), regrow (masked, plus RigL-style mask updates: drop the smallest kept weights, grow
-the pruned ones with the largest gradient; Evci et al. 2020).
+Fine-tuning modes (none, masked, distill, distill-cost, regrow) and the training loop are `jpq_core.finetuning`'s;
+a pipeline with nothing to fine-tune is `jpq_core.compression.compress_without_training`.
 """
 
 from __future__ import annotations
@@ -31,19 +26,19 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
-from jpq_core.channels import channel_groups, channel_masks, gather_group_stats
+from jpq_core.compressed import (activation_bits, add_activation_quantizers, attach, calibrate_activations, current_masks,
+                                 effective_state_dict, effective_weights, layer_bits)
+from jpq_core.compression import compress_without_training, gradient_stats, layer_widths, prune_masks, trace_groups
 from jpq_core.costs import layer_geometry, network_cost
-from jpq_core.criteria import get_criterion, prunable_layers
 from jpq_core.errors import JPQError
-from jpq_core.pruning import agp_sparsity, check_sparsity, first_and_last, make_masks, sparsity_of
-from jpq_core.score_cache import cached_gradient_stats
-from jpq_core.quantization import (ACTIVATION_BITS, ActivationQuantizer, check_bits, learned_step_quantize,
-                                   quantize_weight, step_bound, ste)
+from jpq_core.finetuning import FINETUNE_MODES, finetune, get_mode
+from jpq_core.layers import first_and_last, prunable_layers
+from jpq_core.pruning import agp_sparsity, check_sparsity, sparsity_of
+from jpq_core.quantization import ACTIVATION_BITS, check_bits
+from jpq_core.registry import get_criterion
 
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint", "prune-only", "quantize-only")
-FINETUNE_MODES = ("none", "masked", "distill", "distill-cost", "regrow")
 SCHEDULES = ("oneshot", "iterative", "gradual")
 LR_SCHEDULES = ("constant", "cosine", "constant-decay")
 ALLOCATIONS = ("global", "uniform", "sensitivity")
@@ -87,11 +82,8 @@ class CompressionConfig:
             raise JPQError(f"unknown pipeline {self.pipeline!r}; choose one of: {', '.join(PIPELINES)}.")
         if self.finetune not in FINETUNE_MODES:
             raise JPQError(f"unknown fine-tuning mode {self.finetune!r}; choose one of: {', '.join(FINETUNE_MODES)}.")
-        from jpq_core.models import task_of
-
-        if self.finetune == "distill-cost" and task_of(self.network) != "stereo":
-            raise JPQError("distill-cost distils the stereo network's cost volume; for a classifier use distill, "
-                           "which already matches the dense network's class probabilities.")
+        if self.finetune != "none":
+            get_mode(self.finetune).check(self.network)
         if self.steps < 0:
             raise JPQError("steps must be 0 or more.")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -110,131 +102,6 @@ class CompressionConfig:
             raise JPQError("learned step sizes (LSQ) are for the symmetric weight grid; leave out the asymmetric "
                            "option or the learned step.")
         return self
-
-
-class MaskedQuantizedWeight(nn.Module):
-    """Parametrization w -> Q(w * mask) with a straight-through estimator for Q; with a learned step (LSQ,
-    symmetric 3-16 bits), Q uses it as its scale, capped at max|w| / qmax.
-
-    The step is learned as its logarithm, `log_step`: Adam's updates do not depend on the gradient's scale, so
-    a step learned directly would move by about the learning rate per update (1e-3 against steps of 1e-3 to
-    1e-1: measured, ResNet-20 at 4 bits lost 10.6 points of top-1 that way); its logarithm moves by about
-    0.1% of the step per update."""
-
-    def __init__(self, mask: torch.Tensor, bits, symmetric: bool, per_channel: bool):
-        super().__init__()
-        self.register_buffer("mask", mask.clone())
-        self.bits, self.symmetric, self.per_channel = bits, symmetric, per_channel
-        self.register_parameter("log_step", None)
-        self._step_bits = None
-        self.dense_grad: torch.Tensor | None = None  # filled when regrowth asks for it
-
-    def forward(self, w):
-        masked = w * self.mask
-        if masked.requires_grad and self.dense_grad is not None:
-            masked.register_hook(self._keep_grad)
-        if self.bits is None:
-            return masked
-        if self.log_step is not None:
-            return learned_step_quantize(masked, self.log_step.exp(), self.bits, self.per_channel)
-        return ste(masked, quantize_weight(masked.detach(), self.bits, self.symmetric, self.per_channel))
-
-    def learn_step(self, weight: torch.Tensor, learned: bool) -> None:
-        """Give this layer a learned step, starting at min/max's (kept while the width stays), or take it away."""
-        if not (learned and self.bits is not None and self.bits >= 3 and self.symmetric):
-            self.log_step = None
-        else:
-            bound = step_bound(weight * self.mask, self.bits, self.per_channel)
-            if self.log_step is None or self._step_bits != self.bits or self.log_step.shape != bound.shape:
-                self.log_step = nn.Parameter(bound.log())
-        self._step_bits = self.bits
-
-    @torch.no_grad()
-    def project_step(self, weight: torch.Tensor) -> None:
-        """Keep the learned step at or below its bound after an optimiser step (projected gradient descent):
-        above it the cap would hide the step from its gradient and it could drift up for good."""
-        if self.log_step is not None:
-            bound = step_bound(weight * self.mask, self.bits, self.per_channel)
-            self.log_step.copy_(torch.minimum(self.log_step, bound.log()))
-
-    def _keep_grad(self, g):
-        self.dense_grad += g.detach().abs()
-
-
-def _transform(layer) -> MaskedQuantizedWeight:
-    return layer.parametrizations.weight[0]
-
-
-def bits_for(spec, name):
-    """Bit width of layer `name` from one width for all layers or a {layer: width} dict."""
-    return spec.get(name) if isinstance(spec, dict) else spec
-
-
-def attach(model: nn.Module, masks: dict | None, wbits, symmetric=True, per_channel=True, learned_step=False) -> nn.Module:
-    """Give every prunable layer its mask and weight quantizer (replacing earlier ones).
-
-    `wbits` is one width for all layers or {layer: width}; None means float. `learned_step`: layers at
-    3-16 bits learn their step (LSQ); a step already learned is kept while the layer's width stays.
-    """
-    for name, layer in prunable_layers(model).items():
-        mask = masks[name] if masks is not None else torch.ones_like(layer.weight, dtype=torch.bool)
-        bits = bits_for(wbits, name)
-        if parametrize.is_parametrized(layer, "weight"):
-            t = _transform(layer)
-            t.mask.copy_(mask)
-            t.bits, t.symmetric, t.per_channel = bits, symmetric, per_channel
-        else:
-            parametrize.register_parametrization(layer, "weight", MaskedQuantizedWeight(mask, bits, symmetric, per_channel))
-        _transform(layer).learn_step(layer.parametrizations.weight.original, learned_step)
-    return model
-
-
-def project_steps(model: nn.Module) -> None:
-    """Cap every learned step at its bound (after each optimiser step)."""
-    for layer in prunable_layers(model).values():
-        if parametrize.is_parametrized(layer, "weight"):
-            _transform(layer).project_step(layer.parametrizations.weight.original)
-
-
-def current_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: _transform(l).mask.clone() for n, l in prunable_layers(model).items() if parametrize.is_parametrized(l, "weight")}
-
-
-def add_activation_quantizers(model: nn.Module, abits, method: str = "minmax") -> nn.Module:
-    """Put an (uncalibrated) input quantizer on every prunable layer; `abits` one width or {layer: width}."""
-    for name, layer in prunable_layers(model).items():
-        bits = bits_for(abits, name)
-        if hasattr(layer, "input_quantizer"):
-            layer.input_quantizer.reset(bits, method)
-        else:
-            layer.input_quantizer = ActivationQuantizer(bits, method)
-            layer.register_forward_pre_hook(lambda mod, args: (mod.input_quantizer(args[0]), *args[1:]))
-    return model
-
-
-def calibrate_activations(model: nn.Module, task, batches: int, seed: int) -> nn.Module:
-    """Run training batches through the network and fix every input quantizer's range."""
-    model.eval()
-    with torch.inference_mode():
-        for batch in task.batches(batches, seed=seed + 17):
-            task.predict(model, batch)
-    for layer in prunable_layers(model).values():
-        if layer.input_quantizer.bits is not None:
-            layer.input_quantizer.finish_calibration()
-        else:
-            layer.input_quantizer.samples.clear()
-            layer.input_quantizer.calibrating = False
-    return model
-
-
-def effective_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the plain network that computes what `model` computes: each parametrized weight
-    replaced by its effective (masked, quantized) value. (Removing parametrizations from a deep copy is no
-    option: the copy shares its parametrized class with the original and would break it.)"""
-    state = {k: v for k, v in model.state_dict().items() if ".parametrizations.weight." not in k}
-    for name, layer in prunable_layers(model).items():
-        state[f"{name}.weight"] = layer.weight.detach().clone()
-    return state
 
 
 # Options added after rows and run states were saved: at its default, such an option is left out of a
@@ -260,138 +127,12 @@ class _Budget:
         return n
 
 
-def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=None, on_step=None, progress=None,
-             lr_schedule: str = "constant", start: int = 0, opt_state=None, checkpoint=None, device="cpu"):
-    """Fine-tune the parametrized model in place for `steps` steps.
-
-    `on_step(step, steps)` runs before each step (gradual pruning uses it); regrowth updates the masks
-    every 25 steps; `progress(i, n)` is told after each step. `lr_schedule` "cosine" warms up over the first
-    5% of the steps (at most 50; Adam's fresh moments make the first steps large) and decays to zero;
-    "constant-decay" holds the rate, then decays it to zero over the last 20% of the steps.
-    To continue an interrupted stage: `start` (steps already done) and `opt_state` (the optimiser's state
-    then). `checkpoint(done, optimizer)` is called every CHECKPOINT_EVERY steps and after the last one.
-    `device`: where the steps run (model, teacher and batches are moved there, and the model back to the CPU
-    at the end, where the rest of the pipeline runs).
-    """
-    from jpq_core.training import constant_decay_lr, cosine_lr
-
-    if mode == "none" or steps == 0:
-        return model
-    model.to(device).train()
-    if teacher is not None:
-        teacher.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    layers = prunable_layers(model)
-    regrow_every = 25
-    if mode == "regrow":
-        for layer in layers.values():
-            _transform(layer).dense_grad = torch.zeros_like(_transform(layer).mask, dtype=torch.float32)
-    if progress and start:
-        progress(start, steps)
-    for step, batch in enumerate(task.batches(steps, seed=seed, start=start), start=start):
-        batch = tuple(b.to(device) for b in batch)
-        if on_step:
-            on_step(step, steps)
-        if lr_schedule == "cosine":
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(lr, step, steps, warmup=min(50, max(1, steps // 20)))
-        elif lr_schedule == "constant-decay":
-            for group in opt.param_groups:
-                group["lr"] = constant_decay_lr(lr, step, steps)
-        if mode == "distill":
-            with torch.no_grad():
-                target = task.predict(teacher, batch)
-            loss = task.distill_loss(model, target, batch)
-        elif mode == "distill-cost":
-            loss = task.cost_distill_loss(model, teacher, batch)
-        else:
-            loss = task.loss(model, batch)
-        if not torch.isfinite(loss):  # Adam would spread the NaN to every weight and the report would show NaN
-            raise JPQError(f"fine-tuning diverged at step {step + 1} of {steps} (the loss became {loss.item()}); "
-                           f"lower the learning rate (it was {lr:g}) or use fewer steps.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        project_steps(model)
-        if mode == "regrow" and (step + 1) % regrow_every == 0 and step + 1 < steps:
-            _regrow(layers, drop_fraction=0.3 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        if progress:
-            progress(step + 1, steps)
-        if checkpoint and ((step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps):
-            checkpoint(step + 1, opt)
-    if mode == "regrow":
-        for layer in layers.values():
-            _transform(layer).dense_grad = None
-    if teacher is not None:
-        teacher.cpu()
-    return model.cpu().eval()
-
-
-@torch.no_grad()
-def _regrow(layers, drop_fraction: float) -> None:
-    """RigL update per layer: drop the kept weights of smallest |w|, grow as many pruned weights with the
-    largest accumulated |gradient|, starting at zero. The layer's sparsity is unchanged."""
-    for layer in layers.values():
-        t = _transform(layer)
-        mask, w = t.mask, layer.parametrizations.weight.original
-        kept = int(mask.sum())
-        n = int(drop_fraction * kept)
-        if n == 0 or kept == mask.numel():
-            t.dense_grad.zero_()
-            continue
-        drop_score = torch.where(mask, w.abs(), torch.full_like(w, float("inf")))
-        drop = torch.topk(drop_score.flatten(), n, largest=False).indices
-        grow_score = torch.where(mask, torch.full_like(w, -1.0), t.dense_grad)
-        grow = torch.topk(grow_score.flatten(), n).indices
-        flat = mask.flatten()
-        flat[drop] = False
-        flat[grow] = True
-        w.view(-1)[grow] = 0.0
-        t.dense_grad.zero_()
-
-
-def prune_masks(model, task, config: CompressionConfig, sparsity: float, stats=None, groups=None, progress=None,
-                allocation=None):
-    """Masks for `sparsity` from the config's criterion, computed on the model as it is now.
-
-    Weight-level criteria score every weight; channel-level ones score the coupled channel `groups`
-    (from `jpq_core.channels.channel_groups`) and remove whole channels. `stats` are reused when given;
-    `allocation` (a per-layer sparsity dict) overrides the config's.
-    """
-    criterion = get_criterion(config.criterion)
-    if criterion.needs_gradients and stats is None:
-        stats = gradient_stats(model, task, config, criterion, groups, progress)
-    if criterion.level == "channel":
-        return channel_masks(model, groups, criterion.group_scores(model, groups, stats), sparsity)
-    weights = {k: v.detach().cpu().clone() for k, v in _effective_weights(model).items()}  # where stats are
-    scores = criterion.scores(weights, stats)
-    protect = first_and_last(model) if config.protect_first_last else set()
-    if allocation is None and config.allocation == "sensitivity":
-        raise JPQError("sensitivity allocation needs a scan; compress() runs one (see jpq_core.sensitivity).")
-    return make_masks(scores, {k: w.shape for k, w in weights.items()}, sparsity, allocation or config.allocation, protect)
-
-
-def gradient_stats(model, task, config: CompressionConfig, criterion, groups=None, progress=None):
-    """One pass over the calibration batches: per-weight statistics, or per-channel ones for channel criteria."""
-    if criterion.level == "channel":
-        return gather_group_stats(model, groups, task.batches(config.calibration_batches, seed=config.seed + 1), task.loss, progress)
-    return cached_gradient_stats(model, task, config.calibration_batches, config.seed + 1, progress=progress)
-
-
-def _effective_weights(model):
-    return {n: l.weight.detach() for n, l in prunable_layers(model).items()}
-
-
-CHECKPOINT_EVERY = 100  # fine-tuning steps between saves of a run's state (a stereo step: 1-3 s on one core)
 
 
 class RunState:
     """A compression run's progress in one file, so that an interrupted run goes on where it stopped.
 
-    Saved (atomically) every CHECKPOINT_EVERY fine-tuning steps and at the end of each fine-tuning stage:
+    Saved (atomically) every `jpq_core.finetuning.CHECKPOINT_EVERY` fine-tuning steps and at the end of each fine-tuning stage:
     the stage and step reached, the network's state (weights, masks, activation ranges, batch-norm
     statistics) and the optimiser's. `compress` started again with the same file, configuration, task data
     and starting network replays the pipeline's structural steps, skips the fine-tuning stages already done,
@@ -462,17 +203,23 @@ class _Run:
     def groups(self):
         """Coupled channel groups, traced once on the dense copy (same layer names as the compressed net)."""
         if self._groups is None:
-            ignored = [next(iter(prunable_layers(self.dense)))] if self.config.protect_first_last else []
-            self._groups = channel_groups(self.dense, self.task.trace_inputs(), ignored_layers=ignored)
+            self._groups = trace_groups(self.dense, self.task, self.config.protect_first_last)
         return self._groups
+
+    def groups_for(self, criterion):
+        """The channel groups a criterion removes channels by (None for weight criteria)."""
+        return self.groups if criterion.level == "channel" else None
+
+    def allocation_for(self, sparsity, criterion, stats=None):
+        """Per-layer sparsities from a sensitivity scan when the configuration asks for them (weight criteria)."""
+        if self.config.allocation == "sensitivity" and criterion.level == "weight":
+            return self.sensitivity_allocation(sparsity, criterion, stats)
+        return None
 
     def masks(self, sparsity, stats=None):
         criterion = get_criterion(self.config.criterion)
-        groups = self.groups if criterion.level == "channel" else None
-        allocation = None
-        if self.config.allocation == "sensitivity" and criterion.level == "weight":
-            allocation = self.sensitivity_allocation(sparsity, criterion, stats)
-        return prune_masks(self.net, self.task, self.config, sparsity, stats, groups, allocation=allocation,
+        return prune_masks(self.net, self.task, self.config, sparsity, stats, self.groups_for(criterion),
+                           allocation=self.allocation_for(sparsity, criterion, stats),
                            progress=lambda i, n: self.progress("scores", i, n))
 
     def sensitivity_allocation(self, sparsity, criterion, stats):
@@ -482,7 +229,7 @@ class _Run:
         if self.scan is None:
             if criterion.needs_gradients and stats is None:
                 stats = gradient_stats(self.net, self.task, self.config, criterion)
-            scores = criterion.scores({k: v.detach().clone() for k, v in _effective_weights(self.net).items()}, stats)
+            scores = criterion.scores({k: v.detach().clone() for k, v in effective_weights(self.net).items()}, stats)
             kept = current_masks(self.net)
             self.scan = sensitivity_scan(self.net, self.task, scores, set_masks=self.set_masks)
             self.set_masks(kept)
@@ -490,12 +237,15 @@ class _Run:
         protect = first_and_last(self.net) if self.config.protect_first_last else set()
         return allocate(self.scan, sizes, sparsity, protect)
 
-    def layer_bits(self, default, overrides):
-        names = list(prunable_layers(self.net))
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise JPQError(f"no layer named {', '.join(unknown)} in {self.config.network}; layers are: {', '.join(names)}.")
-        return {name: overrides.get(name, default) for name in names}
+    def without_training(self, recovery=None):
+        """The whole run when it has nothing to fine-tune between its stages: `compress_without_training`."""
+        c = self.config
+        criterion = get_criterion(c.criterion)
+        self.net = compress_without_training(self.dense, self.task, c, groups=self.groups_for(criterion),
+                                             allocation=self.allocation_for(c.sparsity, criterion), recovery=recovery,
+                                             progress=lambda i, n: self.progress("scores", i, n))
+        self.wbits = layer_widths(self.net, c.wbits, c.layer_wbits, c.network)
+        self.abits = layer_widths(self.net, c.abits, c.layer_abits, c.network)
 
     def set_masks(self, masks):
         attach(self.net, masks, self.wbits, self.config.symmetric, self.config.per_channel, self.config.learned_step)
@@ -527,8 +277,8 @@ class _Run:
 
     def quantize(self):
         c = self.config
-        self.wbits = self.layer_bits(c.wbits, c.layer_wbits)
-        self.abits = self.layer_bits(c.abits, c.layer_abits)
+        self.wbits = layer_widths(self.net, c.wbits, c.layer_wbits, c.network)
+        self.abits = layer_widths(self.net, c.abits, c.layer_abits, c.network)
         self.set_masks(current_masks(self.net))
         add_activation_quantizers(self.net, self.abits, c.calibration)
         calibrate_activations(self.net, self.task, c.calibration_batches, c.seed)
@@ -546,8 +296,7 @@ class _Run:
                 self.finetune(self.budget.take(1.0 if final and last else share / ITERATIVE_ROUNDS))
         else:  # gradual (AGP), scores gathered once so that the masks are nested as sparsity grows
             criterion = get_criterion(c.criterion)
-            groups = self.groups if criterion.level == "channel" else None
-            stats = gradient_stats(self.net, self.task, c, criterion, groups, lambda i, n: self.progress("scores", i, n)) \
+            stats = gradient_stats(self.net, self.task, c, criterion, self.groups_for(criterion), lambda i, n: self.progress("scores", i, n)) \
                 if criterion.needs_gradients else None
             steps = self.budget.take(1.0 if final else share)
             every = max(1, steps // 10)
@@ -575,16 +324,22 @@ def check_device(device) -> torch.device:
 
 
 def compress(model: nn.Module, task, config: CompressionConfig, progress=None, state=None,
-             device="cpu", curve=None) -> tuple[nn.Module, dict]:
+             device="cpu", curve=None, recovery=None) -> tuple[nn.Module, dict]:
     """Run the configured pipeline on a copy of `model`; returns (compressed model, report).
 
     `progress(stage, i, n)` is told about the gradient pass ("scores") and fine-tuning ("fine-tune").
     `state`: a file that keeps the run's progress (see `RunState`); a run interrupted with one continues when
     started again with it. `device`: where fine-tuning runs (see `check_device`); scores, masks, calibration,
     evaluation and costs stay on the CPU. `curve`: a `LearningCurve` that records the task's metrics every so many
-    steps of each fine-tuning stage.
+    steps of each fine-tuning stage. `recovery`: a one-shot recovery step for runs without fine-tuning (see
+    `jpq_core.compression.compress_without_training`).
     """
     config = config.check()
+    without_training = config.pipeline == "prune-then-quantize" and config.schedule == "oneshot" and \
+        (config.finetune == "none" or config.steps == 0)
+    if recovery is not None and not without_training:
+        raise JPQError("a recovery step stands in for fine-tuning: use it with the prune-then-quantize pipeline, a "
+                       "one-shot schedule and no fine-tuning (--finetune none).")
     device = check_device(device)
     gradual = config.schedule == "gradual" or config.pipeline == "joint"
     if device.type != "cpu" and gradual and (get_criterion(config.criterion).level == "channel" or config.allocation == "sensitivity"):
@@ -593,7 +348,9 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None, s
     torch.manual_seed(config.seed)
     run = _Run(model, task, config, progress, RunState(state, config, model, task) if state else None, device,
                curve)
-    if config.pipeline == "prune-only":
+    if without_training:  # nothing to fine-tune between the stages: the path the live view and the engine share
+        run.without_training(recovery)
+    elif config.pipeline == "prune-only":
         run.prune(1.0, config.schedule, final=True)
     elif config.pipeline == "quantize-only":
         run.quantize()
@@ -648,8 +405,8 @@ def save_compressed(net: nn.Module, path, report: dict) -> Path:
     baked = effective_state_dict(net)
     layers = prunable_layers(net)
     extra = {MASK_PREFIX + k: m.to(torch.uint8) for k, m in current_masks(net).items()}
-    wbits = {k: _transform(l).bits for k, l in layers.items()}
-    abits = {k: (l.input_quantizer.bits if hasattr(l, "input_quantizer") else None) for k, l in layers.items()}
+    wbits = {k: layer_bits(l) for k, l in layers.items()}
+    abits = {k: activation_bits(l) for k, l in layers.items()}
 
     class _WithMasks(nn.Module):  # save_checkpoint writes a module's state dict; add the masks to it
         def state_dict(self, *a, **kw):
@@ -720,3 +477,52 @@ def load_compressed(path) -> tuple[nn.Module, dict]:
     net.load_state_dict(fit_state_dict(net, weights, path))
     attach(net, {k: m != 0 for k, m in masks.items()}, side["layer_wbits"], cfg["symmetric"], cfg["per_channel"])
     return net.eval(), side
+
+
+def compressed_summary(side: dict) -> dict:
+    """What a compressed network saved by `save_compressed` is, from its sidecar: criterion, sparsity (achieved
+    and asked for), bit widths (the configuration's and the distinct per-layer ones), pipeline and fine-tuning."""
+    cfg = side.get("compression", {})
+
+    def distinct(widths: dict):
+        return sorted({w for w in widths.values()}, key=lambda w: (w is None, w or 0))
+
+    return {"criterion": cfg.get("criterion"), "sparsity": side.get("sparsity"), "target_sparsity": cfg.get("sparsity"),
+            "wbits": cfg.get("wbits"), "abits": cfg.get("abits"),
+            "layer_wbits": distinct(side.get("layer_wbits", {})), "layer_abits": distinct(side.get("layer_abits", {})),
+            "pipeline": cfg.get("pipeline"), "finetune": cfg.get("finetune"), "steps": cfg.get("steps")}
+
+
+def load_any(network: str, checkpoint=None) -> tuple[nn.Module, dict | None]:
+    """`network` from `checkpoint` (the shipped weights when None), whatever the project wrote there:
+
+    - a compressed network with its sidecar (`compress --save`, the sweeps): loaded by `load_compressed`, masks,
+      weight quantizers and activation ranges restored; returns (network, `compressed_summary`);
+    - a compressed network's weights without the sidecar (an upload of the .safetensors alone): its effective
+      (pruned, quantized) weights as a plain network, the activation quantizers left out, since their bit widths
+      are in the sidecar; returns (network, {"sparsity", "note"});
+    - plain weights: `jpq_core.models.load_network`; returns (network, None).
+    """
+    from jpq_core.checkpoints import fit_state_dict, read_sidecar, read_state_dict
+    from jpq_core.models import build_network, load_network
+
+    if checkpoint is None:
+        return load_network(network), None
+    path = Path(checkpoint)
+    if read_sidecar(path).get("compressed"):
+        net, side = load_compressed(path)
+        if side["config"]["network"] != network:
+            raise JPQError(f"{path}: is a compressed {side['config']['network']} network, not {network}; "
+                           f"give --network {side['config']['network']}.")
+        return net, compressed_summary(side)
+    state = read_state_dict(path)
+    masks = {k: v for k, v in state.items() if k.startswith(MASK_PREFIX)}
+    if not masks:
+        return load_network(network, path), None
+    weights = {k: v for k, v in state.items() if not k.startswith(MASK_PREFIX) and ".input_quantizer." not in k}
+    net = build_network(network).eval()
+    net.load_state_dict(fit_state_dict(net, weights, path))
+    kept = sum(int((m != 0).sum()) for m in masks.values())
+    return net, {"sparsity": 1.0 - kept / max(1, sum(m.numel() for m in masks.values())),
+                 "note": "a compressed network without its sidecar (.json): its pruned and quantized weights, "
+                         "activations in float; put the .json beside it for its bit widths and activation ranges."}

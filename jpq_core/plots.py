@@ -24,6 +24,24 @@ def rgb_figure(img: np.ndarray, title: str, height: int = 320) -> go.Figure:
     return _image_layout(fig, title, height)
 
 
+ERROR_LIMIT_PX = 10.0  # colour-bar top of error maps: 3 px (the bad-3 threshold) sits low on the scale
+
+
+def disparity_limit(ground_truth: np.ndarray | None, fallback: np.ndarray | None = None) -> float:
+    """The colour-bar top for disparity maps of one pair: 10% over the largest known ground-truth disparity,
+    or over the largest of `fallback` (a predicted map) when there is no ground truth."""
+    for disp in (ground_truth, fallback):
+        if disp is not None and np.isfinite(disp).any():
+            return float(np.nanmax(np.where(np.isfinite(disp), disp, np.nan))) * 1.1
+    raise ValueError("no finite disparity to scale the colours by")
+
+
+def error_map(disparity: np.ndarray, ground_truth: np.ndarray) -> np.ndarray:
+    """|disparity - ground truth| where the ground truth is known, NaN (drawn blank) elsewhere."""
+    known = np.isfinite(ground_truth)
+    return np.where(known, np.abs(disparity - np.where(known, ground_truth, 0.0)), np.nan)
+
+
 def disparity_figure(disp: np.ndarray, title: str, zmax: float, height: int = 320, error: bool = False) -> go.Figure:
     """A disparity (or error) map with a colour bar in pixels; unknown pixels are left blank."""
     z = np.where(np.isfinite(disp), disp, np.nan).astype(np.float32)

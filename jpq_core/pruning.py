@@ -18,10 +18,8 @@ import math
 import torch
 import torch.nn as nn
 
-from jpq_core.criteria import prunable_layers
 from jpq_core.errors import JPQError
-
-MAX_SPARSITY = 0.999
+from jpq_core.layers import prunable_layers
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -33,12 +31,6 @@ def check_sparsity(sparsity: float) -> float:
     if isinstance(sparsity, bool) or not 0.0 <= value < 1.0:  # NaN fails every comparison
         raise JPQError(f"sparsity must be in [0, 1), got {sparsity!r}; 0.95 removes 95% of the weights.")
     return value
-
-
-def first_and_last(model: nn.Module) -> set[str]:
-    """Names of the first and the last prunable layer, the usual candidates for protection."""
-    names = list(prunable_layers(model))
-    return {names[0], names[-1]} if names else set()
 
 
 def _prune_lowest(scores: list[torch.Tensor], count: int, reserved: list[torch.Tensor]) -> list[torch.Tensor]:

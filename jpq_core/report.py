@@ -19,7 +19,6 @@ import pandas as pd
 from jpq_core.checkpoints import atomic_write
 from jpq_core.sweeps import AXES, RESULTS, ROOT, checkpoint_dir, config_key, pareto_mask, primary_metric, read_rows
 
-FIGURES = ROOT / "docs" / "figures"
 CRITERIA = ("magnitude", "taylor", "taylor-square", "taylor-abs-norm", "fisher", "random")
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint")
 LOSS_LEVELS = (0.5, 2.0, 5.0, 10.0)

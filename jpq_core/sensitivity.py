@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from jpq_core.criteria import prunable_layers
+from jpq_core.compressed import attach
 from jpq_core.errors import JPQError
+from jpq_core.layers import prunable_layers
 from jpq_core.pruning import check_sparsity, make_masks
 
 SCAN_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -29,11 +30,9 @@ def metric_loss(metrics: dict, dense: dict, task) -> float:
 def sensitivity_scan(net, task, scores: dict, sparsities=None, set_masks=None, progress=None) -> dict:
     """{layer: [loss at each sparsity]} plus "sparsities" and "dense" metrics.
 
-    `net` must carry mask parametrizations (see `jpq_core.pipeline.attach`); `set_masks(masks)` installs
-    masks on it (defaults to the pipeline's). Masks are left all-ones at the end.
+    `net` must carry mask parametrizations (see `jpq_core.compressed.attach`); `set_masks(masks)` installs
+    masks on it (defaults to `attach`'s). Masks are left all-ones at the end.
     """
-    from jpq_core.pipeline import attach
-
     set_masks = set_masks or (lambda masks: attach(net, masks, None))
     sparsities = SCAN_SPARSITIES if sparsities is None else sparsities
     layers = prunable_layers(net)

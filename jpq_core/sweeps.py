@@ -60,7 +60,7 @@ def _as_list(v):
 
 def expand_grid(spec: dict, source: str = "grid") -> list[CompressionConfig]:
     """Every configuration of a parsed grid file, checked, without duplicates, in file order."""
-    from jpq_core.criteria import get_criterion
+    from jpq_core.registry import get_criterion
 
     blocks = spec.get("grid")
     if not isinstance(blocks, list) or not blocks:

@@ -57,6 +57,48 @@ def prefetched(make, count: int, depth: int = 2):
         stop.set()
 
 
+# ---- training from scratch (`jpq_core.training.train`; `cfg` is its TrainConfig) ---------------------------------
+
+
+class _StereoBatches(torch.utils.data.IterableDataset):
+    """Synthetic batches for steps start..total-1, rendered in a worker process."""
+
+    def __init__(self, cfg, start: int):
+        self.cfg, self.start = cfg, start
+
+    def __iter__(self):
+        c = self.cfg
+        for step in range(self.start, c.steps):
+            first = (c.seed * 10_000_000 + step * c.batch_size)
+            seeds = [scene_seed("train", first + i) for i in range(c.batch_size)]
+            yield tuple(torch.from_numpy(a) for a in make_batch(seeds, c.height, c.width, c.max_scene_disparity))
+
+
+def stereo_loss(outputs, gt: torch.Tensor, max_disparity: float) -> torch.Tensor:
+    """Smooth-L1 on the refined and (half-weighted) coarse disparity, over pixels with ground truth."""
+    full, coarse = outputs
+    valid = torch.isfinite(gt) & (gt < max_disparity)
+    target = gt[valid]
+    return F.smooth_l1_loss(full[valid], target) + 0.5 * F.smooth_l1_loss(coarse[valid], target)
+
+
+def _classifier_batches(cfg, images: torch.Tensor, labels: torch.Tensor, start: int):
+    """Shuffled mini-batches with random +-2 px translations; the order depends only on (seed, epoch)."""
+    n = len(images)
+    per_epoch = max(1, n // cfg.batch_size)
+    for step in range(start, cfg.steps):
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+        g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+        dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
+        batch = torch.roll(images[idx], shifts=(dy, dx), dims=(2, 3))
+        yield batch, labels[idx]
+
+
+# ---- the tasks -------------------------------------------------------------------------------------------------
+
+
 class StereoTask:
     name = "stereo"
     default_lr = 1e-3  # at 95% sparsity, 300 steps: bad-3 29.6% at 1e-3 vs 67% after 150 steps at 2e-4
@@ -124,6 +166,19 @@ class StereoTask:
         """Small inputs for tracing the network's structure (channel coupling)."""
         return torch.zeros(1, 3, 64, 128), torch.zeros(1, 3, 64, 128)
 
+    @staticmethod
+    def training_optimizer(model, cfg):
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    @staticmethod
+    def training_batches(cfg, start: int):
+        return torch.utils.data.DataLoader(_StereoBatches(cfg, start), batch_size=None, num_workers=1, prefetch_factor=4)
+
+    @staticmethod
+    def training_loss(model, batch):
+        left, right, gt = batch
+        return stereo_loss(model(left, right), gt, model.max_disparity)
+
     def evaluate(self, model) -> dict:
         if self._eval_samples is None:
             from jpq_core.data import stereo_eval_samples
@@ -177,10 +232,34 @@ class ClassificationTask:
     def evaluate(self, model) -> dict:
         return {"top1": evaluate_classifier(model, self.test_x, self.test_y)["top1"]}
 
+    @staticmethod
+    def training_optimizer(model, cfg):
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
 
-def make_task(network: str, data: str | None = None):
+    @staticmethod
+    def training_batches(cfg, start: int):
+        from jpq_core.data.classification import load_classification
+
+        images, labels = load_classification(cfg.data, "train")
+        return _classifier_batches(cfg, images, labels, start)
+
+    @staticmethod
+    def training_loss(model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+
+TASKS = {"stereo": StereoTask, "classification": ClassificationTask}
+
+
+def task_class(network: str):
+    """The task class of a network (what it is trained, compressed and evaluated on), without loading its data."""
     from jpq_core.models import task_of
 
-    if task_of(network) == "stereo":
+    return TASKS[task_of(network)]
+
+
+def make_task(network: str, data: str | None = None):
+    if task_class(network) is StereoTask:
         return StereoTask(eval_data=data or "middlebury")
     return ClassificationTask(data or "digits")

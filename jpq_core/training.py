@@ -15,13 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from jpq_core.checkpoints import atomic_write, save_checkpoint
-from jpq_core.data.synthetic_stereo import make_batch, scene_seed
 from jpq_core.errors import JPQError
 from jpq_core.models import build_network
+from jpq_core.tasks import task_class
 
 
 @dataclass
@@ -64,42 +63,6 @@ def constant_decay_lr(base: float, step: int, total: int, share: float = DECAY_S
     return 0.5 * base * (1 + math.cos(math.pi * (step - start) / decay))
 
 
-class _StereoBatches(torch.utils.data.IterableDataset):
-    """Synthetic batches for steps start..total-1, rendered in a worker process."""
-
-    def __init__(self, cfg: TrainConfig, start: int):
-        self.cfg, self.start = cfg, start
-
-    def __iter__(self):
-        c = self.cfg
-        for step in range(self.start, c.steps):
-            first = (c.seed * 10_000_000 + step * c.batch_size)
-            seeds = [scene_seed("train", first + i) for i in range(c.batch_size)]
-            yield tuple(torch.from_numpy(a) for a in make_batch(seeds, c.height, c.width, c.max_scene_disparity))
-
-
-def stereo_loss(outputs, gt: torch.Tensor, max_disparity: float) -> torch.Tensor:
-    """Smooth-L1 on the refined and (half-weighted) coarse disparity, over pixels with ground truth."""
-    full, coarse = outputs
-    valid = torch.isfinite(gt) & (gt < max_disparity)
-    target = gt[valid]
-    return F.smooth_l1_loss(full[valid], target) + 0.5 * F.smooth_l1_loss(coarse[valid], target)
-
-
-def _classifier_batches(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, start: int):
-    """Shuffled mini-batches with random +-2 px translations; the order depends only on (seed, epoch)."""
-    n = len(images)
-    per_epoch = max(1, n // cfg.batch_size)
-    for step in range(start, cfg.steps):
-        epoch, k = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-        g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-        dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
-        batch = torch.roll(images[idx], shifts=(dy, dx), dims=(2, 3))
-        yield batch, labels[idx]
-
-
 def train(cfg: TrainConfig, out_dir: Path, evaluate=None, progress: bool = True) -> dict:
     """Train (or resume) `cfg.network`; returns the sidecar written next to the final weights.
 
@@ -110,11 +73,8 @@ def train(cfg: TrainConfig, out_dir: Path, evaluate=None, progress: bool = True)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = build_network(cfg.network, **cfg.architecture)
-    task = "stereo" if cfg.network == "stereo" else "classification"
-    if task == "stereo":
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    task = task_class(cfg.network)  # the optimiser, the data and the loss are the task's
+    opt = task.training_optimizer(model, cfg)
 
     state_path = out_dir / "train_state.pt"
     start, elapsed, history = 0, 0.0, []
@@ -126,13 +86,7 @@ def train(cfg: TrainConfig, out_dir: Path, evaluate=None, progress: bool = True)
         opt.load_state_dict(state["optimizer"])
         start, elapsed, history = state["step"], state["elapsed"], state["history"]
 
-    if task == "stereo":
-        loader = torch.utils.data.DataLoader(_StereoBatches(cfg, start), batch_size=None, num_workers=1, prefetch_factor=4)
-    else:
-        from jpq_core.data.classification import load_classification
-
-        images, labels = load_classification(cfg.data, "train")
-        loader = _classifier_batches(cfg, images, labels, start)
+    loader = task.training_batches(cfg, start)
 
     def save_state(step):
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
@@ -145,12 +99,7 @@ def train(cfg: TrainConfig, out_dir: Path, evaluate=None, progress: bool = True)
     for step, batch in enumerate(loader, start=start):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(cfg.lr, step, cfg.steps, warmup=min(200, cfg.steps // 10))
-        if task == "stereo":
-            left, right, gt = batch
-            loss = stereo_loss(model(left, right), gt, model.max_disparity)
-        else:
-            x, y = batch
-            loss = F.cross_entropy(model(x), y)
+        loss = task.training_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -9,13 +9,14 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from app_support.ui import (cached_results, cost_cards, dense_evaluation, ensure_scores, live_network, live_result,
+                            show_error, sidebar_config)
 from jpq_core.cluster import configured_address
 from jpq_core.errors import JPQError
 from jpq_core.live import compress_command, matching_runs
-from jpq_core.plots import confusion_figure, disparity_figure, layer_cost_figure, rgb_figure
+from jpq_core.plots import (ERROR_LIMIT_PX, confusion_figure, disparity_figure, disparity_limit, error_map,
+                            layer_cost_figure, rgb_figure)
 from jpq_core.report import finetuning_label
-from jpq_core.ui import (cached_results, cost_cards, dense_evaluation, ensure_scores, live_network, live_result,
-                         show_error, sidebar_config)
 
 st.set_page_config(page_title="JPQ Explorer", layout="wide")
 st.title("JPQ Explorer")
@@ -71,13 +72,13 @@ if live_network(config.network).is_stereo:
     from jpq_core.data import stereo_eval_samples
 
     sample = stereo_eval_samples("middlebury")[0]
-    zmax = float(np.nanmax(np.where(np.isfinite(sample.disparity), sample.disparity, np.nan))) * 1.1
-    error = np.where(np.isfinite(sample.disparity), np.abs(evaluation.disparity - sample.disparity), np.nan)
+    zmax = disparity_limit(sample.disparity)
+    error = error_map(evaluation.disparity, sample.disparity)
     row = st.columns(4)
     row[0].plotly_chart(rgb_figure(sample.left, "Left image", height=260), width="stretch")
     row[1].plotly_chart(disparity_figure(dense.disparity, "Dense network", zmax, height=260), width="stretch")
     row[2].plotly_chart(disparity_figure(evaluation.disparity, "Compressed", zmax, height=260), width="stretch")
-    row[3].plotly_chart(disparity_figure(error, "Compressed |error|", 10.0, height=260, error=True), width="stretch")
+    row[3].plotly_chart(disparity_figure(error, "Compressed |error|", ERROR_LIMIT_PX, height=260, error=True), width="stretch")
     st.caption("Middlebury 2014 motorcycle pair (741x500), ground truth from the dataset. The Depth maps page "
                "compares two settings and SGBM, on this pair, synthetic scenes or your own.")
 else:

@@ -7,10 +7,9 @@ import streamlit as st
 
 from jpq_core.data.classification import load_classification
 from jpq_core.errors import JPQError
-from jpq_core.evaluation import classifier_logits
-from jpq_core.metrics import confusion_matrix, top1
+from app_support.ui import cached_classifier, show_error
+from jpq_core.evaluation import classifier_logits, classifier_summary
 from jpq_core.plots import confusion_figure
-from jpq_core.ui import cached_classifier, show_error
 
 st.set_page_config(page_title="Classifier - JPQ Explorer", layout="wide")
 st.title("Classifier: ResNet-20 on handwritten digits")
@@ -31,14 +30,15 @@ except JPQError as exc:
     show_error(exc)
     st.stop()
 
-predicted = logits.argmax(1)
+summary = classifier_summary(logits, labels)
+predicted = summary["predicted"]
 cols = st.columns(3)
-cols[0].metric("Top-1 accuracy", f"{top1(logits, labels):.2%}")
+cols[0].metric("Top-1 accuracy", f"{summary['top1']:.2%}")
 cols[1].metric("Test images", f"{len(labels)}")
-cols[2].metric("Mistakes", f"{int((predicted != labels).sum())}")
+cols[2].metric("Mistakes", f"{len(summary['mistakes'])}")
 left, right = st.columns([3, 2])
-left.plotly_chart(confusion_figure(confusion_matrix(predicted, labels, 10), range(10)), width="stretch")
-wrong = np.flatnonzero(predicted != labels)[:12]
+left.plotly_chart(confusion_figure(summary["confusion"], range(summary["classes"])), width="stretch")
+wrong = summary["mistakes"][:12]
 right.markdown("**Mistakes** (true → predicted)")
 if len(wrong) == 0:
     right.write("None on this split.")

@@ -6,13 +6,14 @@ import time
 
 import streamlit as st
 
+from app_support.ui import cached_network, cached_task, current_config, show_error
 from jpq_core import analysis
-from jpq_core.criteria import WEIGHT_CRITERIA, get_criterion
 from jpq_core.errors import JPQError
+from jpq_core.models import network_label
 from jpq_core.plots import (criteria_comparison_figure, mask_agreement_figure, score_distribution_figure,
                             sensitivity_figure)
+from jpq_core.registry import criterion_names, get_criterion
 from jpq_core.sensitivity import SCAN_SPARSITIES
-from jpq_core.ui import cached_network, cached_task, current_config, show_error
 
 st.set_page_config(page_title="Taylor scores - JPQ Explorer", layout="wide")
 st.title("Taylor scores: what each criterion would prune")
@@ -22,8 +23,8 @@ st.caption(
     "pass over calibration batches (the same pass, and the same on-disk cache, that compression uses)."
 )
 
-NETWORKS = {"resnet20": "ResNet-20 (digits)", "stereo": "StereoNet (Middlebury)"}
-CRITERIA = [name for name in WEIGHT_CRITERIA if name != "taylor-abs"]  # "taylor" is taylor-abs
+NETWORKS = {name: network_label(name) for name in ("resnet20", "stereo")}
+CRITERIA = criterion_names("weight")
 SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
 METRIC_LABELS = {"bad3": "bad-3 increase (share of pixels)", "top1": "top-1 accuracy drop"}
 

@@ -10,10 +10,11 @@ import streamlit as st
 
 from jpq_core.data.stereo_files import pair_from_bytes
 from jpq_core.errors import JPQError
+from app_support.ui import (cached_comparison, compressed_disparity, ensure_scores, remember_sample, show_error,
+                            sidebar_config, stereo_sample)
 from jpq_core.live import LIVE_ACTIVATION_BITS, LIVE_WEIGHT_BITS, SPARSITY_CHOICES, LiveConfig
-from jpq_core.plots import disparity_figure, rgb_figure
-from jpq_core.ui import (cached_comparison, compressed_disparity, ensure_scores, remember_sample, show_error,
-                         sidebar_config, stereo_sample)
+from jpq_core.plots import ERROR_LIMIT_PX, disparity_figure, disparity_limit, error_map, rgb_figure
+from jpq_core.registry import criterion_names
 
 st.set_page_config(page_title="Depth maps - JPQ Explorer", layout="wide")
 st.title("Depth maps")
@@ -53,7 +54,7 @@ with st.expander("Setting B", expanded=True):
     cols = st.columns(4)
     config_b = LiveConfig(
         network="stereo",
-        criterion=cols[0].selectbox("Criterion (B)", ["magnitude", "taylor", "taylor-square", "fisher", "random"], key="dm_criterion"),
+        criterion=cols[0].selectbox("Criterion (B)", criterion_names("weight"), key="dm_criterion"),
         sparsity=cols[1].select_slider("Sparsity (B)", SPARSITY_CHOICES, value=0.0, format_func=lambda s: f"{s:.1%}", key="dm_sparsity"),
         wbits=cols[2].select_slider("Weight bits (B)", LIVE_WEIGHT_BITS, value=8, format_func=lambda b: "float" if b is None else str(b), key="dm_wbits"),
         abits=cols[3].select_slider("Activation bits (B)", LIVE_ACTIVATION_BITS, value=8, format_func=lambda b: "float" if b is None else str(b), key="dm_abits"),
@@ -71,8 +72,7 @@ except JPQError as exc:
     st.stop()
 
 gt = sample.disparity
-finite = np.isfinite(gt) if gt is not None else None
-zmax = (float(gt[finite].max()) if gt is not None and finite.any() else float(baseline["network"]["disparity"].max())) * 1.1
+zmax = disparity_limit(gt, baseline["network"]["disparity"])
 rows = [("Dense network", baseline["network"]["metrics"]), ("OpenCV SGBM", baseline["sgbm"]["metrics"]),
         (f"A: {config_a.criterion} {config_a.sparsity:.1%}, {config_a.wbits or 'float'}/{config_a.abits or 'float'} bits", runs["A"]["metrics"]),
         (f"B: {config_b.criterion} {config_b.sparsity:.1%}, {config_b.wbits or 'float'}/{config_b.abits or 'float'} bits", runs["B"]["metrics"])]
@@ -96,7 +96,8 @@ for label, config in (("A", config_a), ("B", config_b)):
     disp = runs[label]["disparity"]
     row[0].plotly_chart(disparity_figure(disp, f"Setting {label}", zmax, 280), width="stretch")
     if gt is not None:
-        err = np.where(finite, np.abs(disp - gt), np.nan)
-        row[1].plotly_chart(disparity_figure(err, f"Setting {label}: |error|", 10.0, 280, error=True), width="stretch")
+        row[1].plotly_chart(disparity_figure(error_map(disp, gt), f"Setting {label}: |error|", ERROR_LIMIT_PX, 280, error=True),
+                            width="stretch")
     diff = np.abs(disp - baseline["network"]["disparity"])
-    row[2].plotly_chart(disparity_figure(diff, f"Setting {label}: change from dense", 10.0, 280, error=True), width="stretch")
+    row[2].plotly_chart(disparity_figure(diff, f"Setting {label}: change from dense", ERROR_LIMIT_PX, 280, error=True),
+                        width="stretch")

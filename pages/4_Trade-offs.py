@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
+from app_support.ui import cached_results, ensure_scores, live_result, set_config, show_error, sidebar_config
 from jpq_core.errors import JPQError
 from jpq_core.live import config_from_row
 from jpq_core.plots import pareto_plot
 from jpq_core.report import finetuning_label, pareto_front
-from jpq_core.ui import cached_results, ensure_scores, live_result, set_config, show_error, sidebar_config
 
 st.set_page_config(page_title="Trade-offs - JPQ Explorer", layout="wide")
 st.title("Trade-offs")

@@ -9,9 +9,9 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from app_support.ui import ensure_scores, live_network, live_result, show_error, sidebar_config
 from jpq_core.errors import JPQError
 from jpq_core.live import engine_comparison, engine_inputs
-from jpq_core.ui import ensure_scores, live_network, live_result, show_error, sidebar_config
 
 st.set_page_config(page_title="Engine - JPQ Explorer", layout="wide")
 st.title("Engine")

@@ -7,15 +7,13 @@ import time
 import pandas as pd
 import streamlit as st
 
+from app_support.ui import cached_network, cached_task, live_result, show_error
 from jpq_core import analysis, lessons
-from jpq_core.costs import layer_geometry
-from jpq_core.criteria import layer_weights
 from jpq_core.errors import JPQError
 from jpq_core.live import LiveConfig
 from jpq_core.plots import (criteria_scatter_figure, mask_agreement_figure, memory_lesson_figure, pareto_lesson_figure,
                             quantization_figure, ste_figure, zero_value_figure)
 from jpq_core.sweeps import pareto_mask
-from jpq_core.ui import cached_network, cached_task, live_result, show_error
 
 st.set_page_config(page_title="Learn - JPQ Explorer", layout="wide")
 st.title("Learn: pruning and quantization in six lessons")
@@ -31,42 +29,17 @@ def try_this(text: str) -> None:
 
 
 @st.cache_resource(show_spinner="Loading ResNet-20 and its gradient statistics...")
-def _setup():
-    model, task = cached_network(NETWORK), cached_task(NETWORK)
-    stats = analysis.calibration_stats(model, task)
-    geometry = layer_geometry(model, task.example_inputs())
-    return model, stats, geometry, task.test_x[:HELD_OUT], task.test_y[:HELD_OUT]
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def _prune_layer(layer: str, sparsity: float) -> dict:
-    model, stats, _, images, labels = _setup()
-    return lessons.prune_layer_lesson(model, stats, layer, sparsity, images, labels)
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def _quantize(layer: str, bits: int, symmetric: bool) -> dict:
-    return lessons.quantization_lesson(layer_weights(_setup()[0])[layer], bits, symmetric)
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def _zero_point(sparsity: float, bits: int) -> dict:
-    model, _, geometry, images, labels = _setup()
-    return lessons.zero_point_lesson(model, sparsity, bits, images, labels, geometry)
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def _memory(layer: str, sparsities: tuple, bits: tuple) -> pd.DataFrame:
-    model, _, geometry, _, _ = _setup()
-    return lessons.memory_lesson(model, layer, geometry, sparsities, bits)
+def _lessons() -> lessons.Lessons:
+    return lessons.Lessons(cached_network(NETWORK), cached_task(NETWORK), held_out=HELD_OUT)
 
 
 try:
-    model, stats, geometry, images, labels = _setup()
+    course = _lessons()
 except JPQError as exc:
     show_error(exc)
     st.stop()
-layer_names = list(layer_weights(model))
+model, stats, geometry, images, labels = course.model, course.stats, course.geometry, course.images, course.labels
+layer_names = course.layers
 
 tabs = st.tabs(["1 · What pruning removes", "2 · The quantization grid", "3 · Why zero stays exact",
                 "4 · Straight-through estimator", "5 · Sparsity × bits", "6 · Reading a Pareto plot"])
@@ -80,7 +53,7 @@ with tabs[0]:
     cols = st.columns(2)
     layer = cols[0].selectbox("Layer", layer_names, index=0, key="l1_layer")
     sparsity = cols[1].slider("Sparsity of this layer", 0.1, 0.95, 0.5, 0.05, key="l1_sparsity")
-    result = _prune_layer(layer, sparsity)
+    result = course.prune_layer(layer, sparsity)
     dense = result["dense"]
     cols = st.columns(3)
     cols[0].metric("Loss, dense", f"{dense['loss']:.4f}", help=f"top-1 {dense['top1']:.1%} on {HELD_OUT} held-out images")
@@ -114,7 +87,7 @@ with tabs[1]:
     bits = cols[1].select_slider("Bits", [1, 2, 3, 4, 5, 6, 7, 8], value=4, key="l2_bits")
     symmetric = cols[2].checkbox("Symmetric grid", value=True, key="l2_symmetric",
                                  help="unticked: asymmetric min/max grid with an integer zero point")
-    q = _quantize(q_layer, bits, symmetric)
+    q = course.quantize(q_layer, bits, symmetric)
     cols = st.columns(4)
     cols[0].metric("Levels", f"{len(q['levels'])}")
     cols[1].metric("RMS rounding error", f"{q['rmse']:.2e}")
@@ -138,7 +111,7 @@ with tabs[2]:
     cols = st.columns(2)
     z_sparsity = cols[0].slider("Sparsity", 0.3, 0.9, 0.5, 0.1, key="l3_sparsity")
     z_bits = cols[1].select_slider("Bits", [3, 4, 5, 6, 8], value=6, key="l3_bits")
-    z = _zero_point(z_sparsity, z_bits)
+    z = course.zero_point(z_sparsity, z_bits)
     rows = []
     for variant in ("exact zero", "no zero point"):
         v = z[variant]
@@ -194,7 +167,7 @@ with tabs[4]:
     m_sparsity = cols[1].select_slider("Sparsity", SPARSITY_STOPS, value=0.9, format_func=lambda s: f"{s:.0%}", key="l5_sparsity")
     m_bits = cols[2].select_slider("Weight bits", BIT_STOPS, value=4, format_func=lambda b: "float" if b is None else str(b),
                                    key="l5_bits")
-    table = _memory(m_layer, SPARSITY_STOPS, BIT_STOPS)
+    table = course.memory(m_layer, SPARSITY_STOPS, BIT_STOPS)
     row = table[(table["sparsity"] == m_sparsity) & (table["wbits"] == (m_bits or 32))].iloc[0]
     cols = st.columns(4)
     cols[0].metric("Weight memory", f"{row['memory_ratio']:.2%} of dense", help=f"{row['weight_bits'] / 8192:.2f} KiB")

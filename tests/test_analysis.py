@@ -7,10 +7,12 @@ import torch
 import torch.nn as nn
 
 from jpq_core import analysis
-from jpq_core.channels import GROUP_CRITERIA
-from jpq_core.criteria import Random, Taylor, layer_weights
+from jpq_core.registry import CHANNEL_CRITERIA
+from jpq_core.compressed import attach
+from jpq_core.criteria import Random, Taylor
+from jpq_core.layers import layer_weights
 from jpq_core.errors import JPQError
-from jpq_core.pipeline import CompressionConfig, attach, gradient_stats
+from jpq_core.pipeline import CompressionConfig, gradient_stats
 from jpq_core.pruning import make_masks
 from jpq_core.tasks import ClassificationTask
 
@@ -109,7 +111,7 @@ def test_calibration_stats_are_the_ones_compress_uses(tmp_path):
     with pytest.raises(JPQError, match="needs gradient statistics"):
         analysis.criterion_scores(model, ["fisher"], None)
     with pytest.raises(JPQError, match="channels"):
-        analysis.criterion_scores(model, [next(iter(GROUP_CRITERIA))], ours)
+        analysis.criterion_scores(model, [next(iter(CHANNEL_CRITERIA))], ours)
 
 
 class _CountingTask:

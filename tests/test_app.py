@@ -170,6 +170,15 @@ def test_uploaded_checkpoints_are_used_or_refused_with_a_reason(root, tmp_path, 
     assert float(_metrics(at)["Top-1"].rstrip("%")) > 90
 
 
+def test_an_uploaded_compressed_network_is_a_starting_point_and_said_to_be_one(root):
+    shipped = root / "cached_runs" / "results" / "checkpoints" / "98c9abc2b1c8.safetensors"  # ResNet-20, 95% pruned
+    at = _explore(root, network="resnet20", criterion="magnitude", sparsity="0.5")
+    at.sidebar.get("file_uploader")[0].upload("compressed.safetensors", shipped.read_bytes()).run()
+    assert not at.exception and not at.error
+    assert "a compressed network with 9" in at.sidebar.success[0].value  # 9x.x% of its weights pruned
+    assert at.query_params["checkpoint"] not in ("", [""])
+
+
 def test_a_damaged_results_file_is_named_and_its_good_rows_still_shown(root, tmp_path, monkeypatch):
     import jpq_core.report as report
     from jpq_core.sweeps import RESULTS

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from jpq_core.channels import (BNScale, GroupFisher, GroupL1, GroupL2, GroupTaylor, channel_groups, channel_masks,
                                freed_parameters, gather_group_stats, physically_prune)
-from jpq_core.criteria import prunable_layers
+from jpq_core.layers import prunable_layers
 from jpq_core.errors import JPQError
 from jpq_core.models import build_network
 from jpq_core.pruning import apply_masks, sparsity_of

@@ -87,7 +87,8 @@ def test_safetensors_whose_header_length_starts_like_a_pickle_loads(tmp_path):
 
 
 def test_every_shipped_front_checkpoint_loads_with_its_rows_sparsity():
-    from jpq_core.pipeline import current_masks, load_compressed
+    from jpq_core.compressed import current_masks
+    from jpq_core.pipeline import load_compressed
     from jpq_core.sweeps import RESULTS, checkpoint_dir, read_rows
 
     rows = {r["id"]: r for r in read_rows(RESULTS)[0]}

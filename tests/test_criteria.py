@@ -5,9 +5,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jpq_core.criteria import (SNIP, Fisher, GradientMagnitude, Magnitude, Random, Taylor, gather_gradient_stats,
-                               get_criterion, layer_weights)
+from jpq_core.criteria import SNIP, Fisher, GradientMagnitude, Magnitude, Random, Taylor, gather_gradient_stats
 from jpq_core.errors import JPQError
+from jpq_core.layers import layer_weights
+from jpq_core.registry import get_criterion
 
 
 def _linear_problem():

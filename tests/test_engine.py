@@ -14,7 +14,7 @@ from jpq_core.engine import packing
 from jpq_core.engine.bench import magnitude_compressed
 from jpq_core.engine.program import compile_network, load_program, memory_report
 from jpq_core.errors import JPQError
-from jpq_core.pipeline import add_activation_quantizers, attach
+from jpq_core.compressed import add_activation_quantizers, attach
 from jpq_core.quantization import uniform_params
 
 torch.set_num_threads(1)

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from jpq_core.criteria import prunable_layers
+from jpq_core.layers import prunable_layers
 from jpq_core.errors import JPQError
 from jpq_core.models import load_network, shipped_checkpoint
-from jpq_core.pipeline import PIPELINES, CompressionConfig, compress, current_masks, effective_state_dict, load_compressed, save_compressed
+from jpq_core.compressed import current_masks, effective_state_dict
+from jpq_core.pipeline import PIPELINES, CompressionConfig, compress, load_compressed, save_compressed
 from jpq_core.tasks import StereoTask
 
 
@@ -61,9 +62,9 @@ def test_an_interrupted_run_goes_on_from_its_state_file_to_the_uninterrupted_res
     """Killed in the second (QAT) or first (gradual pruning) stage, then started again with the same --state:
     the same network and report as a run never interrupted (learned steps included), and the state file is
     gone at the end."""
-    import jpq_core.pipeline as pipeline
+    import jpq_core.finetuning as finetuning
 
-    monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY", 5)
+    monkeypatch.setattr(finetuning, "CHECKPOINT_EVERY", 5)
     cfg = _cfg(pipeline="prune-then-quantize", steps=40, schedule=schedule, learned_step=learned_step)
     reference_net, reference = compress(resnet20, digits_task, cfg)
 
@@ -94,10 +95,10 @@ def test_an_interrupted_run_goes_on_from_its_state_file_to_the_uninterrupted_res
 def test_a_learning_curve_records_each_point_once_across_an_interruption(digits_task, resnet20, tmp_path, monkeypatch):
     """Points every 10 steps of each stage, on the global step axis, marked quantized in the QAT stage; a run killed
     after a point and resumed from the save before it does not write that point twice; recording changes nothing."""
-    import jpq_core.pipeline as pipeline
+    import jpq_core.finetuning as finetuning
     from jpq_core.curve import LearningCurve
 
-    monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY", 5)
+    monkeypatch.setattr(finetuning, "CHECKPOINT_EVERY", 5)
     cfg = _cfg(pipeline="prune-then-quantize", steps=40)
     _, reference = compress(resnet20, digits_task, cfg)
     curve, state = LearningCurve(tmp_path / "curve.jsonl", every=10), tmp_path / "run.state"
@@ -168,7 +169,7 @@ def test_short_prune_then_quantize_keeps_the_stereo_output_close():
 def test_learned_steps_clip_within_their_bound_and_the_saved_network_reloads_identically(digits_task, resnet20, tmp_path):
     """LSQ at 3 bits: the steps move during QAT, never above max|w| / qmax, pruned weights stay zero, and the
     saved network (effective weights only) computes the same outputs when loaded again."""
-    from jpq_core.pipeline import _transform
+    from jpq_core.compressed import transform as _transform
     from jpq_core.quantization import step_bound
 
     net, report = compress(resnet20, digits_task, _cfg(pipeline="prune-then-quantize", wbits=3, steps=20, lr=3e-3, learned_step=True))

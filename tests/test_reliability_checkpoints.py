@@ -14,10 +14,11 @@ import torch
 from jpq_core import checkpoints
 from jpq_core.checkpoints import load_weights, read_state_dict, save_checkpoint
 from jpq_core.cli import main
-from jpq_core.criteria import prunable_layers
+from jpq_core.layers import prunable_layers
 from jpq_core.errors import JPQError
 from jpq_core.models import build_network, load_network
-from jpq_core.pipeline import CompressionConfig, add_activation_quantizers, attach, load_compressed, save_compressed
+from jpq_core.compressed import add_activation_quantizers, attach
+from jpq_core.pipeline import CompressionConfig, load_compressed, save_compressed
 from jpq_core.pruning import make_masks
 
 

@@ -22,7 +22,7 @@ from tests.test_reliability_fuzz import attempt, fuzz
 
 @pytest.fixture(scope="module")
 def program_bytes(tmp_path_factory):
-    from jpq_core.pipeline import attach
+    from jpq_core.compressed import attach
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
@@ -84,7 +84,7 @@ def test_a_program_with_a_hand_edited_header_is_refused(tmp_path, program_bytes,
        padding=st.integers(0, 3), dilation=st.integers(1, 3), groups=st.sampled_from([1, 2]),
        size=st.integers(1, 12), bits=st.sampled_from([None, 2, 4, 8]))
 def test_the_compiler_runs_any_conv_it_accepts_and_refuses_the_rest(c_in, c_out, k, stride, padding, dilation, groups, size, bits):
-    from jpq_core.pipeline import attach
+    from jpq_core.compressed import attach
 
     def build_and_run():
         conv = nn.Conv2d(c_in * groups, c_out * groups, k, stride, padding, dilation, groups=groups)

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from jpq_core.cli import main
-from jpq_core.criteria import prunable_layers
+from jpq_core.layers import prunable_layers
 from jpq_core.errors import JPQError
-from jpq_core.pipeline import CompressionConfig, compress, current_masks
+from jpq_core.compressed import current_masks
+from jpq_core.pipeline import CompressionConfig, compress
 from jpq_core.pruning import check_sparsity, make_masks
 
 

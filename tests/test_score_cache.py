@@ -4,7 +4,7 @@ import torch
 
 import jpq_core.score_cache as sc
 from jpq_core.models import build_network
-from jpq_core.pipeline import attach
+from jpq_core.compressed import attach
 from jpq_core.tasks import ClassificationTask
 
 

@@ -6,7 +6,8 @@ import torch
 import jpq_core.training as training
 from jpq_core.data.synthetic_stereo import make_batch
 from jpq_core.models import build_network, load_network
-from jpq_core.training import TrainConfig, stereo_loss, train
+from jpq_core.tasks import stereo_loss
+from jpq_core.training import TrainConfig, train
 
 
 def test_a_few_stereo_steps_lower_the_loss():

@@ -127,11 +127,6 @@ def decode_image(data: bytes, label: str = "image", max_pixels: int | None = Non
     return np.ascontiguousarray(img[:, :, ::-1], dtype=np.float32) / np.float32(scale)  # OpenCV decodes BGR
 
 
-def read_image(path: Path | str, max_pixels: int | None = None) -> np.ndarray:
-    """An image file as H x W x 3 float32 RGB in [0, 1] (see `decode_image`)."""
-    return decode_image(_read_file(path, "image"), str(path), max_pixels)
-
-
 def read_pfm(data: bytes, label: str = "PFM file") -> np.ndarray:
     """Parse a single-channel PFM (Pf header; negative scale = little-endian); rows are stored bottom-up."""
     head = _PFM_HEADER.match(data[:256])

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jpq_core.criteria import prunable_layers
+from jpq_core.layers import prunable_layers
 from jpq_core.engine.program import compile_network, memory_report
 from jpq_core.errors import JPQError
 
@@ -36,22 +36,18 @@ WBITS = (8, 4)
 def magnitude_compressed(model, task, sparsity: float, wbits, abits=8, calibration_batches: int = 4, seed: int = 0):
     """`model` pruned by magnitude and quantized, activations calibrated, without fine-tuning
     (the prune-then-quantize pipeline with finetune="none", minus its evaluation)."""
-    from jpq_core.pipeline import CompressionConfig, add_activation_quantizers, attach, calibrate_activations, prune_masks
+    from jpq_core.compression import compress_without_training
+    from jpq_core.pipeline import CompressionConfig
 
     config = CompressionConfig(criterion="magnitude", sparsity=sparsity, wbits=wbits, abits=abits, finetune="none",
                                calibration_batches=calibration_batches, seed=seed).check()
-    net = attach(copy.deepcopy(model).eval(), None, None)
-    attach(net, prune_masks(net, task, config, sparsity), config.wbits)
-    if config.abits is not None:
-        add_activation_quantizers(net, config.abits, config.calibration)
-        calibrate_activations(net, task, calibration_batches, seed)
-    return net.eval()
+    return compress_without_training(model, task, config)
 
 
 def plain_copy(compressed, network: str):
     """A plain network (no parametrizations or hooks) computing with the effective float32 weights."""
     from jpq_core.models import build_network
-    from jpq_core.pipeline import effective_state_dict
+    from jpq_core.compressed import effective_state_dict
 
     plain = build_network(network).eval()
     state = {k: v for k, v in effective_state_dict(compressed).items() if "input_quantizer" not in k}

@@ -5,7 +5,7 @@ ResNets) and their building blocks (nn.Sequential of Conv2d/Linear -> BatchNorm 
 BasicBlock, StereoNet's ResidualBlock, adaptive average pooling). A module it does not know is a JPQError
 naming the layer: the engine never silently runs something different from the network.
 
-Per convolution or linear layer, from its parametrization (`jpq_core.pipeline.MaskedQuantizedWeight`):
+Per convolution or linear layer, from its parametrization (`jpq_core.compressed.MaskedQuantizedWeight`):
 - integer weights k = round(w_eff / s_w[c]), with s_w the quantizer's scale (uniform 3-16 bits, from
   `uniform_params` on the masked weight) or the per-channel magnitude a (binary, ternary);
   w_eff = s_w * k is checked to hold up to float rounding;
@@ -19,14 +19,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from jpq_core.compressed import raw_weight, transform
 from jpq_core.engine import packing
 from jpq_core.engine.ops import INTEGER_ACTIVATION_BITS, INTEGER_WEIGHT_BITS, INTO, Conv, Glue
 from jpq_core.errors import JPQError
 from jpq_core.models.resnet import ResNet20
-from jpq_core.models.stereo import _MEAN, _STD, ResidualBlock, StereoNet
+from jpq_core.models.stereo import INPUT_MEAN, INPUT_STD, ResidualBlock, StereoNet
 from jpq_core.quantization import uniform_params
 
 SUPPORTED = ("Conv2d (zero padding, equal stride/padding/dilation in both directions), Linear, BatchNorm after "
@@ -43,16 +43,12 @@ def _square(value, what, name):
     return int(value[0])
 
 
-def _weight_quantizer(layer):
-    return layer.parametrizations.weight[0] if parametrize.is_parametrized(layer, "weight") else None
-
-
 def integer_weights(layer, name: str):
     """(k, s_w, quantizer bits, stored bits) with w_eff = s_w[c] * k exactly; (None, None, None, 32) for a
     float layer. Stored bits: b (symmetric, two's complement), b + 1 (asymmetric: k = q - z), 1 (binary)."""
     w = layer.weight.detach().float()
     co = w.shape[0]
-    q = _weight_quantizer(layer)
+    q = transform(layer)
     if q is None or q.bits is None:
         return None, None, None, 32
     if q.bits in (1, 2):  # binary / ternary: every kept weight of a channel is +-a
@@ -60,7 +56,7 @@ def integer_weights(layer, name: str):
         scale = flat.amax(1)
         stored, limit = q.bits, 1
     else:
-        masked = (layer.parametrizations.weight.original * q.mask).detach().float()
+        masked = (raw_weight(layer) * q.mask).detach().float()
         scale = uniform_params(masked, q.bits, q.symmetric, q.per_channel)[0].flatten().expand(co)
         stored, limit = (q.bits, 2 ** (q.bits - 1) - 1) if q.symmetric else (q.bits + 1, 2**q.bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).contiguous()
@@ -220,7 +216,7 @@ class Lowering:
     def stereo(self, net: StereoNet) -> int:
         """StereoNet.forward, with both views through the shared feature extractor as one batch."""
         left, right = self.new_slot(), self.new_slot()
-        both = self.glue("normalize", "normalize_pad", [left, right], mean=_MEAN, std=_STD, multiple=8)
+        both = self.glue("normalize", "normalize_pad", [left, right], mean=INPUT_MEAN, std=INPUT_STD, multiple=8)
         half = self.module(net.features.half_res, both)
         quarter = self.module(net.features.quarter_res, half)
         half_left = self.glue("features", "batch_part", [half], part=0, parts=2)

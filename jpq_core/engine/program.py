@@ -162,7 +162,7 @@ def compile_network(model: torch.nn.Module, example_inputs: tuple | None = None)
     ops, n_inputs, output, slots = lower(model)
     program = Program(ops, n_inputs, output, slots)
     if example_inputs is not None:
-        from jpq_core.criteria import prunable_layers
+        from jpq_core.layers import prunable_layers
 
         program.info["cost_model_weight_bits"] = cost_model_bits(model, example_inputs)
         # Layers whose bias the cost model prices (a bias of their own); the others' biases in the program
@@ -173,20 +173,18 @@ def compile_network(model: torch.nn.Module, example_inputs: tuple | None = None)
 
 def cost_model_bits(model, example_inputs) -> dict[str, float]:
     """{layer: weight bits} by the cost model, for the masks and bit widths the network carries."""
-    from torch.nn.utils import parametrize
-
+    from jpq_core.compressed import activation_bits, transform
     from jpq_core.costs import layer_geometry, network_cost
-    from jpq_core.criteria import prunable_layers
+    from jpq_core.layers import prunable_layers
 
     layers = prunable_layers(model)
     masks, wbits, abits, per_channel = {}, {}, {}, True
     for name, layer in layers.items():
-        q = layer.parametrizations.weight[0] if parametrize.is_parametrized(layer, "weight") else None
+        q = transform(layer)
         masks[name] = q.mask if q is not None else layer.weight.detach() != 0
         wbits[name] = q.bits if q is not None else None
         per_channel = q.per_channel if q is not None else per_channel
-        aq = getattr(layer, "input_quantizer", None)
-        abits[name] = aq.bits if aq is not None else None
+        abits[name] = activation_bits(layer)
     cost = network_cost(model, masks, wbits, abits, layer_geometry(model, example_inputs), per_channel)
     return {c["name"]: c["weight_bits"] for c in cost["layers"]}
 

@@ -20,6 +20,14 @@ NETWORKS = {
     "resnet20": (ResNet20, "classification"),
     "resnet18": (resnet18_cifar, "classification"),
 }
+# name -> what the app calls it (the data it is shown on)
+NETWORK_LABELS = {"stereo": "Stereo network (Middlebury pair)", "resnet20": "ResNet-20 (digits)",
+                  "resnet18": "ResNet-18 (CIFAR-10)"}
+
+
+def network_label(name: str) -> str:
+    """The network's name as the app shows it."""
+    return NETWORK_LABELS.get(_check_name(name), name)
 
 
 def task_of(name: str) -> str:

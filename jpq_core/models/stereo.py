@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Images arrive as RGB in [0, 1]; a fixed normalisation keeps them near zero mean, unit variance.
-_MEAN, _STD = 0.45, 0.25
+INPUT_MEAN, INPUT_STD = 0.45, 0.25
 
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -127,8 +127,8 @@ class StereoNet(nn.Module):
         what distillation from the cost volume compares (`jpq_core.tasks.StereoTask.cost_distill_loss`)."""
         h, w = left.shape[-2:]
         pad = (0, (-w) % 8, 0, (-h) % 8)  # right and bottom, so disparities keep their meaning
-        left = F.pad((left - _MEAN) / _STD, pad, mode="replicate")
-        right = F.pad((right - _MEAN) / _STD, pad, mode="replicate")
+        left = F.pad((left - INPUT_MEAN) / INPUT_STD, pad, mode="replicate")
+        right = F.pad((right - INPUT_MEAN) / INPUT_STD, pad, mode="replicate")
 
         half_left, quarter_left = self.features(left)
         _, quarter_right = self.features(right)

@@ -1,4 +1,4 @@
-"""Streamlit glue shared by the pages: cached loaders and error display. No science here."""
+"""Streamlit glue shared by the pages: cached loaders, the sidebar and error display. No science here."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from jpq_core.errors import JPQError
 from jpq_core.evaluation import stereo_comparison
 from jpq_core.live import (LIVE_ACTIVATION_BITS, LIVE_ALLOCATIONS, LIVE_WEIGHT_BITS, SPARSITY_CHOICES, Evaluation,
                            LiveConfig, LiveNetwork, LiveResult)
-from jpq_core.models import load_network
+from jpq_core.compressed import detach
+from jpq_core.models import load_network, network_label
+from jpq_core.pipeline import load_any
+from jpq_core.registry import criterion_names
 
 
 def show_error(exc: JPQError) -> None:
@@ -77,7 +80,7 @@ def cached_task(name: str):
 
 # ---- Live compression: the configuration every page shares, kept in the URL -------------------------------
 
-LIVE_NETWORKS = {"stereo": "Stereo network (Middlebury pair)", "resnet20": "ResNet-20 (digits)"}
+LIVE_NETWORKS = {name: network_label(name) for name in ("stereo", "resnet20")}  # offered in the sidebar
 _STATE = "live_config"  # session_state key of the current LiveConfig (widget state does not survive page switches)
 
 
@@ -94,14 +97,6 @@ def current_config() -> LiveConfig:
     return st.session_state[_STATE]
 
 
-def _criteria_for(level: str) -> list[str]:
-    from jpq_core.channels import GROUP_CRITERIA
-    from jpq_core.criteria import WEIGHT_CRITERIA
-
-    names = WEIGHT_CRITERIA if level == "weight" else GROUP_CRITERIA
-    return [n for n in names if n != "taylor-abs"]  # "taylor" is its alias
-
-
 def sidebar_config() -> LiveConfig:
     """Sidebar widgets for the live configuration; writes it to the session and the URL (shareable link)."""
     config = current_config()
@@ -114,7 +109,7 @@ def sidebar_config() -> LiveConfig:
         level = st.radio("Granularity", ["weight", "channel"], index=0 if config.granularity == "weight" else 1,
                          horizontal=True, key="w_granularity",
                          help="weight: any single weight can go; channel: whole filters go, with every channel coupled to them")
-        criteria = _criteria_for(level)
+        criteria = criterion_names(level)
         criterion = st.selectbox("Criterion", criteria, index=criteria.index(config.criterion) if config.criterion in criteria else 0,
                                  key="w_criterion")
         allocation = st.radio("Allocation", list(LIVE_ALLOCATIONS), index=list(LIVE_ALLOCATIONS).index(config.allocation),
@@ -135,7 +130,10 @@ def sidebar_config() -> LiveConfig:
             if upload is not None:
                 try:
                     checkpoint = upload_checkpoint(network, upload.getvalue())
-                    st.success(f"Using {upload.name}.")
+                    origin = live_network(network, checkpoint).compressed_from
+                    st.success(f"Using {upload.name}." if origin is None else
+                               f"Using {upload.name}: a compressed network with {origin['sparsity']:.1%} of its weights "
+                               "pruned; live compression starts from its (pruned, quantized) weights.")
                 except JPQError as exc:
                     st.error(f"{upload.name}: {exc}")
                     checkpoint = ""
@@ -177,7 +175,8 @@ def live_network(network: str, checkpoint: str = "") -> LiveNetwork:
     path = UPLOADS / f"{checkpoint}.ckpt"
     if not path.exists():
         raise JPQError("the uploaded checkpoint of this link is not on this server; upload it again in the sidebar.")
-    return LiveNetwork(network, load_network(network, checkpoint=path))
+    model, compressed = load_any(network, path)  # a compressed network's weights are a starting point too
+    return LiveNetwork(network, detach(model) if compressed else model, compressed_from=compressed)
 
 
 def ensure_scores(config: LiveConfig) -> None:

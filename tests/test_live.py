@@ -1,0 +1,51 @@
+"""The live view's compression: the same path as the pipeline's, and every slider change takes effect."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jpq_core.compression import compress_without_training
+from jpq_core.layers import prunable_layers
+from jpq_core.live import LiveConfig, LiveNetwork
+from jpq_core.pipeline import CompressionConfig, compress
+
+
+def test_keeping_the_first_layer_dense_is_honoured_for_channel_criteria_when_it_changes(resnet20):
+    live = LiveNetwork("resnet20", resnet20)
+    first = next(iter(prunable_layers(resnet20)))
+
+    def prunes_first(protect: bool) -> bool:  # is the first layer's output among the prunable channels?
+        return any(m.layer == first and m.kind == "out" for g in live.groups(protect) for m in g.members)
+
+    kept = LiveConfig(network="resnet20", criterion="group-l1", sparsity=0.6, wbits=None, abits=None, protect_first_last=True)
+    live.compress(kept)  # the groups are traced for the first request ...
+    assert not prunes_first(True)
+    assert prunes_first(False)  # ... and traced again when the setting changes, not reused
+    freed = live.compress(LiveConfig(**{**kept.__dict__, "protect_first_last": False}))
+    assert freed.sparsity == pytest.approx(0.6, abs=0.05)
+
+
+def test_the_pipeline_without_fine_tuning_is_the_shared_path(resnet20, digits_task):
+    config = CompressionConfig(network="resnet20", criterion="magnitude", sparsity=0.7, wbits=4, abits=8,
+                               finetune="none", calibration_batches=2).check()
+    net, _ = compress(resnet20, digits_task, config)
+    again = compress_without_training(resnet20, digits_task, config)
+    x = digits_task.test_x[:8]
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), again(x), rtol=0, atol=0)
+
+
+def test_a_recovery_step_runs_between_weight_quantization_and_activation_calibration(resnet20, digits_task):
+    seen = {}
+
+    def recovery(net, task, config, dense):
+        layer = next(iter(prunable_layers(net).values()))
+        seen["wbits"] = layer.parametrizations.weight[0].bits
+        seen["calibrated"] = hasattr(layer, "input_quantizer")
+        seen["dense"] = dense is resnet20
+
+    config = CompressionConfig(network="resnet20", criterion="magnitude", sparsity=0.5, wbits=4, abits=8,
+                               finetune="none", calibration_batches=1).check()
+    compress_without_training(resnet20, digits_task, config, recovery=recovery)
+    assert seen == {"wbits": 4, "calibrated": False, "dense": True}
