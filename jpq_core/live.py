@@ -300,11 +300,13 @@ class LiveNetwork:
         start = time.perf_counter()
         program = compile_network(net)
         compile_s = time.perf_counter() - start
+        sample = sample if sample is not None else self._default_sample()
         if engine is None and not self.engine.ready(program):
-            self.engine.warm_up(program)  # the next configuration of this kind goes to the engine
-            return self.evaluate(net, sample), "the engine's kernels for this program are compiling in the background", compile_s
+            evaluation = self.evaluate(net, sample)
+            self.engine.warm_up(program, sample)  # after this answer, not competing with it for the cores
+            return evaluation, "the engine's kernels for this program are being compiled in the background", compile_s
         if engine and not self.engine.ready(program):
-            self.engine.wait_until_ready(program, timeout=3600)
+            self.engine.wait_until_ready(program, sample, timeout=3600)
         return self.evaluate_program(program, sample), "integer configuration above the engine's crossover", compile_s
 
     def evaluate_program(self, program, sample: StereoSample | None = None) -> Evaluation:

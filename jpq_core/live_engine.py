@@ -10,7 +10,7 @@ The engine computes a configuration when
 3. numba has its kernels for the program ready in this process. Compiling them takes seconds to minutes
    once (then numba's on-disk cache makes it fast in later processes), too slow for a slider move: a
    program whose kernels are not ready is answered by PyTorch now while a background thread runs the
-   program once on a small input, and the next configuration of that kind goes to the engine.
+   program once, and the next configuration of that kind goes to the engine.
 
 The stereo network only: the classifier's whole test split runs in PyTorch in a fraction of a second.
 """
@@ -30,7 +30,6 @@ from jpq_core.data.stereo_types import StereoSample
 
 BENCH_RESULTS = Path(__file__).resolve().parents[1] / "cached_runs" / "results"
 ENGINE_NETWORKS = ("stereo",)
-WARMUP_SIZE = (96, 192)  # H x W of the pair that compiles a program's kernels in the background
 
 
 @lru_cache(maxsize=16)
@@ -65,10 +64,18 @@ def is_integer(wbits, abits) -> bool:
 
 
 def kernel_signature(program) -> frozenset:
-    """What decides which numba kernels a program calls: op kinds, integer or float path, bits, encodings."""
-    return frozenset((type(op).__name__, getattr(op, "integer", None), getattr(op, "bits", None),
-                      getattr(op, "encoding", None), (getattr(op, "act", None) or {}).get("bits"))
-                     for op in program.ops)
+    """What decides which numba kernels a program calls, and with which argument types: op kinds, and per
+    layer the integer or float path, the dtypes its kernel computes in (float32, int8 or int16 weights) and
+    what is fused into it. The storage encoding is not part of it: weights are decoded before the kernels run."""
+    signature = set()
+    for op in program.ops:
+        if hasattr(op, "_kernel_weights"):
+            *_, val, corr, mul = op._kernel_weights()  # decoded once per op; run() reuses it
+            signature.add((type(op).__name__, op.integer, str(val.dtype), str(corr.dtype), op.residual is not None,
+                           op.fused is not None, op.slope != 1.0, tuple(c.integer for c in op.consumers)))
+        else:
+            signature.add((type(op).__name__, getattr(op, "op", None), op.targets is not None))
+    return frozenset(signature)
 
 
 def _pair_tensors(sample: StereoSample) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +112,15 @@ class EnginePath:
         with self._lock:
             return kernel_signature(program) <= self._ready
 
-    def warm_up(self, program) -> None:
-        """Run `program` once on a small pair in a background thread, so numba compiles (or loads) its kernels."""
+    def compiling(self) -> bool:
+        """Whether a background thread is compiling kernels now."""
+        with self._lock:
+            return bool(self._warming)
+
+    def warm_up(self, program, sample: StereoSample) -> None:
+        """Run `program` once on `sample` in a background thread, so numba compiles (or loads from its disk
+        cache) the kernels it calls. The real pair, not a small one: whether a layer's kernel runs in parallel
+        or serially depends on its output size, so a small pair could compile the other variant."""
         signature = kernel_signature(program)
         with self._lock:
             if signature <= self._ready or signature in self._warming:
@@ -115,8 +129,7 @@ class EnginePath:
 
         def run():
             try:
-                g = torch.Generator().manual_seed(0)
-                program.run(*(torch.rand(1, 3, *WARMUP_SIZE, generator=g) for _ in range(2)))
+                self.disparity(program, sample)
                 with self._lock:
                     self._ready |= signature
             finally:
@@ -125,9 +138,9 @@ class EnginePath:
 
         threading.Thread(target=run, name="engine-warm-up", daemon=True).start()
 
-    def wait_until_ready(self, program, timeout: float) -> bool:
-        """For tests and benchmarks: block until `program`'s kernels are ready (True) or `timeout` passes."""
-        self.warm_up(program)
+    def wait_until_ready(self, program, sample: StereoSample, timeout: float) -> bool:
+        """Block until `program`'s kernels are ready (True) or `timeout` passes."""
+        self.warm_up(program, sample)
         deadline = time.perf_counter() + timeout
         while time.perf_counter() < deadline:
             if self.ready(program):

@@ -179,11 +179,11 @@ class ActivationQuantizer(torch.nn.Module):
         if not self.samples:
             raise JPQError("activation calibration saw no data; run calibration batches through the network first.")
         x = torch.cat([s.flatten() for s in self.samples])
-        lo, hi = x.min(), x.max()
-        if self.method == "percentile":
-            sample = _subsample(x, 1_000_000)
-            lo, hi = torch.quantile(sample, 1e-4), torch.quantile(sample, 1 - 1e-4)
-        elif self.method == "mse":
+        if self.method == "percentile":  # both tails from one sort of the subsample (a live slider move pays this)
+            lo, hi = torch.quantile(_subsample(x, 1_000_000), torch.tensor([1e-4, 1 - 1e-4], dtype=x.dtype))
+        else:
+            lo, hi = x.min(), x.max()
+        if self.method == "mse":
             sample = _subsample(x, 200_000)
             candidates = torch.linspace(0.05, 1.0, 100)
             errors = torch.stack([self._error(sample, lo * c, hi * c) for c in candidates])
