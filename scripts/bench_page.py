@@ -2,7 +2,7 @@
 
     python scripts/bench_page.py                      # this tree: first render, then 6 moves from 50%
     python scripts/bench_page.py --compare b9fd414    # also a baseline commit, in the same run, move for move
-    python scripts/bench_page.py --moves 2 --json     # quick mode (CI): asserts nothing, prints numbers
+    python scripts/bench_page.py --network resnet20 --moves 2 --json   # quick mode (CI: numbers, no goal)
 
 For each tree: `streamlit run app.py` on a loopback port, Explore opened with the configuration in the URL
 (stereo network, magnitude, 8/8 bits by default), then the sparsity slider moved one stop at a time. A move is
@@ -58,8 +58,9 @@ def first_render(driver, url: str) -> float:
     return time.perf_counter() - start
 
 
-def timed_move(driver) -> dict:
-    """One keyboard step of the sparsity slider; seconds to the new values, and to the end of the script run."""
+def timed_move(driver, card: str) -> dict:
+    """One keyboard step of the sparsity slider; seconds to the new values (card `card` shown beside a changed
+    "Sparsity achieved"), and to the end of the script run."""
     before = metrics(driver)
     thumb = sparsity_thumb(driver)
     start = time.perf_counter()
@@ -69,12 +70,12 @@ def timed_move(driver) -> dict:
     while time.perf_counter() < deadline:
         shown = metrics(driver)
         now = time.perf_counter()
-        changed = shown.get("Sparsity achieved") not in (None, before.get("Sparsity achieved")) and "bad-3" in shown
+        changed = shown.get("Sparsity achieved") not in (None, before.get("Sparsity achieved")) and card in shown
         if changed and answered is None:
             answered = now - start
         if changed and is_idle(driver):
             return {"answered_s": answered, "idle_s": now - start, "sparsity": shown["Sparsity achieved"],
-                    "bad3": shown["bad-3"], "engine": shown.get("Computed by"), "load": load()}
+                    card: shown[card], "engine": shown.get("Computed by"), "load": load()}
         time.sleep(POLL_S)
     raise TimeoutError(f"the page did not answer a slider move within {TIMEOUT_S:.0f} s")
 
@@ -84,7 +85,7 @@ def _summary(rows: list[dict], first: dict) -> dict:
             "median_idle_s": statistics.median(r["idle_s"] for r in rows)}
 
 
-def run(trees: dict[str, Path], query: str, moves: int, echo) -> dict:
+def run(trees: dict[str, Path], query: str, moves: int, echo, screenshots: Path | None = None, card: str = "bad-3") -> dict:
     chromium, chromedriver = ensure_chromium()
     with contextlib.ExitStack() as stack:
         urls = {name: stack.enter_context(app_server(root)) for name, root in trees.items()}
@@ -102,11 +103,15 @@ def run(trees: dict[str, Path], query: str, moves: int, echo) -> dict:
         rows = {name: [] for name in trees}
         for i in range(moves):
             for name, driver in drivers.items():  # alternate trees, so that load hits both alike
-                row = timed_move(driver)
+                row = timed_move(driver, card)
                 rows[name].append(row)
-                echo(f"[{name}] move {i + 1}: sparsity {row['sparsity']}, bad-3 {row['bad3']}: answered in "
+                echo(f"[{name}] move {i + 1}: sparsity {row['sparsity']}, {card} {row[card]}: answered in "
                      f"{row['answered_s']:.2f} s, idle in {row['idle_s']:.2f} s (load {row['load']:.2f})"
                      + (f"; {row['engine']}" if row["engine"] else ""))
+        if screenshots:
+            screenshots.mkdir(parents=True, exist_ok=True)
+            for name, driver in drivers.items():
+                driver.save_screenshot(str(screenshots / f"bench-page-{name.replace(' ', '-')}.png"))
     result = {"query": query, "moves": moves, "trees": {name: _summary(rows[name], firsts[name]) for name in trees}}
     for name, summary in result["trees"].items():
         echo(f"[{name}] median of {moves} moves: answered {summary['median_answered_s']:.2f} s, "
@@ -131,6 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--moves", type=int, default=6, help="slider stops to time (>= 5 for a median)")
     parser.add_argument("--compare", metavar="REF", help="also time this git commit or branch, in the same run")
     parser.add_argument("--json", action="store_true", help="print the result as JSON at the end")
+    parser.add_argument("--screenshots", type=Path, help="folder for a screenshot of each tree after the last move")
     args = parser.parse_args(argv)
     if args.moves < 1:
         parser.error("--moves must be 1 or more")
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
             trees = {"baseline": export_tree(args.compare, Path(tmp) / "baseline"), **trees}
         echo = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
         echo(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (2 shared cores)")
-        result = run(trees, query, args.moves, echo)
+        result = run(trees, query, args.moves, echo, args.screenshots, "bad-3" if args.network == "stereo" else "Top-1")
     if args.json:
         print(json.dumps(result, indent=1))
     return 0

@@ -103,3 +103,17 @@ def test_two_browser_sessions_do_not_see_each_others_sliders(server, browser):
     second.refresh()
     assert _wait_metric(second, "Weight memory") == second_memory
     assert changed != first_memory
+
+
+def test_the_page_benchmark_produces_numbers(root):
+    """The browser benchmark in its quick mode (the 1.5 s goal is checked by running it, not here)."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "scripts/bench_page.py", "--network", "resnet20", "--moves", "2", "--json"],
+                         cwd=root, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tree = json.loads(out.stdout)["trees"]["this tree"]
+    assert tree["first_render_cold_s"] > 0 and tree["first_render_warm_s"] > 0
+    assert len(tree["moves"]) == 2 and all(m["idle_s"] >= m["answered_s"] > 0 for m in tree["moves"])
+    assert tree["median_idle_s"] > 0
