@@ -49,8 +49,8 @@ else:
                    help=f"of {int(result.evaluation.confusion.sum())} test images")
 cols[2].metric("Sparsity achieved", f"{result.sparsity:.2%}", help="share of prunable weights that are exactly zero")
 cols[3].metric("Weight bits / act. bits", f"{config.wbits or 32} / {config.abits or 32}")
-cols[4].metric("Computed by", f"{result.evaluation.path} {result.evaluation.seconds:.2f} s",
-               help="what ran the compressed network on the evaluation data, and how long that took")
+cols[4].metric("Computed by", result.evaluation.path, delta=f"{result.evaluation.seconds:.2f} s", delta_color="off",
+               delta_arrow="off", help="what ran the compressed network on the evaluation data, and how long that took")
 cost_cards(result.cost)
 st.caption(path_caption(result, dense))
 if result.evaluation.path == "engine" and st.toggle("Check the engine against PyTorch", key="ex_check_engine",
