@@ -241,3 +241,71 @@ def cached_results():
     from jpq_core.report import load_results
 
     return load_results()
+
+
+# ---- Maps as images, and results that arrive after the page has answered ----------------------------------
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def stereo_reference_images(network: str, checkpoint: str = "") -> dict:
+    """PNGs that do not change with the sliders: the left image and the dense network's disparity map, and the
+    colour limit both disparity maps share."""
+    from jpq_core.data import stereo_eval_samples
+    from jpq_core.images import disparity_limit, disparity_png, rgb_png
+
+    sample = stereo_eval_samples("middlebury")[0]
+    zmax = disparity_limit(sample.disparity)
+    return {"left": rgb_png(sample.left), "dense": disparity_png(dense_evaluation(network, checkpoint).disparity, zmax),
+            "zmax": zmax}
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def compressed_images(config: LiveConfig) -> dict:
+    """PNGs of the live configuration's disparity map and its error against the ground truth."""
+    from jpq_core.data import stereo_eval_samples
+    from jpq_core.images import disparity_png, error_map, error_png
+
+    sample = stereo_eval_samples("middlebury")[0]
+    disparity = live_result(config).evaluation.disparity
+    zmax = stereo_reference_images(config.network, config.checkpoint)["zmax"]
+    return {"compressed": disparity_png(disparity, zmax), "error": error_png(error_map(disparity, sample.disparity))}
+
+
+def image_with_title(container, title: str, png: bytes) -> None:
+    """A title above an image (not on it: nothing hides it), the image filling the column."""
+    container.markdown(f"**{title}**")
+    container.image(png, width="stretch")
+
+
+def deferred(waiting: str, compute, render) -> None:
+    """A result that takes longer than the rest of the page: the page answers without it, shows `waiting`
+    here, and fills in `render(compute())` when it is ready. A parallel fragment: it runs beside the rest of
+    the page's script, and its own widgets rerun only it. Errors of `compute` are shown here, not raised."""
+
+    @st.fragment(parallel=True)
+    def slot():
+        holder = st.empty()
+        holder.info(waiting, icon="⏳")
+        try:
+            value = compute()
+        except JPQError as exc:
+            holder.error(str(exc))
+            return
+        with holder.container():
+            render(value)
+
+    slot()
+
+
+def path_caption(result: LiveResult, dense: Evaluation) -> str:
+    """Which path computed the live configuration's evaluation, how long it took, and dense PyTorch's time."""
+    t = result.timings
+    compiled = f" (compiling the program: {t['compile']:.2f} s)" if result.evaluation.path == "engine" else ""
+    return (f"Computed by **{'the sparse integer engine' if result.evaluation.path == 'engine' else 'PyTorch'}** in "
+            f"{result.evaluation.seconds:.2f} s{compiled}: {result.path_note}. Dense PyTorch on the same input: "
+            f"{dense.seconds:.2f} s (the uncompressed network, timed when it was first evaluated).")
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def pytorch_result(config: LiveConfig) -> LiveResult:
+    """The live configuration computed by PyTorch whatever the engine could do (to check the engine)."""
+    return live_network(config.network, config.checkpoint).compress(config, engine=False)

@@ -15,6 +15,7 @@ import copy
 import time
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from jpq_core.channels import channel_groups, gather_group_stats
 from jpq_core.compressed import add_activation_quantizers, attach, calibrate_activations, current_masks
@@ -62,7 +63,9 @@ def compress_without_training(model: nn.Module, task, config, *, stats=None, gro
     start = time.perf_counter()
     if any(b is not None for b in abits.values()):
         add_activation_quantizers(net, abits, config.calibration)
-        calibrate_activations(net, calibration_task or task, calibration_batches or config.calibration_batches, config.seed)
+        with parametrize.cached():  # the weights are fixed while calibrating: quantize each once, not per call
+            calibrate_activations(net, calibration_task or task, calibration_batches or config.calibration_batches,
+                                  config.seed)
     timings["calibrate"] = time.perf_counter() - start
     return net.eval()
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
 from jpq_core.costs import layer_geometry, network_cost
 from jpq_core.compressed import attach, current_masks
@@ -29,6 +30,7 @@ from jpq_core.compression import compress_without_training, gradient_stats, trac
 from jpq_core.data.stereo_types import StereoSample
 from jpq_core.errors import JPQError
 from jpq_core.evaluation import classifier_logits, predict_disparity
+from jpq_core.live_engine import EnginePath
 from jpq_core.metrics import confusion_matrix, stereo_metrics, top1
 from jpq_core.models import task_of
 from jpq_core.pipeline import CompressionConfig
@@ -134,6 +136,7 @@ class Evaluation:
     predicted: np.ndarray | None = None  # classifier: predicted class per test image
     confusion: np.ndarray | None = None
     seconds: float = 0.0
+    path: str = "PyTorch"  # what computed it: "PyTorch" or "engine"
 
 
 @dataclass
@@ -145,6 +148,7 @@ class LiveResult:
     cost: dict
     layers: list[dict]
     timings: dict = field(default_factory=dict)  # seconds per stage of this change
+    path_note: str = ""  # why the engine did or did not compute the evaluation
 
     def summary(self) -> dict:
         """JSON-friendly: the configuration, metrics, achieved sparsity, totals of the cost model, timings."""
@@ -179,6 +183,7 @@ class LiveNetwork:
         self._stats: dict[str, object] = {}
         self._groups: dict[bool, list] = {}
         self._geometry = None
+        self.engine = EnginePath(network)
 
     @property
     def is_stereo(self) -> bool:
@@ -232,11 +237,9 @@ class LiveNetwork:
         (the network was trained at full scale), so it would mislead more than it would save."""
         start = time.perf_counter()
         if self.is_stereo:
-            if sample is None:
-                from jpq_core.data import stereo_eval_samples
-
-                sample = stereo_eval_samples(self.task.eval_data)[0]
-            disparity = predict_disparity(model, sample)
+            sample = sample if sample is not None else self._default_sample()
+            with parametrize.cached():  # each quantized weight computed once per pass, not per call
+                disparity = predict_disparity(model, sample)
             metrics = stereo_metrics(disparity, sample.disparity) if sample.disparity is not None else {}
             metrics = {k: v for k, v in metrics.items() if k != "valid_pixels"}
             return Evaluation(metrics, disparity=disparity, seconds=time.perf_counter() - start)
@@ -246,8 +249,11 @@ class LiveNetwork:
         return Evaluation({"top1": top1(logits, labels)}, predicted=predicted,
                           confusion=confusion_matrix(predicted, labels, logits.shape[1]), seconds=time.perf_counter() - start)
 
-    def compress(self, config: LiveConfig, sample: StereoSample | None = None, progress=None) -> LiveResult:
-        """Prune (no fine-tuning) and quantize a copy of the dense network by `config`, then evaluate it."""
+    def compress(self, config: LiveConfig, sample: StereoSample | None = None, progress=None,
+                 engine: bool | None = None) -> LiveResult:
+        """Prune (no fine-tuning) and quantize a copy of the dense network by `config`, then evaluate it: with the
+        sparse integer engine where it is faster (`jpq_core.live_engine`), else with PyTorch. `engine`: None =
+        decide so, False = PyTorch always, True = the engine always (stereo; waits for its kernels)."""
         if config.network != self.network:
             raise JPQError(f"this live network is {self.network}, the configuration asks for {config.network}.")
         if config.allocation not in LIVE_ALLOCATIONS:
@@ -263,14 +269,51 @@ class LiveNetwork:
                                         calibration_task=self.calibration_task, calibration_batches=1, timings=timings)
         masks = current_masks(net)
 
-        evaluation = self.evaluate(net.eval(), sample)
+        evaluation, note, timings["compile"] = self._evaluate_fastest(net.eval(), config, sample, engine)
         timings["evaluate"] = evaluation.seconds
 
         t = time.perf_counter()
-        cost = network_cost(net, masks, config.wbits, config.abits, self.geometry)
+        with parametrize.cached():  # the cost model reads each layer's weight several times
+            cost = network_cost(net, masks, config.wbits, config.abits, self.geometry)
         timings["cost"] = time.perf_counter() - t
         layers = cost.pop("layers")
-        return LiveResult(config, net, evaluation, sparsity_of(masks), cost, layers, timings)
+        return LiveResult(config, net, evaluation, sparsity_of(masks), cost, layers, timings, note)
+
+    def _evaluate_fastest(self, net, config: LiveConfig, sample, engine: bool | None) -> tuple[Evaluation, str, float]:
+        """Evaluate `net` with the engine where `EnginePath` says it is faster and its kernels are ready, else
+        with PyTorch; returns the evaluation, why that path, and the seconds spent compiling a program.
+        `engine`: None = decide, False = PyTorch, True = the engine whenever it can run the network."""
+        reason = self.engine.why_not(config.wbits, config.abits, config.sparsity) if engine is None else (
+            None if engine and self.is_stereo else "PyTorch asked for")
+        if reason is not None:
+            return self.evaluate(net, sample), reason, 0.0
+        from jpq_core.engine import compile_network
+
+        start = time.perf_counter()
+        program = compile_network(net)
+        compile_s = time.perf_counter() - start
+        sample = sample if sample is not None else self._default_sample()
+        if engine is None and not self.engine.ready(program):
+            evaluation = self.evaluate(net, sample)
+            self.engine.warm_up(program, sample)  # after this answer, not competing with it for the cores
+            return evaluation, "the engine's kernels for this program are being compiled in the background", compile_s
+        if engine and not self.engine.ready(program):
+            self.engine.wait_until_ready(program, sample, timeout=3600)
+        return self.evaluate_program(program, sample), "integer configuration above the engine's crossover", compile_s
+
+    def evaluate_program(self, program, sample: StereoSample | None = None) -> Evaluation:
+        """Like `evaluate`, with the disparity computed by an engine program (stereo only)."""
+        start = time.perf_counter()
+        sample = sample if sample is not None else self._default_sample()
+        disparity = self.engine.disparity(program, sample)
+        metrics = stereo_metrics(disparity, sample.disparity) if sample.disparity is not None else {}
+        metrics = {k: v for k, v in metrics.items() if k != "valid_pixels"}
+        return Evaluation(metrics, disparity=disparity, seconds=time.perf_counter() - start, path="engine")
+
+    def _default_sample(self) -> StereoSample:
+        from jpq_core.data import stereo_eval_samples
+
+        return stereo_eval_samples(self.task.eval_data)[0]
 
 
 def matching_runs(results, config: LiveConfig):

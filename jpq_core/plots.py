@@ -12,7 +12,10 @@ ERROR_SCALE = "Inferno"
 
 
 def _image_layout(fig: go.Figure, title: str, height: int) -> go.Figure:
-    fig.update_layout(title=title, height=height, margin=dict(l=0, r=0, t=40, b=0))
+    # The title sits just above the image and below the top margin, where plotly draws its toolbar: in a
+    # narrow column a title at the top would be hidden under the toolbar's buttons.
+    fig.update_layout(title=dict(text=title, x=0, xanchor="left", y=1, yref="paper", yanchor="bottom", pad=dict(b=6)),
+                      height=height, margin=dict(l=0, r=0, t=64, b=0))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
     return fig

@@ -9,14 +9,15 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app_support.ui import (cached_results, cost_cards, dense_evaluation, ensure_scores, live_network, live_result,
-                            show_error, sidebar_config)
 from jpq_core.cluster import configured_address
 from jpq_core.errors import JPQError
 from jpq_core.live import compress_command, matching_runs
-from jpq_core.plots import (ERROR_LIMIT_PX, confusion_figure, disparity_figure, disparity_limit, error_map,
-                            layer_cost_figure, rgb_figure)
+from jpq_core.images import DISPARITY_SCALE, ERROR_LIMIT_PX, ERROR_SCALE, colour_bar_png
+from jpq_core.plots import confusion_figure, layer_cost_figure
 from jpq_core.report import finetuning_label
+from app_support.ui import (cached_results, compressed_images, cost_cards, deferred, dense_evaluation, ensure_scores,
+                            image_with_title, live_network, live_result, path_caption, pytorch_result, show_error,
+                            sidebar_config, stereo_reference_images)
 
 st.set_page_config(page_title="JPQ Explorer", layout="wide")
 st.title("JPQ Explorer")
@@ -36,7 +37,7 @@ except JPQError as exc:
     st.stop()
 
 m, d = result.evaluation.metrics, dense.metrics
-cols = st.columns(4)
+cols = st.columns(5)
 if "bad3" in m:
     cols[0].metric("bad-3", f"{m['bad3']:.1%}", delta=f"{m['bad3'] - d['bad3']:+.1%} vs dense", delta_color="inverse",
                    help="share of pixels with ground truth whose disparity is off by more than 3 px")
@@ -49,7 +50,21 @@ else:
                    help=f"of {int(result.evaluation.confusion.sum())} test images")
 cols[2].metric("Sparsity achieved", f"{result.sparsity:.2%}", help="share of prunable weights that are exactly zero")
 cols[3].metric("Weight bits / act. bits", f"{config.wbits or 32} / {config.abits or 32}")
+cols[4].metric("Computed by", result.evaluation.path, delta=f"{result.evaluation.seconds:.2f} s", delta_color="off",
+               delta_arrow="off", help="what ran the compressed network on the evaluation data, and how long that took")
 cost_cards(result.cost)
+st.caption(path_caption(result, dense))
+if result.evaluation.path == "engine" and st.toggle("Check the engine against PyTorch", key="ex_check_engine",
+                                                    help="run the same configuration in PyTorch (slower) and "
+                                                         "compare the metrics"):
+    def show_check(reference) -> None:
+        r = reference.evaluation.metrics
+        st.caption("PyTorch on the same configuration: " + ", ".join(
+            f"{k} {r[k]:.4f} (engine {m[k]:.4f})" for k in ("bad3", "epe") if k in r)
+            + f"; PyTorch took {reference.evaluation.seconds:.2f} s against the engine's {result.evaluation.seconds:.2f} s.")
+
+    deferred("Running the same configuration in PyTorch; the rest of the page does not wait for it.",
+             lambda: pytorch_result(config), show_check)
 
 runs = matching_runs(cached_results()[0], config) if not config.checkpoint else cached_results()[0].iloc[:0]
 tuned = runs[runs["finetune"] != "none"] if not runs.empty else runs
@@ -69,16 +84,17 @@ with st.expander(f"Fine-tuned runs of this configuration (cached): {len(tuned)}"
 st.subheader("What the network sees and says")
 evaluation = result.evaluation
 if live_network(config.network).is_stereo:
-    from jpq_core.data import stereo_eval_samples
-
-    sample = stereo_eval_samples("middlebury")[0]
-    zmax = disparity_limit(sample.disparity)
-    error = error_map(evaluation.disparity, sample.disparity)
+    fixed, live_maps = stereo_reference_images(config.network, config.checkpoint), compressed_images(config)
     row = st.columns(4)
-    row[0].plotly_chart(rgb_figure(sample.left, "Left image", height=260), width="stretch")
-    row[1].plotly_chart(disparity_figure(dense.disparity, "Dense network", zmax, height=260), width="stretch")
-    row[2].plotly_chart(disparity_figure(evaluation.disparity, "Compressed", zmax, height=260), width="stretch")
-    row[3].plotly_chart(disparity_figure(error, "Compressed |error|", ERROR_LIMIT_PX, height=260, error=True), width="stretch")
+    image_with_title(row[0], "Left image", fixed["left"])
+    image_with_title(row[1], "Dense network", fixed["dense"])
+    image_with_title(row[2], "Compressed", live_maps["compressed"])
+    image_with_title(row[3], "Compressed |error|", live_maps["error"])
+    bars = st.columns(4)
+    bars[1].image(colour_bar_png(DISPARITY_SCALE), width="stretch",
+                  caption=f"disparity: 0 px (far) to {fixed['zmax']:.0f} px (near), both maps")
+    bars[3].image(colour_bar_png(ERROR_SCALE), width="stretch",
+                  caption=f"|error|: 0 to {ERROR_LIMIT_PX:.0f} px and more; white: no ground truth")
     st.caption("Middlebury 2014 motorcycle pair (741x500), ground truth from the dataset. The Depth maps page "
                "compares two settings and SGBM, on this pair, synthetic scenes or your own.")
 else:
@@ -99,5 +115,6 @@ st.dataframe(table, hide_index=True, width="stretch",
                             "weight KiB": st.column_config.NumberColumn(format="%.2f")})
 t = result.timings
 st.caption(f"This configuration took {sum(t.values()):.2f} s on this machine: scores {t['scores']:.2f} s, masks "
-           f"{t['masks']:.2f} s, activation calibration {t['calibrate']:.2f} s, evaluation {t['evaluate']:.2f} s, "
+           f"{t['masks']:.2f} s, activation calibration {t['calibrate']:.2f} s, compiling for the engine {t['compile']:.2f} s, "
+           f"evaluation {t['evaluate']:.2f} s, "
            f"cost model {t['cost']:.2f} s. No fine-tuning: see Trade-offs for fine-tuned runs.")

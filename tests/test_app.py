@@ -240,3 +240,45 @@ def test_an_uploaded_pair_without_ground_truth_is_shown_without_scores(root):
     uploaders["dm_right"].upload("right.png", _png(64, 96), "image/png").run()
     assert not at.exception and not at.error
     assert "No ground truth" in at.info[0].value
+
+
+def test_explore_says_which_path_computed_it_and_the_engine_takes_over_once_ready(root):
+    import time
+
+    from jpq_core.ui import live_network
+
+    at = _explore(root, criterion="magnitude", sparsity="0.9", wbits="8", abits="8")
+    assert not at.exception
+    caption = " ".join(c.value for c in at.caption)
+    assert "Dense PyTorch on the same input" in caption
+    assert len(at.get("image")) >= 4  # left image, dense, compressed and error maps as images, not heatmaps
+    engine = live_network("stereo").engine
+    deadline = time.time() + 900
+    while engine.compiling() and time.time() < deadline:  # the first program's kernels compile in the background
+        time.sleep(0.2)
+    at.sidebar.select_slider(key="w_sparsity").set_value(0.91).run()
+    assert not at.exception
+    assert _metrics(at)["Computed by"].startswith("engine")
+    assert "sparse integer engine" in " ".join(c.value for c in at.caption)
+    at.sidebar.select_slider(key="w_wbits").set_value(16).run()  # 16-bit weights: not an integer configuration
+    assert _metrics(at)["Computed by"].startswith("PyTorch")
+    assert "not an integer configuration" in " ".join(c.value for c in at.caption)
+
+
+def test_the_engine_check_fills_in_pytorch_s_numbers_beside_the_engine_s(root):
+    import time
+
+    from jpq_core.ui import live_network
+
+    at = _explore(root, criterion="magnitude", sparsity="0.93", wbits="8", abits="8")
+    engine = live_network("stereo").engine
+    deadline = time.time() + 900
+    while engine.compiling() and time.time() < deadline:
+        time.sleep(0.2)
+    at.sidebar.select_slider(key="w_sparsity").set_value(0.94).run()
+    assert _metrics(at)["Computed by"] == "engine"
+    at.toggle(key="ex_check_engine").set_value(True).run()
+    assert not at.exception
+    check = next(c.value for c in at.caption if c.value.startswith("PyTorch on the same configuration"))
+    pytorch_bad3, engine_bad3 = (float(x) for x in re.search(r"bad3 ([\d.]+) \(engine ([\d.]+)\)", check).groups())
+    assert pytorch_bad3 == pytest.approx(engine_bad3, abs=0.005)

@@ -122,3 +122,12 @@ def test_activation_quantizer_calibrates_and_bounds_error(method):
 def test_activation_calibration_without_data_is_a_clear_error():
     with pytest.raises(JPQError, match="saw no data"):
         ActivationQuantizer(8).finish_calibration()
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 10_001, 1_000_000])
+def test_tail_quantiles_equal_torch_quantile(n):
+    from jpq_core.quantization import tail_quantiles
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) ** 3  # heavy tails, like activations
+    expected = torch.quantile(x, torch.tensor([1e-4, 1 - 1e-4]))
+    assert (torch.stack(tail_quantiles(x, 1e-4)) == expected).all()
