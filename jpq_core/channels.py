@@ -113,6 +113,19 @@ def _as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
+def _runs(model: nn.Module, inputs) -> bool:
+    """Whether the network's forward accepts `inputs`."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+        return True
+    except Exception:  # any failure means the inputs do not fit
+        return False
+    finally:
+        model.train(was_training)
+
+
 def _trace(model: nn.Module, example_inputs, ignored_layers=()):
     """(DependencyGraph, [(ChannelGroup, torch-pruning group)]) for every prunable group of `model`."""
     inputs = _as_tuple(example_inputs)
@@ -130,6 +143,11 @@ def _trace(model: nn.Module, example_inputs, ignored_layers=()):
             )
     except Exception as e:  # a wrong number or shape of inputs surfaces here as anything at all
         shapes = ", ".join(str(tuple(x.shape)) if torch.is_tensor(x) else type(x).__name__ for x in inputs)
+        if _runs(model, inputs):  # the inputs fit: torch-pruning cannot follow this network's channels
+            raise JPQError(
+                f"torch-pruning could not follow the channel coupling of {type(model).__name__} ({type(e).__name__}: {e}), "
+                "e.g. through a channel shuffle; channel-level criteria are not available for it: use a weight-level "
+                "criterion (magnitude, taylor, fisher, snip, gradient, random).") from e
         raise JPQError(
             f"could not trace {type(model).__name__} with example inputs of shapes ({shapes}): {e}. Pass a tuple of "
             "inputs its forward accepts, e.g. (left, right) for the stereo network."

@@ -148,12 +148,17 @@ def load_network(name: str, checkpoint: Path | None = None, num_classes: int | N
     means nothing; its cost, scores and engine speed do)."""
     _check_name(name)
     if not is_shipped(name):
-        with torch.device("meta"):  # count first: a giant zoo model must not take the memory
-            params = sum(p.numel() for p in build_network(name, num_classes).parameters())
+        try:  # count on the meta device first: a giant zoo model must not take the memory
+            with torch.device("meta"):
+                model = build_network(name, num_classes)
+        except (JPQError, RuntimeError, NotImplementedError):  # an initialiser that needs data (RegNet): count for real
+            model = build_network(name, num_classes)
+        params = sum(p.numel() for p in model.parameters())
         if params * 4 > MAX_CHECKPOINT_BYTES:
             raise JPQError(f"{name!r} has {params:,} parameters, over the {MAX_CHECKPOINT_BYTES // 2**20} MiB limit for "
                            "networks; choose a smaller model.")
-        model = build_network(name, num_classes)
+        if next(iter(model.parameters()), torch.zeros(0)).is_meta:
+            model = build_network(name, num_classes)
         return (load_weights(model, Path(checkpoint)) if checkpoint is not None else model).eval()
     path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint(name)
     if checkpoint is None and not path.exists():
