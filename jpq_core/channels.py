@@ -418,11 +418,7 @@ def channel_masks(model: nn.Module, groups: list[ChannelGroup], group_scores, sp
         start += g.size
     candidates.sort(key=lambda t: (float(flat[t[0]]), t[0]))
 
-    # Weights removed so far, exactly: layer l keeps kept_out * kept_in * kernel weights.
-    kept_out = {k: m.shape[0] for k, m in masks.items()}
-    kept_in = {k: m.shape[1] for k, m in masks.items()}
-    kernel = {k: int(m[0, 0].numel()) for k, m in masks.items()}
-    removed = 0
+    removed = 0  # weights removed so far, counted exactly as they leave the masks
     for _, gi, c in candidates:
         if removed >= target:
             break
@@ -430,15 +426,7 @@ def channel_masks(model: nn.Module, groups: list[ChannelGroup], group_scores, sp
             if m.kind not in ("out", "in") or m.layer not in masks:
                 continue
             for idx in m.index[m.root == c].tolist():
-                mask, k = masks[m.layer], m.layer
-                if m.kind == "out" and mask[idx].any():
-                    mask[idx] = False
-                    removed += kept_in[k] * kernel[k]
-                    kept_out[k] -= 1
-                elif m.kind == "in" and mask[:, idx].any():
-                    mask[:, idx] = False
-                    removed += kept_out[k] * kernel[k]
-                    kept_in[k] -= 1
+                removed += _remove_channel(masks[m.layer], layers[m.layer], m.kind, idx)
     if removed < target:
         raise JPQError(
             f"sparsity {sparsity:.4g} cannot be reached by removing channels: keeping min_channels={min_channels} per "
@@ -446,6 +434,23 @@ def channel_masks(model: nn.Module, groups: list[ChannelGroup], group_scores, sp
             "prunable weights can go. Lower the sparsity or min_channels."
         )
     return masks
+
+
+def _remove_channel(mask: torch.Tensor, layer: nn.Module, kind: str, idx: int) -> int:
+    """Clear output channel `idx` (kind "out") or input channel `idx` (kind "in") of a layer's mask; returns how
+    many kept weights that removed. A grouped convolution's input channel idx is column idx % (C_in / groups)
+    of the output channels of group idx // (C_in / groups)."""
+    if kind == "out":
+        part = mask[idx]
+    else:
+        per_group = mask.shape[1]
+        groups = getattr(layer, "groups", 1)
+        rows = mask.shape[0] // groups
+        group = idx // per_group if groups > 1 else 0
+        part = mask[group * rows:(group + 1) * rows, idx % per_group] if groups > 1 else mask[:, idx]
+    count = int(part.sum())
+    part[...] = False
+    return count
 
 
 def _masks_from_channels(model, traced, channels: dict) -> dict[str, torch.Tensor]:
@@ -462,10 +467,8 @@ def _masks_from_channels(model, traced, channels: dict) -> dict[str, torch.Tenso
                 raise JPQError(f"{layer!r} has no output channel {i}.")
             for m in g.members:
                 for j in m.index[m.root == hit[0]].tolist():
-                    if m.kind == "out":
-                        masks[m.layer][j] = False
-                    elif m.kind == "in":
-                        masks[m.layer][:, j] = False
+                    if m.kind in ("out", "in"):
+                        _remove_channel(masks[m.layer], model.get_submodule(m.layer), m.kind, j)
     return masks
 
 

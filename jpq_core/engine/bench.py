@@ -33,13 +33,16 @@ SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 WBITS = (8, 4)
 
 
-def magnitude_compressed(model, task, sparsity: float, wbits, abits=8, calibration_batches: int = 4, seed: int = 0):
+def magnitude_compressed(model, task, sparsity: float, wbits, abits=8, calibration_batches: int = 4, seed: int = 0,
+                         allocation: str = "global"):
     """`model` pruned by magnitude and quantized, activations calibrated, without fine-tuning
-    (the prune-then-quantize pipeline with finetune="none", minus its evaluation)."""
+    (the prune-then-quantize pipeline with finetune="none", minus its evaluation). `allocation="uniform"`
+    prunes every layer alike: a randomly initialised network, whose layers' weight scales differ, would lose
+    whole layers to one global threshold."""
     from jpq_core.pipeline import CompressionConfig, add_activation_quantizers, attach, calibrate_activations, prune_masks
 
     config = CompressionConfig(criterion="magnitude", sparsity=sparsity, wbits=wbits, abits=abits, finetune="none",
-                               calibration_batches=calibration_batches, seed=seed).check()
+                               calibration_batches=calibration_batches, seed=seed, allocation=allocation).check()
     net = attach(copy.deepcopy(model).eval(), None, None)
     attach(net, prune_masks(net, task, config, sparsity), config.wbits)
     if config.abits is not None:

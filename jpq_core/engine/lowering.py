@@ -428,8 +428,8 @@ class Lowering:
             return _Shape(node.args[0], node.args[1] if fn == "size" and len(node.args) > 1 else None)
         if fn == "getitem" and isinstance(args[0], _Shape) and args[0].index is None:
             return _Shape(args[0].source, node.args[1])
-        if any(isinstance(a, _Shape) for a in args if a is not args[0]) and fn not in ("view", "reshape"):
-            raise unsupported("it computes with the tensor's shape")
+        if any(isinstance(a, _Shape) for a in args) and fn not in ("view", "reshape"):
+            raise unsupported("it computes with the tensor's shape, which the engine does not follow")
         kind = _function_activation(node)
         if kind is not None:
             return self.glue(name, "activation", [tensor(0)], kind=kind[0], a=kind[1], b=kind[2])
