@@ -107,7 +107,7 @@ class _Blocks(nn.Module):
         y = nn.functional.leaky_relu(self.bn(self.a(x)), 0.1)
         z = nn.functional.gelu(self.b(y))
         z = nn.functional.interpolate(z, scale_factor=(2, 1), mode="nearest")
-        h = self.c(torch.cat([y, z * 0.5 + 1], 1))
+        h = 1 - self.c(torch.cat([y, z * 0.5 + 1], 1)) / 3 - 0.5
         h = nn.functional.avg_pool2d(h, 3, 2, 1, count_include_pad=False)
         h = nn.functional.adaptive_max_pool2d(h, (4, 4))
         return self.fc(torch.flatten(h, 1))

@@ -552,7 +552,7 @@ class Lowering:
         op = {"add": "add", "mul": "mul", "truediv": "truediv", "div": "truediv", "sub": "sub", "rsub": "rsub"}.get(op, op)
         if all(tensors) and op in ("add", "mul"):
             return self.glue(name, op, [a, b])
-        if tensors[0] and numbers[1] or tensors[1] and numbers[0] and op in ("add", "mul"):
+        if (tensors[0] and numbers[1]) or (tensors[1] and numbers[0] and op in ("add", "mul", "sub")):
             x, c = (a, float(node.args[1])) if tensors[0] else (b, float(node.args[0]))
             mul, add = {"add": (1.0, c), "mul": (c, 0.0), "sub": (1.0, -c), "rsub": (-1.0, c),
                         "truediv": (1.0 / c if c else float("inf"), 0.0)}[op]

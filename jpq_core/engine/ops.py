@@ -1,7 +1,8 @@
 """The operations of an engine program. Each reads and writes numbered slots of float32 NCHW arrays.
 
 `Conv` (convolution or linear layer, with folded batch norm, requantization, residual add and (leaky) ReLU
-fused) carries packed weights; the others are float glue of the shipped networks. Every op describes
+fused) carries packed weights; `Glue` ops are the float rest: StereoNet's own ops and the general ones of
+traced networks (activations, add, multiply, concatenation, pooling, interpolation, ...). Every op describes
 itself as JSON plus named arrays (`describe`, `arrays`), which is all a program file holds.
 """
 
