@@ -115,6 +115,15 @@ class Conv:
             self._csr = (ptr, ci, ky, kx, val, corr, mul)
         return self._csr
 
+    @property
+    def pixelwise(self) -> bool:
+        """Whether this is a 1x1 convolution of stride 1 without padding, whose direct writes (if any) go to
+        unpadded stride-1 inputs: then it runs as one row of H * W pixels per sample (the same memory). The
+        kernel vectorises along a row, and the small feature maps of classifiers (8 x 8 down to 1 x 1 at 32 x 32
+        input) would fill a 16-lane vector by a row each, mostly idle."""
+        return (not self.linear and self.shape[2:] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+                and all(c.padding == (0, 0) and c.stride[1] == 1 for c in self.consumers))
+
     def geometry(self, h: int, w: int) -> dict:
         """Padded input layout, output size and flat offsets for an h x w input (cached per size)."""
         if (h, w) not in self._geometry:
@@ -201,11 +210,13 @@ class Conv:
         kernel, args = self.kernel_args(buffers, n, out_h, out_w)
         keep = args[19]
         if self.residual is not None:
-            args[8] = env[self.residual].reshape(n, co, 1, 1) if self.linear else env[self.residual]
+            res = env[self.residual]
+            args[8] = res.reshape(n, co, 1, 1) if self.linear else \
+                np.ascontiguousarray(res).reshape(n, co, 1, -1) if self.pixelwise else res
         args[-1] = buffers.get(FRESH, True)
         kernel(*args)
         if keep:
-            env[self.output] = args[18].reshape(n, -1) if self.linear else args[18]
+            env[self.output] = args[18].reshape(n, -1) if self.linear else args[18].reshape(n, co, out_h, out_w)
 
     def kernel_args(self, buffers: dict, n: int, out_h: int, out_w: int) -> tuple:
         """(kernel, arguments) of the convolution for this input size (the residual, slot 8, and `fresh`, the
@@ -214,13 +225,18 @@ class Conv:
         key = (id(self), "args", n, out_h, out_w, numba.get_num_threads())
         if key in buffers:
             return buffers[key]
-        g = self.geometry(*buffers[id(self)][1:3])
+        h, w = buffers[id(self)][1:3]
         co = self.shape[0]
         keep = self.keep or not self.consumers
         out = self.output_buffer(buffers, (n, co, out_h, out_w)) if keep else _NO_FLOAT
         dests = [(consumer.input_buffer(buffers, n // parts, out_h, out_w), np.array(consumer.store_params(), np.float32),
                   np.array([c0, consumer.padding[0], 1, consumer.padding[1]], np.int64))
                  for consumer, (_, c0, parts) in zip(self.consumers, self.targets or [])]
+        if self.pixelwise:  # one row of h * w pixels: the same memory, seen as (.., 1, h * w)
+            h, w, out_h, out_w = 1, h * w, 1, out_h * out_w
+            out = out.reshape(n, co, 1, out_w) if keep else out
+            dests = [(d.reshape(d.shape[:3] + (1, -1)), store, place) for d, store, place in dests]
+        g = self.geometry(h, w)
         unused = np.zeros((1, 1, 1, 1, 1), dests[0][0].dtype if dests else np.uint8)
         dests += [(unused, np.zeros(4, np.float32), np.zeros(4, np.int64))] * (2 - len(dests))
         ptr, _, _, _, val, corr, mul = self._kernel_weights()
