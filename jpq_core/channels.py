@@ -114,6 +114,19 @@ def _as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
+def _runs(model: nn.Module, inputs) -> bool:
+    """Whether the network's forward accepts `inputs`."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+        return True
+    except Exception:  # any failure means the inputs do not fit
+        return False
+    finally:
+        model.train(was_training)
+
+
 def _trace(model: nn.Module, example_inputs, ignored_layers=()):
     """(DependencyGraph, [(ChannelGroup, torch-pruning group)]) for every prunable group of `model`."""
     inputs = _as_tuple(example_inputs)
@@ -131,6 +144,11 @@ def _trace(model: nn.Module, example_inputs, ignored_layers=()):
             )
     except Exception as e:  # a wrong number or shape of inputs surfaces here as anything at all
         shapes = ", ".join(str(tuple(x.shape)) if torch.is_tensor(x) else type(x).__name__ for x in inputs)
+        if _runs(model, inputs):  # the inputs fit: torch-pruning cannot follow this network's channels
+            raise JPQError(
+                f"torch-pruning could not follow the channel coupling of {type(model).__name__} ({type(e).__name__}: {e}), "
+                "e.g. through a channel shuffle; channel-level criteria are not available for it: use a weight-level "
+                "criterion (magnitude, taylor, fisher, snip, gradient, random).") from e
         raise JPQError(
             f"could not trace {type(model).__name__} with example inputs of shapes ({shapes}): {e}. Pass a tuple of "
             "inputs its forward accepts, e.g. (left, right) for the stereo network."
@@ -400,11 +418,7 @@ def channel_masks(model: nn.Module, groups: list[ChannelGroup], group_scores, sp
         start += g.size
     candidates.sort(key=lambda t: (float(flat[t[0]]), t[0]))
 
-    # Weights removed so far, exactly: layer l keeps kept_out * kept_in * kernel weights.
-    kept_out = {k: m.shape[0] for k, m in masks.items()}
-    kept_in = {k: m.shape[1] for k, m in masks.items()}
-    kernel = {k: int(m[0, 0].numel()) for k, m in masks.items()}
-    removed = 0
+    removed = 0  # weights removed so far, counted exactly as they leave the masks
     for _, gi, c in candidates:
         if removed >= target:
             break
@@ -412,15 +426,7 @@ def channel_masks(model: nn.Module, groups: list[ChannelGroup], group_scores, sp
             if m.kind not in ("out", "in") or m.layer not in masks:
                 continue
             for idx in m.index[m.root == c].tolist():
-                mask, k = masks[m.layer], m.layer
-                if m.kind == "out" and mask[idx].any():
-                    mask[idx] = False
-                    removed += kept_in[k] * kernel[k]
-                    kept_out[k] -= 1
-                elif m.kind == "in" and mask[:, idx].any():
-                    mask[:, idx] = False
-                    removed += kept_out[k] * kernel[k]
-                    kept_in[k] -= 1
+                removed += _remove_channel(masks[m.layer], layers[m.layer], m.kind, idx)
     if removed < target:
         raise JPQError(
             f"sparsity {sparsity:.4g} cannot be reached by removing channels: keeping min_channels={min_channels} per "
@@ -428,6 +434,23 @@ def channel_masks(model: nn.Module, groups: list[ChannelGroup], group_scores, sp
             "prunable weights can go. Lower the sparsity or min_channels."
         )
     return masks
+
+
+def _remove_channel(mask: torch.Tensor, layer: nn.Module, kind: str, idx: int) -> int:
+    """Clear output channel `idx` (kind "out") or input channel `idx` (kind "in") of a layer's mask; returns how
+    many kept weights that removed. A grouped convolution's input channel idx is column idx % (C_in / groups)
+    of the output channels of group idx // (C_in / groups)."""
+    if kind == "out":
+        part = mask[idx]
+    else:
+        per_group = mask.shape[1]
+        groups = getattr(layer, "groups", 1)
+        rows = mask.shape[0] // groups
+        group = idx // per_group if groups > 1 else 0
+        part = mask[group * rows:(group + 1) * rows, idx % per_group] if groups > 1 else mask[:, idx]
+    count = int(part.sum())
+    part[...] = False
+    return count
 
 
 def _masks_from_channels(model, traced, channels: dict) -> dict[str, torch.Tensor]:
@@ -444,10 +467,8 @@ def _masks_from_channels(model, traced, channels: dict) -> dict[str, torch.Tenso
                 raise JPQError(f"{layer!r} has no output channel {i}.")
             for m in g.members:
                 for j in m.index[m.root == hit[0]].tolist():
-                    if m.kind == "out":
-                        masks[m.layer][j] = False
-                    elif m.kind == "in":
-                        masks[m.layer][:, j] = False
+                    if m.kind in ("out", "in"):
+                        _remove_channel(masks[m.layer], model.get_submodule(m.layer), m.kind, j)
     return masks
 
 

@@ -87,7 +87,13 @@ def cmd_evaluate(args) -> int:
     from jpq_core.models import task_of
     from jpq_core.pipeline import load_any
 
-    model, compressed = load_any(args.network, args.checkpoint)
+    _use_model_flag(args)
+    num_classes = None
+    if task_of(args.network) != "stereo":
+        from jpq_core.tasks import make_task
+
+        num_classes = make_task(args.network, args.data if args.data != "middlebury" else "digits").num_classes
+    model, compressed = load_any(args.network, args.checkpoint, num_classes)
     if task_of(args.network) == "stereo":
         samples = _stereo_samples(args)
         if any(s.disparity is None for s in samples):
@@ -113,6 +119,14 @@ def cmd_baselines(args) -> int:
     result = {"data": "user-pair" if args.left else args.data, "baselines": run_baselines(samples)}
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
+
+
+def _use_model_flag(args) -> None:
+    """--model FILE.py:FACTORY: run the user's file (named on this command line) and use its network."""
+    if getattr(args, "model", None):
+        from jpq_core.models import register_factory
+
+        args.network = register_factory(args.model)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -153,6 +167,7 @@ def cmd_compress(args) -> int:
     from jpq_core.tasks import make_task
 
     _set_threads(args.threads)
+    _use_model_flag(args)
     config = CompressionConfig(
         network=args.network, criterion=args.criterion, sparsity=args.sparsity, wbits=args.wbits, abits=args.abits,
         pipeline=args.pipeline, finetune=args.finetune, allocation=args.allocation, schedule=args.schedule,
@@ -162,9 +177,9 @@ def cmd_compress(args) -> int:
         calibration=args.calibration, calibration_batches=args.calibration_batches, lr=args.lr, lr_schedule=args.lr_schedule,
         learned_step=args.learned_step, seed=args.seed,
     ).check()
-    model = load_network(args.network, args.checkpoint)
     data = args.data if args.data else ("middlebury" if task_of(args.network) == "stereo" else "digits")
     task = make_task(args.network, data)
+    model = load_network(args.network, args.checkpoint, getattr(task, "num_classes", None))
     bar = tqdm(desc="compress", disable=args.quiet, unit="batch")  # stderr: --json output stays clean
 
     def progress(stage, i, n):
@@ -248,6 +263,7 @@ def cmd_bench(args) -> int:
     from jpq_core.engine.bench import benchmark
     from jpq_core.pruning import check_sparsity
 
+    _use_model_flag(args)
     for s in args.sparsities:
         check_sparsity(s)
     result = benchmark(args.network, args.sparsities, [_bits(b) for b in args.wbits.split(",")], batch=args.batch,
@@ -296,15 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gt-scale", type=float, default=256.0, help="PNG ground truth = disparity * scale (default 256)")
         p.add_argument("--json", action="store_true", help="one line of JSON")
 
+    network_help = ("stereo, resnet20, resnet18, or tv:NAME for any torchvision classification model (e.g. "
+                    "tv:mobilenet_v2; randomly initialised unless --checkpoint gives weights)")
+    model_help = ("your own network: FILE.py:FACTORY, a function returning a torch.nn.Module (given num_classes= "
+                  "when it takes it); the file runs as Python, so name only files you trust")
+
     p = sub.add_parser("evaluate", help="score a network (shipped or --checkpoint) on data")
-    p.add_argument("--network", default="stereo")
+    p.add_argument("--network", default="stereo", help=network_help)
+    p.add_argument("--model", help=model_help)
     p.add_argument("--checkpoint", help="your own .safetensors or .pt state dict (loaded as weights only), or a "
                    "compressed network saved by `compress --save` or a sweep (with its .json)")
     add_data_args(p, "middlebury")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compress", help="prune and quantize a network, fine-tune, report accuracy and cost")
-    p.add_argument("--network", default="stereo")
+    p.add_argument("--network", default="stereo", help=network_help)
+    p.add_argument("--model", help=model_help)
     p.add_argument("--checkpoint", help="start from your own weights instead of the shipped ones")
     p.add_argument("--data", help="evaluation data (stereo: middlebury or synthetic; classifiers: digits, cifar10:PATH, ...)")
     p.add_argument("--criterion", default="taylor", help="magnitude, taylor(-abs|-square)(-norm), fisher, snip, gradient, random; channel level: group-l1, group-l2, bn-scale, group-taylor, group-fisher")
@@ -368,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", choices=["engine", "live"],
                    help="engine: sparse integer engine vs PyTorch; live: seconds per slider change in the app")
     p.add_argument("--criterion", default="taylor", help="live: the criterion whose scores are cached")
-    p.add_argument("--network", default="stereo", help="stereo, resnet20 or resnet18")
+    p.add_argument("--network", default="stereo", help=network_help)
+    p.add_argument("--model", help=model_help)
     p.add_argument("--checkpoint", help="your own weights instead of the shipped ones")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="threads for PyTorch and the engine alike (default 1; the app uses all)")

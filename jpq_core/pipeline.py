@@ -493,7 +493,7 @@ def compressed_summary(side: dict) -> dict:
             "pipeline": cfg.get("pipeline"), "finetune": cfg.get("finetune"), "steps": cfg.get("steps")}
 
 
-def load_any(network: str, checkpoint=None) -> tuple[nn.Module, dict | None]:
+def load_any(network: str, checkpoint=None, num_classes: int | None = None) -> tuple[nn.Module, dict | None]:
     """`network` from `checkpoint` (the shipped weights when None), whatever the project wrote there:
 
     - a compressed network with its sidecar (`compress --save`, the sweeps): loaded by `load_compressed`, masks,
@@ -502,12 +502,13 @@ def load_any(network: str, checkpoint=None) -> tuple[nn.Module, dict | None]:
       (pruned, quantized) weights as a plain network, the activation quantizers left out, since their bit widths
       are in the sidecar; returns (network, {"sparsity", "note"});
     - plain weights: `jpq_core.models.load_network`; returns (network, None).
+    `num_classes`: the classifier's outputs, for torchvision models and user factories (see `build_network`).
     """
     from jpq_core.checkpoints import fit_state_dict, read_sidecar, read_state_dict
     from jpq_core.models import build_network, load_network
 
     if checkpoint is None:
-        return load_network(network), None
+        return load_network(network, None, num_classes), None
     path = Path(checkpoint)
     if read_sidecar(path).get("compressed"):
         net, side = load_compressed(path)
@@ -518,9 +519,9 @@ def load_any(network: str, checkpoint=None) -> tuple[nn.Module, dict | None]:
     state = read_state_dict(path)
     masks = {k: v for k, v in state.items() if k.startswith(MASK_PREFIX)}
     if not masks:
-        return load_network(network, path), None
+        return load_network(network, path, num_classes), None
     weights = {k: v for k, v in state.items() if not k.startswith(MASK_PREFIX) and ".input_quantizer." not in k}
-    net = build_network(network).eval()
+    net = build_network(network, num_classes).eval()
     net.load_state_dict(fit_state_dict(net, weights, path))
     kept = sum(int((m != 0).sum()) for m in masks.values())
     return net, {"sparsity": 1.0 - kept / max(1, sum(m.numel() for m in masks.values())),

@@ -224,8 +224,14 @@ class ClassificationTask:
     def data_key(self) -> str:
         return f"{self.data.replace(':', '_').replace('/', '_')}n{self.batch_size}"
 
+    @property
+    def num_classes(self) -> int:
+        """Classes in the data (labels 0..n-1): the classifier's outputs for a network built for it."""
+        return int(max(self.train_y.max(), self.test_y.max())) + 1
+
     def example_inputs(self):
-        return (torch.zeros(1, 3, 32, 32),)
+        """One zero image at the data's size (channels, height, width)."""
+        return (torch.zeros(1, *self.train_x.shape[1:]),)
 
     trace_inputs = example_inputs
 

@@ -245,7 +245,7 @@ def test_an_uploaded_pair_without_ground_truth_is_shown_without_scores(root):
 def test_explore_says_which_path_computed_it_and_the_engine_takes_over_once_ready(root):
     import time
 
-    from jpq_core.ui import live_network
+    from app_support.ui import live_network
 
     at = _explore(root, criterion="magnitude", sparsity="0.9", wbits="8", abits="8")
     assert not at.exception
@@ -268,7 +268,7 @@ def test_explore_says_which_path_computed_it_and_the_engine_takes_over_once_read
 def test_the_engine_check_fills_in_pytorch_s_numbers_beside_the_engine_s(root):
     import time
 
-    from jpq_core.ui import live_network
+    from app_support.ui import live_network
 
     at = _explore(root, criterion="magnitude", sparsity="0.93", wbits="8", abits="8")
     engine = live_network("stereo").engine

@@ -33,23 +33,27 @@ SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 WBITS = (8, 4)
 
 
-def magnitude_compressed(model, task, sparsity: float, wbits, abits=8, calibration_batches: int = 4, seed: int = 0):
+def magnitude_compressed(model, task, sparsity: float, wbits, abits=8, calibration_batches: int = 4, seed: int = 0,
+                         allocation: str = "global"):
     """`model` pruned by magnitude and quantized, activations calibrated, without fine-tuning
-    (the prune-then-quantize pipeline with finetune="none", minus its evaluation)."""
+    (the prune-then-quantize pipeline with finetune="none", minus its evaluation). `allocation="uniform"`
+    prunes every layer alike: a randomly initialised network, whose layers' weight scales differ, would lose
+    whole layers to one global threshold."""
     from jpq_core.compression import compress_without_training
     from jpq_core.pipeline import CompressionConfig
 
     config = CompressionConfig(criterion="magnitude", sparsity=sparsity, wbits=wbits, abits=abits, finetune="none",
-                               calibration_batches=calibration_batches, seed=seed).check()
+                               calibration_batches=calibration_batches, seed=seed, allocation=allocation).check()
     return compress_without_training(model, task, config)
 
 
-def plain_copy(compressed, network: str):
-    """A plain network (no parametrizations or hooks) computing with the effective float32 weights."""
+def plain_copy(compressed, dense: nn.Module | str):
+    """A plain network (no parametrizations or hooks) computing with the effective float32 weights;
+    `dense` is the uncompressed network (a copy of it is made) or a shipped network's name."""
     from jpq_core.models import build_network
     from jpq_core.compressed import effective_state_dict
 
-    plain = build_network(network).eval()
+    plain = (build_network(dense) if isinstance(dense, str) else copy.deepcopy(dense)).eval()
     state = {k: v for k, v in effective_state_dict(compressed).items() if "input_quantizer" not in k}
     plain.load_state_dict(state)
     return plain
@@ -156,14 +160,14 @@ def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch
         raise JPQError("threads, batch and repeats must be 1 or more.")
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    model = load_network(network, checkpoint)
     task = make_task(network)
+    model = load_network(network, checkpoint, getattr(task, "num_classes", None))
     inputs = bench_inputs(network, batch, height, width)
     results = []
     for bits in wbits:
         for sparsity in sparsities:
             net = magnitude_compressed(model, task, sparsity, bits)
-            plain = plain_copy(net, network)
+            plain = plain_copy(net, model)
             program = compile_network(net, tuple(x[:1] for x in inputs))
             sparse = torch_sparse_copy(plain) if torch_sparse else None
             with torch.inference_mode():
@@ -184,7 +188,14 @@ def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch
                 progress(row)
     return {"network": network, "threads": threads, "batch": batch, "input": [list(x.shape) for x in inputs],
             "repeats": repeats, "results": results, "crossover": {str(b): crossover(results, b) for b in wbits},
-            "first_call_s": first_call_seconds(network, threads) if first_call else None}
+            # a user factory is loaded in this process only: a new one cannot build it
+            "first_call_s": first_call_seconds(network, threads) if first_call and is_shipped_or_zoo(network) else None}
+
+
+def is_shipped_or_zoo(network: str) -> bool:
+    from jpq_core.models import USER
+
+    return not network.startswith(USER)
 
 
 _FIRST_CALL = """
@@ -197,7 +208,8 @@ from jpq_core.models import load_network
 from jpq_core.tasks import make_task
 net = sys.argv[1]
 numba.set_num_threads(int(sys.argv[2])); torch.set_num_threads(int(sys.argv[2]))
-program = compile_network(magnitude_compressed(load_network(net), make_task(net), 0.9, 8, calibration_batches=1))
+task = make_task(net)
+program = compile_network(magnitude_compressed(load_network(net, None, getattr(task, 'num_classes', None)), task, 0.9, 8, calibration_batches=1))
 inputs = bench_inputs(net, 1)
 ready = time.perf_counter()
 program.run(*inputs)

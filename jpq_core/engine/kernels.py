@@ -25,6 +25,8 @@ Float path: the same kernel with float32 input and weights and corr = 0.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -45,13 +47,13 @@ def _store(v, mode, scale, zero, qmax):
 
 
 @njit(inline="always")
-def _split_pairs(pairs, w, dest, n, c, oy, c0, pad):
+def _split_pairs(pairs, w, dest, n, c, oy, c0, pad_h, pad):
     """Store a quantized row, held as byte pairs `pairs` (a uint16 view of a row of w bytes), into the two
-    column phases of a stride-2 dest (see `_emit`).
+    column phases of a stride-2 dest (see `_emit`; `pad_h` rows above, `pad` columns left).
 
     Column phase 0/1 of x is the low/high byte of pair x // 2, so splitting the phases is contiguous loads
     and shifts instead of strided gathers (which took most of a stride-2 consumer's store time)."""
-    un, uc, uy = np.uint64(n), np.uint64(c0 + c), np.uint64(oy + pad)
+    un, uc, uy = np.uint64(n), np.uint64(c0 + c), np.uint64(oy + pad_h)
     for p in range(2):
         j_lo = max(0, (pad - p + 1) // 2)
         j_hi = min(dest.shape[4], (w - 1 + pad - p) // 2 + 1)
@@ -70,14 +72,14 @@ def _split_pairs(pairs, w, dest, n, c, oy, c0, pad):
 
 
 @njit(inline="always")
-def _emit_quantized(acc, w, corr, mul, bias, low, dest, n, c, oy, c0, pad, qmax, scratch, pairs, res, rmul, has_res):
+def _emit_quantized(acc, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h, pad, qmax, scratch, pairs, res, rmul, has_res):
     """Store q = clamp(rint((acc[x] - corr) * mul + bias [+ rmul * res[n, c, oy, x]]), low, qmax) for the row
     acc[:w] into dest (stride 1 or 2) like `_emit`, straight from the accumulators: `mul`, `bias` and `rmul`
     fold the layer's output scale, the residual's scale and the consumer's quantizer (1 / scale, zero point),
     and `low` = the zero point folds a ReLU in."""
     if n >= dest.shape[0]:
         return
-    un, uc, uy, ur = np.uint64(n), np.uint64(c), np.uint64(oy), np.uint64(oy + pad)
+    un, uc, uy, ur = np.uint64(n), np.uint64(c), np.uint64(oy), np.uint64(oy + pad_h)
     if dest.shape[1] == 1:
         ud, shift = np.uint64(c0 + c), np.uint64(pad)
         if has_res:
@@ -95,13 +97,13 @@ def _emit_quantized(acc, w, corr, mul, bias, low, dest, n, c, oy, c0, pad, qmax,
     else:
         for x in range(np.uint64(w)):
             scratch[x] = np.uint8(min(max(np.rint(np.float32(acc[x] - corr) * mul + bias), low), qmax))
-    _split_pairs(pairs, w, dest, n, c, oy, c0, pad)
+    _split_pairs(pairs, w, dest, n, c, oy, c0, pad_h, pad)
 
 
 @njit(inline="always")
-def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax, scratch, pairs):
+def _emit(y, w, dest, n, c, oy, c0, pad_h, pad, mode, scale, zero, qmax, scratch, pairs):
     """Store the output row y[:w] of sample n, channel c, row oy into dest (N', S, C_total, H_pad, W_phase) at
-    channel c0 + c, row oy + pad, column x + pad split into S column phases, each value through `_store`.
+    channel c0 + c, row oy + pad_h, column x + pad split into S column phases, each value through `_store`.
     Samples n >= N' are not stored (a consumer that reads only the first part of the batch).
     `scratch` is a uint8 row of at least w + 2 (even) elements for the stride-2 quantized case, `pairs` its
     uint16 view.
@@ -112,7 +114,7 @@ def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax, scratch, pairs
     if n >= dest.shape[0]:
         return
     stride = dest.shape[1]
-    un, ud, ur = np.uint64(n), np.uint64(c0 + c), np.uint64(oy + pad)
+    un, ud, ur = np.uint64(n), np.uint64(c0 + c), np.uint64(oy + pad_h)
     if stride == 1:
         shift = np.uint64(pad)
         if mode == 2:  # branches outside the loops, so that each loop vectorises
@@ -128,7 +130,7 @@ def _emit(y, w, dest, n, c, oy, c0, pad, mode, scale, zero, qmax, scratch, pairs
     if mode == 2 and stride == 2:
         for x in range(np.uint64(w)):
             scratch[x] = np.uint8(min(max(np.rint(y[x] / scale) + zero, np.float32(0.0)), qmax))
-        _split_pairs(pairs, w, dest, n, c, oy, c0, pad)
+        _split_pairs(pairs, w, dest, n, c, oy, c0, pad_h, pad)
         return
     for p in range(stride):  # phase p holds padded columns j * stride + p, i.e. x = j * stride + p - pad
         j_lo = max(0, (pad - p + stride - 1) // stride)
@@ -213,10 +215,10 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
             if direct:
                 if place_a[2]:
                     _emit_quantized(acc, out_w, cr, m / sa, b / sa + za, low_a, dest_a, n, c, oy, place_a[0],
-                                    place_a[1], qa, scratch, pairs, res, res_scale / sa, has_res)
+                                    place_a[1], place_a[3], qa, scratch, pairs, res, res_scale / sa, has_res)
                 if place_b[2]:
                     _emit_quantized(acc, out_w, cr, m / sb, b / sb + zb, low_b, dest_b, n, c, oy, place_b[0],
-                                    place_b[1], qb, scratch, pairs, res, res_scale / sb, has_res)
+                                    place_b[1], place_b[3], qb, scratch, pairs, res, res_scale / sb, has_res)
                 continue
             un, uc, uy = np.uint64(n), np.uint64(c), np.uint64(oy)  # full indices, not row views (see `_emit`)
             if has_res:
@@ -231,9 +233,9 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
                 for x in range(w):
                     out[un, uc, uy, x] = y[x]
             if place_a[2]:
-                _emit(y, out_w, dest_a, n, c, oy, place_a[0], place_a[1], ma, sa, za, qa, scratch, pairs)
+                _emit(y, out_w, dest_a, n, c, oy, place_a[0], place_a[1], place_a[3], ma, sa, za, qa, scratch, pairs)
             if place_b[2]:
-                _emit(y, out_w, dest_b, n, c, oy, place_b[0], place_b[1], mb, sb, zb, qb, scratch, pairs)
+                _emit(y, out_w, dest_b, n, c, oy, place_b[0], place_b[1], place_b[3], mb, sb, zb, qb, scratch, pairs)
 
 
 def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope,
@@ -244,7 +246,7 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
 
     y goes, in the same pass, to the float output out (N, C, H, W) when `keep`, and to up to two padded,
     phase-split input buffers of consuming convolutions (dest_a, dest_b: (N', S, C_total, H_pad, W_phase)),
-    each with its store = (mode, scale, zero, qmax) (see `_store`) and place = (c0, pad, active). Where no
+    each with its store = (mode, scale, zero, qmax) (see `_store`) and place = (c0, pad_h, active, pad_w). Where no
     float output is kept and every destination is quantized, y is never formed: the epilogue goes from the
     accumulators to the stored bytes in one pass (`_emit_quantized`).
 
@@ -281,9 +283,9 @@ sparse_conv_serial = njit(cache=True, fastmath=True)(_sparse_conv)
 
 
 @njit(parallel=True, cache=True)
-def pad_input(x, out, c0, pad, mode, scale, zero, qmax):
+def pad_input(x, out, c0, pad_h, pad, mode, scale, zero, qmax):
     """Write x (N, C, H, W) float32 into channels c0.. of out (N, S, C_total, H_pad, W_phase): padded by
-    `pad`, column phase p of stride S at out[:, p], each value through `_store(mode)`. The padding holds
+    `pad_h` rows and `pad` columns, column phase p of stride S at out[:, p], each value through `_store(mode)`. The padding holds
     what 0.0 stores as: z for quantized (uint8) inputs, 0 otherwise. The producer of an input that has
     one consumer writes it this way itself (sparse_conv's dest); this is for the others."""
     n_batch, c_in, h, w = x.shape
@@ -301,7 +303,7 @@ def pad_input(x, out, c0, pad, mode, scale, zero, qmax):
         j_hi = min(wq, (w - 1 + pad - ph) // stride + 1) if w - 1 + pad - ph >= 0 else 0
         for r in range(hp):
             ur = np.uint64(r)
-            y = r - pad
+            y = r - pad_h
             if y < 0 or y >= h:
                 for j in range(np.uint64(wq)):
                     out[un, up, ud, ur, j] = padval
@@ -328,7 +330,7 @@ def pad_input(x, out, c0, pad, mode, scale, zero, qmax):
 
 
 @njit(parallel=True, cache=True)
-def normalize_into(x, mean, std, h_out, w_out, dest, n0, c0, pad, mode, scale, zero, qmax):
+def normalize_into(x, mean, std, h_out, w_out, dest, n0, c0, pad_h, pad, mode, scale, zero, qmax):
     """(x - mean) / std, replicate-padded right and bottom to h_out x w_out, stored into samples n0.. of
     dest (N, S, C_total, H_pad, W_phase) as a producer stores its output (`_emit`; dest's padding holds its
     value from creation). Normalisation, padding and the first convolution's input quantization in one
@@ -345,7 +347,7 @@ def normalize_into(x, mean, std, h_out, w_out, dest, n0, c0, pad, mode, scale, z
             row[j] = (src[j] - mean) / std
         for j in range(w, w_out):
             row[j] = row[w - 1]
-        _emit(row, w_out, dest, n0 + n, c, r, c0, pad, mode, scale, zero, qmax, scratch, scratch.view(np.uint16))
+        _emit(row, w_out, dest, n0 + n, c, r, c0, pad_h, pad, mode, scale, zero, qmax, scratch, scratch.view(np.uint16))
 
 
 @njit(inline="always")
@@ -502,3 +504,96 @@ def global_avg_pool(x, out):
             for j in range(w):
                 s += x[n, c, y, j]
         out[n, c, 0, 0] = s / np.float32(h * w)
+
+
+@njit(parallel=True, cache=True)
+def pool2d(x, rows, cols, row_div, col_div, is_max, out):
+    """Max or average pooling of x (N, C, H, W) into out (N, C, Ho, Wo) from index tables: rows[oy, j] is the
+    input row of window position j of output row oy, -1 where it falls in the padding or past a shorter
+    window (adaptive pooling); cols likewise. Averages divide by row_div[oy] * col_div[ox]. One kernel for
+    max/average, plain (kernel, stride, padding, dilation, ceil mode) and adaptive pooling."""
+    n_batch, c_in = x.shape[0], x.shape[1]
+    ho, wo = out.shape[2], out.shape[3]
+    for job in prange(n_batch * c_in):
+        n = job // c_in
+        c = job % c_in
+        for oy in range(ho):
+            for ox in range(wo):
+                acc = -np.inf if is_max else 0.0
+                for a in range(rows.shape[1]):
+                    r = rows[oy, a]
+                    if r < 0:
+                        continue
+                    for b in range(cols.shape[1]):
+                        q = cols[ox, b]
+                        if q < 0:
+                            continue
+                        v = x[n, c, r, q]
+                        if is_max:
+                            acc = max(acc, v)
+                        else:
+                            acc += v
+                out[n, c, oy, ox] = acc if is_max else acc / (row_div[oy] * col_div[ox])
+
+
+@njit(parallel=True, cache=True)
+def resize(x, y0, y1, ly, x0, x1, lx, out):
+    """out[n, c, oy, ox] = bilinear blend of x at rows (y0, y1) with weight ly on y1, columns (x0, x1) with
+    weight lx on x1: interpolation (nearest: y0 = y1) from tables computed once per size."""
+    n_batch, c_in = x.shape[0], x.shape[1]
+    ho, wo = out.shape[2], out.shape[3]
+    one = np.float32(1.0)
+    for job in prange(n_batch * c_in * ho):
+        n = job // (c_in * ho)
+        c = (job // ho) % c_in
+        oy = job % ho
+        r0 = x[n, c, y0[oy]]
+        r1 = x[n, c, y1[oy]]
+        wy = ly[oy]
+        for ox in range(wo):
+            top = (one - lx[ox]) * r0[x0[ox]] + lx[ox] * r0[x1[ox]]
+            bottom = (one - lx[ox]) * r1[x0[ox]] + lx[ox] * r1[x1[ox]]
+            out[n, c, oy, ox] = (one - wy) * top + wy * bottom
+
+
+# activation kinds of `activation`
+RELU, CLAMP, LEAKY, HARDSWISH, HARDSIGMOID, SILU, SIGMOID, GELU, GELU_TANH, TANH = range(10)
+
+
+@njit(parallel=True, cache=True)
+def activation(x, kind, a, b, out):
+    """out = f(x) elementwise on flat float32 arrays: RELU, CLAMP (to [a, b]: ReLU6, Hardtanh), LEAKY (slope a),
+    HARDSWISH x * clamp(x + 3, 0, 6) / 6, HARDSIGMOID clamp(x / 6 + 1/2, 0, 1), SILU x * sigmoid(x), SIGMOID,
+    GELU 0.5 x (1 + erf(x / sqrt 2)), GELU_TANH (its tanh approximation), TANH; as PyTorch defines them."""
+    zero, one, six = np.float32(0.0), np.float32(1.0), np.float32(6.0)
+    if kind == RELU:
+        for i in prange(x.size):
+            out[i] = max(x[i], zero)
+    elif kind == CLAMP:
+        for i in prange(x.size):
+            out[i] = min(max(x[i], a), b)
+    elif kind == LEAKY:
+        for i in prange(x.size):
+            out[i] = x[i] if x[i] > 0 else x[i] * a
+    elif kind == HARDSWISH:
+        for i in prange(x.size):
+            out[i] = x[i] * min(max(x[i] + np.float32(3.0), zero), six) / six
+    elif kind == HARDSIGMOID:
+        for i in prange(x.size):
+            out[i] = min(max(x[i] / six + np.float32(0.5), zero), one)
+    elif kind == SILU:
+        for i in prange(x.size):
+            out[i] = x[i] / (one + np.exp(-x[i]))
+    elif kind == SIGMOID:
+        for i in prange(x.size):
+            out[i] = one / (one + np.exp(-x[i]))
+    elif kind == GELU:
+        for i in prange(x.size):
+            out[i] = np.float32(0.5 * x[i] * (1.0 + math.erf(x[i] * 0.7071067811865476)))
+    elif kind == GELU_TANH:
+        for i in prange(x.size):
+            v = np.float64(x[i])
+            out[i] = np.float32(0.5 * v * (1.0 + math.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))))
+    else:
+        for i in prange(x.size):
+            out[i] = np.tanh(x[i])

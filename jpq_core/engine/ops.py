@@ -1,7 +1,8 @@
 """The operations of an engine program. Each reads and writes numbered slots of float32 NCHW arrays.
 
 `Conv` (convolution or linear layer, with folded batch norm, requantization, residual add and (leaky) ReLU
-fused) carries packed weights; the others are float glue of the shipped networks. Every op describes
+fused) carries packed weights; `Glue` ops are the float rest: StereoNet's own ops and the general ones of
+traced networks (activations, add, multiply, concatenation, pooling, interpolation, ...). Every op describes
 itself as JSON plus named arrays (`describe`, `arrays`), which is all a program file holds.
 """
 
@@ -35,9 +36,9 @@ class Conv:
     inputs: list[int]
     output: int
     shape: tuple[int, int, int, int]  # (C_out, C_in / groups, kh, kw)
-    stride: int
-    padding: int
-    dilation: int
+    stride: tuple[int, int]  # (height, width); programs of format 2 hold one number for both
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
     groups: int
     linear: bool
     integer: bool
@@ -60,6 +61,11 @@ class Conv:
     consumers: list = field(default_factory=list, repr=False)
     _csr: tuple | None = field(default=None, repr=False)
     _geometry: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        for key in ("stride", "padding", "dilation"):
+            value = getattr(self, key)
+            setattr(self, key, (int(value), int(value)) if isinstance(value, (int, np.integer)) else tuple(int(v) for v in value))
 
     # --- storage -------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -84,7 +90,7 @@ class Conv:
             pos, vals = packing.decode(self.encoding, self.values, self.index, self.bits, size, self.entries)
             c, ci, ky, kx = np.unravel_index(pos, self.shape)
             ci = ci + (c // (co // self.groups)) * ci_g  # absolute input channel for grouped convolutions
-            phase = (kx * self.dilation) % self.stride
+            phase = (kx * self.dilation[1]) % self.stride[1]
             order = np.lexsort((kx, ky, ci, phase, c))
             c, ci, ky, kx = c[order], ci[order], ky[order], kx[order]
             vals = vals[order]
@@ -109,21 +115,30 @@ class Conv:
             self._csr = (ptr, ci, ky, kx, val, corr, mul)
         return self._csr
 
+    @property
+    def pixelwise(self) -> bool:
+        """Whether this is a 1x1 convolution of stride 1 without padding, whose direct writes (if any) go to
+        unpadded stride-1 inputs: then it runs as one row of H * W pixels per sample (the same memory). The
+        kernel vectorises along a row, and the small feature maps of classifiers (8 x 8 down to 1 x 1 at 32 x 32
+        input) would fill a 16-lane vector by a row each, mostly idle."""
+        return (not self.linear and self.shape[2:] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+                and all(c.padding == (0, 0) and c.stride[1] == 1 for c in self.consumers))
+
     def geometry(self, h: int, w: int) -> dict:
         """Padded input layout, output size and flat offsets for an h x w input (cached per size)."""
         if (h, w) not in self._geometry:
             _, _, kh, kw = self.shape
-            s, p, d = self.stride, self.padding, self.dilation
-            hp, wtot = h + 2 * p, w + 2 * p
+            (sh, s), (ph, pw), (dh, d) = self.stride, self.padding, self.dilation
+            hp, wtot = h + 2 * ph, w + 2 * pw
             wq = -(-wtot // s)
-            out_h, out_w = (hp - d * (kh - 1) - 1) // s + 1, (wtot - d * (kw - 1) - 1) // s + 1
+            out_h, out_w = (hp - dh * (kh - 1) - 1) // sh + 1, (wtot - d * (kw - 1) - 1) // s + 1
             if out_h < 1 or out_w < 1:
                 raise JPQError(f"layer {self.name!r}: input {h}x{w} is too small for its kernel; use a larger input.")
             ptr, ci, ky, kx, *_ = self._kernel_weights()
             c_total = self.groups * self.shape[1]
-            off = (((kx * d) % s * c_total + ci) * hp + ky * d) * wq + (kx * d) // s
+            off = (((kx * d) % s * c_total + ci) * hp + ky * dh) * wq + (kx * d) // s
             self._geometry[(h, w)] = dict(hp=hp, wq=wq, out_h=out_h, out_w=out_w, off=off.astype(np.uint64),
-                                          in_sample=s * c_total * hp * wq, rowstride=s * wq, c_total=c_total)
+                                          in_sample=s * c_total * hp * wq, rowstride=sh * wq, c_total=c_total)
         return self._geometry[(h, w)]
 
     def accumulators(self, x) -> np.ndarray:
@@ -152,7 +167,7 @@ class Conv:
         """This layer's padded, phase-split (quantized) input for this run, created on first request and
         filled with the padding value (what 0.0 stores as)."""
         g = self.geometry(h, w)
-        shape = (n, self.stride, g["c_total"], g["hp"], g["wq"])
+        shape = (n, self.stride[1], g["c_total"], g["hp"], g["wq"])
         if id(self) not in buffers or buffers[id(self)][0].shape != shape:
             mode, scale, zero, _ = self.store_params()
             pad = zero if mode == 2 else 0
@@ -189,17 +204,19 @@ class Conv:
             x = env[i]
             if not f:
                 x = x.reshape(n, -1, 1, 1) if self.linear else x
-                kernels.pad_input(np.ascontiguousarray(x, np.float32), buf, c0, self.padding, mode, scale, zero, qmax)
+                kernels.pad_input(np.ascontiguousarray(x, np.float32), buf, c0, *self.padding, mode, scale, zero, qmax)
             c0 += f or x.shape[1]
         co, out_h, out_w = self.shape[0], g["out_h"], g["out_w"]
         kernel, args = self.kernel_args(buffers, n, out_h, out_w)
         keep = args[19]
         if self.residual is not None:
-            args[8] = env[self.residual].reshape(n, co, 1, 1) if self.linear else env[self.residual]
+            res = env[self.residual]
+            args[8] = res.reshape(n, co, 1, 1) if self.linear else \
+                np.ascontiguousarray(res).reshape(n, co, 1, -1) if self.pixelwise else res
         args[-1] = buffers.get(FRESH, True)
         kernel(*args)
         if keep:
-            env[self.output] = args[18].reshape(n, -1) if self.linear else args[18]
+            env[self.output] = args[18].reshape(n, -1) if self.linear else args[18].reshape(n, co, out_h, out_w)
 
     def kernel_args(self, buffers: dict, n: int, out_h: int, out_w: int) -> tuple:
         """(kernel, arguments) of the convolution for this input size (the residual, slot 8, and `fresh`, the
@@ -208,15 +225,20 @@ class Conv:
         key = (id(self), "args", n, out_h, out_w, numba.get_num_threads())
         if key in buffers:
             return buffers[key]
-        g = self.geometry(*buffers[id(self)][1:3])
+        h, w = buffers[id(self)][1:3]
         co = self.shape[0]
         keep = self.keep or not self.consumers
         out = self.output_buffer(buffers, (n, co, out_h, out_w)) if keep else _NO_FLOAT
         dests = [(consumer.input_buffer(buffers, n // parts, out_h, out_w), np.array(consumer.store_params(), np.float32),
-                  np.array([c0, consumer.padding, 1], np.int64))
+                  np.array([c0, consumer.padding[0], 1, consumer.padding[1]], np.int64))
                  for consumer, (_, c0, parts) in zip(self.consumers, self.targets or [])]
+        if self.pixelwise:  # one row of h * w pixels: the same memory, seen as (.., 1, h * w)
+            h, w, out_h, out_w = 1, h * w, 1, out_h * out_w
+            out = out.reshape(n, co, 1, out_w) if keep else out
+            dests = [(d.reshape(d.shape[:3] + (1, -1)), store, place) for d, store, place in dests]
+        g = self.geometry(h, w)
         unused = np.zeros((1, 1, 1, 1, 1), dests[0][0].dtype if dests else np.uint8)
-        dests += [(unused, np.zeros(4, np.float32), np.zeros(3, np.int64))] * (2 - len(dests))
+        dests += [(unused, np.zeros(4, np.float32), np.zeros(4, np.int64))] * (2 - len(dests))
         ptr, _, _, _, val, corr, mul = self._kernel_weights()
         rows = n * out_h
         per_tile = int(min(4, max(1, rows // (4 * numba.get_num_threads()))))
@@ -272,7 +294,7 @@ def _normalize_pad(xs, mean, std, multiple):
     multiple of `multiple` (StereoNet's input), as float32 (N, C, H, W)."""
     n, c, h, w = xs[0].shape
     out = np.empty((n * len(xs), 1, c, h + (-h) % multiple, w + (-w) % multiple), np.float32)
-    _normalize_into(xs, out, 0, 0, (0, 0.0, 0.0, 0.0), mean, std, multiple)
+    _normalize_into(xs, out, 0, (0, 0), (0, 0.0, 0.0, 0.0), mean, std, multiple)
     return out[:, 0]
 
 
@@ -289,7 +311,7 @@ def _normalize_into(xs, dest, c0, pad, store, mean, std, multiple):
         x = np.ascontiguousarray(x, np.float32)
         n, _, h, w = x.shape
         kernels.normalize_into(x, np.float32(mean), np.float32(std), h + (-h) % multiple, w + (-w) % multiple, dest,
-                               i * n, c0, pad, int(mode), np.float32(scale), np.float32(zero), np.float32(qmax))
+                               i * n, c0, pad[0], pad[1], int(mode), np.float32(scale), np.float32(zero), np.float32(qmax))
 
 
 def _batch_part(xs, part, parts):
@@ -340,10 +362,125 @@ def _relu(xs):
     return np.maximum(xs[0], np.float32(0))
 
 
+# --- the general glue of traced networks (jpq_core.engine.lowering.GraphLowering) ------------------------
+def _add(xs):
+    return np.add(xs[0], xs[1], dtype=np.float32)  # numpy broadcasting is PyTorch's
+
+
+def _mul(xs):
+    return np.multiply(xs[0], xs[1], dtype=np.float32)
+
+
+def _scalar(xs, mul, add):
+    """x * mul + add (a tensor with a Python number: x + 3, x * 0.5, x / 6, x - 1, 1 - x)."""
+    return xs[0] * np.float32(mul) + np.float32(add)
+
+
+def _concat(xs, dim):
+    return np.concatenate(xs, axis=dim)
+
+
+def _flatten(xs, start, end):
+    shape = xs[0].shape
+    end = end % len(shape)
+    return xs[0].reshape(shape[:start] + (-1,) + shape[end + 1:])
+
+
+def _affine(xs, scale, shift):
+    """Per-channel x * scale[c] + shift[c] (batch norm in inference mode that no convolution absorbs)."""
+    view = (1, -1) + (1,) * (xs[0].ndim - 2)
+    return xs[0] * np.asarray(scale, np.float32).reshape(view) + np.asarray(shift, np.float32).reshape(view)
+
+
+def _mean(xs, dims, keepdim):
+    return xs[0].mean(axis=tuple(dims), keepdims=keepdim, dtype=np.float32)
+
+
+ACTIVATIONS = {"relu": kernels.RELU, "clamp": kernels.CLAMP, "leaky_relu": kernels.LEAKY, "hardswish": kernels.HARDSWISH,
+               "hardsigmoid": kernels.HARDSIGMOID, "silu": kernels.SILU, "sigmoid": kernels.SIGMOID,
+               "gelu": kernels.GELU, "gelu_tanh": kernels.GELU_TANH, "tanh": kernels.TANH}
+
+
+def _activation(xs, kind, a=0.0, b=0.0):
+    x = np.ascontiguousarray(xs[0], np.float32)
+    out = np.empty_like(x)
+    kernels.activation(x.reshape(-1), ACTIVATIONS[kind], np.float32(a), np.float32(b), out.reshape(-1))
+    return out
+
+
+def _pool_table(size, kernel, stride, pad, dilation, ceil_mode, count_include_pad, adaptive):
+    """(index table, divisors) of one spatial axis for `kernels.pool2d` (PyTorch's output sizes and divisors)."""
+    if adaptive is not None:
+        out = adaptive or size
+        starts = [i * size // out for i in range(out)]
+        ends = [-(-(i + 1) * size // out) for i in range(out)]
+        table = np.full((out, max(e - b for b, e in zip(starts, ends))), -1, np.int64)
+        for i, (b, e) in enumerate(zip(starts, ends)):
+            table[i, :e - b] = np.arange(b, e)
+        return table, np.array([e - b for b, e in zip(starts, ends)], np.float32)
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    if out < 1:
+        raise JPQError(f"pooling with kernel {kernel} needs an input of at least {kernel - 2 * pad} pixels, got {size}; "
+                       "use a larger input.")
+    start = np.arange(out)[:, None] * stride - pad
+    table = start + np.arange(kernel)[None, :] * dilation
+    table[(table < 0) | (table >= size)] = -1
+    hend = np.minimum(start[:, 0] + kernel, size + pad)
+    div = hend - start[:, 0] if count_include_pad else np.minimum(hend, size) - np.maximum(start[:, 0], 0)
+    return table, div.astype(np.float32)
+
+
+def _pool(xs, mode, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), ceil_mode=False,
+          count_include_pad=True, adaptive=None):
+    """Max or average pooling, plain or adaptive (`adaptive` = output size, None in it keeps that axis)."""
+    x = np.ascontiguousarray(xs[0], np.float32)
+    if x.ndim != 4:
+        raise JPQError(f"2D pooling needs N x C x H x W input, got shape {x.shape}.")
+    rows, row_div = _pool_table(x.shape[2], kernel[0], stride[0], padding[0], dilation[0], ceil_mode, count_include_pad,
+                                None if adaptive is None else adaptive[0] or 0)
+    cols, col_div = _pool_table(x.shape[3], kernel[1], stride[1], padding[1], dilation[1], ceil_mode, count_include_pad,
+                                None if adaptive is None else adaptive[1] or 0)
+    out = np.empty(x.shape[:2] + (len(rows), len(cols)), np.float32)
+    kernels.pool2d(x, rows, cols, row_div, col_div, mode == "max", out)
+    return out
+
+
+def _resize_table(size_in, size_out, scale_factor, mode, align_corners):
+    """(i0, i1, weight of i1) per output index, as PyTorch's interpolate computes its sources."""
+    dst = np.arange(size_out, dtype=np.float64)
+    scale = 1.0 / scale_factor if scale_factor else size_in / size_out
+    if mode in ("nearest", "nearest-exact"):
+        src = np.floor((dst + (0.5 if mode == "nearest-exact" else 0.0)) * np.float32(scale))
+        i0 = np.minimum(src, size_in - 1).astype(np.int64)
+        return i0, i0, np.zeros(size_out, np.float32)
+    if align_corners:
+        src = dst * ((size_in - 1) / (size_out - 1) if size_out > 1 else 0.0)
+    else:
+        src = np.maximum((dst + 0.5) * np.float32(scale) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src), size_in - 1).astype(np.int64)
+    return i0, np.minimum(i0 + 1, size_in - 1), (src - i0).astype(np.float32)
+
+
+def _resize(xs, mode, size=None, scale_factor=None, align_corners=False, recompute=False):
+    """F.interpolate of N x C x H x W input: nearest, nearest-exact or bilinear, to `size` or by `scale_factor`."""
+    x = np.ascontiguousarray(xs[0], np.float32)
+    if size is None:
+        size = [int(np.floor(x.shape[2 + i] * scale_factor[i])) for i in range(2)]
+    factors = [None, None] if scale_factor is None or recompute else scale_factor
+    (y0, y1, ly), (x0, x1, lx) = (_resize_table(x.shape[2 + i], size[i], factors[i], mode, align_corners) for i in range(2))
+    out = np.empty(x.shape[:2] + tuple(size), np.float32)
+    kernels.resize(x, y0, y1, ly, x0, x1, lx, out)
+    return out
+
+
 GLUE = {
     "normalize_pad": _normalize_pad, "batch_part": _batch_part,
     "correlation": _correlation, "soft_argmin": _soft_argmin, "upsample2x": _upsample2x, "divide": _divide,
     "global_avg_pool": _global_avg_pool, "channel": _channel, "relu": _relu,
+    "add": _add, "mul": _mul, "scalar": _scalar, "concat": _concat, "flatten": _flatten, "affine": _affine,
+    "mean": _mean, "activation": _activation, "pool": _pool, "resize": _resize,
 }
 
 

@@ -25,7 +25,8 @@ from jpq_core.engine.lowering import link, lower
 from jpq_core.engine.ops import FRESH, Conv, op_from
 from jpq_core.errors import JPQError
 
-FORMAT = "jpq-engine/2"  # 2: producers write several consumers' inputs (targets, keep)
+FORMAT = "jpq-engine/3"  # 3: stride, padding, dilation per direction; the general glue ops
+READABLE = ("jpq-engine/2", FORMAT)  # 2: producers write several consumers' inputs (targets, keep)
 
 
 class Program:
@@ -140,7 +141,7 @@ def load_program(path) -> Program:
         raise JPQError(f"{path}: a safetensors file without an engine program in its metadata.")
     try:
         header = json.loads(meta["program"])
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
+        if not isinstance(header, dict) or header.get("format") not in READABLE:
             found = header.get("format") if isinstance(header, dict) else None
             raise JPQError(f"{path}: program format {found!r}, this engine reads {FORMAT!r}.")
         ops = []

@@ -1,7 +1,19 @@
-"""The networks the dashboard compresses, by name, and their shipped checkpoints."""
+"""The networks the dashboard compresses, by name, and their shipped checkpoints.
+
+Names:
+- the shipped networks: "stereo", "resnet20", "resnet18" (ResNet-18 with a 32x32 stem), trained checkpoints
+  in `cached_runs/checkpoints/`;
+- "tv:NAME": any model of torchvision's classification zoo (`torchvision.models.list_models`), built with
+  weights=None (nothing downloads) and the data's number of classes; randomly initialised unless the user
+  brings weights;
+- a user's own module, registered from the command line only (`register_factory("path/to/file.py:factory")`,
+  the CLI's `--model`): the file is run as Python, so it is never taken from an upload or a saved setting.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 from pathlib import Path
 
 import torch
@@ -13,6 +25,10 @@ from jpq_core.models.resnet import ResNet20, resnet18_cifar
 from jpq_core.models.stereo import StereoNet
 
 CACHED_RUNS = Path(__file__).resolve().parents[2] / "cached_runs"
+TORCHVISION = "tv:"  # prefix of torchvision classification models
+USER = "user:"  # prefix of factories registered from the command line
+DEFAULT_CLASSES = 10
+INIT_SEED = 0  # networks without trained weights are initialised from this seed, so runs are repeatable
 
 # name -> (constructor, task)
 NETWORKS = {
@@ -30,19 +46,105 @@ def network_label(name: str) -> str:
     return NETWORK_LABELS.get(_check_name(name), name)
 
 
+_FACTORIES: dict[str, object] = {}  # user: names -> factory callables (this process only)
+
+
+def torchvision_models() -> list[str]:
+    """torchvision's classification models, as this library names them ("tv:resnet18", ...)."""
+    import torchvision
+
+    return [TORCHVISION + n for n in torchvision.models.list_models(module=torchvision.models)]
+
+
 def task_of(name: str) -> str:
+    if name.startswith((TORCHVISION, USER)):
+        _check_name(name)
+        return "classification"
     return NETWORKS[_check_name(name)][1]
 
 
+def is_shipped(name: str) -> bool:
+    """Whether `name` is one of the networks with a trained checkpoint in the project."""
+    return name in NETWORKS
+
+
 def _check_name(name: str) -> str:
-    if name not in NETWORKS:
-        raise JPQError(f"unknown network {name!r}; choose one of: {', '.join(NETWORKS)}.")
+    if not isinstance(name, str):
+        raise JPQError(f"a network name must be text, got {name!r}.")
+    if name in NETWORKS or name in _FACTORIES:
+        return name
+    if name.startswith(TORCHVISION):
+        if name in torchvision_models():
+            return name
+        raise JPQError(f"torchvision has no classification model {name[len(TORCHVISION):]!r}; "
+                       "see torchvision.models.list_models() (e.g. tv:resnet18, tv:mobilenet_v2).")
+    if name.startswith(USER):
+        raise JPQError(f"{name!r} is a user factory that this process has not loaded; give it with --model FILE.py:FACTORY.")
+    raise JPQError(f"unknown network {name!r}; choose one of: {', '.join(NETWORKS)}, tv:NAME (a torchvision "
+                   "classification model), or your own module with --model FILE.py:FACTORY.")
+
+
+def register_factory(spec: str) -> str:
+    """Load `path/to/file.py:factory` and register it; returns its network name ("user:path:factory").
+
+    This runs the file's code: call it only for a file the user named on the command line."""
+    path, sep, attr = str(spec).rpartition(":")
+    if not sep or not path or not attr.isidentifier():
+        raise JPQError(f"--model wants FILE.py:FACTORY (a Python file and a function in it), got {spec!r}.")
+    file = Path(path)
+    if not file.is_file() or file.suffix != ".py":
+        raise JPQError(f"--model {spec}: {file} is not a Python file; check the path.")
+    module_spec = importlib.util.spec_from_file_location(f"jpq_user_model_{len(_FACTORIES)}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file: any error it raises is theirs to fix
+        raise JPQError(f"--model {spec}: running {file} failed ({type(exc).__name__}: {exc}).") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise JPQError(f"--model {spec}: {file} defines no function {attr!r}.")
+    name = f"{USER}{file}:{attr}"
+    _FACTORIES[name] = factory
     return name
 
 
-def build_network(name: str, **config) -> nn.Module:
-    """A freshly initialised network."""
-    return NETWORKS[_check_name(name)][0](**config)
+def _takes(factory, keyword: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _from_factory(name: str, num_classes: int | None) -> nn.Module:
+    factory = _FACTORIES[name]
+    kwargs = {"num_classes": num_classes} if num_classes is not None and _takes(factory, "num_classes") else {}
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # the user's code
+        raise JPQError(f"the model factory {name[len(USER):]} raised {type(exc).__name__}: {exc}.") from None
+    if not isinstance(model, nn.Module):
+        raise JPQError(f"the model factory {name[len(USER):]} returned a {type(model).__name__}, not a torch.nn.Module; "
+                       "make it return the network.")
+    return model
+
+
+def build_network(name: str, num_classes: int | None = None, **config) -> nn.Module:
+    """A freshly initialised network; `num_classes` sets the classifier's outputs of torchvision models and
+    user factories that take it (the shipped networks take theirs from `config`)."""
+    _check_name(name)
+    if name in NETWORKS:
+        return NETWORKS[name][0](**config)
+    torch.manual_seed(INIT_SEED)
+    if name in _FACTORIES:
+        return _from_factory(name, num_classes)
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(name[len(TORCHVISION):], weights=None,
+                                            num_classes=num_classes or DEFAULT_CLASSES, **config)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise JPQError(f"torchvision could not build {name!r} with {config or 'its defaults'} ({exc}).") from None
 
 
 def shipped_checkpoint(name: str) -> Path:
@@ -50,8 +152,24 @@ def shipped_checkpoint(name: str) -> Path:
     return CACHED_RUNS / "checkpoints" / f"{_check_name(name)}.safetensors"
 
 
-def load_network(name: str, checkpoint: Path | None = None) -> nn.Module:
-    """`name` with trained weights (the shipped checkpoint unless `checkpoint` is given), in eval mode."""
+def load_network(name: str, checkpoint: Path | None = None, num_classes: int | None = None) -> nn.Module:
+    """`name` with trained weights in eval mode: the shipped checkpoint unless `checkpoint` is given; a
+    torchvision model or user factory without `checkpoint` keeps its random initialisation (its accuracy
+    means nothing; its cost, scores and engine speed do)."""
+    _check_name(name)
+    if not is_shipped(name):
+        try:  # count on the meta device first: a giant zoo model must not take the memory
+            with torch.device("meta"):
+                model = build_network(name, num_classes)
+        except (JPQError, RuntimeError, NotImplementedError):  # an initialiser that needs data (RegNet): count for real
+            model = build_network(name, num_classes)
+        params = sum(p.numel() for p in model.parameters())
+        if params * 4 > MAX_CHECKPOINT_BYTES:
+            raise JPQError(f"{name!r} has {params:,} parameters, over the {MAX_CHECKPOINT_BYTES // 2**20} MiB limit for "
+                           "networks; choose a smaller model.")
+        if next(iter(model.parameters()), torch.zeros(0)).is_meta:
+            model = build_network(name, num_classes)
+        return (load_weights(model, Path(checkpoint)) if checkpoint is not None else model).eval()
     path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint(name)
     if checkpoint is None and not path.exists():
         raise JPQError(f"no shipped checkpoint for {name!r} at {path}; train one with `python -m jpq_core train {name}`.")

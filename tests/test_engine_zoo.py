@@ -1,0 +1,216 @@
+"""The engine on networks users bring: torchvision's classification zoo and a module of the user's own.
+
+Each network is randomly initialised (nothing downloads), pruned per layer by magnitude, quantized to 8-bit
+weights and activations, and run at the data's 32 x 32 size; the engine must match the fake-quantized
+PyTorch network within the tolerance of the shipped networks' tests (tests/test_engine.py).
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from jpq_core.engine import compile_network
+from jpq_core.errors import JPQError
+from jpq_core.models import load_network
+from jpq_core.compression import compress_without_training
+from jpq_core.pipeline import CompressionConfig
+from jpq_core.tasks import ClassificationTask
+
+torch.set_num_threads(1)
+
+# name: (what it brings to the engine beyond the shipped ResNets, sparsity). SqueezeNet has no batch norm to
+# re-estimate, and 90% of its random weights silence it (outputs of 1e-5): it is compared at 50%.
+ZOO = {
+    "tv:resnet18": ("max pooling in the stem, 1x1 downsampling shortcuts", 0.9),
+    "tv:mobilenet_v2": ("depthwise convolutions, ReLU6, residuals without activation, dropout", 0.9),
+    "tv:mobilenet_v3_small": ("Hardswish, squeeze-excitation (multiply, Hardsigmoid), adaptive pooling", 0.9),
+    "tv:efficientnet_b0": ("SiLU, squeeze-excitation with Sigmoid, stochastic depth", 0.9),
+    "tv:squeezenet1_0": ("concatenation, max pooling with ceil mode, a conv classifier", 0.5),
+    "tv:regnet_x_400mf": ("grouped convolutions, residual adds of two conv branches", 0.9),
+}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return ClassificationTask("digits", batch_size=16)
+
+
+def _recalibrate_batch_norm(net, task, batches=4):
+    """A randomly initialised network loses its signal under 90% pruning (layer after layer of shrinking
+    activations): re-estimate every batch norm's statistics on data, as one would after pruning, so that
+    the comparison is made on activations of ordinary size."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+    net.train()
+    with torch.no_grad():
+        for x, _ in task.batches(batches, seed=5):
+            net(x)
+    return net.eval()
+
+
+def compressed(model, task, sparsity, wbits=8, abits=8):
+    """Pruned per layer by magnitude and quantized; batch-norm statistics re-estimated (the recovery step) before
+    the activation ranges are calibrated."""
+    config = CompressionConfig(criterion="magnitude", sparsity=sparsity, wbits=wbits, abits=abits, finetune="none",
+                               allocation="uniform", calibration_batches=2).check()
+    return compress_without_training(model, task, config,
+                                     recovery=lambda net, task, config, dense: _recalibrate_batch_norm(net, task))
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_torchvision_model_compiles_and_matches_pytorch(name, task):
+    model = load_network(name, None, task.num_classes)
+    x = task.test_x[:16]
+    # float at 0%: float32 rounding apart
+    plain = _recalibrate_batch_norm(copy.deepcopy(model), task)
+    with torch.no_grad():
+        ref = plain(x).numpy()
+    np.testing.assert_allclose(compile_network(plain).run(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # pruned, w8/a8: every layer on the integer path, within the shipped networks' tolerance
+    net = compressed(model, task, ZOO[name][1])
+    program = compile_network(net)
+    assert all(layer.integer for layer in program.layers)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    out = program.run(x)
+    scale = np.abs(ref).max()
+    assert scale > 1e-3  # a live signal, not a network that pruning silenced
+    # As in the shipped networks' tests: float rounding can move an activation across a rounding boundary, one
+    # step there, amplified downstream in a deep network (RegNet: 3 of 32 samples). Most samples agree to
+    # float rounding; the others stay close.
+    per_sample = np.abs(out - ref).max(1)
+    assert (per_sample <= 1e-4 * scale).mean() >= 0.75
+    assert np.abs(out - ref).mean() <= 0.02 * scale
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+class _Blocks(nn.Module):
+    """The graph ops torchvision's zoo above does not exercise: rectangular kernels with padding per direction,
+    LeakyReLU, GELU, average pooling, upsampling, a tensor with numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, (1, 3), padding=(0, 1), bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, (3, 1), stride=(2, 1), padding=(1, 0), dilation=(1, 1))
+        self.c = nn.Conv2d(16, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = nn.functional.leaky_relu(self.bn(self.a(x)), 0.1)
+        z = nn.functional.gelu(self.b(y))
+        z = nn.functional.interpolate(z, scale_factor=(2, 1), mode="nearest")
+        h = 1 - self.c(torch.cat([y, z * 0.5 + 1], 1)) / 3 - 0.5
+        h = nn.functional.avg_pool2d(h, 3, 2, 1, count_include_pad=False)
+        h = nn.functional.adaptive_max_pool2d(h, (4, 4))
+        return self.fc(torch.flatten(h, 1))
+
+
+@pytest.mark.parametrize("bits", [(None, None), (8, 8)])
+def test_graph_ops_beyond_the_zoo(bits):
+    torch.manual_seed(0)
+    model = _Blocks().eval()
+    task = ClassificationTask("digits", batch_size=8)
+    x = task.test_x[:6]
+    net = compressed(model, task, 0.5, *bits) if bits[0] else model
+    program = compile_network(net)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    out = program.run(x)
+    if bits[0] is None:
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    else:
+        assert all(layer.integer for layer in program.layers)
+        assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("mode,align", [("nearest", None), ("bilinear", False), ("bilinear", True), ("nearest-exact", None)])
+@pytest.mark.parametrize("size,scale", [((13, 7), None), (None, 1.5), (None, (2, 3))])
+def test_interpolation_matches_pytorch(mode, align, size, scale):
+    class Up(nn.Module):
+        def forward(self, x):
+            return nn.functional.interpolate(x, size=size, scale_factor=scale, mode=mode, align_corners=align)
+
+    x = torch.randn(2, 3, 9, 5)
+    with torch.no_grad():
+        ref = Up()(x).numpy()
+    np.testing.assert_allclose(compile_network(Up().eval()).run(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_an_op_the_engine_cannot_run_is_named():
+    class Shuffle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return torch.chunk(self.conv(x), 2, 1)[0]
+
+    with pytest.raises(JPQError, match=r"cannot run chunk"):
+        compile_network(Shuffle().eval())
+    with pytest.raises(JPQError, match=r"cannot run floordiv.*tensor's shape"):
+        compile_network(load_network("tv:shufflenet_v2_x0_5"))  # its channel shuffle reshapes by computed sizes
+    with pytest.raises(JPQError, match=r"'1' \(LayerNorm\)"):
+        compile_network(nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm([4, 8, 8])).eval())
+    with pytest.raises(JPQError, match="not one tensor"):
+        class Pair(nn.Module):
+            def forward(self, x):
+                return x, x
+        compile_network(Pair().eval())
+    with pytest.raises(JPQError, match="the engine could not trace"):
+        class Branchy(nn.Module):
+            def forward(self, x):
+                return x if x.sum() > 0 else -x
+        compile_network(Branchy().eval())
+
+
+FACTORY = '''
+import torch.nn as nn
+
+def small(num_classes=10):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(16, num_classes))
+
+def broken():
+    raise RuntimeError("no weights here")
+
+def not_a_module():
+    return 42
+'''
+
+
+def test_user_factory_from_the_cli(tmp_path, capsys):
+    import json
+
+    from jpq_core.cli import main
+
+    path = tmp_path / "mine.py"
+    path.write_text(FACTORY)
+    code = main(["compress", "--model", f"{path}:small", "--criterion", "magnitude", "--sparsity", "0.5", "--finetune",
+                 "none", "--steps", "0", "--calibration-batches", "1", "--json", "--quiet"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["network"] == f"user:{path}:small" and report["sparsity"] == pytest.approx(0.5, abs=0.05)
+    for factory, message in (("broken", "raised RuntimeError: no weights here"), ("not_a_module", "returned a int, not a torch.nn.Module"),
+                             ("missing", "defines no function 'missing'")):
+        assert main(["evaluate", "--model", f"{path}:{factory}", "--data", "digits"]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["evaluate", "--model", f"{tmp_path / 'nothere.py'}:small"]) == 2
+    assert "not a Python file" in capsys.readouterr().err
+
+
+def test_zoo_names_and_sizes():
+    from jpq_core.models import build_network, task_of
+
+    assert task_of("tv:mobilenet_v2") == "classification"
+    assert build_network("tv:mobilenet_v2", num_classes=7)(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(JPQError, match="no classification model 'nonet'"):
+        build_network("tv:nonet")
+    with pytest.raises(JPQError, match="over the 512 MiB limit"):
+        load_network("tv:vit_h_14")
