@@ -1,0 +1,137 @@
+"""Whatever a third-party decoder raises on bad bytes reaches the user as JPQError naming the file (issue 22).
+
+The first two tests are the escapes the 1,500-example fuzz run found; the parametrized ones make every
+decoder a loader calls raise exception types that no loader lists, to show that the class is fixed, not
+the two instances.
+"""
+
+import io
+import json
+import tokenize
+
+import numpy as np
+import pytest
+import torch
+
+from jpq_core import checkpoints
+from jpq_core.checkpoints import read_sidecar, read_state_dict
+from jpq_core.data import stereo_files
+from jpq_core.data.stereo_files import decode_disparity, decode_image
+from jpq_core.engine.program import load_program
+from jpq_core.errors import JPQError
+
+
+def npy_bytes(array) -> bytes:
+    f = io.BytesIO()
+    np.save(f, array)
+    return f.getvalue()
+
+
+def test_npy_ground_truth_with_an_unclosed_header_is_refused_naming_the_file():
+    data = npy_bytes(np.ones((4, 5), np.float32))
+    damaged = data.replace(b"}", b" ", 1)  # one byte: numpy's header parser raises tokenize.TokenError
+    with pytest.raises(tokenize.TokenError):
+        np.lib.format.read_array_header_1_0(_after_magic(damaged))
+    with pytest.raises(JPQError, match=r"^gt\.npy: not a plain NumPy array file \(.*\); save the array again with numpy\.save"):
+        decode_disparity(damaged, "gt.npy")
+
+
+def _after_magic(data: bytes) -> io.BytesIO:
+    f = io.BytesIO(data)
+    np.lib.format.read_magic(f)
+    return f
+
+
+def test_torch_zip_with_a_damaged_version_byte_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "s.pt"
+    torch.save({"a": torch.ones(3)}, path)
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(b"PK\x01\x02") + 6] ^= 0x80  # 'version needed to extract' of the first entry: zipfile raises NotImplementedError
+    path.write_bytes(bytes(raw))
+    with pytest.raises(JPQError, match=r"s\.pt: not a readable checkpoint \(.*zip file version"):
+        read_state_dict(path)
+
+
+ODD_ERRORS = [NotImplementedError("zip file version 12.8"), tokenize.TokenError("EOF in multi-line statement", (2, 0)),
+              SyntaxError("bad input"), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+              RecursionError("maximum recursion depth exceeded"), MemoryError(), OverflowError("int too large"),
+              LookupError("unknown encoding"), AssertionError()]
+
+
+def _raiser(exc):
+    def raise_it(*args, **kwargs):
+        raise exc
+    return raise_it
+
+
+@pytest.fixture
+def files(tmp_path):
+    """One valid file per loader, and the loader that reads it."""
+    import cv2
+    from safetensors.torch import save_file
+
+    from jpq_core.engine.program import compile_network
+
+    img = tmp_path / "l.png"
+    cv2.imwrite(str(img), np.full((20, 20, 3), 100, np.uint8))
+    save_file({"w": torch.ones(2)}, str(tmp_path / "w.safetensors"))
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pt")
+    (tmp_path / "w.json").write_text(json.dumps({"config": {}}))
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)).eval()
+    compile_network(net).save(tmp_path / "p.jpqe")
+    return tmp_path
+
+
+DECODERS = {  # loader -> (the decoder it calls, patched to raise, and a call of the loader)
+    "image header (Pillow)": ("jpq_core.data.stereo_files.Image.open", lambda d: stereo_files.read_image(d / "l.png")),
+    "image pixels (OpenCV)": ("jpq_core.data.stereo_files.cv2.imdecode", lambda d: stereo_files.read_image(d / "l.png")),
+    "npy header": ("numpy.lib.format.read_array_header_1_0", lambda d: decode_disparity(npy_bytes(np.ones((3, 3))), "gt.npy")),
+    "npy data": ("numpy.load", lambda d: decode_disparity(npy_bytes(np.ones((3, 3))), "gt.npy")),
+    "pfm data": ("numpy.frombuffer", lambda d: decode_disparity(b"Pf\n2 2\n-1.0\n" + bytes(16), "gt.pfm")),
+    "safetensors": ("jpq_core.checkpoints.load_file", lambda d: read_state_dict(d / "w.safetensors")),
+    "torch zip index": ("zipfile.ZipFile.infolist", lambda d: read_state_dict(d / "w.pt")),
+    "torch.load": ("jpq_core.checkpoints.torch.load", lambda d: read_state_dict(d / "w.pt")),
+    "sidecar JSON": ("jpq_core.checkpoints.json.loads", lambda d: read_sidecar(d / "w.safetensors")),
+    "engine program": ("safetensors.safe_open", lambda d: load_program(d / "p.jpqe")),
+    "engine program ops": ("jpq_core.engine.program.op_from", lambda d: load_program(d / "p.jpqe")),
+}
+
+
+@pytest.mark.parametrize("exc", ODD_ERRORS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("decoder", list(DECODERS))
+def test_any_error_a_decoder_raises_becomes_jpq_error_naming_the_file(files, monkeypatch, decoder, exc):
+    target, load = DECODERS[decoder]
+    monkeypatch.setattr(target, _raiser(exc))
+    with pytest.raises(JPQError) as info:
+        load(files)
+    message = str(info.value)
+    assert any(name in message for name in ("l.png", "gt.npy", "gt.pfm", "w.safetensors", "w.pt", "w.json", "p.jpqe")), message
+    if not decoder.startswith("image"):  # image decoders' words name memory addresses; "PNG or JPEG expected" says more
+        assert type(exc).__name__ in message or str(exc) in message, message  # what went wrong, in the decoder's words
+
+
+def test_keyboard_interrupt_inside_a_decoder_is_not_disguised(files, monkeypatch):
+    monkeypatch.setattr("jpq_core.checkpoints.torch.load", _raiser(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        read_state_dict(files / "w.pt")
+
+
+def test_a_deeply_nested_json_sidecar_is_refused(tmp_path):
+    (tmp_path / "m.json").write_text("[" * 200_000)
+    with pytest.raises(JPQError, match=r"m\.json: the checkpoint's sidecar is not valid JSON"):
+        read_sidecar(tmp_path / "m.safetensors")
+
+
+def test_npy_header_with_a_huge_shape_is_refused_before_allocating():
+    data = npy_bytes(np.ones((2, 2), np.float32)).replace(b"(2, 2)", b"(9999999999999999999999, 2)".ljust(6))
+    with pytest.raises(JPQError, match=r"gt\.npy: "):
+        decode_disparity(data, "gt.npy")
+
+
+def test_image_decoder_error_from_opencv_names_the_file(monkeypatch):
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.zeros((20, 20), np.uint8))
+    monkeypatch.setattr("jpq_core.data.stereo_files.cv2.imdecode", _raiser(cv2.error("Insufficient memory")))
+    with pytest.raises(JPQError, match=r"^up\.png: not a readable image"):
+        decode_image(buf.tobytes(), "up.png")
