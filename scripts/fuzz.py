@@ -218,7 +218,7 @@ class GroundTruth(Family):
         return out
 
     def header(self, data):
-        if data.startswith(b"\x93NUMPY"):  # the header text: magic, version, length, then "{'descr': ...}"
+        if data.startswith(b"\x93NUMPY") and len(data) >= 12:  # the header text: magic, version, length, then "{'descr': ...}"
             length = struct.unpack("<H", data[8:10])[0] if data[6:7] == b"\x01" else struct.unpack("<I", data[8:12])[0]
             return 6, min(len(data), 12 + length)
         return 0, min(len(data), 32)
