@@ -102,8 +102,8 @@ def save_checkpoint(model: torch.nn.Module, path: Path, sidecar: dict) -> None:
 
 
 def read_sidecar(path: Path) -> dict:
-    """The JSON sidecar of a checkpoint, or {} when there is none; a JSON object whose `config` and
-    `config.architecture`, where present, are objects too."""
+    """The JSON sidecar of a checkpoint, or {} when there is none: a JSON object with a `config` object
+    ({} when the file has none), whose `architecture`, where present, is an object too."""
     side = Path(path).with_suffix(".json")
     if not side.exists():
         return {}
@@ -115,7 +115,7 @@ def read_sidecar(path: Path) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("architecture", {}), dict):
         raise JPQError(f"{side}: the checkpoint's sidecar should be a JSON object with a 'config' object "
                        "(as save_checkpoint writes); delete or fix it.")
-    return meta
+    return {**meta, "config": config}  # readers index meta["config"]: a sidecar without one reads as {}
 
 
 def _torch_error_line(exc: BaseException) -> str:

@@ -135,3 +135,13 @@ def test_image_decoder_error_from_opencv_names_the_file(monkeypatch):
     monkeypatch.setattr("jpq_core.data.stereo_files.cv2.imdecode", _raiser(cv2.error("Insufficient memory")))
     with pytest.raises(JPQError, match=r"^up\.png: not a readable image"):
         decode_image(buf.tobytes(), "up.png")
+
+
+def test_a_compressed_sidecar_without_config_is_named(tmp_path):
+    """Found by scripts/fuzz.py (a JSON edit of the sidecar): a KeyError escaped from load_compressed."""
+    from jpq_core.pipeline import load_compressed
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "c.pt")
+    (tmp_path / "c.json").write_text(json.dumps({"compressed": True, "compression": {}, "layer_wbits": {}, "layer_abits": {}}))
+    with pytest.raises(JPQError, match=r"c\.json: the sidecar of this compressed network is damaged \('config.network' is None"):
+        load_compressed(tmp_path / "c.pt")
