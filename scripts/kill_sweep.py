@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     parser.add_argument("--save-every", type=int, default=10, help="fine-tuning steps between run-state saves")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the tally here")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop killing after this long (the round in progress is finished unkilled); the tally says how many kills landed")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     failures: list[str] = []
@@ -166,7 +168,8 @@ def main(argv=None) -> int:
         kills, starts, rounds, landed = 0, 0, 0, []
         torn_seen, leftovers_seen, states_seen = 0, set(), 0
         readers = []
-        while kills < args.kills:
+        deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes else float("inf")
+        while kills < args.kills and time.perf_counter() < deadline:
             rounds += 1
             table = tmp / f"round{rounds}" / "table.jsonl"
             table.parent.mkdir()
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
                     landed.append(f"{moment:.1f}s:{before}rows{'+state' if found['states'] else ''}")
                     print(f"  kill {kills} (round {rounds}) at {moment:.1f} s: {found['rows']} rows, "
                           f"{found['states']} run state(s), torn last line: {found['torn']}", flush=True)
-                    if kills >= args.kills:
+                    if kills >= args.kills or time.perf_counter() > deadline:
                         proc = start(sweep_command(grid, table, args.save_every))  # finish the round unkilled
                         proc.wait()
                     else:
@@ -216,6 +219,7 @@ def main(argv=None) -> int:
                     failures.append(f"round {rounds}: the reader was shown a row that is not the one written")
                     break
             failures += [f"round {rounds}: reader: {e}" for e in reader.errors]
+            print(f"round {rounds} done: {len(final)} rows for {len(configs)} configurations, failures so far: {len(failures)}", flush=True)
 
         reads = sum(r.reads for r in readers)
         shown = sum(len(r.shown) for r in readers)
