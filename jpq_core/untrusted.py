@@ -26,7 +26,10 @@ from jpq_core.errors import JPQError
 def cause(exc: BaseException, limit: int = 160) -> str:
     """The decoder's own words: the first line of its message, shortened; its type when it has none
     (a MemoryError or an AssertionError often says nothing)."""
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    words = str(exc)
+    if words.startswith("(") and exc.args and isinstance(exc.args[0], str):  # ('EOF in multi-line statement', (2, 0))
+        words = exc.args[0]
+    text = next((line.strip() for line in words.splitlines() if line.strip()), "")
     return (text or type(exc).__name__)[:limit]
 
 
