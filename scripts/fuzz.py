@@ -413,8 +413,9 @@ def run(names: list[str], inputs: int, seed: int, out: Path, time_limit: float =
                     saved = save_failure(out, family, i, item, how, exc)
                     if errors[kind] <= 3:  # the first few of each kind; all are saved
                         print(f"  FAILURE {family.name} #{i} ({how}): {type(exc).__name__}: {str(exc)[:120]} -> {saved}", flush=True)
-                if progress and (i + 1) % 1000 == 0:
-                    print(f"  {family.name}: {i + 1}/{inputs} ({time.perf_counter() - start:.0f} s)", flush=True)
+                if progress and (i + 1) % 1000 == 0:  # the tally so far: a run stopped early still has its figures
+                    print(f"  {family.name}: {i + 1}/{inputs}: {tally['loaded']} loaded, {tally['refused']} refused, "
+                          f"{tally['failed']} failures ({time.perf_counter() - start:.0f} s)", flush=True)
             tally["seconds"] = round(time.perf_counter() - start)
             tallies[family.name] = {**tally, "failures by type": dict(errors),
                                     "slowest input": {"seconds": round(slowest[0], 2), "mutation": slowest[1]}}
