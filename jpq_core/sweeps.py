@@ -270,7 +270,7 @@ def read_rows(path=RESULTS) -> tuple[list[dict], list[str]]:
             row = json.loads(raw)
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: a line nested deeper than the parser recurses
             why = "cut short (a sweep killed while writing it)" if last else "not valid JSON"
             problems.append(f"{path}: line {number} is {why}; it is skipped and its configuration will run again.")
             continue

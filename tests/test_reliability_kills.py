@@ -56,3 +56,18 @@ def test_rows_read_during_writes_and_after_a_kill_are_whole(tmp_path):
     repair_tail(table)  # what the next sweep does first
     assert read_rows(table) == (rows, [])
     assert table.read_bytes().endswith(b"\n")
+
+
+def test_a_table_line_nested_too_deep_is_named_and_the_good_rows_kept(tmp_path):
+    """Found while fuzzing: json.loads raises RecursionError on a 100,000-deep nest, which escaped read_rows."""
+    from jpq_core.sweeps import append_row
+
+    table = tmp_path / "t.jsonl"
+    row = {c: 1 for c in REQUIRED}
+    append_row(table, row)
+    with open(table, "ab") as f:
+        f.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    append_row(table, {**row, "id": 2})
+    rows, problems = read_rows(table)
+    assert [r["id"] for r in rows] == [1, 2]
+    assert problems == [f"{table}: line 2 is not valid JSON; it is skipped and its configuration will run again."]
