@@ -146,3 +146,22 @@ def test_a_compressed_sidecar_without_config_is_named(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"compressed": True, "compression": {}, "layer_wbits": {}, "layer_abits": {}}))
     with pytest.raises(JPQError, match=r"c\.json: the sidecar of this compressed network is damaged \('config.network' is None"):
         load_compressed(tmp_path / "c.pt")
+
+
+def test_a_damaged_training_state_is_named(tmp_path):
+    from jpq_core.training import TrainConfig, train
+
+    (tmp_path / "train_state.pt").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(JPQError, match=r"train_state\.pt: not a training state written by train \(.*\); delete it to start afresh"):
+        train(TrainConfig(network="resnet20", data="digits", steps=1, batch_size=4, lr=0.01), tmp_path, progress=False)
+
+
+def test_a_grid_or_report_nested_too_deep_is_named(tmp_path):
+    from jpq_core.sweeps import import_reports, load_grid
+
+    (tmp_path / "g.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(JPQError, match=r"g\.toml: not a valid TOML grid"):
+        load_grid(tmp_path / "g.toml")
+    (tmp_path / "r.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    added, problems = import_reports(tmp_path / "r.jsonl", tmp_path / "t.jsonl")
+    assert added == 0 and "line 1 is not a compress report" in problems[0]
