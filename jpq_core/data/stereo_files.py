@@ -117,16 +117,18 @@ def _bgr(img: np.ndarray, label: str) -> np.ndarray:
 def decode_image(data: bytes, label: str = "image", max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes to H x W x 3 float32 RGB in [0, 1], downscaled to at most `max_pixels` if given."""
     width, height = image_size(data, label)
-    with _decoding_image(label, "the file may be truncated or corrupt."):
+    damaged = "the file may be truncated or corrupt."
+    with _decoding_image(label, damaged):
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if img is None or img.shape[:2] != (height, width):
-            raise JPQError(f"{label}: not a readable image (PNG or JPEG expected); the file may be truncated or corrupt.")
-        if img.dtype not in (np.uint8, np.uint16):
-            raise JPQError(f"{label}: {img.dtype} pixels are not supported; save it as an 8- or 16-bit PNG or a JPEG.")
-        scale = 65535.0 if img.dtype == np.uint16 else 255.0
-        img = _bgr(img, label)
-        size = working_size(height, width, max_pixels)
-        if size != (height, width):  # resize the integer image: a quarter of the float copy's memory
+    if img is None or img.shape[:2] != (height, width):
+        raise JPQError(f"{label}: not a readable image (PNG or JPEG expected); {damaged}")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise JPQError(f"{label}: {img.dtype} pixels are not supported; save it as an 8- or 16-bit PNG or a JPEG.")
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    img = _bgr(img, label)
+    size = working_size(height, width, max_pixels)
+    if size != (height, width):  # resize the integer image: a quarter of the float copy's memory
+        with _decoding_image(label, damaged):
             img = cv2.resize(img, size[::-1], interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(img[:, :, ::-1], dtype=np.float32) / np.float32(scale)  # OpenCV decodes BGR
 
