@@ -165,3 +165,17 @@ def test_a_grid_or_report_nested_too_deep_is_named(tmp_path):
     (tmp_path / "r.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     added, problems = import_reports(tmp_path / "r.jsonl", tmp_path / "t.jsonl")
     assert added == 0 and "line 1 is not a compress report" in problems[0]
+
+
+def test_a_png_chunk_claiming_more_than_the_file_is_refused_before_opencv(monkeypatch):
+    """Found by scripts/fuzz.py: one byte of a 4 KB PNG's IDAT length made OpenCV take 0.6 GB and 3 s to refuse it."""
+    import cv2
+
+    png = bytearray(cv2.imencode(".png", np.zeros((17, 38, 3), np.uint16))[1].tobytes())
+    idat = png.index(b"IDAT") - 4
+    png[idat] = 0x20  # IDAT length: ~537 MB
+    monkeypatch.setattr("jpq_core.data.stereo_files.cv2.imdecode", _raiser(AssertionError("OpenCV was given the file")))
+    with pytest.raises(JPQError, match=r"^l\.png: not a readable image \(PNG or JPEG expected\); the file may be truncated or corrupt\.$"):
+        decode_image(bytes(png), "l.png")
+    with pytest.raises(JPQError, match=r"^gt\.png: not a readable image"):
+        decode_disparity(bytes(png), "gt.png")

@@ -114,12 +114,33 @@ def _bgr(img: np.ndarray, label: str) -> np.ndarray:
     raise JPQError(f"{label}: {img.shape[2]} colour channels; give a grey, RGB or RGBA image.")
 
 
+def _check_png_chunks(data: bytes, label: str) -> None:
+    """Refuse a PNG whose chunk lengths run past the end of the file, before OpenCV reads it: libpng
+    allocates what a chunk claims, so a 4 KB file claiming a 512 MB IDAT cost 0.6 GB and 3 s (found by
+    scripts/fuzz.py)."""
+    at = 8  # after the signature: (length, type, data, CRC) chunks
+    while at + 8 <= len(data):
+        length = int.from_bytes(data[at:at + 4], "big")
+        if at + 12 + length > len(data):
+            raise JPQError(f"{label}: not a readable image (PNG or JPEG expected); the file may be truncated or corrupt.")
+        if data[at + 4:at + 8] == b"IEND":
+            return
+        at += 12 + length
+
+
+def _imdecode(data: bytes, label: str) -> np.ndarray | None:
+    """OpenCV's decoding of untrusted bytes (None when it cannot), its errors as JPQError."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        _check_png_chunks(data, label)
+    with _decoding_image(label, "the file may be truncated or corrupt."):
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
 def decode_image(data: bytes, label: str = "image", max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes to H x W x 3 float32 RGB in [0, 1], downscaled to at most `max_pixels` if given."""
     width, height = image_size(data, label)
     damaged = "the file may be truncated or corrupt."
-    with _decoding_image(label, damaged):
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    img = _imdecode(data, label)
     if img is None or img.shape[:2] != (height, width):
         raise JPQError(f"{label}: not a readable image (PNG or JPEG expected); {damaged}")
     if img.dtype not in (np.uint8, np.uint16):
@@ -173,8 +194,7 @@ def _read_npy(data: bytes, label: str) -> np.ndarray:
 
 def _read_png_disparity(data: bytes, label: str, png_scale: float) -> np.ndarray:
     image_size(data, label, min_side=1)
-    with _decoding_image(label, "the file may be truncated or corrupt."):
-        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    raw = _imdecode(data, label)
     if raw is None or raw.ndim != 2 or raw.dtype != np.uint16:
         kind = "unreadable" if raw is None else f"{raw.dtype} with {1 if raw.ndim == 2 else raw.shape[2]} channel(s)"
         raise JPQError(f"{label}: ground-truth PNG must be a single-channel 16-bit image of disparity * {png_scale:g} "
