@@ -11,6 +11,7 @@ from jpq_core.data.stereo_files import middlebury_motorcycle
 from jpq_core.data.synthetic_stereo import make_scene, scene_seed
 from jpq_core.errors import JPQError
 from jpq_core.evaluation import stereo_comparison
+from jpq_core.links import read_link
 from jpq_core.live import (LIVE_ACTIVATION_BITS, LIVE_ALLOCATIONS, LIVE_WEIGHT_BITS, SPARSITY_CHOICES, Evaluation,
                            LiveConfig, LiveNetwork, LiveResult)
 from jpq_core.compressed import detach
@@ -91,7 +92,7 @@ def _bits_label(b) -> str:
 def current_config() -> LiveConfig:
     """The session's live configuration: from the URL on a session's first page, then from the sidebar."""
     if _STATE not in st.session_state:
-        config, problems = LiveConfig.from_query(st.query_params.to_dict())
+        config, problems = read_link(st.query_params.to_dict())
         st.session_state[_STATE] = config
         st.session_state["live_config_problems"] = problems
     return st.session_state[_STATE]

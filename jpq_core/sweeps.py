@@ -102,8 +102,8 @@ def load_grid(path) -> list[CompressionConfig]:
         spec = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise JPQError(f"{path}: no such grid file; grids live in configs/ (e.g. configs/smoke.toml).") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise JPQError(f"{path}: not a valid TOML grid ({exc}).") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise JPQError(f"{path}: not a valid TOML grid ({str(exc)[:160]}).") from None
     return expand_grid(spec, str(path))
 
 
@@ -226,7 +226,7 @@ def import_reports(source, path=RESULTS, provenance: str = "imported") -> tuple[
                 report = json.loads(line)
                 report["config"] = asdict(CompressionConfig(**report["config"]).check())
                 row = row_from_report(report, report.get("wall_seconds", report.get("seconds", 0.0)))
-            except (ValueError, KeyError, TypeError, JPQError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError, JPQError) as exc:
                 problems.append(f"{source}: line {number} is not a compress report ({type(exc).__name__}: {exc}); skipped.")
                 continue
             if config_key(row["config"]) in done:
@@ -270,7 +270,7 @@ def read_rows(path=RESULTS) -> tuple[list[dict], list[str]]:
             row = json.loads(raw)
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: a line nested deeper than the parser recurses
             why = "cut short (a sweep killed while writing it)" if last else "not valid JSON"
             problems.append(f"{path}: line {number} is {why}; it is skipped and its configuration will run again.")
             continue
