@@ -76,6 +76,10 @@ class CompressionConfig:
     lr_schedule: str = "constant"
     # Weights at 3-16 bits learn their quantization step during QAT (LSQ) instead of taking max|w| / qmax.
     learned_step: bool = False
+    # One-shot recovery once the final masks and bit widths are set, before the last fine-tuning stage
+    # (jpq_core.recovery): none, bn, lsq, obc, lsq+bn, obc+bn; samples None: the task's default.
+    recovery: str = "none"
+    recovery_samples: int | None = None
     seed: int = 0
 
     def check(self) -> "CompressionConfig":
@@ -106,6 +110,9 @@ class CompressionConfig:
         self.layer_abits = {k: check_bits(v, ACTIVATION_BITS, "activation") for k, v in self.layer_abits.items()}
         if self.allocation not in ALLOCATIONS:
             raise JPQError(f"allocation must be one of {', '.join(ALLOCATIONS)}, not {self.allocation!r}.")
+        from jpq_core.recovery import check_methods
+
+        self.recovery = check_methods(self.recovery)
         if self.learned_step and not self.symmetric:
             raise JPQError("learned step sizes (LSQ) are for the symmetric weight grid; leave out the asymmetric "
                            "option or the learned step.")
@@ -239,7 +246,7 @@ def effective_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # Options added after rows and run states were saved: at its default, such an option is left out of a
 # configuration's identity, so that what was saved before it existed is still found.
-LATER_OPTIONS = {"lr_schedule": "constant", "learned_step": False}
+LATER_OPTIONS = {"lr_schedule": "constant", "learned_step": False, "recovery": "none", "recovery_samples": None}
 
 
 def config_identity(config: CompressionConfig | dict) -> dict:
@@ -454,6 +461,7 @@ class _Run:
         self.scan = None
         self.state = state
         self._stage = 0  # fine-tuning stages begun, which is how a saved state says where it was
+        self.recovery = {"method": "none", "seconds": 0.0}
         self.started = time.time() - (state.elapsed if state else 0.0)
 
     @property
@@ -516,6 +524,16 @@ class _Run:
                  on_step=on_step, progress=lambda i, n: self.progress("fine-tune", i, n), lr_schedule=self.config.lr_schedule,
                  start=start, opt_state=opt_state, checkpoint=checkpoint, device=self.device)
 
+    def recover(self):
+        """One-shot recovery (jpq_core.recovery) of the network as it is now: called once, when the final masks
+        and bit widths are set, before the last fine-tuning stage."""
+        from jpq_core import recovery
+
+        if self._stage < (self.state.saved["stage"] if self.state and self.state.saved else 0):
+            return  # a continued run: the saved state holds the network after recovery
+        c = self.config
+        self.recovery = recovery.apply(self.net, self.dense, self.task, c.recovery, c.recovery_samples, c.seed)
+
     def quantize(self):
         c = self.config
         self.wbits = self.layer_bits(c.wbits, c.layer_wbits)
@@ -529,11 +547,15 @@ class _Run:
         c = self.config
         if schedule == "oneshot":
             self.set_masks(self.masks(c.sparsity))
+            if final:
+                self.recover()
             self.finetune(self.budget.take(1.0 if final else share))
         elif schedule == "iterative":  # equal pruning ratios per round: s_i = 1 - (1 - s)^(i / rounds)
             for i in range(1, ITERATIVE_ROUNDS + 1):
                 self.set_masks(self.masks(1 - (1 - c.sparsity) ** (i / ITERATIVE_ROUNDS)))
                 last = i == ITERATIVE_ROUNDS
+                if final and last:
+                    self.recover()
                 self.finetune(self.budget.take(1.0 if final and last else share / ITERATIVE_ROUNDS))
         else:  # gradual (AGP), scores gathered once so that the masks are nested as sparsity grows
             criterion = get_criterion(c.criterion)
@@ -548,6 +570,8 @@ class _Run:
                     self.set_masks(self.masks(agp_sparsity(step + every, total, c.sparsity), stats))
             self.finetune(steps, on_step=on_step)
             self.set_masks(self.masks(c.sparsity, stats))
+            if final:  # gradual pruning ends with its training: recovery comes after it
+                self.recover()
 
 
 def check_device(device) -> torch.device:
@@ -586,10 +610,12 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None, s
         run.prune(1.0, config.schedule, final=True)
     elif config.pipeline == "quantize-only":
         run.quantize()
+        run.recover()
         run.finetune(run.budget.take(1.0))
     elif config.pipeline == "prune-then-quantize":
         run.prune(0.5, config.schedule, final=False)
         run.quantize()
+        run.recover()
         run.finetune(run.budget.take(1.0))
     elif config.pipeline == "quantize-then-prune":
         run.quantize()
@@ -618,6 +644,7 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None, s
         "layers": cost.pop("layers"),
         "finetune_steps": run.budget.used,
         "sensitivity": run.scan,
+        "recovery": run.recovery,
         "seconds": round(time.time() - run.started, 1),
         "device": str(device),  # where fine-tuning ran
     }

@@ -16,8 +16,8 @@ How it runs (fast because the network runs only twice, never once per layer):
    by the layers before it, already repaired: the hook calibrates the layer's input quantizer on X, unfolds
    X at the same output positions, accumulates H = X Xᵀ and B = Y Xᵀ once, solves, writes the new weights,
    and lets the layer run with them. A batch-norm layer re-estimates its statistics from its input as it
-   arrives. Least squares is ridge-damped: H + λ·mean(diag H)·I, λ = `damping`, raised ×10 up to 3 times if
-   the system is still singular, then a JPQError.
+   arrives. Least squares is ridge-damped: H + λ·mean(diag H)·I, λ = `damping`, raised ×10 (up to 1) while
+   the system is not positive definite, then a JPQError.
 The stereo network runs its feature extractor on both views; the calibration pass stacks both views into one
 call, so every layer there is fitted and every batch norm re-estimated on left and right crops together.
 
@@ -47,7 +47,7 @@ from jpq_core.quantization import uniform_params
 DEFAULT_SAMPLES = {"stereo": 8, "classification": 512}  # stereo: crops of 192 x 384, both views
 MIN_SAMPLES = {"stereo": 2, "classification": 32}
 COLUMNS_PER_INPUT = 24  # sampled output positions per input dimension of a layer: enough for a damped fit
-MAX_DAMPING_TRIES = 4
+MAX_DAMPING = 1.0  # damping is raised ×10 up to this (a ridge as large as the mean input energy)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -103,91 +103,97 @@ class LeastSquares(RecoveryMethod):
         w_S = argmin ||w_S X_S - y_r||² + λ||w_S||²  =>  (H_SS + λI) w_S = B_r,S,
     X from the compressed network (layers before already refitted, in forward order), y the dense layer's
     output before batch norm. The intercept (per-channel offset) goes into the bias or the following batch
-    norm's mean. All channels are solved at once as one batched Cholesky: the pruned inputs of a channel get
-    an identity row, so their weights solve to exactly zero."""
+    norm's mean. The layer's quantizer then rounds the solution to its grid."""
 
     name = "lsq"
     fits_weights = True
 
     def fit(self, p: LayerProblem):
-        keep = p.mask
-        if p.intercept:
-            keep = torch.cat([keep, torch.ones(len(keep), 1, dtype=torch.bool)], 1)
-        H, B = p.H.double(), p.B.double()
-        ridge = _diag_mean(H)
-        solution = torch.zeros_like(B)
-        for row in range(len(keep)):  # one small system per output channel: its kept inputs only
-            kept = keep[row].nonzero()[:, 0]
-            if len(kept):
-                L = damped_cholesky(H[kept][:, kept], ridge * torch.eye(len(kept), dtype=H.dtype), p.damping, p.name)
-                solution[row, kept] = torch.cholesky_solve(B[row, kept, None], L)[:, 0]
-        return _split(solution.float(), p)
+        return _split(solve_kept(p.H, p.B, _with_intercept(p.mask, p.intercept), p.damping, p.name), p)
 
 
 class OptimalBrainCompression(RecoveryMethod):
     """Joint pruning and quantization per layer with second-order error feedback (Frantar & Alistarh,
     "Optimal Brain Compression", NeurIPS 2022; "SparseGPT", ICML 2023; "GPTQ", ICLR 2023).
 
-    Start from the dense least-squares optimum on the compressed inputs, W* = B H⁻¹ (so that ||W X - Y||² =
-    ||(W - W*) X||² + const), keep the layer's number of weights, and walk the input columns in order with U
-    the upper Cholesky factor of H⁻¹. In blocks of 32 columns the mask is chosen by the OBS saliency
-    w² / [H⁻¹]ᵢᵢ (as U_ii² over the columns not yet fixed); then column i is pruned or rounded to the grid,
-    q_i, and the error is spread over the columns not yet fixed (the OBS update):
-        W[:, i:] -= ((w_i - q_i) / U_ii) U[i, i:].
-    The intercept column comes last: it is neither pruned nor quantized and absorbs what is left."""
+    1. Mask: from the dense least-squares optimum on the compressed inputs, W* = B H⁻¹ (||W X - Y||² =
+       ||(W - W*) X||² + const), keep the layer's number of weights with the largest OBS saliency
+       w*² / [H⁻¹]ᵢᵢ (the loss increase of removing one weight, halved), over the whole layer.
+    2. Pruning: the OBS update of all removed weights P at once, δw = -H⁻¹ E_P (E_Pᵀ H⁻¹ E_P)⁻¹ w*_P, which
+       is the least-squares optimum on the kept weights: solved per channel on its kept inputs.
+    3. Quantization (GPTQ): the kept weights of each channel are rounded to the grid one at a time, each
+       error spread over the channel's weights not yet rounded, with U the upper Cholesky factor of that
+       channel's inverse Hessian H_SS⁻¹:  w[i:] -= ((w_i - q_i) / U_ii) U[i, i:].
+       The intercept comes last: never quantized, it absorbs what is left."""
 
     name = "obc"
     fits_weights = True
-    block = 32
 
     def fit(self, p: LayerProblem):
         K = p.H.shape[0]
-        L = damped_cholesky(p.H, torch.eye(K) * _diag_mean(p.H), p.damping, p.name)
-        W = torch.cholesky_solve(p.B.T.double(), L).T.float()  # W* = B H⁻¹
-        U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()  # H⁻¹ = Uᵀ U
         weights = p.weight.shape[1]
-        prunable = torch.zeros(K, dtype=torch.bool)
-        prunable[:weights] = True
-        keep_share = p.mask.float().mean().item()
-        grid = _GridRounder(W[:, :weights] * p.mask, p.bits, p.symmetric, p.per_channel)
-        keep = torch.ones_like(W, dtype=torch.bool)
-        for start in range(0, K, self.block):
-            end = min(start + self.block, K)
-            d = U.diagonal()[start:end]
-            cols = torch.arange(start, end)
-            weight_cols = cols[prunable[start:end]]
-            if keep_share < 1 and len(weight_cols):
-                saliency = W[:, weight_cols] ** 2 / d[: len(weight_cols)] ** 2
-                drop = int(round(saliency.numel() * (1 - keep_share)))
-                if drop:
-                    threshold = saliency.flatten().kthvalue(drop).values
-                    keep[:, weight_cols] = saliency > threshold
-            errors = torch.zeros(len(W), end - start)
-            for j, i in enumerate(range(start, end)):
-                w = W[:, i]
-                q = grid.round(w * keep[:, i]) if i < weights else w
-                errors[:, j] = (w - q) / U[i, i]
-                W[:, i:end] -= errors[:, j : j + 1] * U[i, i:end][None, :]
-                W[:, i] = q
-            W[:, end:] -= errors @ U[start:end, end:]
-        solution = W * keep
+        L = damped_cholesky(p.H, torch.eye(K) * _diag_mean(p.H), p.damping, p.name)
+        optimum = torch.cholesky_solve(p.B.T.double(), L).T  # W* = B H⁻¹
+        saliency = (optimum ** 2 / torch.cholesky_inverse(L).diagonal())[:, :weights]
+        kept = int(p.mask.sum())
+        mask = torch.zeros(saliency.numel(), dtype=torch.bool)
+        mask[saliency.flatten().topk(kept).indices] = True
+        mask = mask.view_as(p.mask)
+        # GPTQ's grid: scales from the channel's refitted weights before rounding
+        unrounded = solve_kept(p.H, p.B, _with_intercept(mask, p.intercept), p.damping, p.name)[:, :weights]
+        rounder = _GridRounder(unrounded, p.bits, p.symmetric, p.per_channel)
+        solution = solve_kept(p.H, p.B, _with_intercept(mask, p.intercept), p.damping, p.name,
+                              rounder if rounder.params is not None else None, weights)
         weight, _, intercept = _split(solution, p)
-        return weight, keep[:, :weights], intercept
+        return weight, mask, intercept
+
+
+def _with_intercept(mask: torch.Tensor, intercept: bool) -> torch.Tensor:
+    return torch.cat([mask, torch.ones(len(mask), 1, dtype=torch.bool)], 1) if intercept else mask
+
+
+def solve_kept(H, B, keep, damping: float, name: str, rounder=None, weights: int | None = None) -> torch.Tensor:
+    """Per output channel r: argmin over w with support keep[r] of ||w X - y_r||² + λ||w||², i.e.
+    (H_SS + λ·mean(diag H)·I) w_S = B_r,S, all channels as one batched Cholesky (each channel's kept inputs
+    first, padded with identity rows). With `rounder`, the kept weights among the first `weights` columns are
+    then rounded to the grid in order with GPTQ error feedback on the channel's own inverse Hessian.
+    Returns C_out x K (float32), exactly zero outside `keep`."""
+    H, B = H.double(), B.double()
+    C, K = keep.shape
+    counts = keep.sum(1)
+    M = max(int(counts.max()), 1)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :M]  # kept inputs first
+    valid = torch.arange(M)[None] < counts[:, None]
+    pair = valid[:, :, None] & valid[:, None, :]
+    system = torch.where(pair, H[order[:, :, None], order[:, None, :]], torch.zeros((), dtype=H.dtype))
+    system = system + torch.diag_embed((~valid).to(H.dtype))
+    L = damped_cholesky(system, torch.diag_embed(valid.to(H.dtype)) * _diag_mean(H), damping, name)
+    W = torch.cholesky_solve((torch.gather(B, 1, order) * valid)[:, :, None], L)[:, :, 0]
+    if rounder is not None:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        rounded = valid & (order < (weights if weights is not None else K))
+        for j in range(M):
+            w = W[:, j]
+            q = torch.where(rounded[:, j], rounder.round(w), w)
+            error = (w - q) / U[:, j, j]
+            W[:, j:] -= error[:, None] * U[:, j, j:]
+            W[:, j] = q
+    out = torch.zeros(C, K, dtype=H.dtype)
+    out.scatter_(1, order, W * valid)  # padded places point at removed inputs: they get zeros
+    return out.float()
 
 
 class _GridRounder:
-    """Rounds a column to a layer's uniform grid (scales from the starting weights, as GPTQ does); widths
-    without a uniform grid (1-2 bits, float) are left to the layer's own quantizer."""
+    """Rounds a column (one weight per output channel) to a layer's uniform grid, scales from the weights it
+    starts from, as GPTQ does; widths without a uniform grid (1-2 bits, float) have no rounder (params None)."""
 
     def __init__(self, weight, bits, symmetric, per_channel):
         self.params = None
         if bits is not None and bits >= 3:
-            scale, zero, qmin, qmax = uniform_params(weight, bits, symmetric, per_channel)
-            self.params = (scale.reshape(-1), zero.reshape(-1), qmin, qmax)
+            scale, zero, qmin, qmax = uniform_params(weight.float(), bits, symmetric, per_channel)
+            self.params = (scale.reshape(-1).double(), zero.reshape(-1).double(), qmin, qmax)
 
     def round(self, column):
-        if self.params is None:
-            return column
         scale, zero, qmin, qmax = self.params
         q = scale * (torch.clamp(torch.round(column / scale) + zero, qmin, qmax) - zero)
         return q * (column != 0)
@@ -230,10 +236,10 @@ def _diag_mean(H: torch.Tensor) -> torch.Tensor:
 
 def damped_cholesky(system: torch.Tensor, ridge: torch.Tensor, damping: float, name: str) -> torch.Tensor:
     """Cholesky factor (float64, batched) of system + λ·ridge, λ = `damping`, raised ×10 while the system is not
-    positive definite; a JPQError after MAX_DAMPING_TRIES. Float64: calibration Hessians span many decades."""
+    positive definite; a JPQError beyond MAX_DAMPING. Float64: calibration Hessians span many decades."""
     A, R = system.double(), ridge.double()
     lam = damping
-    for _ in range(MAX_DAMPING_TRIES):
+    while lam <= MAX_DAMPING:
         L, info = torch.linalg.cholesky_ex(A + lam * R)
         if not bool(info.any()):
             return L
@@ -576,3 +582,35 @@ def _bias_correction(dense_mean):
         shape = (1, -1) + (1,) * (y.dim() - 2)
         return y + (dense_mean - mean).view(shape)
     return hook
+
+
+def benchmark(network: str = "stereo", methods: str = "lsq+bn", threads: int = 1, repeats: int = 5,
+              sparsities=(0.8, 0.9, 0.95), wbits: int = 4, progress=None) -> dict:
+    """Seconds of `apply` on the magnitude-pruned, quantized (w`wbits`/a8) network at each sparsity: the median
+    of `repeats` runs on fresh copies, after one warm-up run that renders the calibration data and fills the
+    dense-target cache (its time is reported apart as first_s: the app pays it once per network)."""
+    import copy
+
+    import numpy as np
+
+    from jpq_core.engine.bench import magnitude_compressed
+    from jpq_core.models import load_network
+    from jpq_core.tasks import make_task
+
+    torch.set_num_threads(threads)
+    model, task = load_network(network).eval(), make_task(network)
+    spec = check_methods(methods)
+    rows = []
+    for sparsity in sparsities:
+        base = magnitude_compressed(model, task, sparsity, wbits)
+        first = time.perf_counter()
+        apply(copy.deepcopy(base), model, task, spec)
+        first = time.perf_counter() - first
+        seconds = [apply(copy.deepcopy(base), model, task, spec)["seconds"] for _ in range(repeats)]
+        row = {"method": spec, "sparsity": sparsity, "wbits": wbits, "seconds": float(np.median(seconds)),
+               "all_s": seconds, "first_s": round(first, 3)}
+        rows.append(row)
+        if progress:
+            progress(row)
+    return {"network": network, "threads": threads, "repeats": repeats, "runs": rows,
+            "median_s": float(np.median([r["seconds"] for r in rows])), "target_s": 5.0 if "stereo" in network else None}
