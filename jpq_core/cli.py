@@ -247,7 +247,7 @@ def _bench_live(args) -> int:
 
         result["recovery"] = benchmark(args.network, args.recovery, args.threads, args.repeats, progress=None if args.json else
                                        lambda r: print(f"recovery {r['method']} at sparsity {r['sparsity']:.2f} w{r['wbits']}: "
-                                                       f"{r['seconds']:.2f} s", file=sys.stderr))
+                                                       f"{r['seconds']:.2f} s ({r['ratio']:.1f} forward passes of {r['forward_s']:.2f} s)", file=sys.stderr))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
