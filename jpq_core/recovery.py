@@ -13,8 +13,9 @@ How it runs (fast because the network runs only twice, never once per layer):
 1. the dense network runs once on the calibration data; each prunable layer's output (before batch norm) is
    kept at a regular subset of output positions: the targets Y (cached per network and data);
 2. the compressed network runs once with hooks. When a layer is about to run, its input X has been produced
-   by the layers before it, already repaired: the hook calibrates the layer's input quantizer on X, unfolds
-   X at the same output positions, accumulates H = X Xᵀ and B = Y Xᵀ once, solves, writes the new weights,
+   by the layers before it, already repaired: the hook quantizes X as the layer will (with the ranges
+   calibrated before recovery, or recalibrated on X with `recalibrate=True`), unfolds it at the same output
+   positions, accumulates H = X Xᵀ and B = Y Xᵀ once, solves, writes the new weights,
    and lets the layer run with them. A batch-norm layer re-estimates its statistics from its input as it
    arrives. Least squares is ridge-damped: H + λ·mean(diag H)·I, λ = `damping`, raised ×10 (up to 1) while
    the system is not positive definite, then a JPQError.
@@ -26,6 +27,9 @@ effective weights lie on the layer's quantization grid (the parametrization quan
 
     from jpq_core import recovery
     report = recovery.apply(net, dense, task, "lsq+bn", samples=8)   # {"method", "seconds", "samples"}
+
+Measured (docs/recovery.md): stereo 80/90/95%, w4/a8, no fine-tuning, bad-3 73.0/94.8/89.1% -> lsq 19.1/41.0/84.0%,
+obc 20.4/43.0/71.8%; ResNet-20 on digits at 90/95/98/99%: 9.6% -> obc+bn 99.4/98.3/87.8/75.0% top-1.
 """
 
 from __future__ import annotations
