@@ -11,7 +11,9 @@ import torch
 
 from jpq_core import recovery
 from jpq_core.models import load_network
-from jpq_core.pipeline import CompressionConfig, add_activation_quantizers, attach, calibrate_activations, prune_masks
+from jpq_core.compressed import add_activation_quantizers, attach, calibrate_activations
+from jpq_core.compression import prune_masks
+from jpq_core.pipeline import CompressionConfig
 from jpq_core.tasks import make_task
 
 

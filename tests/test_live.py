@@ -58,3 +58,20 @@ def test_a_recovery_step_runs_on_the_quantized_network_with_its_activation_range
         layer.parametrizations.weight[0].mask.zero_()
     with pytest.raises(JPQError, match="how many"):
         compress_without_training(resnet20, digits_task, config, recovery=prunes_more)
+
+
+def test_the_live_view_shows_the_recovered_network_when_recovery_is_chosen(resnet20):
+    """ResNet-20 at 95%, w4/a8: without training the raw network guesses; the same slider position with
+    recovery chosen shows a working one, with the recovery's time among the change's timings and the choice in
+    the link."""
+    live = LiveNetwork("resnet20", resnet20)
+    raw = live.compress(LiveConfig(network="resnet20", criterion="magnitude", sparsity=0.95, wbits=4, abits=8))
+    recovered = live.compress(LiveConfig(network="resnet20", criterion="magnitude", sparsity=0.95, wbits=4, abits=8,
+                                         recovery="obc+bn"))
+    assert recovered.evaluation.metrics["top1"] > raw.evaluation.metrics["top1"] + 30
+    assert recovered.sparsity == pytest.approx(raw.sparsity, abs=1e-6)
+    assert recovered.timings["recovery"] > 0 and "recovery" not in raw.timings
+    config, problems = LiveConfig.from_query(recovered.config.to_query())
+    assert config == recovered.config and not problems
+    _, problems = LiveConfig.from_query({"recovery": "magic"})
+    assert problems and "recovery must be one of" in problems[0]

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from jpq_core import recovery
 from jpq_core.errors import JPQError
-from jpq_core.pipeline import add_activation_quantizers, attach, calibrate_activations
+from jpq_core.compressed import add_activation_quantizers, attach, calibrate_activations
 from jpq_core.quantization import quantize_weight
 
 
