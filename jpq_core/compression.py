@@ -27,7 +27,7 @@ from jpq_core.score_cache import cached_gradient_stats
 
 def compress_without_training(model: nn.Module, task, config, *, stats=None, groups=None, allocation=None,
                               calibration_task=None, calibration_batches: int | None = None, recovery=None,
-                              progress=None, timings: dict | None = None) -> nn.Module:
+                              progress=None, timings: dict | None = None, recovered: dict | None = None) -> nn.Module:
     """A compressed copy of `model` (which is not changed), in eval mode:
 
     1. prune: masks from `config.criterion` at `config.sparsity`, scored on the dense network (`stats`, the
@@ -40,7 +40,7 @@ def compress_without_training(model: nn.Module, task, config, *, stats=None, gro
        names (`jpq_core.recovery`), runs on the compressed network. It may change the kept weights, batch-norm
        statistics and, for OBC, which weights a layer keeps, not how many, nor the bit widths or the activation
        ranges: refitting the ranges after least squares measured worse (stereo 90%, w4/a8: bad-3 47.8% against
-       41.0%, docs/recovery.md). Returns what it reports, kept in `timings["recovery_report"]`.
+       41.0%, docs/recovery.md). What it returns (a dict, e.g. `recovery.apply`'s report) goes into `recovered`.
 
     `progress(i, n)` is told about the gradient pass; `timings`, when given, receives seconds per step
     ("masks", "calibrate", "recovery").
@@ -65,7 +65,9 @@ def compress_without_training(model: nn.Module, task, config, *, stats=None, gro
     recovery = recovery or configured_recovery(config)
     if recovery is not None:
         start = time.perf_counter()
-        timings["recovery_report"] = recovery(net, task, config, dense=model)
+        report = recovery(net, task, config, dense=model)
+        if recovered is not None and isinstance(report, dict):
+            recovered.update(report)
         timings["recovery"] = time.perf_counter() - start
         kept = current_masks(net)
         changed = [k for k, m in masks.items() if int(kept[k].sum()) != int(m.sum())]

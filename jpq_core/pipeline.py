@@ -249,13 +249,13 @@ class _Run:
         """The whole run when it has nothing to fine-tune between its stages: `compress_without_training`."""
         c = self.config
         criterion = get_criterion(c.criterion)
-        timings = {}
+        timings, recovered = {}, {}
         self.net = compress_without_training(self.dense, self.task, c, groups=self.groups_for(criterion),
                                              allocation=self.allocation_for(c.sparsity, criterion), recovery=recovery,
-                                             progress=lambda i, n: self.progress("scores", i, n), timings=timings)
+                                             progress=lambda i, n: self.progress("scores", i, n), timings=timings,
+                                             recovered=recovered)
         if "recovery" in timings:
-            reported = timings["recovery_report"] if isinstance(timings["recovery_report"], dict) else {}
-            self.recovery = {"method": c.recovery, **reported, "seconds": round(timings["recovery"], 3)}
+            self.recovery = {"method": c.recovery, **recovered, "seconds": round(timings["recovery"], 3)}
         self.wbits = layer_widths(self.net, c.wbits, c.layer_wbits, c.network)
         self.abits = layer_widths(self.net, c.abits, c.layer_abits, c.network)
 
