@@ -11,8 +11,9 @@ from jpq_core.data.stereo_files import middlebury_motorcycle
 from jpq_core.data.synthetic_stereo import make_scene, scene_seed
 from jpq_core.errors import JPQError
 from jpq_core.evaluation import stereo_comparison
-from jpq_core.live import (LIVE_ACTIVATION_BITS, LIVE_ALLOCATIONS, LIVE_WEIGHT_BITS, SPARSITY_CHOICES, Evaluation,
-                           LiveConfig, LiveNetwork, LiveResult)
+from jpq_core.links import read_link
+from jpq_core.live import (LIVE_ACTIVATION_BITS, LIVE_ALLOCATIONS, LIVE_WEIGHT_BITS, RECOVERY_CHOICES, SPARSITY_CHOICES,
+                           Evaluation, LiveConfig, LiveNetwork, LiveResult)
 from jpq_core.compressed import detach
 from jpq_core.models import load_network, network_label
 from jpq_core.pipeline import load_any
@@ -91,7 +92,7 @@ def _bits_label(b) -> str:
 def current_config() -> LiveConfig:
     """The session's live configuration: from the URL on a session's first page, then from the sidebar."""
     if _STATE not in st.session_state:
-        config, problems = LiveConfig.from_query(st.query_params.to_dict())
+        config, problems = read_link(st.query_params.to_dict())
         st.session_state[_STATE] = config
         st.session_state["live_config_problems"] = problems
     return st.session_state[_STATE]
@@ -122,6 +123,11 @@ def sidebar_config() -> LiveConfig:
         abits = st.select_slider("Activation bits", LIVE_ACTIVATION_BITS, value=config.abits, format_func=_bits_label,
                                  key="w_abits")
         protect = st.checkbox("Keep first and last layer dense", value=config.protect_first_last, key="w_protect")
+        recovery = st.selectbox("Recovery (no training)", list(RECOVERY_CHOICES), key="w_recovery",
+                                index=list(RECOVERY_CHOICES).index(config.recovery),
+                                help="repair the compressed network in seconds on a few training samples: bn re-estimates "
+                                     "batch-norm statistics, lsq refits each layer's kept weights by least squares, obc "
+                                     "chooses and refits them (Optimal Brain Compression); docs/recovery.md has the measurements")
         checkpoint = config.checkpoint if network == config.network else ""
         with st.expander("Your own weights" + (" (in use)" if checkpoint else "")):
             upload = st.file_uploader(f"A {LIVE_NETWORKS[network]} checkpoint: .safetensors, or a state dict from "
@@ -140,7 +146,8 @@ def sidebar_config() -> LiveConfig:
             elif checkpoint and st.button("Back to the shipped weights", key="w_shipped"):
                 checkpoint = ""
     new = LiveConfig(network=network, criterion=criterion, allocation=allocation, sparsity=sparsity, wbits=wbits,
-                     abits=abits, protect_first_last=protect, calibration=config.calibration, checkpoint=checkpoint)
+                     abits=abits, protect_first_last=protect, calibration=config.calibration, checkpoint=checkpoint,
+                     recovery=recovery)
     st.session_state[_STATE] = new
     st.query_params.from_dict(new.to_query())
     return new

@@ -18,7 +18,6 @@ import pickle
 import platform
 import re
 import tempfile
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from jpq_core.errors import JPQError
+from jpq_core.untrusted import cause, decoding
 
 MAX_CHECKPOINT_BYTES = 512 * 1024 * 1024
 MAX_SIDECAR_BYTES = 10 * 1024 * 1024
@@ -102,55 +102,48 @@ def save_checkpoint(model: torch.nn.Module, path: Path, sidecar: dict) -> None:
 
 
 def read_sidecar(path: Path) -> dict:
-    """The JSON sidecar of a checkpoint, or {} when there is none; a JSON object whose `config` and
-    `config.architecture`, where present, are objects too."""
+    """The JSON sidecar of a checkpoint, or {} when there is none: a JSON object with a `config` object
+    ({} when the file has none), whose `architecture`, where present, is an object too."""
     side = Path(path).with_suffix(".json")
     if not side.exists():
         return {}
     if side.stat().st_size > MAX_SIDECAR_BYTES:
         raise JPQError(f"{side}: {side.stat().st_size / 2**20:.0f} MiB is too big for a checkpoint's sidecar; delete or fix it.")
-    try:
+    with decoding(side, "the checkpoint's sidecar is not valid JSON", "delete or fix it."):
         meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise JPQError(f"{side}: the checkpoint's sidecar is not valid JSON ({str(exc)[:120]}); delete or fix it.") from None
     config = meta.get("config", {}) if isinstance(meta, dict) else None
     if not isinstance(config, dict) or not isinstance(config.get("architecture", {}), dict):
         raise JPQError(f"{side}: the checkpoint's sidecar should be a JSON object with a 'config' object "
                        "(as save_checkpoint writes); delete or fix it.")
-    return meta
+    return {**meta, "config": config}  # readers index meta["config"]: a sidecar without one reads as {}
 
 
-def _torch_error_line(exc: Exception) -> str:
+def _torch_error_line(exc: BaseException) -> str:
     """The line of a weights-only load error that names the problem (torch's message is a page long)."""
-    lines = [l.strip() for l in str(exc).splitlines() if "WeightsUnpickler error" in l] or [str(exc).splitlines()[0] if str(exc) else ""]
+    lines = [l.strip() for l in str(exc).splitlines() if "WeightsUnpickler error" in l] or [cause(exc, 200)]
     return lines[0].split(" Please ")[0][:200]  # drop torch's advice to allowlist the global: we never do
 
 
-def _unreadable(path: Path, why: str) -> JPQError:
-    return JPQError(f"{path}: not a readable checkpoint ({why}). "
-                    "Give a .safetensors file or a PyTorch state dict saved with torch.save(model.state_dict(), ...).")
+def _decoding_checkpoint(path: Path, describe=_torch_error_line):
+    return decoding(path, "not a readable checkpoint", "give a .safetensors file or a PyTorch state dict saved with "
+                    "torch.save(model.state_dict(), ...).", describe)
 
 
 def _read_torch_zip(path: Path) -> object:
     """torch.load(weights_only=True) after checking the archive cannot unpack to more than the size limit."""
-    try:
+    with _decoding_checkpoint(path, lambda exc: f"broken archive: {cause(exc)}"):  # zipfile raises BadZipFile, NotImplementedError, EOFError, ...
         with zipfile.ZipFile(path) as z:
             unpacked = sum(i.file_size for i in z.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise _unreadable(path, f"broken archive: {exc}") from None
     if unpacked > MAX_CHECKPOINT_BYTES:
         raise JPQError(f"{path}: unpacks to {unpacked / 2**20:.0f} MiB, over the {MAX_CHECKPOINT_BYTES // 2**20} MiB limit for checkpoints.")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols; our own error says enough
-            warnings.simplefilter("ignore")
+    with _decoding_checkpoint(path):
+        try:
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):  # the pickle asks for a function or class: code, not weights
-            raise JPQError(f"{path}: refused to load: the file holds more than plain weights ({_torch_error_line(exc)}). "
-                           "Only weights are loaded (weights_only=True); re-save it with torch.save(model.state_dict(), ...).") from None
-        raise _unreadable(path, _torch_error_line(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - a malformed archive makes torch raise many types; none is a bug of ours
-        raise _unreadable(path, f"{type(exc).__name__}: {_torch_error_line(exc)}") from None
+        except pickle.UnpicklingError as exc:
+            if "Unsupported global" in str(exc):  # the pickle asks for a function or class: code, not weights
+                raise JPQError(f"{path}: refused to load: the file holds more than plain weights ({_torch_error_line(exc)}). "
+                               "Only weights are loaded (weights_only=True); re-save it with torch.save(model.state_dict(), ...).") from None
+            raise
 
 
 def _is_plain_tensor(v) -> bool:
@@ -183,10 +176,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise JPQError(f"{path}: refused to load: a raw pickle (or a PyTorch file older than 1.6) can run code and is never unpickled. "
                        "Re-save it with a current torch.save(model.state_dict(), ...) or as .safetensors.")
     else:
-        try:
+        with _decoding_checkpoint(path):
             state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError, TypeError) as exc:
-            raise _unreadable(path, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and _is_plain_tensor(v) for k, v in state.items()):

@@ -175,7 +175,7 @@ def cmd_compress(args) -> int:
         steps=args.steps if args.steps is not None else DEFAULT_FINETUNE_STEPS[task_of(args.network)],
         protect_first_last=not args.no_protect, per_channel=not args.per_tensor, symmetric=not args.asymmetric,
         calibration=args.calibration, calibration_batches=args.calibration_batches, lr=args.lr, lr_schedule=args.lr_schedule,
-        learned_step=args.learned_step, seed=args.seed,
+        learned_step=args.learned_step, recovery=args.recovery, recovery_samples=args.recovery_samples, seed=args.seed,
     ).check()
     data = args.data if args.data else ("middlebury" if task_of(args.network) == "stereo" else "digits")
     task = make_task(args.network, data)
@@ -283,6 +283,12 @@ def _bench_live(args) -> int:
 
     result = interaction_benchmark(args.network, args.criterion, args.threads, progress=None if args.json else lambda r: print(
         f"sparsity {r['sparsity']:.2f} w{r['wbits']}: {r['seconds']:.2f} s", file=sys.stderr))
+    if args.recovery != "none":
+        from jpq_core.recovery import benchmark
+
+        result["recovery"] = benchmark(args.network, args.recovery, args.threads, args.repeats, progress=None if args.json else
+                                       lambda r: print(f"recovery {r['method']} at sparsity {r['sparsity']:.2f} w{r['wbits']}: "
+                                                       f"{r['seconds']:.2f} s ({r['ratio']:.1f} forward passes of {r['forward_s']:.2f} s)", file=sys.stderr))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -347,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights at 3-16 bits learn their quantization step in QAT (LSQ) instead of max|w| / qmax")
     p.add_argument("--calibration", default="minmax", help="activation range: minmax, percentile or mse")
     p.add_argument("--calibration-batches", type=int, default=8, help="batches for gradient scores and activation ranges")
+    p.add_argument("--recovery", default="none", help="one-shot recovery before fine-tuning: none, bn, lsq, obc, lsq+bn, "
+                   "obc+bn (see jpq_core/recovery.py)")
+    p.add_argument("--recovery-samples", type=int, help="calibration samples for recovery (default: 8 stereo crops, "
+                   "512 training images)")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default per task)")
     p.add_argument("--lr-schedule", default="constant", help="constant; cosine (warm-up, then decay to zero per stage); or constant-decay "
                    "(constant, then cosine decay to zero over the last 20%% of each stage)")
@@ -391,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", choices=["engine", "live"],
                    help="engine: sparse integer engine vs PyTorch; live: seconds per slider change in the app")
     p.add_argument("--criterion", default="taylor", help="live: the criterion whose scores are cached")
+    p.add_argument("--recovery", default="none", help="live: also time one-shot recovery with this method (e.g. lsq+bn)")
     p.add_argument("--network", default="stereo", help=network_help)
     p.add_argument("--model", help=model_help)
     p.add_argument("--checkpoint", help="your own weights instead of the shipped ones")

@@ -1,4 +1,4 @@
-"""From a configuration to a compressed network, without fine-tuning: prune -> quantize -> (recover) -> calibrate.
+"""From a configuration to a compressed network, without fine-tuning: prune -> quantize -> calibrate -> (recover).
 
 `compress_without_training` is the one path every caller shares: the live view (`jpq_core.live`), the engine
 benchmark (`jpq_core.engine.bench`), and the pipeline (`jpq_core.pipeline.compress`) whenever it has nothing
@@ -27,22 +27,23 @@ from jpq_core.score_cache import cached_gradient_stats
 
 def compress_without_training(model: nn.Module, task, config, *, stats=None, groups=None, allocation=None,
                               calibration_task=None, calibration_batches: int | None = None, recovery=None,
-                              progress=None, timings: dict | None = None) -> nn.Module:
+                              progress=None, timings: dict | None = None, recovered: dict | None = None) -> nn.Module:
     """A compressed copy of `model` (which is not changed), in eval mode:
 
     1. prune: masks from `config.criterion` at `config.sparsity`, scored on the dense network (`stats`, the
        criterion's calibration statistics, are reused when given; channel criteria need `groups`, see
        `trace_groups`; `allocation`, a per-layer sparsity dict, overrides `config.allocation`);
     2. quantize the weights: `config.wbits`, per-layer overrides `config.layer_wbits`;
-    3. recover (optional): `recovery(net, task, config, dense=model)` runs on the pruned, weight-quantized
-       network, whose activations are still float. It may change the kept weights and the batch-norm
-       statistics (BN re-estimation, layer-wise least squares, OBC), not the masks or bit widths; what it
-       leaves is what the activation quantizers are calibrated on next, so their ranges fit it;
-    4. quantize the activations: `config.abits` (per-layer `config.layer_abits`), ranges calibrated on
-       `calibration_batches` batches of `calibration_task` (default: `task`, `config.calibration_batches`).
+    3. quantize the activations: `config.abits` (per-layer `config.layer_abits`), ranges calibrated on
+       `calibration_batches` batches of `calibration_task` (default: `task`, `config.calibration_batches`);
+    4. recover (optional): `recovery(net, task, config, dense=model)`, by default the methods `config.recovery`
+       names (`jpq_core.recovery`), runs on the compressed network. It may change the kept weights, batch-norm
+       statistics and, for OBC, which weights a layer keeps, not how many, nor the bit widths or the activation
+       ranges: refitting the ranges after least squares measured worse (stereo 90%, w4/a8: bad-3 47.8% against
+       41.0%, docs/recovery.md). What it returns (a dict, e.g. `recovery.apply`'s report) goes into `recovered`.
 
     `progress(i, n)` is told about the gradient pass; `timings`, when given, receives seconds per step
-    ("masks", "recovery", "calibrate").
+    ("masks", "calibrate", "recovery").
     """
     timings = {} if timings is None else timings
     start = time.perf_counter()
@@ -53,13 +54,6 @@ def compress_without_training(model: nn.Module, task, config, *, stats=None, gro
     attach(net, masks, wbits, config.symmetric, config.per_channel, config.learned_step)
     timings["masks"] = time.perf_counter() - start
 
-    if recovery is not None:
-        start = time.perf_counter()
-        recovery(net, task, config, dense=model)
-        timings["recovery"] = time.perf_counter() - start
-        if any(not (current_masks(net)[k] == m).all() for k, m in masks.items()):
-            raise JPQError("the recovery step changed the masks; recovery may change kept weights only.")
-
     start = time.perf_counter()
     if any(b is not None for b in abits.values()):
         add_activation_quantizers(net, abits, config.calibration)
@@ -67,7 +61,30 @@ def compress_without_training(model: nn.Module, task, config, *, stats=None, gro
             calibrate_activations(net, calibration_task or task, calibration_batches or config.calibration_batches,
                                   config.seed)
     timings["calibrate"] = time.perf_counter() - start
+
+    recovery = recovery or configured_recovery(config)
+    if recovery is not None:
+        start = time.perf_counter()
+        report = recovery(net, task, config, dense=model)
+        if recovered is not None and isinstance(report, dict):
+            recovered.update(report)
+        timings["recovery"] = time.perf_counter() - start
+        kept = current_masks(net)
+        changed = [k for k, m in masks.items() if int(kept[k].sum()) != int(m.sum())]
+        if changed:
+            raise JPQError(f"the recovery step changed how many weights {', '.join(changed)} keep; recovery may change "
+                           "which weights are kept, not how many.")
     return net.eval()
+
+
+def configured_recovery(config):
+    """The recovery step `config.recovery` names ("none": None), as `compress_without_training` calls it."""
+    methods = getattr(config, "recovery", "none")
+    if methods == "none":
+        return None
+    from jpq_core import recovery
+
+    return lambda net, task, config, dense: recovery.apply(net, dense, task, methods, config.recovery_samples, config.seed)
 
 
 def layer_widths(model: nn.Module, default, overrides: dict, network: str = "network") -> dict:

@@ -36,6 +36,7 @@ from jpq_core.models import task_of
 from jpq_core.pipeline import CompressionConfig
 from jpq_core.registry import get_criterion
 from jpq_core.pruning import sparsity_of
+from jpq_core.recovery import CHOICES as RECOVERY_CHOICES
 from jpq_core.tasks import StereoTask, make_task
 
 # The bit widths the dashboard offers (the library takes every width from 1 to 8 and 16).
@@ -60,12 +61,14 @@ class LiveConfig:
     protect_first_last: bool = True
     calibration: str = "percentile"
     checkpoint: str = ""  # "" = the shipped weights; else the content hash of an uploaded checkpoint
+    recovery: str = "none"  # one-shot recovery without training (jpq_core.recovery.CHOICES)
 
     def compression_config(self) -> CompressionConfig:
         return CompressionConfig(
             network=self.network, criterion=self.criterion, sparsity=self.sparsity, wbits=self.wbits,
             abits=self.abits, pipeline="prune-then-quantize", finetune="none", steps=0,
             allocation=self.allocation, protect_first_last=self.protect_first_last, calibration=self.calibration,
+            recovery=self.recovery,
         ).check()
 
     @property
@@ -96,6 +99,7 @@ class LiveConfig:
             "protect_first_last": lambda v: {"true": True, "false": False}.get(v.lower()) if v.lower() in ("true", "false")
             else _bad("protect_first_last must be true or false"),
             "calibration": lambda v: v if v in ("minmax", "percentile", "mse") else _bad("calibration must be minmax, percentile or mse"),
+            "recovery": lambda v: v if v in RECOVERY_CHOICES else _bad(f"recovery must be one of {', '.join(RECOVERY_CHOICES)}"),
             "checkpoint": lambda v: v if v == "" or (len(v) == 40 and all(c in "0123456789abcdef" for c in v))
             else _bad("checkpoint must be the hash of an uploaded file"),
         }

@@ -71,6 +71,10 @@ class CompressionConfig:
     lr_schedule: str = "constant"
     # Weights at 3-16 bits learn their quantization step during QAT (LSQ) instead of taking max|w| / qmax.
     learned_step: bool = False
+    # One-shot recovery once the final masks and bit widths are set, before the last fine-tuning stage
+    # (jpq_core.recovery): none, bn, lsq, obc, lsq+bn, obc+bn; samples None: the task's default.
+    recovery: str = "none"
+    recovery_samples: int | None = None
     seed: int = 0
 
     def check(self) -> "CompressionConfig":
@@ -98,6 +102,9 @@ class CompressionConfig:
         self.layer_abits = {k: check_bits(v, ACTIVATION_BITS, "activation") for k, v in self.layer_abits.items()}
         if self.allocation not in ALLOCATIONS:
             raise JPQError(f"allocation must be one of {', '.join(ALLOCATIONS)}, not {self.allocation!r}.")
+        from jpq_core.recovery import check_methods
+
+        self.recovery = check_methods(self.recovery)
         if self.learned_step and not self.symmetric:
             raise JPQError("learned step sizes (LSQ) are for the symmetric weight grid; leave out the asymmetric "
                            "option or the learned step.")
@@ -106,7 +113,7 @@ class CompressionConfig:
 
 # Options added after rows and run states were saved: at its default, such an option is left out of a
 # configuration's identity, so that what was saved before it existed is still found.
-LATER_OPTIONS = {"lr_schedule": "constant", "learned_step": False}
+LATER_OPTIONS = {"lr_schedule": "constant", "learned_step": False, "recovery": "none", "recovery_samples": None}
 
 
 def config_identity(config: CompressionConfig | dict) -> dict:
@@ -197,6 +204,7 @@ class _Run:
         self.state = state
         self._stage = 0  # fine-tuning stages begun, which is how a saved state says where it was
         self._steps_before = 0  # fine-tuning steps of the stages before this one (the curve's step axis)
+        self.recovery = {"method": "none", "seconds": 0.0}
         self.started = time.time() - (state.elapsed if state else 0.0)
 
     @property
@@ -241,9 +249,13 @@ class _Run:
         """The whole run when it has nothing to fine-tune between its stages: `compress_without_training`."""
         c = self.config
         criterion = get_criterion(c.criterion)
+        timings, recovered = {}, {}
         self.net = compress_without_training(self.dense, self.task, c, groups=self.groups_for(criterion),
                                              allocation=self.allocation_for(c.sparsity, criterion), recovery=recovery,
-                                             progress=lambda i, n: self.progress("scores", i, n))
+                                             progress=lambda i, n: self.progress("scores", i, n), timings=timings,
+                                             recovered=recovered)
+        if "recovery" in timings:
+            self.recovery = {"method": c.recovery, **recovered, "seconds": round(timings["recovery"], 3)}
         self.wbits = layer_widths(self.net, c.wbits, c.layer_wbits, c.network)
         self.abits = layer_widths(self.net, c.abits, c.layer_abits, c.network)
 
@@ -275,6 +287,16 @@ class _Run:
                  start=start, opt_state=opt_state, checkpoint=checkpoint if self.state or self.curve else None,
                  device=self.device)
 
+    def recover(self):
+        """One-shot recovery (jpq_core.recovery) of the network as it is now: called once, when the final masks
+        and bit widths are set, before the last fine-tuning stage."""
+        from jpq_core import recovery
+
+        if self._stage < (self.state.saved["stage"] if self.state and self.state.saved else 0):
+            return  # a continued run: the saved state holds the network after recovery
+        c = self.config
+        self.recovery = recovery.apply(self.net, self.dense, self.task, c.recovery, c.recovery_samples, c.seed)
+
     def quantize(self):
         c = self.config
         self.wbits = layer_widths(self.net, c.wbits, c.layer_wbits, c.network)
@@ -288,11 +310,15 @@ class _Run:
         c = self.config
         if schedule == "oneshot":
             self.set_masks(self.masks(c.sparsity))
+            if final:
+                self.recover()
             self.finetune(self.budget.take(1.0 if final else share))
         elif schedule == "iterative":  # equal pruning ratios per round: s_i = 1 - (1 - s)^(i / rounds)
             for i in range(1, ITERATIVE_ROUNDS + 1):
                 self.set_masks(self.masks(1 - (1 - c.sparsity) ** (i / ITERATIVE_ROUNDS)))
                 last = i == ITERATIVE_ROUNDS
+                if final and last:
+                    self.recover()
                 self.finetune(self.budget.take(1.0 if final and last else share / ITERATIVE_ROUNDS))
         else:  # gradual (AGP), scores gathered once so that the masks are nested as sparsity grows
             criterion = get_criterion(c.criterion)
@@ -306,6 +332,8 @@ class _Run:
                     self.set_masks(self.masks(agp_sparsity(step + every, total, c.sparsity), stats))
             self.finetune(steps, on_step=on_step)
             self.set_masks(self.masks(c.sparsity, stats))
+            if final:  # gradual pruning ends with its training: recovery comes after it
+                self.recover()
 
 
 def check_device(device) -> torch.device:
@@ -354,10 +382,12 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None, s
         run.prune(1.0, config.schedule, final=True)
     elif config.pipeline == "quantize-only":
         run.quantize()
+        run.recover()
         run.finetune(run.budget.take(1.0))
     elif config.pipeline == "prune-then-quantize":
         run.prune(0.5, config.schedule, final=False)
         run.quantize()
+        run.recover()
         run.finetune(run.budget.take(1.0))
     elif config.pipeline == "quantize-then-prune":
         run.quantize()
@@ -386,6 +416,7 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None, s
         "layers": cost.pop("layers"),
         "finetune_steps": run.budget.used,
         "sensitivity": run.scan,
+        "recovery": run.recovery,
         "seconds": round(time.time() - run.started, 1),
         "device": str(device),  # where fine-tuning ran
     }

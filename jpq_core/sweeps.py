@@ -7,8 +7,8 @@
 A grid file (TOML) holds one or more `[[grid]]` blocks; each block is the product of its axes
     network, criterion, granularity, sparsity, wbits, abits, pipeline, finetune, budget (steps), seed
 (a list, or one value; "float" for float bits) and may fix any other `CompressionConfig` field
-(`calibration = "percentile"`). Keys at the top level apply to every block. `granularity` filters the
-criteria by level (weight or channel); with `finetune = "none"` the budget is 0.
+(`calibration = "percentile"`); `recovery` may be a list too (`recovery = ["none", "lsq"]`): one more axis.
+Keys at the top level apply to every block. `granularity` filters the criteria by level (weight or channel); with `finetune = "none"` the budget is 0.
 
 The table (`cached_runs/results/sweeps.jsonl`) is append-only, one JSON object per line: the configuration
 axes, every metric and cost figure of `compress` flattened, achieved sparsity, wall time, library versions,
@@ -43,6 +43,7 @@ RESULTS = ROOT / "cached_runs" / "results" / "sweeps.jsonl"
 AXES = ("network", "criterion", "granularity", "sparsity", "wbits", "abits", "pipeline", "finetune", "budget", "seed")
 # Columns every row has (the metrics differ by task and are checked by the report, not here).
 REQUIRED = (*AXES, "id", "config", "achieved_sparsity", "memory_ratio", "bops_ratio", "wall_s", "git_rev")
+LIST_SETTINGS = ("recovery",)  # settings that may also be given as a list: one more axis of the grid
 _SETTINGS = {f.name for f in fields(CompressionConfig)} - {"network", "criterion", "sparsity", "wbits", "abits",
                                                            "pipeline", "finetune", "steps", "seed"}
 
@@ -79,8 +80,11 @@ def expand_grid(spec: dict, source: str = "grid") -> list[CompressionConfig]:
         axes = {a: _as_list(block.get(a, getattr(defaults, a, None))) for a in AXES}
         axes["budget"] = _as_list(block.get("budget", defaults.steps))
         levels = set(axes["granularity"]) if "granularity" in block else {"weight", "channel"}
-        settings = {k: v for k, v in block.items() if k in _SETTINGS}
-        for net, crit, _, sp, wb, ab, pipe, ft, budget, seed in itertools.product(*(axes[a] for a in AXES)):
+        settings = {k: v for k, v in block.items() if k in _SETTINGS and k not in LIST_SETTINGS}
+        listed = [[(k, v) for v in _as_list(block[k])] for k in LIST_SETTINGS if k in block]
+        for (net, crit, _, sp, wb, ab, pipe, ft, budget, seed), *extra in itertools.product(
+                itertools.product(*(axes[a] for a in AXES)), *listed):
+            settings.update(extra)
             try:
                 if get_criterion(crit).level not in levels:
                     continue
@@ -102,8 +106,8 @@ def load_grid(path) -> list[CompressionConfig]:
         spec = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise JPQError(f"{path}: no such grid file; grids live in configs/ (e.g. configs/smoke.toml).") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise JPQError(f"{path}: not a valid TOML grid ({exc}).") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise JPQError(f"{path}: not a valid TOML grid ({str(exc)[:160]}).") from None
     return expand_grid(spec, str(path))
 
 
@@ -226,7 +230,7 @@ def import_reports(source, path=RESULTS, provenance: str = "imported") -> tuple[
                 report = json.loads(line)
                 report["config"] = asdict(CompressionConfig(**report["config"]).check())
                 row = row_from_report(report, report.get("wall_seconds", report.get("seconds", 0.0)))
-            except (ValueError, KeyError, TypeError, JPQError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError, JPQError) as exc:
                 problems.append(f"{source}: line {number} is not a compress report ({type(exc).__name__}: {exc}); skipped.")
                 continue
             if config_key(row["config"]) in done:
@@ -270,7 +274,7 @@ def read_rows(path=RESULTS) -> tuple[list[dict], list[str]]:
             row = json.loads(raw)
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: a line nested deeper than the parser recurses
             why = "cut short (a sweep killed while writing it)" if last else "not valid JSON"
             problems.append(f"{path}: line {number} is {why}; it is skipped and its configuration will run again.")
             continue

@@ -21,6 +21,7 @@ from jpq_core.checkpoints import atomic_write, save_checkpoint
 from jpq_core.errors import JPQError
 from jpq_core.models import build_network
 from jpq_core.tasks import task_class
+from jpq_core.untrusted import decoding
 
 
 @dataclass
@@ -79,12 +80,13 @@ def train(cfg: TrainConfig, out_dir: Path, evaluate=None, progress: bool = True)
     state_path = out_dir / "train_state.pt"
     start, elapsed, history = 0, 0.0, []
     if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["config"] != json.loads(json.dumps(asdict(cfg))):
-            raise JPQError(f"{state_path}: holds a run with other settings; use another --out folder or delete the file.")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, elapsed, history = state["step"], state["elapsed"], state["history"]
+        with decoding(state_path, "not a training state written by train", "delete it to start afresh."):
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            if state["config"] != json.loads(json.dumps(asdict(cfg))):
+                raise JPQError(f"{state_path}: holds a run with other settings; use another --out folder or delete the file.")
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start, elapsed, history = state["step"], state["elapsed"], state["history"]
 
     loader = task.training_batches(cfg, start)
 

@@ -117,4 +117,5 @@ t = result.timings
 st.caption(f"This configuration took {sum(t.values()):.2f} s on this machine: scores {t['scores']:.2f} s, masks "
            f"{t['masks']:.2f} s, activation calibration {t['calibrate']:.2f} s, compiling for the engine {t['compile']:.2f} s, "
            f"evaluation {t['evaluate']:.2f} s, "
+           + (f"recovery ({config.recovery}) {t['recovery']:.2f} s, " if "recovery" in t else "") +
            f"cost model {t['cost']:.2f} s. No fine-tuning: see Trade-offs for fine-tuned runs.")

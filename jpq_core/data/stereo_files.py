@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import math
 import re
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,12 +26,14 @@ from PIL import Image
 
 from jpq_core.data.stereo_types import StereoSample
 from jpq_core.errors import JPQError
+from jpq_core.untrusted import decoding
 
 MAX_IMAGE_PIXELS = 40_000_000  # refused from the header, before decoding: about 480 MB as float RGB
 MAX_WORKING_PIXELS = 1_000_000  # bigger pairs are downscaled: the network's 96 px disparity range and CPU time
 MAX_FILE_BYTES = 200 * 2**20  # Streamlit's own upload limit
 MIN_IMAGE_SIDE = 16  # the network works at 1/4 resolution and pads to multiples of 8
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+NPY_ADVICE = "save the array again with numpy.save, or give the disparity as .pfm or a 16-bit .png."
 _PFM_HEADER = re.compile(rb"(P[Ff])\s+(\d+)\s+(\d+)\s+(\S+)\s")
 # OpenCV logs a warning for every corrupt file it is given; our JPQError says it once, in words a user follows.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
@@ -75,17 +76,19 @@ def _check_pixels(width: int, height: int, label: str, min_side: int = MIN_IMAGE
         raise JPQError(f"{label}: {width}x{height} is too small for the stereo network; both sides must be at least {min_side} px.")
 
 
+def _decoding_image(label: str, advice: str = "the file may be truncated or of another type."):
+    """Pillow's and OpenCV's errors on bad bytes say nothing a user can act on (and name memory addresses)."""
+    return decoding(label, "not a readable image", advice, describe=lambda exc: "PNG or JPEG expected")
+
+
 def image_size(data: bytes, label: str = "image", min_side: int = MIN_IMAGE_SIDE) -> tuple[int, int]:
     """(width, height) from the image header alone, checked against the size limits; nothing is decoded."""
-    try:
-        with warnings.catch_warnings():  # Pillow warns about big or odd files; the checks below say more
-            warnings.simplefilter("ignore")
+    with _decoding_image(label):
+        try:
             with Image.open(io.BytesIO(data)) as img:
                 fmt, (width, height) = img.format, img.size
-    except Image.DecompressionBombError:
-        raise JPQError(f"{label}: declares more than {MAX_IMAGE_PIXELS:,} pixels; refused before decoding. Downscale it first.") from None
-    except Exception:  # noqa: BLE001 - Pillow's header parsers raise many types on malformed input
-        raise JPQError(f"{label}: not a readable image (PNG or JPEG expected); the file may be truncated or of another type.") from None
+        except Image.DecompressionBombError:  # Pillow's own size check: say so, not "not readable"
+            raise JPQError(f"{label}: declares more than {MAX_IMAGE_PIXELS:,} pixels; refused before decoding. Downscale it first.") from None
     if fmt not in IMAGE_FORMATS:
         raise JPQError(f"{label}: {fmt} images are not supported; save it as PNG or JPEG ({', '.join(IMAGE_FORMATS)} are read).")
     _check_pixels(width, height, label, min_side)
@@ -111,63 +114,82 @@ def _bgr(img: np.ndarray, label: str) -> np.ndarray:
     raise JPQError(f"{label}: {img.shape[2]} colour channels; give a grey, RGB or RGBA image.")
 
 
+def _check_png_chunks(data: bytes, label: str) -> None:
+    """Refuse a PNG whose chunk lengths run past the end of the file, before OpenCV reads it: libpng
+    allocates what a chunk claims, so a 4 KB file claiming a 512 MB IDAT cost 0.6 GB and 3 s (found by
+    scripts/fuzz.py)."""
+    at = 8  # after the signature: (length, type, data, CRC) chunks
+    while at + 8 <= len(data):
+        length = int.from_bytes(data[at:at + 4], "big")
+        if at + 12 + length > len(data):
+            raise JPQError(f"{label}: not a readable image (PNG or JPEG expected); the file may be truncated or corrupt.")
+        if data[at + 4:at + 8] == b"IEND":
+            return
+        at += 12 + length
+
+
+def _imdecode(data: bytes, label: str) -> np.ndarray | None:
+    """OpenCV's decoding of untrusted bytes (None when it cannot), its errors as JPQError."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        _check_png_chunks(data, label)
+    with _decoding_image(label, "the file may be truncated or corrupt."):
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
 def decode_image(data: bytes, label: str = "image", max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes to H x W x 3 float32 RGB in [0, 1], downscaled to at most `max_pixels` if given."""
     width, height = image_size(data, label)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    damaged = "the file may be truncated or corrupt."
+    img = _imdecode(data, label)
     if img is None or img.shape[:2] != (height, width):
-        raise JPQError(f"{label}: not a readable image (PNG or JPEG expected); the file may be truncated or corrupt.")
+        raise JPQError(f"{label}: not a readable image (PNG or JPEG expected); {damaged}")
     if img.dtype not in (np.uint8, np.uint16):
         raise JPQError(f"{label}: {img.dtype} pixels are not supported; save it as an 8- or 16-bit PNG or a JPEG.")
     scale = 65535.0 if img.dtype == np.uint16 else 255.0
     img = _bgr(img, label)
     size = working_size(height, width, max_pixels)
     if size != (height, width):  # resize the integer image: a quarter of the float copy's memory
-        img = cv2.resize(img, size[::-1], interpolation=cv2.INTER_AREA)
+        with _decoding_image(label, damaged):
+            img = cv2.resize(img, size[::-1], interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(img[:, :, ::-1], dtype=np.float32) / np.float32(scale)  # OpenCV decodes BGR
 
 
 def read_pfm(data: bytes, label: str = "PFM file") -> np.ndarray:
     """Parse a single-channel PFM (Pf header; negative scale = little-endian); rows are stored bottom-up."""
+    def invalid(why: str) -> JPQError:
+        return JPQError(f"{label}: not a valid PFM disparity file ({why}).")
+
     head = _PFM_HEADER.match(data[:256])
-    try:
-        if head is None:
-            raise ValueError("no 'Pf WIDTH HEIGHT SCALE' header")
-        kind, width, height = head[1], int(head[2]), int(head[3])
-        if kind != b"Pf":
-            raise ValueError("only single-channel 'Pf' files hold disparity, this is a 3-channel 'PF'")
-        scale = float(head[4])
-    except ValueError as exc:
-        raise JPQError(f"{label}: not a valid PFM disparity file ({exc}).") from None
-    _check_pixels(width, height, label, min_side=1)  # ground truth: its size is compared with the images'
-    raster = data[head.end():]
-    if len(raster) < 4 * width * height:
-        raise JPQError(f"{label}: not a valid PFM disparity file (truncated: {len(raster)} bytes for {width}x{height} floats).")
-    values = np.frombuffer(raster, dtype="<f4" if scale < 0 else ">f4", count=width * height)
-    return np.flipud(values.reshape(height, width)).astype(np.float32)
+    if head is None:
+        raise invalid("no 'Pf WIDTH HEIGHT SCALE' header")
+    if head[1] != b"Pf":
+        raise invalid("only single-channel 'Pf' files hold disparity, this is a 3-channel 'PF'")
+    with decoding(label, "not a valid PFM disparity file", "save it again, or give the disparity as .npy or a 16-bit .png."):
+        width, height, scale = int(head[2]), int(head[3]), float(head[4])
+        _check_pixels(width, height, label, min_side=1)  # ground truth: its size is compared with the images'
+        raster = data[head.end():]
+        if len(raster) < 4 * width * height:
+            raise invalid(f"truncated: {len(raster)} bytes for {width}x{height} floats")
+        values = np.frombuffer(raster, dtype="<f4" if scale < 0 else ">f4", count=width * height)
+        return np.flipud(values.reshape(height, width)).astype(np.float32)
 
 
 def _read_npy(data: bytes, label: str) -> np.ndarray:
     """A 2-D numeric NPY array; the header's shape is checked before any data is read."""
     f = io.BytesIO(data)
-    try:
+    with decoding(label, "not a plain NumPy array file", NPY_ADVICE):  # numpy's header parser raises TokenError, SyntaxError, ...
         version = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(f)
-    except (ValueError, SyntaxError, TypeError, EOFError) as exc:
-        raise JPQError(f"{label}: not a plain NumPy array file ({str(exc)[:120]}).") from None
-    if len(shape) != 2 or dtype.hasobject or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
-        raise JPQError(f"{label}: ground truth must be a 2-D array of real numbers, got {dtype} {shape}.")
-    _check_pixels(shape[1], shape[0], label, min_side=1)
-    try:
+        if len(shape) != 2 or dtype.hasobject or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+            raise JPQError(f"{label}: ground truth must be a 2-D array of real numbers, got {dtype} {shape}.")
+        _check_pixels(shape[1], shape[0], label, min_side=1)
         return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, EOFError, OSError) as exc:
-        raise JPQError(f"{label}: not a plain NumPy array file ({str(exc)[:120]}).") from None
 
 
 def _read_png_disparity(data: bytes, label: str, png_scale: float) -> np.ndarray:
     image_size(data, label, min_side=1)
-    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    raw = _imdecode(data, label)
     if raw is None or raw.ndim != 2 or raw.dtype != np.uint16:
         kind = "unreadable" if raw is None else f"{raw.dtype} with {1 if raw.ndim == 2 else raw.shape[2]} channel(s)"
         raise JPQError(f"{label}: ground-truth PNG must be a single-channel 16-bit image of disparity * {png_scale:g} "

@@ -24,6 +24,7 @@ from jpq_core.checkpoints import atomic_write
 from jpq_core.engine.lowering import link, lower
 from jpq_core.engine.ops import FRESH, Conv, op_from
 from jpq_core.errors import JPQError
+from jpq_core.untrusted import decoding
 
 FORMAT = "jpq-engine/3"  # 3: stride, padding, dilation per direction; the general glue ops
 READABLE = ("jpq-engine/2", FORMAT)  # 2: producers write several consumers' inputs (targets, keep)
@@ -126,20 +127,19 @@ class Program:
 
 def load_program(path) -> Program:
     """A program saved by `Program.save` (safetensors: no code runs on load)."""
-    from safetensors import SafetensorError, safe_open
+    import safetensors
 
     path = Path(path)
     if not path.exists():
         raise JPQError(f"{path}: no such program file; compile one with compile_network(...).save(path).")
-    try:
-        with safe_open(str(path), "numpy") as f:
+    again = "compile and save it again."
+    with decoding(path, "not a readable program file", again):
+        with safetensors.safe_open(str(path), "numpy") as f:
             meta = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise JPQError(f"{path}: not a readable program file ({exc}).") from None
     if "program" not in meta:
         raise JPQError(f"{path}: a safetensors file without an engine program in its metadata.")
-    try:
+    with decoding(path, "a damaged program file", again, describe=lambda exc: f"{type(exc).__name__}: {str(exc)[:120]}"):
         header = json.loads(meta["program"])
         if not isinstance(header, dict) or header.get("format") not in READABLE:
             found = header.get("format") if isinstance(header, dict) else None
@@ -150,8 +150,6 @@ def load_program(path) -> Program:
             ops.append(op_from(d, mine))
         link(ops)
         return Program(ops, header["n_inputs"], header["output"], header["slots"], header.get("info"))
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # a damaged or hand-edited header
-        raise JPQError(f"{path}: a damaged program file ({type(exc).__name__}: {str(exc)[:120]}); compile and save it again.") from None
 
 
 def compile_network(model: torch.nn.Module, example_inputs: tuple | None = None) -> Program:
