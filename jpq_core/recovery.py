@@ -396,14 +396,19 @@ def _shared_modules(model: nn.Module, example) -> dict[str, int]:
     counts: dict[str, int] = {}
     handles = [m.register_forward_pre_hook(lambda mod, a, n=n: counts.__setitem__(n, counts.get(n, 0) + 1))
                for n, m in model.named_modules() if n and any(isinstance(c, (nn.Conv2d, nn.Linear)) for c in m.modules())]
+    _forward_with(model, example, handles)
+    shared = {n: c for n, c in counts.items() if c > 1}
+    return {n: c for n, c in shared.items() if not any(n.startswith(o + ".") for o in shared)}
+
+
+def _forward_with(model: nn.Module, example, handles) -> None:
+    """One inference pass of `model` on `example` with the hooks `handles` attached; they are removed after."""
     try:
         with torch.inference_mode():
             model(*example)
     finally:
         for h in handles:
             h.remove()
-    shared = {n: c for n, c in counts.items() if c > 1}
-    return {n: c for n, c in shared.items() if not any(n.startswith(o + ".") for o in shared)}
 
 
 def _followers(model: nn.Module, example) -> dict[str, str]:
@@ -416,12 +421,7 @@ def _followers(model: nn.Module, example) -> dict[str, str]:
     handles += [m.register_forward_pre_hook(lambda mod, a: follows.__setitem__(outputs[id(a[0])], bns[id(mod)])
                                             if id(a[0]) in outputs else None)
                 for n, m in model.named_modules() if id(m) in bns]
-    try:
-        with torch.inference_mode():
-            model(*example)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with(model, example, handles)
     return follows
 
 
