@@ -284,7 +284,7 @@ def _bench_live(args) -> int:
     result = interaction_benchmark(args.network, args.criterion, args.threads, progress=None if args.json else lambda r: print(
         f"sparsity {r['sparsity']:.2f} w{r['wbits']}: {r['seconds']:.2f} s", file=sys.stderr))
     if args.recovery != "none":
-        from jpq_core.recovery import benchmark
+        from jpq_core.recovery_bench import benchmark
 
         result["recovery"] = benchmark(args.network, args.recovery, args.threads, args.repeats, progress=None if args.json else
                                        lambda r: print(f"recovery {r['method']} at sparsity {r['sparsity']:.2f} w{r['wbits']}: "
