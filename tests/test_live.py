@@ -68,7 +68,7 @@ def test_the_live_view_shows_the_recovered_network_when_recovery_is_chosen(resne
     raw = live.compress(LiveConfig(network="resnet20", criterion="magnitude", sparsity=0.95, wbits=4, abits=8))
     recovered = live.compress(LiveConfig(network="resnet20", criterion="magnitude", sparsity=0.95, wbits=4, abits=8,
                                          recovery="obc+bn"))
-    assert recovered.evaluation.metrics["top1"] > raw.evaluation.metrics["top1"] + 30
+    assert recovered.evaluation.metrics["top1"] > raw.evaluation.metrics["top1"] + 0.3  # fractions: 0.10 -> 0.97 measured
     assert recovered.sparsity == pytest.approx(raw.sparsity, abs=1e-6)
     assert recovered.timings["recovery"] > 0 and "recovery" not in raw.timings
     config, problems = LiveConfig.from_query(recovered.config.to_query())
