@@ -83,8 +83,8 @@ def files(tmp_path):
 
 
 DECODERS = {  # loader -> (the decoder it calls, patched to raise, and a call of the loader)
-    "image header (Pillow)": ("jpq_core.data.stereo_files.Image.open", lambda d: stereo_files.read_image(d / "l.png")),
-    "image pixels (OpenCV)": ("jpq_core.data.stereo_files.cv2.imdecode", lambda d: stereo_files.read_image(d / "l.png")),
+    "image header (Pillow)": ("jpq_core.data.stereo_files.Image.open", lambda d: stereo_files.decode_image((d / "l.png").read_bytes(), str(d / "l.png"))),
+    "image pixels (OpenCV)": ("jpq_core.data.stereo_files.cv2.imdecode", lambda d: stereo_files.decode_image((d / "l.png").read_bytes(), str(d / "l.png"))),
     "npy header": ("numpy.lib.format.read_array_header_1_0", lambda d: decode_disparity(npy_bytes(np.ones((3, 3))), "gt.npy")),
     "npy data": ("numpy.load", lambda d: decode_disparity(npy_bytes(np.ones((3, 3))), "gt.npy")),
     "pfm data": ("numpy.frombuffer", lambda d: decode_disparity(b"Pf\n2 2\n-1.0\n" + bytes(16), "gt.pfm")),
