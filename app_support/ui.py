@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
@@ -125,7 +126,10 @@ def sidebar_config() -> LiveConfig:
         protect = st.checkbox("Keep first and last layer dense", value=config.protect_first_last, key="w_protect")
         recovery = st.selectbox("Recovery (no training)", list(RECOVERY_CHOICES), key="w_recovery",
                                 index=list(RECOVERY_CHOICES).index(config.recovery),
-                                help="repair the compressed network in seconds on a few training samples: bn re-estimates "
+                                format_func=lambda r: f"auto ({replace(config, network=network, recovery=r).recovery_method})"
+                                if r == "auto" else r,
+                                help="repair the compressed network in seconds on a few training samples (auto: the "
+                                     "method that measured best for this network): bn re-estimates "
                                      "batch-norm statistics, lsq refits each layer's kept weights by least squares, obc "
                                      "chooses and refits them (Optimal Brain Compression); docs/recovery.md has the measurements")
         checkpoint = config.checkpoint if network == config.network else ""
@@ -196,10 +200,22 @@ def ensure_scores(config: LiveConfig) -> None:
     bar.empty()
 
 
-@st.cache_resource(show_spinner="Pruning, quantizing and evaluating...", max_entries=48)
+@st.cache_resource(show_spinner=False, max_entries=48)
 def live_result(config: LiveConfig) -> LiveResult:
-    """Shared between sessions: a LiveResult is never modified after it is made."""
-    return live_network(config.network, config.checkpoint).compress(config)
+    """Shared between sessions: a LiveResult is never modified after it is made. With recovery, the result
+    without it is made first (and cached: the page shows it while recovery runs) and a copy is recovered."""
+    raw = live_result(config.without_recovery()) if config.recovery_method != "none" else None
+    result = live_network(config.network, config.checkpoint).compress(config, raw=raw)
+    _READY.add(config)
+    return result
+
+
+_READY: set = set()  # configurations whose live result is made (and so cached), as far as this process knows
+
+
+def live_result_ready(config: LiveConfig) -> bool:
+    """Whether `live_result(config)` returns at once (a page can show something else while it is made)."""
+    return config in _READY
 
 
 @st.cache_resource(show_spinner="Evaluating the dense network...", max_entries=4)

@@ -36,10 +36,10 @@ def compress_without_training(model: nn.Module, task, config, *, stats=None, gro
     2. quantize the weights: `config.wbits`, per-layer overrides `config.layer_wbits`;
     3. quantize the activations: `config.abits` (per-layer `config.layer_abits`), ranges calibrated on
        `calibration_batches` batches of `calibration_task` (default: `task`, `config.calibration_batches`);
-    4. recover (optional): `recovery(net, task, config, dense=model)`, by default the methods `config.recovery`
-       names (`jpq_core.recovery`), runs on the compressed network. It may change the kept weights, batch-norm
-       statistics and, for OBC, which weights a layer keeps, not how many, nor the bit widths or the activation
-       ranges: refitting the ranges after least squares measured worse (stereo 90%, w4/a8: bad-3 47.8% against
+    4. recover (optional, `recover`): `recovery(net, task, config, dense=model)`, by default the methods
+       `config.recovery` names (`jpq_core.recovery`), runs on the compressed network; `recovery=False` skips
+       it. It may change the kept weights, batch-norm statistics and, for OBC, which weights a layer keeps, not
+       how many, nor the bit widths or the activation ranges: refitting the ranges after least squares measured worse (stereo 90%, w4/a8: bad-3 47.8% against
        41.0%, docs/recovery.md). What it returns (a dict, e.g. `recovery.apply`'s report) goes into `recovered`.
 
     `progress(i, n)` is told about the gradient pass; `timings`, when given, receives seconds per step
@@ -62,10 +62,20 @@ def compress_without_training(model: nn.Module, task, config, *, stats=None, gro
                                   config.seed)
     timings["calibrate"] = time.perf_counter() - start
 
-    recovery = recovery or configured_recovery(config)
-    if recovery is not None:
+    return recover(net, model, task, config, recovery, timings, recovered) if recovery is not False else net.eval()
+
+
+def recover(net: nn.Module, dense: nn.Module, task, config, recovery=None, timings: dict | None = None,
+            recovered: dict | None = None) -> nn.Module:
+    """Step 4 of `compress_without_training`, on its result `net` (changed in place and returned): the
+    `recovery` step, by default the methods `config.recovery` names. Callers that keep the network before
+    recovery (the live view shows both) run steps 1-3 with `recovery=False`, then this on a copy."""
+    timings = {} if timings is None else timings
+    recovery = configured_recovery(config) if recovery is None else recovery
+    if recovery:
+        masks = current_masks(net)
         start = time.perf_counter()
-        report = recovery(net, task, config, dense=model)
+        report = recovery(net, task, config, dense=dense)
         if recovered is not None and isinstance(report, dict):
             recovered.update(report)
         timings["recovery"] = time.perf_counter() - start

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from jpq_core.costs import layer_geometry, network_cost
 from jpq_core.compressed import attach, current_masks
-from jpq_core.compression import compress_without_training, gradient_stats, trace_groups
+from jpq_core.compression import compress_without_training, gradient_stats, recover, trace_groups
 from jpq_core.data.stereo_types import StereoSample
 from jpq_core.errors import JPQError
 from jpq_core.evaluation import classifier_logits, predict_disparity
@@ -36,7 +36,7 @@ from jpq_core.models import task_of
 from jpq_core.pipeline import CompressionConfig
 from jpq_core.registry import get_criterion
 from jpq_core.pruning import sparsity_of
-from jpq_core.recovery import CHOICES as RECOVERY_CHOICES
+from jpq_core.recovery import CHOICES, best_method
 from jpq_core.tasks import StereoTask, make_task
 
 # The bit widths the dashboard offers (the library takes every width from 1 to 8 and 16).
@@ -44,6 +44,11 @@ LIVE_WEIGHT_BITS = (1, 2, 3, 4, 6, 8, 16, None)
 LIVE_ACTIVATION_BITS = (4, 6, 8, 16, None)
 LIVE_ALLOCATIONS = ("global", "uniform")  # the sensitivity scan takes minutes: cached runs only
 # Sparsity slider stops: coarse where little changes, fine near the extreme where everything happens.
+# Recovery without training: "auto" = the best measured method for the network's task (jpq_core.recovery.BEST).
+RECOVERY_CHOICES = ("auto",) + CHOICES
+# Calibration samples for live recovery: fewer training images than the CLI's default keep a change in seconds
+# (ResNet-20, 90%, w4/a8, obc+bn: top-1 99.4% with 128, as with 512; docs/recovery.md).
+LIVE_RECOVERY_SAMPLES = {"classification": 128}
 SPARSITY_CHOICES = tuple(sorted({round(x, 4) for x in (
     [i / 100 for i in range(0, 90, 5)] + [i / 100 for i in range(90, 98)] + [i / 1000 for i in range(980, 1000)])}))
 
@@ -61,15 +66,24 @@ class LiveConfig:
     protect_first_last: bool = True
     calibration: str = "percentile"
     checkpoint: str = ""  # "" = the shipped weights; else the content hash of an uploaded checkpoint
-    recovery: str = "none"  # one-shot recovery without training (jpq_core.recovery.CHOICES)
+    recovery: str = "auto"  # one-shot recovery without training (RECOVERY_CHOICES)
 
     def compression_config(self) -> CompressionConfig:
         return CompressionConfig(
             network=self.network, criterion=self.criterion, sparsity=self.sparsity, wbits=self.wbits,
             abits=self.abits, pipeline="prune-then-quantize", finetune="none", steps=0,
             allocation=self.allocation, protect_first_last=self.protect_first_last, calibration=self.calibration,
-            recovery=self.recovery,
+            recovery=self.recovery_method, recovery_samples=LIVE_RECOVERY_SAMPLES.get(task_of(self.network)),
         ).check()
+
+    @property
+    def recovery_method(self) -> str:
+        """The recovery methods this configuration runs ("auto" resolved for its network)."""
+        return best_method(task_of(self.network)) if self.recovery == "auto" else self.recovery
+
+    def without_recovery(self) -> "LiveConfig":
+        """The same configuration, not recovered: what the page shows while recovery runs."""
+        return replace(self, recovery="none")
 
     @property
     def granularity(self) -> str:
@@ -153,6 +167,8 @@ class LiveResult:
     layers: list[dict]
     timings: dict = field(default_factory=dict)  # seconds per stage of this change
     path_note: str = ""  # why the engine did or did not compute the evaluation
+    raw_metrics: dict | None = None  # with recovery: the same configuration's metrics without it
+    recovery: dict | None = None  # with recovery: {"method", "seconds", "samples"}
 
     def summary(self) -> dict:
         """JSON-friendly: the configuration, metrics, achieved sparsity, totals of the cost model, timings."""
@@ -254,15 +270,21 @@ class LiveNetwork:
                           confusion=confusion_matrix(predicted, labels, logits.shape[1]), seconds=time.perf_counter() - start)
 
     def compress(self, config: LiveConfig, sample: StereoSample | None = None, progress=None,
-                 engine: bool | None = None) -> LiveResult:
+                 engine: bool | None = None, raw: "LiveResult | None" = None) -> LiveResult:
         """Prune (no fine-tuning) and quantize a copy of the dense network by `config`, then evaluate it: with the
         sparse integer engine where it is faster (`jpq_core.live_engine`), else with PyTorch. `engine`: None =
-        decide so, False = PyTorch always, True = the engine always (stereo; waits for its kernels)."""
+        decide so, False = PyTorch always, True = the engine always (stereo; waits for its kernels).
+
+        With recovery, the network is the configuration's without recovery (`raw`, when already made), copied
+        and recovered: the result keeps the raw metrics beside its own."""
         if config.network != self.network:
             raise JPQError(f"this live network is {self.network}, the configuration asks for {config.network}.")
         if config.allocation not in LIVE_ALLOCATIONS:
             raise JPQError(f"live allocation must be one of {', '.join(LIVE_ALLOCATIONS)}; sensitivity allocation "
                            "needs a scan of every layer and is available from the CLI (`compress --allocation sensitivity`).")
+        if config.recovery_method != "none":
+            return self._recovered(config, raw or self.compress(config.without_recovery(), sample, progress, engine),
+                                   sample, engine)
         timings = {}
         t = time.perf_counter()
         stats = self.stats(config, progress)
@@ -271,8 +293,21 @@ class LiveNetwork:
         net = compress_without_training(self.dense, self.task, config.compression_config(), stats=stats,
                                         groups=self.groups_for(config),
                                         calibration_task=self.calibration_task, calibration_batches=1, timings=timings)
-        masks = current_masks(net)
+        return self._measured(config, net, timings, sample, engine)
 
+    def _recovered(self, config: LiveConfig, raw: "LiveResult", sample, engine) -> "LiveResult":
+        """`config` = `raw`'s configuration with recovery: a copy of `raw`'s network recovered, then measured."""
+        if raw.config != config.without_recovery():
+            raise JPQError("the network to recover must be this configuration without recovery.")
+        timings = {k: raw.timings[k] for k in ("scores", "masks", "calibrate")}
+        report = {}
+        net = recover(copy.deepcopy(raw.model), self.dense, self.task, config.compression_config(), timings=timings,
+                      recovered=report)
+        return replace(self._measured(config, net, timings, sample, engine), raw_metrics=raw.evaluation.metrics,
+                       recovery={"method": config.recovery_method, **report})
+
+    def _measured(self, config: LiveConfig, net, timings: dict, sample, engine) -> "LiveResult":
+        masks = current_masks(net)
         evaluation, note, timings["compile"] = self._evaluate_fastest(net.eval(), config, sample, engine)
         timings["evaluate"] = evaluation.seconds
 

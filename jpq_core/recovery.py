@@ -205,6 +205,14 @@ class _GridRounder:
 
 METHODS = {m.name: m for m in (BatchNormReestimation, LeastSquares, OptimalBrainCompression)}
 CHOICES = ("none", "bn", "lsq", "obc", "lsq+bn", "obc+bn")
+# The method that measured best per task without fine-tuning (docs/recovery.md): stereo, lsq (bad-3 19.1/41.0%
+# at 80/90%, w4/a8); ResNet-20 on digits, obc+bn (top-1 99.4/98.3% at 90/95%). What "auto" means.
+BEST = {"stereo": "lsq", "classification": "obc+bn"}
+
+
+def best_method(task_name: str) -> str:
+    """The recovery method "auto" stands for on a task ("stereo" or "classification")."""
+    return BEST.get(task_name, "none")
 
 
 def parse_methods(spec: str | None) -> list[RecoveryMethod]:

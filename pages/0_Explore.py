@@ -16,7 +16,7 @@ from jpq_core.images import DISPARITY_SCALE, ERROR_LIMIT_PX, ERROR_SCALE, colour
 from jpq_core.plots import confusion_figure, layer_cost_figure
 from jpq_core.report import finetuning_label
 from app_support.ui import (cached_results, compressed_images, cost_cards, deferred, dense_evaluation, ensure_scores,
-                            image_with_title, live_network, live_result, path_caption, pytorch_result, show_error,
+                            image_with_title, live_network, live_result, live_result_ready, path_caption, pytorch_result, show_error,
                             sidebar_config, stereo_reference_images)
 
 st.set_page_config(page_title="JPQ Explorer", layout="wide")
@@ -28,43 +28,79 @@ st.caption(
 )
 
 config = sidebar_config()
+recovering = config.recovery_method != "none"
+show_raw = recovering and st.toggle("Show the network without recovery", key="ex_raw",
+                                    help=f"the same pruning and quantization before {config.recovery_method} repaired it")
 try:
     ensure_scores(config)
-    result = live_result(config)
     dense = dense_evaluation(config.network, config.checkpoint)
+    raw = live_result(config.without_recovery())
 except JPQError as exc:
     show_error(exc)
     st.stop()
 
-m, d = result.evaluation.metrics, dense.metrics
-cols = st.columns(5)
-if "bad3" in m:
-    cols[0].metric("bad-3", f"{m['bad3']:.1%}", delta=f"{m['bad3'] - d['bad3']:+.1%} vs dense", delta_color="inverse",
-                   help="share of pixels with ground truth whose disparity is off by more than 3 px")
-    cols[1].metric("EPE", f"{m['epe']:.2f} px", delta=f"{m['epe'] - d['epe']:+.2f} px vs dense", delta_color="inverse",
-                   help="mean absolute disparity error")
-else:
-    cols[0].metric("Top-1", f"{m['top1']:.1%}", delta=f"{m['top1'] - d['top1']:+.1%} vs dense",
-                   help="accuracy on the 540 held-out digits")
-    cols[1].metric("Mistakes", f"{int((result.evaluation.confusion.sum() - np.trace(result.evaluation.confusion)))}",
-                   help=f"of {int(result.evaluation.confusion.sum())} test images")
-cols[2].metric("Sparsity achieved", f"{result.sparsity:.2%}", help="share of prunable weights that are exactly zero")
-cols[3].metric("Weight bits / act. bits", f"{config.wbits or 32} / {config.abits or 32}")
-cols[4].metric("Computed by", result.evaluation.path, delta=f"{result.evaluation.seconds:.2f} s", delta_color="off",
-               delta_arrow="off", help="what ran the compressed network on the evaluation data, and how long that took")
-cost_cards(result.cost)
-st.caption(path_caption(result, dense))
-if result.evaluation.path == "engine" and st.toggle("Check the engine against PyTorch", key="ex_check_engine",
-                                                    help="run the same configuration in PyTorch (slower) and "
-                                                         "compare the metrics"):
-    def show_check(reference) -> None:
-        r = reference.evaluation.metrics
-        st.caption("PyTorch on the same configuration: " + ", ".join(
-            f"{k} {r[k]:.4f} (engine {m[k]:.4f})" for k in ("bad3", "epe") if k in r)
-            + f"; PyTorch took {reference.evaluation.seconds:.2f} s against the engine's {result.evaluation.seconds:.2f} s.")
 
-    deferred("Running the same configuration in PyTorch; the rest of the page does not wait for it.",
-             lambda: pytorch_result(config), show_check)
+def show_cards(result, note: str = "") -> None:
+    """Metric cards, cost cards and which path computed them, for `result` (raw or recovered)."""
+    m, d = result.evaluation.metrics, dense.metrics
+    before = result.raw_metrics
+    cols = st.columns(5)
+    if "bad3" in m:
+        cols[0].metric("bad-3", f"{m['bad3']:.1%}", delta=f"{m['bad3'] - d['bad3']:+.1%} vs dense", delta_color="inverse",
+                       help="share of pixels with ground truth whose disparity is off by more than 3 px"
+                       + (f"; without recovery {before['bad3']:.1%}" if before else ""))
+        cols[1].metric("EPE", f"{m['epe']:.2f} px", delta=f"{m['epe'] - d['epe']:+.2f} px vs dense", delta_color="inverse",
+                       help="mean absolute disparity error" + (f"; without recovery {before['epe']:.2f} px" if before else ""))
+    else:
+        cols[0].metric("Top-1", f"{m['top1']:.1%}", delta=f"{m['top1'] - d['top1']:+.1%} vs dense",
+                       help="accuracy on the 540 held-out digits" + (f"; without recovery {before['top1']:.1%}" if before else ""))
+        cols[1].metric("Mistakes", f"{int((result.evaluation.confusion.sum() - np.trace(result.evaluation.confusion)))}",
+                       help=f"of {int(result.evaluation.confusion.sum())} test images")
+    cols[2].metric("Sparsity achieved", f"{result.sparsity:.2%}", help="share of prunable weights that are exactly zero")
+    cols[3].metric("Weight bits / act. bits", f"{config.wbits or 32} / {config.abits or 32}")
+    cols[4].metric("Computed by", result.evaluation.path, delta=f"{result.evaluation.seconds:.2f} s", delta_color="off",
+                   delta_arrow="off", help="what ran the compressed network on the evaluation data, and how long that took")
+    if note:
+        st.info(note, icon="⏳")
+    elif result.recovery:
+        key = "bad3" if "bad3" in m else "top1"
+        st.caption(f"Recovered by **{result.recovery['method']}** in {result.recovery['seconds']:.1f} s on "
+                   f"{result.recovery['samples']} calibration samples, no training: {key} {before[key]:.1%} without "
+                   f"recovery, {m[key]:.1%} with it (the toggle above shows the network without recovery).")
+    elif recovering:
+        st.caption(f"Without recovery: turn the toggle above off to see {config.recovery_method} repair this network.")
+    cost_cards(result.cost)
+    st.caption(path_caption(result, dense))
+
+
+def show_maps(result) -> None:
+    """The compressed network's depth map and error (stereo), or its confusion matrix (classifiers)."""
+    if live_network(config.network).is_stereo:
+        fixed, live_maps = stereo_reference_images(config.network, config.checkpoint), compressed_images(result.config)
+        row = st.columns(4)
+        image_with_title(row[0], "Left image", fixed["left"])
+        image_with_title(row[1], "Dense network", fixed["dense"])
+        image_with_title(row[2], "Compressed" + (" and recovered" if result.recovery else ""), live_maps["compressed"])
+        image_with_title(row[3], "Compressed |error|", live_maps["error"])
+        bars = st.columns(4)
+        bars[1].image(colour_bar_png(DISPARITY_SCALE), width="stretch",
+                      caption=f"disparity: 0 px (far) to {fixed['zmax']:.0f} px (near), both maps")
+        bars[3].image(colour_bar_png(ERROR_SCALE), width="stretch",
+                      caption=f"|error|: 0 to {ERROR_LIMIT_PX:.0f} px and more; white: no ground truth")
+        st.caption("Middlebury 2014 motorcycle pair (741x500), ground truth from the dataset. The Depth maps page "
+                   "compares two settings and SGBM, on this pair, synthetic scenes or your own.")
+    else:
+        evaluation = result.evaluation
+        left, right = st.columns([3, 2])
+        left.plotly_chart(confusion_figure(evaluation.confusion, range(evaluation.confusion.shape[0]),
+                                           "Confusion matrix, compressed network"), width="stretch")
+        changed = int((evaluation.predicted != dense.predicted).sum())
+        right.metric("Predictions changed by compression", f"{changed}", help="test images the compressed and the dense "
+                     "network classify differently")
+
+
+# Slots in page order, filled below: with the network without recovery first while recovery runs, then recovered.
+cards, check_slot = st.empty(), st.container()
 
 runs = matching_runs(cached_results()[0], config) if not config.checkpoint else cached_results()[0].iloc[:0]
 tuned = runs[runs["finetune"] != "none"] if not runs.empty else runs
@@ -82,40 +118,53 @@ with st.expander(f"Fine-tuned runs of this configuration (cached): {len(tuned)}"
                    "without fine-tuning.")
 
 st.subheader("What the network sees and says")
-evaluation = result.evaluation
-if live_network(config.network).is_stereo:
-    fixed, live_maps = stereo_reference_images(config.network, config.checkpoint), compressed_images(config)
-    row = st.columns(4)
-    image_with_title(row[0], "Left image", fixed["left"])
-    image_with_title(row[1], "Dense network", fixed["dense"])
-    image_with_title(row[2], "Compressed", live_maps["compressed"])
-    image_with_title(row[3], "Compressed |error|", live_maps["error"])
-    bars = st.columns(4)
-    bars[1].image(colour_bar_png(DISPARITY_SCALE), width="stretch",
-                  caption=f"disparity: 0 px (far) to {fixed['zmax']:.0f} px (near), both maps")
-    bars[3].image(colour_bar_png(ERROR_SCALE), width="stretch",
-                  caption=f"|error|: 0 to {ERROR_LIMIT_PX:.0f} px and more; white: no ground truth")
-    st.caption("Middlebury 2014 motorcycle pair (741x500), ground truth from the dataset. The Depth maps page "
-               "compares two settings and SGBM, on this pair, synthetic scenes or your own.")
-else:
-    left, right = st.columns([3, 2])
-    left.plotly_chart(confusion_figure(evaluation.confusion, range(evaluation.confusion.shape[0]),
-                                       "Confusion matrix, compressed network"), width="stretch")
-    changed = int((evaluation.predicted != dense.predicted).sum())
-    right.metric("Predictions changed by compression", f"{changed}", help="test images the compressed and the dense "
-                 "network classify differently")
+maps = st.empty()
 
 st.subheader("Per layer")
-st.plotly_chart(layer_cost_figure(result.layers), width="stretch")
-table = pd.DataFrame(result.layers)[["name", "kind", "weights", "nonzero", "sparsity", "wbits", "abits", "encoding",
-                                     "weight_bits", "macs", "dense_macs"]]
+st.plotly_chart(layer_cost_figure(raw.layers), width="stretch")  # recovery keeps every layer's count
+table = pd.DataFrame(raw.layers)[["name", "kind", "weights", "nonzero", "sparsity", "wbits", "abits", "encoding",
+                                  "weight_bits", "macs", "dense_macs"]]
 table["weight KiB"] = table.pop("weight_bits") / 8 / 1024
 st.dataframe(table, hide_index=True, width="stretch",
              column_config={"sparsity": st.column_config.NumberColumn(format="%.2f%%"),
                             "weight KiB": st.column_config.NumberColumn(format="%.2f")})
+timing = st.empty()
+
+
+def show(result, note: str = "") -> None:
+    with cards.container():
+        show_cards(result, note)
+    with maps.container():
+        show_maps(result)
+
+
+result = raw
+if recovering and not show_raw:
+    if not live_result_ready(config):
+        show(raw, f"Recovering with {config.recovery_method} (a few seconds): until it is done, these numbers and "
+                  "maps are the network without recovery.")
+    try:
+        result = live_result(config)
+    except JPQError as exc:
+        with check_slot:
+            show_error(exc)
+show(result)
+m = result.evaluation.metrics
+with check_slot:
+    if result.evaluation.path == "engine" and st.toggle("Check the engine against PyTorch", key="ex_check_engine",
+                                                        help="run the same configuration in PyTorch (slower) and "
+                                                             "compare the metrics"):
+        def show_check(reference) -> None:
+            r = reference.evaluation.metrics
+            st.caption("PyTorch on the same configuration: " + ", ".join(
+                f"{k} {r[k]:.4f} (engine {m[k]:.4f})" for k in ("bad3", "epe") if k in r)
+                + f"; PyTorch took {reference.evaluation.seconds:.2f} s against the engine's {result.evaluation.seconds:.2f} s.")
+
+        deferred("Running the same configuration in PyTorch; the rest of the page does not wait for it.",
+                 lambda: pytorch_result(result.config), show_check)
 t = result.timings
-st.caption(f"This configuration took {sum(t.values()):.2f} s on this machine: scores {t['scores']:.2f} s, masks "
-           f"{t['masks']:.2f} s, activation calibration {t['calibrate']:.2f} s, compiling for the engine {t['compile']:.2f} s, "
+timing.caption(f"This configuration took {sum(t.values()):.2f} s on this machine: scores {t['scores']:.2f} s, masks "
+               f"{t['masks']:.2f} s, activation calibration {t['calibrate']:.2f} s, compiling for the engine {t['compile']:.2f} s, "
            f"evaluation {t['evaluate']:.2f} s, "
-           + (f"recovery ({config.recovery}) {t['recovery']:.2f} s, " if "recovery" in t else "") +
+           + (f"recovery ({config.recovery_method}) {t['recovery']:.2f} s, " if "recovery" in t else "") +
            f"cost model {t['cost']:.2f} s. No fine-tuning: see Trade-offs for fine-tuned runs.")

@@ -65,10 +65,14 @@ def test_the_live_view_shows_the_recovered_network_when_recovery_is_chosen(resne
     recovery chosen shows a working one, with the recovery's time among the change's timings and the choice in
     the link."""
     live = LiveNetwork("resnet20", resnet20)
-    raw = live.compress(LiveConfig(network="resnet20", criterion="magnitude", sparsity=0.95, wbits=4, abits=8))
-    recovered = live.compress(LiveConfig(network="resnet20", criterion="magnitude", sparsity=0.95, wbits=4, abits=8,
-                                         recovery="obc+bn"))
+    chosen = LiveConfig(network="resnet20", criterion="magnitude", sparsity=0.95, wbits=4, abits=8)
+    assert chosen.recovery == "auto" and chosen.recovery_method == "obc+bn"  # the default: the best measured method
+    raw = live.compress(chosen.without_recovery())
+    recovered = live.compress(chosen, raw=raw)
     assert recovered.evaluation.metrics["top1"] > raw.evaluation.metrics["top1"] + 0.3  # fractions: 0.10 -> 0.97 measured
+    assert recovered.raw_metrics == raw.evaluation.metrics and recovered.recovery["method"] == "obc+bn"
+    # recovering works on a copy: the raw result (cached and shown while recovery runs) is left as it was
+    assert live.evaluate(raw.model).metrics == raw.evaluation.metrics
     assert recovered.sparsity == pytest.approx(raw.sparsity, abs=1e-6)
     assert recovered.timings["recovery"] > 0 and "recovery" not in raw.timings
     config, problems = LiveConfig.from_query(recovered.config.to_query())
