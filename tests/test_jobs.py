@@ -248,3 +248,60 @@ def test_a_killed_job_continues_from_its_state_and_finishes_exactly_once(queues)
     again = wait_for(restarted, owner, job.id, lambda j: not j.active)
     assert again.status == "done" and again.row_id == job.row_id and again.resumes == 2
     assert len(read_rows(queue.table)[0]) == 1
+
+
+# ---- the page ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def page_table(queues, monkeypatch):
+    """The app's results table (and so its jobs folder) moved to the scratch table of `queues`; budgets of 6 steps."""
+    import streamlit as st
+
+    import jpq_core.report as report
+
+    table = queues(SleepingQueue).table
+    monkeypatch.setattr(report, "RESULTS", table)
+    monkeypatch.setenv("JPQ_JOB_BUDGETS", "6,20")
+    st.cache_data.clear()
+    yield table
+    st.cache_data.clear()
+
+
+def _explore(root, **query):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(root / "app.py"), default_timeout=240)
+    at.query_params.update(network="resnet20", criterion="magnitude", sparsity="0.5", wbits="8", abits="8", **query)
+    return at.run()
+
+
+def _texts(at) -> str:
+    return " ".join(e.value for kind in (at.info, at.success, at.error, at.caption) for e in kind)
+
+
+def test_explore_queues_a_job_keeps_it_over_a_reload_and_cancels_it(root, queues, page_table):
+    busy = queues(SleepingQueue)  # another session's jobs hold every core
+    stranger = new_owner()
+    for sparsity in (0.3, 0.7, 0.8, 0.9)[:busy.slots]:
+        busy.submit(stranger, tiny(10, sparsity=sparsity))
+
+    at = _explore(root)
+    assert not at.exception
+    assert [r.options for r in at.radio if r.key == "job_budget"] == [["6 steps (about unknown)", "20 steps (about unknown)"]]
+    at.button(key="job_start").click().run()
+    assert not at.exception and not at.error
+    assert "queued, number 1 in line" in _texts(at)
+    token = at.query_params["job_owner"]
+    token = token[-1] if isinstance(token, list) else token
+    (job,) = JobQueue(page_table).jobs_of(token)[0]
+    assert job.config["sparsity"] == 0.5 and job.budget == 6 and job.status == "queued"
+
+    reloaded = _explore(root, job_owner=token)  # the same link opened again: the same jobs
+    assert "queued, number 1 in line" in _texts(reloaded) and not reloaded.warning
+    other = _explore(root)  # a session without the token sees none of them
+    assert "queued, number" not in _texts(other) and not other.exception
+
+    reloaded.button(key=f"job_cancel_{job.id}").click().run()
+    assert not reloaded.exception and "queued, number" not in _texts(reloaded)
+    assert JobQueue(page_table).jobs_of(token)[0] == [] and files_of(busy, job.id) == []
