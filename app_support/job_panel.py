@@ -33,9 +33,11 @@ def finetune_panel(config: LiveConfig, results) -> None:
     st.markdown("**Fine-tune this configuration**")
     left, right = st.columns([3, 1], vertical_alignment="bottom")
     steps = left.radio("Fine-tuning budget", budgets(), horizontal=True, key="job_budget",
-                       format_func=lambda n: f"{n:,} steps (about {duration(estimate_seconds(results, config.network, n))})",
-                       help="time estimated from the measured wall time per step of this network's fine-tuned runs "
-                            "in the results table; one core per job")
+                       format_func=lambda n: f"{n:,} steps")
+    estimate = estimate_seconds(results, config.network, steps)
+    left.caption(f"About {duration(estimate)} on one core" if estimate is not None else "No measured fine-tuning "
+                 "time of this network yet", help="the median wall time per step of this network's fine-tuned runs "
+                 "in the results table, times the budget")
     if right.button("Fine-tune", key="job_start", type="primary"):
         try:
             queue.submit(job_owner(create=True), finetune_config(target, steps))

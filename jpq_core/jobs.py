@@ -102,12 +102,17 @@ def of_configuration(jobs: list["Job"], config: CompressionConfig) -> list["Job"
 
 
 def estimate_seconds(results, network: str, steps: int) -> float | None:
-    """About how long `steps` fine-tuning steps of `network` take, from the wall time per step of the fine-tuned
-    rows of the results table (`report.load_results`; a page job's row counts too); None without any."""
+    """About how long `steps` fine-tuning steps of `network` take: the median wall time per step of the network's
+    fine-tuned rows in the results table (`report.load_results`; page jobs' rows count too), preferring rows
+    fine-tuned as jobs are (FINETUNE_MODE) and long enough (100 steps or more) for a run's fixed cost (scores,
+    evaluation) to matter little; None without any such row."""
     if results is None or results.empty or "wall_s" not in results:
         return None
     rows = results[(results["network"] == network) & (results["finetune"] != "none") & (results["budget"] > 0)
                    & (results["wall_s"] > 0)]
+    for preferred in (lambda r: r["budget"] >= 100, lambda r: r["finetune"] == FINETUNE_MODE):
+        if preferred(rows).any():
+            rows = rows[preferred(rows)]
     if rows.empty:
         return None
     return float(statistics.median(rows["wall_s"] / rows["budget"])) * steps
@@ -200,6 +205,8 @@ class JobQueue:
         """Advance the queue (see the module's docstring); returns (every job, problems reading job files)."""
         global _children
         _children = [p for p in _children if p.poll() is None]  # reap the processes that ended
+        if not self.folder.exists():
+            return [], []  # no job yet: a visit leaves no folder behind
         with self._locked():
             jobs, problems = self._read_all()
             for i, job in enumerate(jobs):

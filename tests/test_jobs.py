@@ -288,7 +288,8 @@ def test_explore_queues_a_job_keeps_it_over_a_reload_and_cancels_it(root, queues
 
     at = _explore(root)
     assert not at.exception
-    assert [r.options for r in at.radio if r.key == "job_budget"] == [["6 steps (about unknown)", "20 steps (about unknown)"]]
+    assert [r.options for r in at.radio if r.key == "job_budget"] == [["6 steps", "20 steps"]]
+    assert "No measured fine-tuning time of this network yet" in _texts(at)  # an empty table: nothing to go by
     at.button(key="job_start").click().run()
     assert not at.exception and not at.error
     assert "queued, number 1 in line" in _texts(at)
@@ -305,3 +306,15 @@ def test_explore_queues_a_job_keeps_it_over_a_reload_and_cancels_it(root, queues
     reloaded.button(key=f"job_cancel_{job.id}").click().run()
     assert not reloaded.exception and "queued, number" not in _texts(reloaded)
     assert JobQueue(page_table).jobs_of(token)[0] == [] and files_of(busy, job.id) == []
+
+
+def test_the_time_estimate_comes_from_the_tables_fine_tuned_rows():
+    import pandas as pd
+
+    from jpq_core.jobs import estimate_seconds
+
+    rows = pd.DataFrame({"network": ["resnet20"] * 4 + ["stereo"], "finetune": ["distill", "masked", "distill", "none", "distill"],
+                         "budget": [200, 200, 6, 0, 300], "wall_s": [100.0, 60.0, 30.0, 5.0, 900.0]})
+    assert estimate_seconds(rows, "resnet20", 300) == pytest.approx(150.0)  # distill, 200 steps: 0.5 s per step
+    assert estimate_seconds(rows, "stereo", 10) == pytest.approx(30.0)
+    assert estimate_seconds(rows, "tv:resnet18", 10) is None and estimate_seconds(rows.iloc[:0], "stereo", 10) is None
