@@ -56,6 +56,7 @@ KEEP_FINISHED_S = 24 * 3600  # finished and failed jobs are listed for a day (th
 PROGRESS_EVERY_S = 1.0  # how often a job's process rewrites its progress file
 ACTIVE = ("queued", "running")
 _OWNER = re.compile(r"[A-Za-z0-9_-]{16,64}")
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a file name's stem: no dots, no slashes
 _children: list[subprocess.Popen] = []  # job processes this process started, reaped by `poll`
 
 
@@ -204,10 +205,10 @@ class JobQueue:
     def poll(self) -> tuple[list[Job], list[str]]:
         """Advance the queue (see the module's docstring); returns (every job, problems reading job files)."""
         global _children
-        _children = [p for p in _children if p.poll() is None]  # reap the processes that ended
         if not self.folder.exists():
             return [], []  # no job yet: a visit leaves no folder behind
         with self._locked():
+            _children = [p for p in _children if p.poll() is None]  # reap the processes that ended
             jobs, problems = self._read_all()
             for i, job in enumerate(jobs):
                 if job.status == "running" and not self._process_alive(job.id):
@@ -240,6 +241,8 @@ class JobQueue:
     def cancel(self, owner: str, job_id: str) -> None:
         """Stop `owner`'s job: kill its process (a queued job has none) and delete every file it made, so that
         no row, state or partial output is left. A finished job is only forgotten: its row stays in the table."""
+        if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+            raise JPQError(f"{str(job_id)[:40]!r} is not a job id.")
         with self._locked():
             path = self._file(job_id, "job.json")
             try:
@@ -403,9 +406,7 @@ class JobQueue:
             if not any(config_key(r["config"]) == key for r in read_rows(self.table)[0]):
                 report.stage("starting")
                 row = self._fine_tune(job, report)
-            revision = git_revision()
-            report.stage("writing the row")
-            self._add_row(job_id, key, row, revision, report.seconds_per_step)
+            self._add_row(job_id, key, row, git_revision(), report)
             return 0
         except JPQError as exc:
             self._fail(job_id, str(exc))
@@ -429,13 +430,20 @@ class JobQueue:
         return sweeps.run_config(job.config, keep_checkpoint=True, state=str(self._file(job.id, "state.pt")),
                                  training=report.step)
 
-    def _add_row(self, job_id: str, key: str, row: dict | None, revision: str, seconds_per_step) -> None:
+    def _add_row(self, job_id: str, key: str, row: dict | None, revision: str, report: "_ProgressWriter") -> None:
         """Holding the table's lock (waiting for a sweep that holds it) and the queue's: unless the job was
         cancelled meanwhile, append the row (when the table lacks this configuration), keep its network beside
         the table, and mark the job done."""
         from jpq_core.sweeps import append_row, config_key, read_rows, repair_tail, table_lock, write_checkpoint
 
-        with table_lock(self.table, wait=True), self._locked():
+        report.stage("writing the row")
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(table_lock(self.table))
+            except JPQError:  # a sweep writes this table: the row waits for it
+                report.stage("waiting for the results table (a sweep is writing it)")
+                held.enter_context(table_lock(self.table, wait=True))
+            held.enter_context(self._locked())
             try:
                 job = self._read(self._file(job_id, "job.json"))
             except FileNotFoundError:
@@ -451,7 +459,8 @@ class JobQueue:
                 append_row(self.table, row)
                 existing = row
             self._write(replace(job, status="done", finished=time.time(), row_id=existing["id"], error=None,
-                                note=f"about {seconds_per_step:.2f} s per step" if seconds_per_step else job.note))
+                                note=f"about {report.seconds_per_step:.2f} s per step" if report.seconds_per_step
+                                else job.note))
             for suffix in ("state.pt", "progress.json"):
                 self._file(job_id, suffix).unlink(missing_ok=True)
 

@@ -78,6 +78,11 @@ def wait_for(queue: JobQueue, owner: str, job_id: str, done, seen=None):
                          f"{queue._file(job_id, 'log').read_text()[-2000:]}")
 
 
+def stage(queue: JobQueue, job) -> str:
+    progress = queue.progress(job)
+    return progress.stage if progress else ""
+
+
 def files_of(queue: JobQueue, job_id: str) -> list[str]:
     return sorted(p.name for p in queue.folder.glob(f"*{job_id}*"))
 
@@ -182,10 +187,14 @@ def test_a_finished_job_adds_its_row_once_and_explore_finds_it(queues):
     from jpq_core.live import LiveConfig, matching_runs
     from jpq_core.report import load_results
 
+    from jpq_core.sweeps import table_lock
+
     queue = queues()
     owner = new_owner()
-    job = queue.submit(owner, tiny(12))
     seen = []
+    with table_lock(queue.table):  # a sweep writing the table: the finished job waits to add its row, and says so
+        job = queue.submit(owner, tiny(12))
+        wait_for(queue, owner, job.id, lambda j: stage(queue, j).startswith("waiting for the results table"), seen)
     job = wait_for(queue, owner, job.id, lambda j: not j.active, seen)
     assert job.status == "done", job.error
     steps = [p.done for p in seen if p.stage in ("fine-tuning", "evaluating")]
