@@ -12,7 +12,8 @@ from jpq_core.data.stereo_files import middlebury_motorcycle
 from jpq_core.data.synthetic_stereo import make_scene, scene_seed
 from jpq_core.errors import JPQError
 from jpq_core.evaluation import stereo_comparison
-from jpq_core.links import read_link
+from jpq_core.jobs import JobQueue, is_owner_token, new_owner
+from jpq_core.links import OWNER_PARAMETER, read_link
 from jpq_core.live import (LIVE_ACTIVATION_BITS, LIVE_ALLOCATIONS, LIVE_WEIGHT_BITS, RECOVERY_CHOICES, SPARSITY_CHOICES,
                            Evaluation, LiveConfig, LiveNetwork, LiveResult)
 from jpq_core.compressed import detach
@@ -84,6 +85,7 @@ def cached_task(name: str):
 
 LIVE_NETWORKS = {name: network_label(name) for name in ("stereo", "resnet20")}  # offered in the sidebar
 _STATE = "live_config"  # session_state key of the current LiveConfig (widget state does not survive page switches)
+_OWNER = "job_owner"  # session_state key of the session's fine-tuning job token, once it has one
 
 
 def _bits_label(b) -> str:
@@ -93,10 +95,28 @@ def _bits_label(b) -> str:
 def current_config() -> LiveConfig:
     """The session's live configuration: from the URL on a session's first page, then from the sidebar."""
     if _STATE not in st.session_state:
-        config, problems = read_link(st.query_params.to_dict())
+        params = st.query_params.to_dict()
+        config, problems = read_link(params)
         st.session_state[_STATE] = config
         st.session_state["live_config_problems"] = problems
+        if is_owner_token(params.get(OWNER_PARAMETER)):  # a reloaded page finds its session's jobs again
+            st.session_state[_OWNER] = params[OWNER_PARAMETER]
     return st.session_state[_STATE]
+
+
+def job_owner(create: bool = False) -> str | None:
+    """The session's fine-tuning job token (made when `create`, e.g. on its first job). It travels in the link
+    (`job_owner=`), so a reloaded page lists the same jobs; another session, without it, sees none of them."""
+    if create and _OWNER not in st.session_state:
+        st.session_state[_OWNER] = new_owner()
+    return st.session_state.get(_OWNER)
+
+
+def job_queue() -> JobQueue:
+    """The fine-tuning jobs kept beside the results table the pages read."""
+    from jpq_core import report
+
+    return JobQueue(report.RESULTS)
 
 
 def sidebar_config() -> LiveConfig:
@@ -153,7 +173,8 @@ def sidebar_config() -> LiveConfig:
                      abits=abits, protect_first_last=protect, calibration=config.calibration, checkpoint=checkpoint,
                      recovery=recovery)
     st.session_state[_STATE] = new
-    st.query_params.from_dict(new.to_query())
+    owner = {OWNER_PARAMETER: job_owner()} if job_owner() else {}
+    st.query_params.from_dict({**new.to_query(), **owner})
     return new
 
 
@@ -258,12 +279,28 @@ def set_config(config: LiveConfig) -> None:
         del st.session_state[key]  # widgets take their value from the configuration again
 
 
-@st.cache_data(ttl=30, show_spinner=False)
 def cached_results():
-    """The sweeps table and the problems reading it; re-read every 30 s so a running sweep's new rows appear."""
+    """The sweeps table and the problems reading it, re-read whenever the table or its checkpoints folder
+    changes (a sweep's or a fine-tuning job's new row shows at once, on every page and in every session)."""
+    from jpq_core import report
+    from jpq_core.sweeps import checkpoint_dir
+
+    stamp = []
+    for path in (report.RESULTS, checkpoint_dir(report.RESULTS)):
+        try:
+            stat = path.stat()
+            stamp.append((stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            stamp.append(None)
+    return _results_as_of(str(report.RESULTS), tuple(stamp))
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _results_as_of(path: str, stamp):
+    """`report.load_results` of the table at `path` as it was at `stamp` (modification times and sizes)."""
     from jpq_core.report import load_results
 
-    return load_results()
+    return load_results(Path(path))
 
 
 # ---- Maps as images, and results that arrive after the page has answered ----------------------------------

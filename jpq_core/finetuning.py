@@ -116,7 +116,7 @@ def get_mode(name: str) -> FinetuneMode:
 
 
 def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=None, on_step=None, progress=None,
-             lr_schedule: str = "constant", start: int = 0, opt_state=None, checkpoint=None, device="cpu"):
+             lr_schedule: str = "constant", start: int = 0, opt_state=None, checkpoint=None, device="cpu", on_loss=None):
     """Fine-tune the parametrized model in place for `steps` steps.
 
     `on_step(step, steps)` runs before each step (gradual pruning uses it); regrowth updates the masks
@@ -126,7 +126,8 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
     To continue an interrupted stage: `start` (steps already done) and `opt_state` (the optimiser's state
     then). `checkpoint(done, optimizer)` is called every CHECKPOINT_EVERY steps and after the last one.
     `device`: where the steps run (model, teacher and batches are moved there, and the model back to the CPU
-    at the end, where the rest of the pipeline runs).
+    at the end, where the rest of the pipeline runs). `on_loss(steps_done, loss)` is told each step's loss (a
+    float) after the step: what a progress display shows.
     """
     if mode == "none" or steps == 0:
         return model
@@ -163,6 +164,8 @@ def finetune(model, task, steps: int, mode: str, lr: float, seed: int, teacher=N
         strategy.after_step(layers, step, steps)
         if progress:
             progress(step + 1, steps)
+        if on_loss:
+            on_loss(step + 1, loss.item())
         if checkpoint and ((step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps):
             checkpoint(step + 1, opt)
     strategy.end(layers)

@@ -188,8 +188,9 @@ class _Run:
     """One compression run: the network being compressed, its budget, and the stages pipelines combine."""
 
     def __init__(self, model, task, config: CompressionConfig, progress, state: RunState | None = None, device="cpu",
-                 curve=None):
+                 curve=None, training=None):
         self.task, self.config, self.device, self.curve = task, config, device, curve
+        self.training = training  # training(done, total, loss) after every fine-tuning step, over the whole budget
         # progress(stage, i, n), with stage "scores" (gradient pass) or "fine-tune"
         self.progress = progress or (lambda stage, i, n: None)
         self.dense = copy.deepcopy(model).eval()
@@ -285,7 +286,8 @@ class _Run:
         finetune(self.net, self.task, steps, self.config.finetune, self.lr, self._seed, teacher=self.dense,
                  on_step=on_step, progress=lambda i, n: self.progress("fine-tune", i, n), lr_schedule=self.config.lr_schedule,
                  start=start, opt_state=opt_state, checkpoint=checkpoint if self.state or self.curve else None,
-                 device=self.device)
+                 device=self.device,
+                 on_loss=(lambda done, loss: self.training(before + done, self.budget.total, loss)) if self.training else None)
 
     def recover(self):
         """One-shot recovery (jpq_core.recovery) of the network as it is now: called once, when the final masks
@@ -352,7 +354,7 @@ def check_device(device) -> torch.device:
 
 
 def compress(model: nn.Module, task, config: CompressionConfig, progress=None, state=None,
-             device="cpu", curve=None, recovery=None) -> tuple[nn.Module, dict]:
+             device="cpu", curve=None, recovery=None, training=None) -> tuple[nn.Module, dict]:
     """Run the configured pipeline on a copy of `model`; returns (compressed model, report).
 
     `progress(stage, i, n)` is told about the gradient pass ("scores") and fine-tuning ("fine-tune").
@@ -360,7 +362,9 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None, s
     started again with it. `device`: where fine-tuning runs (see `check_device`); scores, masks, calibration,
     evaluation and costs stay on the CPU. `curve`: a `LearningCurve` that records the task's metrics every so many
     steps of each fine-tuning stage. `recovery`: a one-shot recovery step for runs without fine-tuning (see
-    `jpq_core.compression.compress_without_training`).
+    `jpq_core.compression.compress_without_training`). `training(done, total, loss)` is told after every
+    fine-tuning step: steps done over the whole budget (all stages, counted on across a resumed run) and that
+    step's loss (the page's job queue shows it).
     """
     config = config.check()
     without_training = config.pipeline == "prune-then-quantize" and config.schedule == "oneshot" and \
@@ -375,7 +379,7 @@ def compress(model: nn.Module, task, config: CompressionConfig, progress=None, s
                        "which runs on the CPU only: fine-tune with --device cpu, or choose a one-shot or iterative schedule.")
     torch.manual_seed(config.seed)
     run = _Run(model, task, config, progress, RunState(state, config, model, task) if state else None, device,
-               curve)
+               curve, training)
     if without_training:  # nothing to fine-tune between the stages: the path the live view and the engine share
         run.without_training(recovery)
     elif config.pipeline == "prune-only":

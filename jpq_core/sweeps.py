@@ -10,7 +10,7 @@ A grid file (TOML) holds one or more `[[grid]]` blocks; each block is the produc
 (`calibration = "percentile"`); `recovery` may be a list too (`recovery = ["none", "lsq"]`): one more axis.
 Keys at the top level apply to every block. `granularity` filters the criteria by level (weight or channel); with `finetune = "none"` the budget is 0.
 
-The table (`cached_runs/results/sweeps.jsonl`) is append-only, one JSON object per line: the configuration
+The table (`cached_runs/results/sweeps.jsonl`, or the file JPQ_RESULTS names) is append-only, one JSON object per line: the configuration
 axes, every metric and cost figure of `compress` flattened, achieved sparsity, wall time, library versions,
 the code revision, and a CRC of the row. Only the driver writes; each row is one `write` of a whole line,
 fsync'd, so a sweep killed at any moment leaves at most a torn last line, which the reader reports and the
@@ -39,7 +39,9 @@ from jpq_core.errors import JPQError
 from jpq_core.pipeline import CompressionConfig, config_identity
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "cached_runs" / "results" / "sweeps.jsonl"
+# The table the CLI and the app read and write; JPQ_RESULTS points them (and the app's fine-tuning jobs, kept beside
+# it) at another one, e.g. a scratch table in tests.
+RESULTS = Path(os.environ.get("JPQ_RESULTS") or ROOT / "cached_runs" / "results" / "sweeps.jsonl")
 AXES = ("network", "criterion", "granularity", "sparsity", "wbits", "abits", "pipeline", "finetune", "budget", "seed")
 # Columns every row has (the metrics differ by task and are checked by the report, not here).
 REQUIRED = (*AXES, "id", "config", "achieved_sparsity", "memory_ratio", "bops_ratio", "wall_s", "git_rev")
@@ -186,12 +188,13 @@ def row_from_report(report: dict, wall_s: float) -> dict:
 
 
 def run_config(config: dict, keep_checkpoint: bool = False, engine: bool = False, threads: int = 1,
-               state: str | None = None) -> dict:
+               state: str | None = None, training=None) -> dict:
     """Compress with one configuration (a dict of `CompressionConfig` fields); returns the row, plus the
     compressed network's files as bytes under "_files" when `keep_checkpoint` (so that a Ray worker on
     another machine can hand them to the driver). `engine`: also time the engine (column engine_ms).
     `state`: a file that keeps the run's progress, so that a sweep killed in a long configuration goes on
-    from its last save when run again (see `pipeline.RunState`)."""
+    from its last save when run again (see `pipeline.RunState`). `training(done, total, loss)`: told after every
+    fine-tuning step (see `pipeline.compress`)."""
     import torch
 
     from jpq_core.pipeline import compress, save_compressed
@@ -200,7 +203,7 @@ def run_config(config: dict, keep_checkpoint: bool = False, engine: bool = False
     cfg = CompressionConfig(**config)
     model, task = _network_and_task(cfg.network)
     start = time.time()
-    net, report = compress(model, task, cfg, state=state)
+    net, report = compress(model, task, cfg, state=state, training=training)
     wall = time.time() - start
     row = row_from_report(report, wall)
     row["engine_ms"] = engine_latency_ms(net, cfg.network) if engine else None
@@ -318,15 +321,17 @@ def append_row(path, row: dict) -> None:
 
 
 class _TableLock:
-    """One sweep writes a table at a time: an advisory lock on the table file itself, held while it runs."""
+    """One sweep writes a table at a time: an advisory lock on the table file itself, held while it runs.
+    `wait`: wait for the writer holding it (a page-started job adding its one row) instead of refusing."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, wait: bool = False):
+        self.path, self.wait = Path(path), wait
 
     def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(self.fd)
             raise JPQError(f"{self.path}: another sweep is writing this table; wait for it or give --out.") from None
@@ -335,6 +340,11 @@ class _TableLock:
     def __exit__(self, *exc):
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+def table_lock(path, wait: bool = False) -> _TableLock:
+    """The table's writer lock, for a context: refused (JPQError) while another writer holds it, unless `wait`."""
+    return _TableLock(Path(path), wait)
 
 
 # ---- Pareto front and its checkpoints ---------------------------------------------------------------------
@@ -371,17 +381,22 @@ def front_ids(rows: list[dict]) -> set[str]:
     return out
 
 
+def write_checkpoint(table: Path, rid: str, parts: dict[str, bytes]) -> None:
+    """Keep a row's compressed network ({suffix: bytes}, from `run_config(keep_checkpoint=True)`) beside the table."""
+    from jpq_core.checkpoints import atomic_write_all
+
+    atomic_write_all({checkpoint_dir(table) / f"{rid}{suffix}": lambda tmp, data=data: Path(tmp).write_bytes(data)
+                      for suffix, data in parts.items()})
+
+
 def keep_front_checkpoints(table: Path, rows: list[dict], files: dict[str, dict]) -> None:
     """Write the checkpoints in `files` ({row id: {suffix: bytes}}) of rows on the front, delete those that
     fell off it."""
-    from jpq_core.checkpoints import atomic_write
-
     folder = checkpoint_dir(table)
     keep = front_ids(rows)
     for rid, parts in files.items():
         if rid in keep:
-            for suffix, data in parts.items():
-                atomic_write(folder / f"{rid}{suffix}", lambda tmp, data=data: Path(tmp).write_bytes(data))
+            write_checkpoint(table, rid, parts)
     if folder.exists():
         for f in folder.iterdir():
             if f.stem not in keep and f.suffix in (".safetensors", ".json"):
@@ -470,6 +485,20 @@ def run_config_on_node(config: dict, keep_checkpoint: bool = False, engine: bool
     return node_id(), run_config(config, keep_checkpoint, engine)
 
 
+def submit_to_ray(address: str, config: dict, keep_checkpoint: bool = False, engine: bool = False):
+    """`run_config_on_node` as a Ray task on the cluster at `address` (connecting this process first unless Ray is
+    already initialised); returns its ObjectRef. A task whose node or worker process dies is run again on another
+    node (up to RAY_TASK_RETRIES times); its row comes back once, from the run that finished."""
+    import ray
+
+    from jpq_core import cluster
+
+    if not ray.is_initialized():
+        cluster.connect(address, ray_runtime_env())
+    remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(run_config_on_node)
+    return remote.remote(config, keep_checkpoint, engine)
+
+
 def _ray_results(todo, address: str, keep, engine: bool, nodes: dict):
     """Yield (config, row or exception) as Ray tasks finish; rows come back to the driver, which writes them.
     `nodes` counts the configurations finished per Ray node id.
@@ -477,14 +506,8 @@ def _ray_results(todo, address: str, keep, engine: bool, nodes: dict):
     (e.g. `ray.init(num_cpus=2, runtime_env=ray_runtime_env())`) is used as it is."""
     import ray
 
-    from jpq_core import cluster
-
-    if not ray.is_initialized():
-        cluster.connect(address, ray_runtime_env())
-    # A task whose node or worker process dies is run again on another node (up to RAY_TASK_RETRIES times); its
-    # row comes back once, from the run that finished, and only then does the driver write it.
-    remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(run_config_on_node)
-    pending = {remote.remote(asdict(c), keep(c), engine): c for c in todo}
+    # Rows come back to the driver, which writes them once each task has finished (see `submit_to_ray`).
+    pending = {submit_to_ray(address, asdict(c), keep(c), engine): c for c in todo}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

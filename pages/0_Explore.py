@@ -15,6 +15,7 @@ from jpq_core.live import compress_command, matching_runs
 from jpq_core.images import DISPARITY_SCALE, ERROR_LIMIT_PX, ERROR_SCALE, colour_bar_png
 from jpq_core.plots import confusion_figure, layer_cost_figure
 from jpq_core.report import finetuning_label
+from app_support.job_panel import finetune_panel
 from app_support.ui import (cached_results, compressed_images, cost_cards, deferred, dense_evaluation, ensure_scores,
                             image_with_title, live_network, live_result, live_result_ready, path_caption, pytorch_result, show_error,
                             sidebar_config, stereo_reference_images)
@@ -102,13 +103,12 @@ def show_maps(result) -> None:
 # Slots in page order, filled below: with the network without recovery first while recovery runs, then recovered.
 cards, check_slot = st.empty(), st.container()
 
-runs = matching_runs(cached_results()[0], config) if not config.checkpoint else cached_results()[0].iloc[:0]
+results = cached_results()[0]
+runs = matching_runs(results, config) if not config.checkpoint else results.iloc[:0]
 tuned = runs[runs["finetune"] != "none"] if not runs.empty else runs
-with st.expander(f"Fine-tuned runs of this configuration (cached): {len(tuned)}", expanded=not tuned.empty):
+with st.expander(f"Fine-tuned runs of this configuration (cached): {len(tuned)}", expanded=True):
     if tuned.empty:
-        st.write("None is cached for this exact configuration. Fine-tune it yourself (minutes on a CPU):")
-        st.code(compress_command(config, ray_address=configured_address()), language="bash")
-        st.caption("The Trade-offs page shows every cached run; selecting one opens it here.")
+        st.write("None is cached for this exact configuration yet.")
     else:
         tuned = tuned.assign(**{"fine-tuning": [finetuning_label(r) for _, r in tuned.iterrows()]})
         shown = tuned[["pipeline", "fine-tuning", "headline", "dense_" + tuned["metric"].iloc[0], "memory_ratio",
@@ -116,6 +116,14 @@ with st.expander(f"Fine-tuned runs of this configuration (cached): {len(tuned)}"
         st.dataframe(shown, hide_index=True, width="stretch")
         st.caption("Measured after fine-tuning with the stated budget (cached, not live); the cards above are live, "
                    "without fine-tuning.")
+    if config.checkpoint:
+        st.caption("Fine-tuning from this page starts from the shipped weights; for your own weights, run "
+                   "`python -m jpq_core compress --checkpoint FILE ...` (see the README).")
+    else:
+        finetune_panel(config, results)
+        with st.popover("Or run it yourself"):
+            st.code(compress_command(config, ray_address=configured_address()), language="bash")
+            st.caption("The Trade-offs page shows every cached run; selecting one opens it here.")
 
 st.subheader("What the network sees and says")
 maps = st.empty()

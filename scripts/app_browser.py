@@ -51,15 +51,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def app_server(root: Path = ROOT, python: str = sys.executable, log_dir: Path | None = None):
-    """`streamlit run app.py` from `root` on a free loopback port; yields its URL, stops it on exit."""
+def app_server(root: Path = ROOT, python: str = sys.executable, log_dir: Path | None = None, env: dict | None = None):
+    """`streamlit run app.py` from `root` on a free loopback port; yields its URL, stops it on exit.
+    `env`: environment variables to add for the server (e.g. JPQ_RESULTS, a scratch results table)."""
     port = free_port()
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="streamlit-"))
     log = open(log_dir / "server.log", "w+b")  # a file, so the server never blocks on a full pipe
     proc = subprocess.Popen(
         [python, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1",
          "--server.headless", "true", "--browser.gatherUsageStats", "false"], cwd=root, stdout=log,
-        stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(root)))
+        stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(root), **(env or {})))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

@@ -117,3 +117,40 @@ def test_the_page_benchmark_produces_numbers(root):
     assert tree["first_render_cold_s"] > 0 and tree["first_render_warm_s"] > 0
     assert len(tree["moves"]) == 2 and all(m["idle_s"] >= m["answered_s"] > 0 for m in tree["moves"])
     assert tree["median_idle_s"] > 0
+
+
+def test_a_fine_tuning_job_started_on_the_page_shows_progress_then_its_row(root, browser, screenshots, tmp_path):
+    """Explore on ResNet-20 with a scratch results table: start a 6-step job, see its progress bar move, see it
+    finish and its row appear among the configuration's fine-tuned runs (and the job token in the link)."""
+    from jpq_core.jobs import JobQueue
+
+    table = tmp_path / "results" / "sweeps.jsonl"
+    env = {"JPQ_RESULTS": str(table), "JPQ_JOB_BUDGETS": "6,300"}
+    try:
+        with app_server(root, log_dir=tmp_path, env=env) as url:
+            driver = browser()
+            driver.get(f"{url}/?network=resnet20&criterion=magnitude&sparsity=0.5&wbits=8&abits=8")
+            _wait_metric(driver, "Weight memory")
+            assert "Fine-tuned runs of this configuration (cached): 0" in driver.page_source
+            start = driver.find_element(By.XPATH, "//button[.//p[normalize-space()='Fine-tune']]")
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", start)
+            start.click()
+            bars, deadline = set(), time.time() + LOAD_TIMEOUT
+            while time.time() < deadline and "finished; its row" not in driver.page_source:
+                bars |= {e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stProgress"]')}
+                time.sleep(0.25)
+            driver.save_screenshot(str(screenshots / "explore-fine-tuning-job.png"))
+            steps = {int(m.group(1)) for text in bars if (m := re.search(r"step (\d+) of 6", text))}
+            assert steps and max(steps) >= 1, f"no progress seen: {bars}"
+            WebDriverWait(driver, LOAD_TIMEOUT, poll_frequency=0.5).until(
+                lambda d: "Fine-tuned runs of this configuration (cached): 1" in d.page_source)
+            assert "job_owner=" in driver.current_url
+            assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+    finally:  # no job process outlives the test
+        queue = JobQueue(table)
+        for job in queue._read_all()[0]:
+            queue.cancel(job.owner, job.id)
+    from jpq_core.sweeps import read_rows
+
+    rows = read_rows(table)[0]
+    assert len(rows) == 1 and rows[0]["budget"] == 6 and rows[0]["grid"] == "page"

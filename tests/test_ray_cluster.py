@@ -258,3 +258,31 @@ def test_the_pages_fine_tuning_command_goes_to_the_configured_cluster(monkeypatc
             config.finetune) == ("resnet20", "taylor", "global", 0.7, 4, None, "distill")
     with pytest.raises(JPQError, match="KEY=VALUE"):
         _pairs(["sparsity"])
+
+
+def test_a_page_job_runs_as_a_ray_task_when_a_cluster_is_configured(loopback_cluster, tmp_path, monkeypatch):
+    """With JPQ_RAY_ADDRESS set, a job started from the page runs its configuration as the sweeps' Ray task; its
+    row and network come back and are written here, as a local job's are."""
+    from jpq_core.jobs import JobQueue, finetune_config, new_owner
+    from jpq_core.pipeline import CompressionConfig
+
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):  # the job's process connects with the cluster's token
+        monkeypatch.setenv(key, loopback_cluster.env[key])
+    monkeypatch.setenv("JPQ_RAY_ADDRESS", loopback_cluster.address)
+    queue = JobQueue(tmp_path / "results" / "sweeps.jsonl")
+    owner = new_owner()
+    config = CompressionConfig(network="resnet20", criterion="magnitude", sparsity=0.5, wbits=8, calibration_batches=1)
+    job = queue.submit(owner, finetune_config(config, 4))
+    try:
+        deadline = time.time() + 600
+        while job.active and time.time() < deadline:
+            time.sleep(0.5)
+            (job,) = queue.jobs_of(owner)[0]
+    finally:
+        for left in queue.jobs_of(owner)[0]:
+            queue.cancel(owner, left.id)
+    assert job.status == "done", (job, queue._last_output(job.id))
+    assert job.ray_address == loopback_cluster.address
+    rows = sweeps.read_rows(queue.table)[0]
+    assert [r["id"] for r in rows] == [job.row_id] and rows[0]["grid"] == "page"
+    assert (sweeps.checkpoint_dir(queue.table) / f"{job.row_id}.safetensors").exists()
