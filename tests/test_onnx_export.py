@@ -101,6 +101,26 @@ def test_stereo_qdq_export_matches_pytorch(tmp_path):
     assert report["nodes"]["QuantizeLinear"] >= 20 and report["nodes"]["Softmax"] == 1
 
 
+@pytest.mark.parametrize("wbits, symmetric, abits", [(8, False, 4), (16, True, 12), (2, True, 8)])
+def test_qdq_containers_for_other_widths(tmp_path, wbits, symmetric, abits):
+    """Asymmetric 8-bit and 16-bit weights as int16, ternary as int8; 4-bit activations clipped inside uint8,
+    12-bit ones in uint16."""
+    from jpq_core.compressed import add_activation_quantizers, attach
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    attach(model, None, wbits, symmetric)
+    add_activation_quantizers(model, abits)
+    x = torch.randn(2, 3, 12, 12)
+    model(x)  # the calibration batch
+    for i in (0, 3):
+        model[i].input_quantizer.finish_calibration()
+    report = export_onnx(model, (x,), tmp_path / "small.onnx", "qdq")
+    assert report["check"]["ok"], report["check"]
+    stored = initializers(onnx.load(report["path"]))
+    assert stored["0.k"].dtype == (np.int16 if wbits == 16 or not symmetric else np.int8)
+
+
 class Mystery(nn.Module):
     def forward(self, x):
         return torch.ops.jpq_test.mystery(x)

@@ -83,7 +83,9 @@ def quantize_int8(float_path: Path, int8_path: Path, calibration: list[tuple]) -
             return next(self.feeds, None)
 
     prepared = int8_path.with_name(int8_path.stem + "-prepared.onnx")
-    quant_pre_process(str(float_path), str(prepared))  # shapes inferred, batch norm folded: what quantization expects
+    # shapes inferred, batch norm folded: what quantization expects. The graph's shapes are static (the export's),
+    # which ONNX's own shape inference covers; ONNX Runtime's symbolic one fails on the stereo network's constants.
+    quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
     quantize_static(str(prepared), str(int8_path), Reader(prepared), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
