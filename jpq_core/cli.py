@@ -5,6 +5,7 @@
     python -m jpq_core evaluate --network stereo --data middlebury --json
     python -m jpq_core baselines --json                 # OpenCV SGBM and BM on the same pair and metric
     python -m jpq_core compress --network stereo --criterion taylor --sparsity 0.95 --wbits 4 --abits 8 --json
+    python -m jpq_core export --onnx net.onnx --network resnet20 --sparsity 0.9 --form qdq   # ONNX, checked in ONNX Runtime
     python -m jpq_core sweep configs/smoke.toml         # a grid of compress runs, one table row each
     python -m jpq_core report                           # docs/results.md from the table
 """
@@ -157,26 +158,39 @@ def _layer_bits(text: str | None) -> dict:
     return out
 
 
+def compression_config(args, training: bool):
+    """The CompressionConfig of the configuration options (the parser's `add_configuration_args`); without
+    `training`, one with nothing to fine-tune (`compress_without_training`'s path)."""
+    from jpq_core.models import task_of
+    from jpq_core.pipeline import CompressionConfig
+
+    if training:
+        fine_tuning = dict(pipeline=args.pipeline, finetune=args.finetune, schedule=args.schedule, lr=args.lr,
+                           lr_schedule=args.lr_schedule,
+                           steps=args.steps if args.steps is not None else DEFAULT_FINETUNE_STEPS[task_of(args.network)])
+    else:
+        fine_tuning = dict(finetune="none", steps=0)
+    return CompressionConfig(
+        network=args.network, criterion=args.criterion, sparsity=args.sparsity, wbits=args.wbits, abits=args.abits,
+        allocation=args.allocation, layer_wbits=_layer_bits(args.layer_wbits), protect_first_last=not args.no_protect,
+        per_channel=not args.per_tensor, symmetric=not args.asymmetric, calibration=args.calibration,
+        calibration_batches=args.calibration_batches, learned_step=args.learned_step, recovery=args.recovery,
+        recovery_samples=args.recovery_samples, seed=args.seed, **fine_tuning,
+    ).check()
+
+
 def cmd_compress(args) -> int:
     from tqdm import tqdm
 
     from jpq_core.curve import LearningCurve
     from jpq_core.models import load_network, task_of
     from jpq_core.finetuning import CHECKPOINT_EVERY
-    from jpq_core.pipeline import CompressionConfig, compress, save_compressed
+    from jpq_core.pipeline import compress, save_compressed
     from jpq_core.tasks import make_task
 
     _set_threads(args.threads)
     _use_model_flag(args)
-    config = CompressionConfig(
-        network=args.network, criterion=args.criterion, sparsity=args.sparsity, wbits=args.wbits, abits=args.abits,
-        pipeline=args.pipeline, finetune=args.finetune, allocation=args.allocation, schedule=args.schedule,
-        layer_wbits=_layer_bits(args.layer_wbits),
-        steps=args.steps if args.steps is not None else DEFAULT_FINETUNE_STEPS[task_of(args.network)],
-        protect_first_last=not args.no_protect, per_channel=not args.per_tensor, symmetric=not args.asymmetric,
-        calibration=args.calibration, calibration_batches=args.calibration_batches, lr=args.lr, lr_schedule=args.lr_schedule,
-        learned_step=args.learned_step, recovery=args.recovery, recovery_samples=args.recovery_samples, seed=args.seed,
-    ).check()
+    config = compression_config(args, training=True)
     data = args.data if args.data else ("middlebury" if task_of(args.network) == "stereo" else "digits")
     task = make_task(args.network, data)
     model = load_network(args.network, args.checkpoint, getattr(task, "num_classes", None))
@@ -269,12 +283,48 @@ def cmd_bench(args) -> int:
     result = benchmark(args.network, args.sparsities, [_bits(b) for b in args.wbits.split(",")], batch=args.batch,
                        threads=args.threads, repeats=args.repeats, torch_sparse=not args.no_torch_sparse,
                        height=args.height, width=args.width, checkpoint=args.checkpoint,
-                       first_call=not args.no_first_call,
-                       progress=None if args.json else lambda r: print(
-                           f"sparsity {r['sparsity']:.3f} w{r['wbits']}: dense {r['dense_ms']:.1f} ms, "
-                           f"engine {r['engine_ms']:.1f} ms ({r['speedup']:.1f}x)", file=sys.stderr))
+                       first_call=not args.no_first_call, peers=args.peers, deepsparse_python=args.deepsparse_python,
+                       progress=None if args.json else _print_bench_row)
+    for peer, note in result.get("peer_notes", {}).items():
+        print(f"note: {peer} was not timed: {note}", file=sys.stderr)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
+
+
+def _print_bench_row(row: dict) -> None:
+    from jpq_core.engine.peers import PEERS
+
+    peers = "".join(f", {peer} {row[f'{peer}_ms']:.2f} ms" for peer in PEERS if row.get(f"{peer}_ms") is not None)
+    print(f"sparsity {row['sparsity']:.3f} w{row['wbits']}: dense {row['dense_ms']:.2f} ms, engine {row['engine_ms']:.2f} ms "
+          f"({row['speedup']:.1f}x){peers}", file=sys.stderr)
+
+
+def cmd_export(args) -> int:
+    from jpq_core.compression import compress_without_training
+    from jpq_core.engine.bench import bench_inputs
+    from jpq_core.models import load_network, task_of
+    from jpq_core.onnx_export import export_onnx, require_onnx
+    from jpq_core.pipeline import load_compressed
+    from jpq_core.tasks import make_task
+
+    require_onnx()  # before minutes of compression
+    _set_threads(args.threads)
+    _use_model_flag(args)
+    if args.compressed:
+        net, side = load_compressed(args.compressed)
+        args.network = side["config"]["network"]
+    else:
+        config = compression_config(args, training=False)
+        task = make_task(args.network, args.data if args.data else ("middlebury" if task_of(args.network) == "stereo" else "digits"))
+        model = load_network(args.network, args.checkpoint, getattr(task, "num_classes", None))
+        net = compress_without_training(model, task, config)
+    if args.batch < 1:
+        raise JPQError("--batch must be 1 or more.")
+    inputs = bench_inputs(args.network, args.batch, args.height, args.width)
+    report = export_onnx(net, inputs, args.onnx, args.form, args.threads or 1)
+    report = {"network": args.network, "input": [list(x.shape) for x in inputs], **report}
+    print(json.dumps(report, indent=None if args.json else 2))
+    return 0 if report["check"]["ok"] else 1
 
 
 def _bench_live(args) -> int:
@@ -331,37 +381,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p, "middlebury")
     p.set_defaults(func=cmd_evaluate)
 
+    def add_configuration_args(p, training: bool):
+        """The options that make a compression configuration (`compression_config`); `training`: also the
+        fine-tuning ones."""
+        p.add_argument("--network", default="stereo", help=network_help)
+        p.add_argument("--model", help=model_help)
+        p.add_argument("--checkpoint", help="start from your own weights instead of the shipped ones")
+        p.add_argument("--data", help="evaluation data (stereo: middlebury or synthetic; classifiers: digits, cifar10:PATH, ...)")
+        p.add_argument("--criterion", default="taylor", help="magnitude, taylor(-abs|-square)(-norm), fisher, snip, gradient, random; channel level: group-l1, group-l2, bn-scale, group-taylor, group-fisher")
+        p.add_argument("--sparsity", type=float, default=0.9, help="share of prunable weights removed, in [0, 1)")
+        p.add_argument("--wbits", type=_bits, default=8, help="weight bits: 1, 2, 3..8, 16 or float")
+        p.add_argument("--abits", type=_bits, default=8, help="activation bits: 4..16 or float")
+        if training:
+            p.add_argument("--pipeline", default="prune-then-quantize", help="prune-then-quantize, quantize-then-prune, joint, prune-only, quantize-only")
+            p.add_argument("--finetune", default="masked", help="none, masked, distill, distill-cost (stereo: KL to the dense network's cost volume), regrow")
+            p.add_argument("--steps", type=int, help="fine-tuning steps in all (default: a few minutes on 2 cores)")
+            p.add_argument("--schedule", default="oneshot", help="oneshot, iterative (4 rounds) or gradual (AGP); joint is always gradual")
+        p.add_argument("--layer-wbits", help="per-layer weight bits overriding --wbits, e.g. 'stem.0=8,fc=8'")
+        p.add_argument("--allocation", default="global", help="global (one threshold), uniform (same sparsity per layer) or sensitivity (per-layer, from a scan)")
+        p.add_argument("--no-protect", action="store_true", help="also prune the first and last layers")
+        p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
+        p.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (zero point)")
+        p.add_argument("--learned-step", action="store_true",
+                       help="weights at 3-16 bits learn their quantization step in QAT (LSQ) instead of max|w| / qmax")
+        p.add_argument("--calibration", default="minmax", help="activation range: minmax, percentile or mse")
+        p.add_argument("--calibration-batches", type=int, default=8, help="batches for gradient scores and activation ranges")
+        p.add_argument("--recovery", default="none", help="one-shot recovery before fine-tuning: none, bn, lsq, obc, lsq+bn, "
+                       "obc+bn (see jpq_core/recovery.py)")
+        p.add_argument("--recovery-samples", type=int, help="calibration samples for recovery (default: 8 stereo crops, "
+                       "512 training images)")
+        if training:
+            p.add_argument("--lr", type=float, help="fine-tuning learning rate (default per task)")
+            p.add_argument("--lr-schedule", default="constant", help="constant; cosine (warm-up, then decay to zero per stage); or constant-decay "
+                           "(constant, then cosine decay to zero over the last 20%% of each stage)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int)
+
     p = sub.add_parser("compress", help="prune and quantize a network, fine-tune, report accuracy and cost")
-    p.add_argument("--network", default="stereo", help=network_help)
-    p.add_argument("--model", help=model_help)
-    p.add_argument("--checkpoint", help="start from your own weights instead of the shipped ones")
-    p.add_argument("--data", help="evaluation data (stereo: middlebury or synthetic; classifiers: digits, cifar10:PATH, ...)")
-    p.add_argument("--criterion", default="taylor", help="magnitude, taylor(-abs|-square)(-norm), fisher, snip, gradient, random; channel level: group-l1, group-l2, bn-scale, group-taylor, group-fisher")
-    p.add_argument("--sparsity", type=float, default=0.9, help="share of prunable weights removed, in [0, 1)")
-    p.add_argument("--wbits", type=_bits, default=8, help="weight bits: 1, 2, 3..8, 16 or float")
-    p.add_argument("--abits", type=_bits, default=8, help="activation bits: 4..16 or float")
-    p.add_argument("--pipeline", default="prune-then-quantize", help="prune-then-quantize, quantize-then-prune, joint, prune-only, quantize-only")
-    p.add_argument("--finetune", default="masked", help="none, masked, distill, distill-cost (stereo: KL to the dense network's cost volume), regrow")
-    p.add_argument("--steps", type=int, help="fine-tuning steps in all (default: a few minutes on 2 cores)")
-    p.add_argument("--schedule", default="oneshot", help="oneshot, iterative (4 rounds) or gradual (AGP); joint is always gradual")
-    p.add_argument("--layer-wbits", help="per-layer weight bits overriding --wbits, e.g. 'stem.0=8,fc=8'")
-    p.add_argument("--allocation", default="global", help="global (one threshold), uniform (same sparsity per layer) or sensitivity (per-layer, from a scan)")
-    p.add_argument("--no-protect", action="store_true", help="also prune the first and last layers")
-    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
-    p.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (zero point)")
-    p.add_argument("--learned-step", action="store_true",
-                   help="weights at 3-16 bits learn their quantization step in QAT (LSQ) instead of max|w| / qmax")
-    p.add_argument("--calibration", default="minmax", help="activation range: minmax, percentile or mse")
-    p.add_argument("--calibration-batches", type=int, default=8, help="batches for gradient scores and activation ranges")
-    p.add_argument("--recovery", default="none", help="one-shot recovery before fine-tuning: none, bn, lsq, obc, lsq+bn, "
-                   "obc+bn (see jpq_core/recovery.py)")
-    p.add_argument("--recovery-samples", type=int, help="calibration samples for recovery (default: 8 stereo crops, "
-                   "512 training images)")
-    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default per task)")
-    p.add_argument("--lr-schedule", default="constant", help="constant; cosine (warm-up, then decay to zero per stage); or constant-decay "
-                   "(constant, then cosine decay to zero over the last 20%% of each stage)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int)
+    add_configuration_args(p, training=True)
     p.add_argument("--device", default="auto", help="where fine-tuning runs: auto (a CUDA GPU when there is one, else "
                    "the CPU), cpu, or cuda[:N]; everything else runs on the CPU")
     p.add_argument("--save", help="save the compressed weights (masked and quantized) as safetensors + JSON")
@@ -374,6 +431,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="write the compressed network as ONNX (float or int8 QDQ), checked in ONNX Runtime")
+    p.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write")
+    p.add_argument("--form", choices=["float", "qdq"], default="float", help="float: effective weights, exact zeros "
+                   "where pruned, float activations; qdq: the network's own integer weights and activation scales as "
+                   "QuantizeLinear/DequantizeLinear (default float)")
+    p.add_argument("--compressed", metavar="FILE", help="export a network saved by `compress --save` (fine-tuned) "
+                   "instead of compressing one from the options below")
+    add_configuration_args(p, training=False)
+    p.add_argument("--batch", type=int, default=1, help="batch of the exported graph's input (default 1)")
+    p.add_argument("--height", type=int, help="input height (default: 500 for stereo, 32 for classifiers)")
+    p.add_argument("--width", type=int, help="input width (default: 741 for stereo, 32 for classifiers)")
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="run a grid of compression configurations (resumable), locally or on Ray")
     p.add_argument("grid", nargs="?", help="grid file, e.g. configs/smoke.toml")
@@ -414,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="input width (default: 741 for stereo, 32 for classifiers)")
     p.add_argument("--no-torch-sparse", action="store_true", help="skip PyTorch's sparse path (slow at full size)")
     p.add_argument("--no-first-call", action="store_true", help="skip timing the first call in a new process")
+    p.add_argument("--peers", action="store_true", help="also time ONNX Runtime fp32 and int8 (static quantization) on "
+                   "each configuration's ONNX export (onnxruntime_ms, onnxruntime_int8_ms)")
+    p.add_argument("--deepsparse-python", metavar="PATH", help="with --peers: also time DeepSparse, run by this Python "
+                   "interpreter (one with deepsparse installed; deepsparse_ms)")
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_bench)
     return parser

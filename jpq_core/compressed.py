@@ -156,11 +156,17 @@ def add_activation_quantizers(model: nn.Module, abits, method: str = "minmax") -
     return model
 
 
+def calibration_batches(task, batches: int, seed: int):
+    """The training batches activation calibration runs (`batches` of them, for the run's `seed`): also what
+    the engine benchmark calibrates ONNX Runtime's int8 quantization on (`jpq_core.engine.peers`)."""
+    return task.batches(batches, seed=seed + 17)
+
+
 def calibrate_activations(model: nn.Module, task, batches: int, seed: int) -> nn.Module:
     """Run training batches through the network and fix every input quantizer's range."""
     model.eval()
     with torch.inference_mode():
-        for batch in task.batches(batches, seed=seed + 17):
+        for batch in calibration_batches(task, batches, seed):
             task.predict(model, batch)
     for layer in prunable_layers(model).values():
         if layer.input_quantizer.bits is not None:

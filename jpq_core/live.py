@@ -407,14 +407,20 @@ def engine_inputs(live: LiveNetwork, batch: int = 1) -> tuple[torch.Tensor, ...]
     return (live.task.test_x[:batch],)
 
 
-def engine_comparison(result: LiveResult, inputs: tuple, threads: int, repeats: int = 5) -> dict:
+def engine_comparison(result: LiveResult, inputs: tuple, threads: int, repeats: int = 5, peers_task=None) -> dict:
     """The live configuration compiled by the engine and timed against dense PyTorch and PyTorch's sparse path
     (same thread count, interleaved repetitions, medians), with the engine's agreement with the PyTorch
-    reference and its packed size against the cost model."""
+    reference and its packed size against the cost model. With `peers_task` (the network's task, whose
+    calibration data ONNX Runtime's int8 quantization uses), also ONNX Runtime fp32 and int8 on the network's
+    ONNX export (`jpq_core.engine.peers`): "onnxruntime_ms", "onnxruntime_int8_ms", and "peer_notes" for a
+    peer that could not run."""
+    import contextlib
+
     import numba
 
     from jpq_core.engine import compile_network
-    from jpq_core.engine.bench import plain_copy, time_interleaved, torch_sparse_copy
+    from jpq_core.engine.bench import CALIBRATION_BATCHES, plain_copy, time_interleaved, torch_sparse_copy
+    from jpq_core.engine.peers import peer_runs
     from jpq_core.engine.program import memory_report
 
     torch.set_num_threads(threads)
@@ -424,17 +430,22 @@ def engine_comparison(result: LiveResult, inputs: tuple, threads: int, repeats: 
     compile_s = time.perf_counter() - start
     plain = plain_copy(result.model, result.config.network)
     sparse = torch_sparse_copy(plain)
-    with torch.inference_mode():
-        reference = result.model(*inputs).numpy()
-        engine_out = program.run(*inputs)
-        medians = time_interleaved({"dense": lambda: plain(*inputs), "torch_sparse": lambda: sparse(*inputs),
-                                    "engine": lambda: program.run(*inputs)}, repeats)
+    peer_notes = {}
+    with contextlib.ExitStack() as stack:
+        runs = {"dense": lambda: plain(*inputs), "torch_sparse": lambda: sparse(*inputs), "engine": lambda: program.run(*inputs)}
+        if peers_task is not None:
+            runs.update(stack.enter_context(peer_runs(result.model, inputs, peers_task, threads, CALIBRATION_BATCHES, 0,
+                                                      notes=peer_notes)))
+        with torch.inference_mode():
+            reference = result.model(*inputs).numpy()
+            engine_out = program.run(*inputs)
+            medians = time_interleaved(runs, repeats)
     scale = float(np.abs(reference).max()) or 1.0
     return {"threads": threads, "compile_s": compile_s, **{f"{k}_ms": v for k, v in medians.items()},
             "speedup": medians["dense"] / medians["engine"], "torch_sparse_speedup": medians["dense"] / medians["torch_sparse"],
             "max_abs_diff": float(np.abs(engine_out - reference).max()), "output_scale": scale,
             "layers_ms": program.profile(*inputs, repeats=3), "layers": program.summary(), "memory": memory_report(program),
-            "program": program}
+            "program": program, **({"peer_notes": peer_notes} if peers_task is not None else {})}
 
 
 # Slider changes the interaction benchmark replays: sparsity up, then bits down, as a user explores.

@@ -18,22 +18,29 @@ st.title("Engine")
 st.caption("Does the compressed network actually run faster? The sidebar's configuration is compiled into a program "
            "(weights packed sparse at their bit width, batch norm folded, int32 accumulation, requantization between "
            "layers) and run by numba kernels. Dense PyTorch and PyTorch's own sparse path (CSR weight x unfolded "
-           "input) run the same network with the same thread count; times are medians of interleaved runs.")
+           "input) run the same network with the same thread count; times are medians of interleaved runs. "
+           "Optionally ONNX Runtime runs the network's ONNX export too, in float and after its own int8 static "
+           "quantization (docs/engine.md, 'Peers').")
 
 config = sidebar_config()
-cols = st.columns(3)
+cols = st.columns(4)
 threads = cols[0].slider("Threads", 1, os.cpu_count() or 1, os.cpu_count() or 1, key="en_threads")
 batch = cols[1].select_slider("Batch (classifiers)", [1, 8, 64], value=1, key="en_batch",
                               disabled=config.network == "stereo")
 repeats = cols[2].slider("Repetitions", 3, 15, 5, key="en_repeats")
+peers = cols[3].checkbox("Also time ONNX Runtime", value=False, key="en_peers",
+                         help="exports the network to ONNX (checked against PyTorch) and times ONNX Runtime fp32 and int8 "
+                              "static quantization with the same threads; adds tens of seconds")
 
-key = (config, threads, batch, repeats)
+key = (config, threads, batch, repeats, peers)
 if st.button("Compile, run and time", type="primary", key="en_run"):
     try:
         ensure_scores(config)
         result = live_result(config)
         with st.spinner("Compiling and timing (the first run in a new process compiles the kernels)..."):
-            run = engine_comparison(result, engine_inputs(live_network(config.network), batch), threads, repeats)
+            live = live_network(config.network)
+            run = engine_comparison(result, engine_inputs(live, batch), threads, repeats,
+                                    peers_task=live.task if peers else None)
             run["program_file"] = run["program"].to_bytes()  # once per run, not on every rerun of the page
             st.session_state["engine_run"] = (key, run)
     except JPQError as exc:
@@ -60,6 +67,15 @@ cols[3].metric("Packed program", f"{memory['program_bytes'] / 1024:,.1f} KiB",
                     "weight memory does not count")
 cols[4].metric("Largest output difference", f"{run['max_abs_diff']:.3g}",
                help=f"engine against the PyTorch fake-quantized reference; outputs reach {run['output_scale']:.3g}")
+peer_columns = [(label, run[key]) for key, label in (("onnxruntime_ms", "ONNX Runtime fp32"),
+                                                      ("onnxruntime_int8_ms", "ONNX Runtime int8"))
+                if run.get(key) is not None]
+if peer_columns:
+    cols = st.columns(len(peer_columns) + 1)
+    for col, (label, ms) in zip(cols, peer_columns):
+        col.metric(label, f"{ms:.1f} ms", delta=f"{ms / run['engine_ms']:.2f}x the engine's time", delta_color="off")
+for peer, note in run.get("peer_notes", {}).items():
+    st.info(f"{peer} was not timed: {note}")
 st.caption(f"{run['threads']} thread(s); compiled in {run['compile_s']:.2f} s. Measured now, on this machine, "
            "while other sessions may be using it: the ratios come from the same interleaved runs.")
 

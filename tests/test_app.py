@@ -126,6 +126,18 @@ def test_engine_page_times_the_live_configuration_against_pytorch(root):
     assert at.get("download_button")
 
 
+def test_engine_page_shows_onnx_runtime_when_asked(root):
+    at = AppTest.from_file(str(root / "pages" / "5_Engine.py"), default_timeout=400)
+    at.query_params.update(network="resnet20", criterion="magnitude", sparsity="0.9", wbits="8", abits="8")
+    at.run()
+    at.checkbox(key="en_peers").check().run()
+    at.button(key="en_run").click().run()
+    assert not at.exception
+    metrics = {m.label: m for m in at.metric}
+    assert {"Engine", "ONNX Runtime fp32", "ONNX Runtime int8"} <= set(metrics)
+    assert "the engine's time" in metrics["ONNX Runtime fp32"].delta
+
+
 def test_trade_offs_page_plots_measured_runs_and_the_live_point(root):
     at = AppTest.from_file(str(root / "pages" / "4_Trade-offs.py"), default_timeout=240)
     at.query_params.update(network="resnet20", criterion="magnitude", sparsity="0.5")

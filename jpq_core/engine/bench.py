@@ -6,13 +6,16 @@ activations calibrated on training data; no fine-tuning: speed does not depend o
 - dense PyTorch: the plain network with the effective (masked, de-quantized) float32 weights, conv2d;
 - PyTorch sparse: the same network with every conv/linear computed as a torch.sparse CSR weight times the
   unfolded input (F.unfold + torch.sparse.mm), float32: the sparse path PyTorch offers on a CPU;
-- the engine (integer path where weights and activations are quantized).
-Repetitions are interleaved (dense, sparse, engine, dense, ...) so that load from other processes hits
-all three alike; figures are medians and speedups are ratios of medians from the same run.
+- the engine (integer path where weights and activations are quantized);
+- with `peers=True`, the peers of `jpq_core.engine.peers`: ONNX Runtime fp32 and int8 (static quantization)
+  on the network's ONNX export, and DeepSparse through another interpreter when one is named.
+Repetitions are interleaved (dense, sparse, engine, peers, dense, ...) so that load from other processes hits
+all alike; figures are medians and speedups are ratios of medians from the same run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -31,9 +34,10 @@ from jpq_core.errors import JPQError
 
 SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 WBITS = (8, 4)
+CALIBRATION_BATCHES = 4  # activation calibration of the benchmarked networks (and of ONNX Runtime's int8 peer)
 
 
-def magnitude_compressed(model, task, sparsity: float, wbits, abits=8, calibration_batches: int = 4, seed: int = 0,
+def magnitude_compressed(model, task, sparsity: float, wbits, abits=8, calibration_batches: int = CALIBRATION_BATCHES, seed: int = 0,
                          allocation: str = "global"):
     """`model` pruned by magnitude and quantized, activations calibrated, without fine-tuning
     (the prune-then-quantize pipeline with finetune="none", minus its evaluation). `allocation="uniform"`
@@ -114,7 +118,10 @@ def bench_inputs(network: str, batch: int, height: int | None = None, width: int
 
 
 def _time(fn, calls: int = 1) -> float:
-    """Milliseconds per call of fn over `calls` back-to-back calls."""
+    """Milliseconds per call of fn over `calls` back-to-back calls; a timer of another process
+    (`peers.SubprocessTimer`) measures its calls itself (`ms_per_call`), without the round trip to it."""
+    if hasattr(fn, "ms_per_call"):
+        return fn.ms_per_call(calls)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
@@ -151,8 +158,12 @@ def crossover(results: list[dict], wbits: int) -> float | None:
 
 def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch: int = 1, threads: int = 1,
               repeats: int = 5, torch_sparse: bool = True, height: int | None = None, width: int | None = None,
-              checkpoint=None, first_call: bool = True, progress=None) -> dict:
-    """Latency table of dense PyTorch, PyTorch sparse and the engine (see the module docstring)."""
+              checkpoint=None, first_call: bool = True, progress=None, peers: bool = False,
+              deepsparse_python: str | None = None) -> dict:
+    """Latency table of dense PyTorch, PyTorch sparse, the engine and, with `peers`, ONNX Runtime (and
+    DeepSparse run by the interpreter `deepsparse_python`); see the module docstring. Peers that cannot run
+    are left out of the rows (None) and the result's "peer_notes" says why."""
+    from jpq_core.engine.peers import PEERS, peer_runs, versions
     from jpq_core.models import load_network
     from jpq_core.tasks import make_task
 
@@ -163,18 +174,22 @@ def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch
     task = make_task(network)
     model = load_network(network, checkpoint, getattr(task, "num_classes", None))
     inputs = bench_inputs(network, batch, height, width)
-    results = []
+    results, peer_notes = [], {}
     for bits in wbits:
         for sparsity in sparsities:
-            net = magnitude_compressed(model, task, sparsity, bits)
+            net = magnitude_compressed(model, task, sparsity, bits, calibration_batches=CALIBRATION_BATCHES)
             plain = plain_copy(net, model)
             program = compile_network(net, tuple(x[:1] for x in inputs))
             sparse = torch_sparse_copy(plain) if torch_sparse else None
-            with torch.inference_mode():
+            with contextlib.ExitStack() as stack:
                 runs = {"dense": lambda: plain(*inputs), "engine": lambda: program.run(*inputs)}
                 if sparse is not None:
                     runs["torch_sparse"] = lambda: sparse(*inputs)
-                med = time_interleaved(runs, repeats)
+                if peers:
+                    runs.update(stack.enter_context(peer_runs(net, inputs, task, threads, CALIBRATION_BATCHES, 0,
+                                                              deepsparse_python, peer_notes)))
+                with torch.inference_mode():
+                    med = time_interleaved(runs, repeats)
             kept = sum(int((l.weight != 0).sum()) for l in prunable_layers(net).values())
             total = sum(l.weight.numel() for l in prunable_layers(net).values())
             row = {"sparsity": sparsity, "measured_sparsity": 1 - kept / total, "wbits": bits,
@@ -183,11 +198,14 @@ def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch
                    "torch_sparse_speedup": med["dense"] / med["torch_sparse"] if "torch_sparse" in med else None,
                    "program_bytes": program.nbytes, "cost_model_bytes": memory_report(program)["cost_model_bytes"],
                    "layers_ms": program.profile(*inputs, repeats=3)}
+            if peers:
+                row.update({f"{peer}_ms": med.get(peer) for peer in PEERS if peer != "deepsparse" or deepsparse_python})
             results.append(row)
             if progress:
                 progress(row)
     return {"network": network, "threads": threads, "batch": batch, "input": [list(x.shape) for x in inputs],
             "repeats": repeats, "results": results, "crossover": {str(b): crossover(results, b) for b in wbits},
+            **({"peer_notes": peer_notes, "peer_versions": versions()} if peers else {}),
             # a user factory is loaded in this process only: a new one cannot build it
             "first_call_s": first_call_seconds(network, threads) if first_call and is_shipped_or_zoo(network) else None}
 
@@ -227,12 +245,24 @@ def first_call_seconds(network: str, threads: int) -> float:
 
 
 def markdown_table(result: dict) -> str:
-    """The benchmark's rows as a Markdown table (for docs/engine.md)."""
-    lines = ["| sparsity | w bits | dense PyTorch ms | PyTorch sparse ms | engine ms | speedup vs dense | packed KiB | cost model KiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["results"]:
-        sparse = f"{r['torch_sparse_ms']:.1f}" if r.get("torch_sparse_ms") is not None else "-"
+    """The benchmark's rows as a Markdown table (for docs/engine.md); peer columns where the rows have them."""
+    rows = result["results"]
+    peers = [(key, label) for key, label in PEER_COLUMNS if any(r.get(key) is not None for r in rows)]
+
+    def ms(value):
+        return "-" if value is None else f"{value:.3g}" if value < 10 else f"{value:.1f}"
+
+    head = ["sparsity", "w bits", "dense PyTorch ms", "PyTorch sparse ms", "engine ms", *[label for _, label in peers],
+            "speedup vs dense", "packed KiB", "cost model KiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for r in rows:
         model = f"{r['cost_model_bytes'] / 1024:.1f}" if r.get("cost_model_bytes") is not None else "-"
-        lines.append(f"| {r['measured_sparsity'] * 100:.1f}% | {r['wbits']} | {r['dense_ms']:.1f} | {sparse} | "
-                     f"{r['engine_ms']:.1f} | {r['speedup']:.2f}x | {r['program_bytes'] / 1024:.1f} | {model} |")
+        cells = [f"{r['measured_sparsity'] * 100:.1f}%", str(r["wbits"]), ms(r["dense_ms"]), ms(r.get("torch_sparse_ms")),
+                 ms(r["engine_ms"]), *[ms(r.get(key)) for key, _ in peers], f"{r['speedup']:.2f}x",
+                 f"{r['program_bytes'] / 1024:.1f}", model]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+PEER_COLUMNS = (("onnxruntime_ms", "ONNX Runtime fp32 ms"), ("onnxruntime_int8_ms", "ONNX Runtime int8 ms"),
+                ("deepsparse_ms", "DeepSparse ms"))

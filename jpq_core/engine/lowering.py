@@ -123,7 +123,7 @@ def _bn_affine(bn):
     return gamma.float(), beta.float()
 
 
-def _activation(layer):
+def activation_quantization(layer):
     """The input quantizer as {"bits", "scale", "zero"}, or None when the input stays float."""
     aq = compression_of(layer)[2]
     if aq is None or aq.bits is None:
@@ -255,7 +255,7 @@ class Lowering:
             stride, padding, dilation, groups, linear = (1, 1), (0, 0), (1, 1), 1, True
         k, s_w, wbits, bits = integer_weights(layer, name)
         gamma, bias = _fold(layer, bn)
-        act = _activation(layer)
+        act = activation_quantization(layer)
         shape = tuple(layer.weight.shape) + (() if layer.weight.dim() == 4 else (1, 1))
         if k is None:
             flat, scale = layer.weight.detach().float().numpy().reshape(-1), gamma
