@@ -58,6 +58,19 @@ def test_explore_fewer_weight_bits_cut_memory_and_bops(root):
     assert _number(after["BOPs"]) < _number(before["BOPs"])
 
 
+def test_explore_shows_the_recovered_network_with_the_raw_one_a_click_away(root):
+    """At 95% sparsity without training the raw ResNet-20 guesses (top-1 about 10%); Explore recovers it by
+    default (auto = obc+bn for classifiers, measured 98%), says so, and the toggle shows the raw network."""
+    at = _explore(root, network="resnet20", criterion="magnitude", sparsity="0.95", wbits="4", abits="8")
+    assert not at.exception
+    assert _number(_metrics(at)["Top-1"]) > 80
+    assert any("Recovered by **obc+bn**" in c.value for c in at.caption)
+    at.toggle(key="ex_raw").set_value(True).run()
+    assert not at.exception
+    assert _number(_metrics(at)["Top-1"]) < 30
+    assert at.query_params["recovery"] in ("auto", ["auto"])
+
+
 def test_explore_lists_the_cached_fine_tuned_runs_of_the_configuration(root):
     at = _explore(root, network="resnet20", criterion="taylor", sparsity="0.95", wbits="4", abits="8")
     assert not at.exception
