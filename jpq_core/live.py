@@ -49,6 +49,9 @@ RECOVERY_CHOICES = ("auto",) + CHOICES
 # Calibration samples for live recovery: fewer training images than the CLI's default keep a change in seconds
 # (ResNet-20, 90%, w4/a8, obc+bn: top-1 99.4% with 128, as with 512; docs/recovery.md).
 LIVE_RECOVERY_SAMPLES = {"classification": 128}
+# "auto" leaves a network alone whose accuracy without recovery is this close to the dense network's (a share:
+# 0.01 = one point of bad-3 or top-1): there recovery costs seconds and shows nothing new.
+AUTO_RECOVERY_MARGIN = 0.01
 SPARSITY_CHOICES = tuple(sorted({round(x, 4) for x in (
     [i / 100 for i in range(0, 90, 5)] + [i / 100 for i in range(90, 98)] + [i / 1000 for i in range(980, 1000)])}))
 
@@ -80,6 +83,17 @@ class LiveConfig:
     def recovery_method(self) -> str:
         """The recovery methods this configuration runs ("auto" resolved for its network)."""
         return best_method(task_of(self.network)) if self.recovery == "auto" else self.recovery
+
+    def needs_recovery(self, raw_metrics: dict, dense_metrics: dict) -> bool:
+        """Whether to recover, given the metrics without recovery: a chosen method always runs; "auto" runs
+        when the network is more than AUTO_RECOVERY_MARGIN worse than dense on its primary metric."""
+        if self.recovery_method == "none":
+            return False
+        if self.recovery != "auto":
+            return True
+        key, higher_is_better = ("top1", True) if "top1" in raw_metrics else ("bad3", False)
+        loss = dense_metrics[key] - raw_metrics[key] if higher_is_better else raw_metrics[key] - dense_metrics[key]
+        return not loss <= AUTO_RECOVERY_MARGIN  # NaN counts as broken
 
     def without_recovery(self) -> "LiveConfig":
         """The same configuration, not recovered: what the page shows while recovery runs."""

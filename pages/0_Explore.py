@@ -11,7 +11,7 @@ import streamlit as st
 
 from jpq_core.cluster import configured_address
 from jpq_core.errors import JPQError
-from jpq_core.live import compress_command, matching_runs
+from jpq_core.live import AUTO_RECOVERY_MARGIN, compress_command, matching_runs
 from jpq_core.images import DISPARITY_SCALE, ERROR_LIMIT_PX, ERROR_SCALE, colour_bar_png
 from jpq_core.plots import confusion_figure, layer_cost_figure
 from jpq_core.report import finetuning_label
@@ -29,13 +29,13 @@ st.caption(
 )
 
 config = sidebar_config()
-recovering = config.recovery_method != "none"
-show_raw = recovering and st.toggle("Show the network without recovery", key="ex_raw",
+show_raw = config.recovery_method != "none" and st.toggle("Show the network without recovery", key="ex_raw",
                                     help=f"the same pruning and quantization before {config.recovery_method} repaired it")
 try:
     ensure_scores(config)
     dense = dense_evaluation(config.network, config.checkpoint)
     raw = live_result(config.without_recovery())
+    recovering = config.needs_recovery(raw.evaluation.metrics, dense.metrics)
 except JPQError as exc:
     show_error(exc)
     st.stop()
@@ -70,6 +70,9 @@ def show_cards(result, note: str = "") -> None:
                    f"recovery, {m[key]:.1%} with it (the toggle above shows the network without recovery).")
     elif recovering:
         st.caption(f"Without recovery: turn the toggle above off to see {config.recovery_method} repair this network.")
+    elif config.recovery == "auto":
+        st.caption(f"Not recovered: without recovery this network is within {AUTO_RECOVERY_MARGIN * 100:.0f} point of the dense "
+                   f"one, so auto skips {config.recovery_method}; choose it in the sidebar to run it anyway.")
     cost_cards(result.cost)
     st.caption(path_caption(result, dense))
 

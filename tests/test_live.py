@@ -79,3 +79,17 @@ def test_the_live_view_shows_the_recovered_network_when_recovery_is_chosen(resne
     assert config == recovered.config and not problems
     _, problems = LiveConfig.from_query({"recovery": "magic"})
     assert problems and "recovery must be one of" in problems[0]
+
+
+def test_auto_recovery_runs_only_where_the_network_without_it_is_worse_than_dense():
+    """auto skips a network within one point of dense (recovery would cost seconds and show nothing), runs
+    otherwise; a method the user chose always runs; a NaN metric counts as broken."""
+    auto = LiveConfig(network="stereo", sparsity=0.9)
+    dense = {"bad3": 0.138}
+    assert not auto.needs_recovery({"bad3": 0.145}, dense)
+    assert auto.needs_recovery({"bad3": 0.20}, dense)
+    assert auto.needs_recovery({"bad3": float("nan")}, dense)
+    assert LiveConfig(network="stereo", recovery="bn").needs_recovery({"bad3": 0.138}, dense)
+    assert not LiveConfig(network="stereo", recovery="none").needs_recovery({"bad3": 0.9}, dense)
+    classifier = LiveConfig(network="resnet20")
+    assert classifier.needs_recovery({"top1": 0.5}, {"top1": 1.0}) and not classifier.needs_recovery({"top1": 0.995}, {"top1": 1.0})
