@@ -4,14 +4,19 @@
     python scripts/kill_jobs.py --kills 2 --steps 20
 
 First the same job runs uninterrupted (submitted through `JobQueue` beside its own table, polled until done)
-for the reference row and its duration D. Then the job is submitted beside an empty table and polled as the page
+for the reference row, its duration D and its time per fine-tuning step t (the job's own progress reports),
+so F = D - steps * t is what every start costs besides its steps (process start, the pipeline's structural
+steps replayed, evaluation, the row). Then the job is submitted beside an empty table and polled as the page
 polls (every `--poll-s` seconds); each time a poll starts its process, a kill moment is drawn uniformly from the
-time that start still needs: D minus the fine-tuning time its saved run state already holds (`elapsed` in the
-state file; 0 without one). At that moment the job's process group gets SIGKILL, and the server is restarted:
+time that start still needs: F + t * (steps - k), k the steps its saved run state holds (0 without one).
+(Drawing from D - the state's `elapsed` instead, as a first version did, underestimates a restart: it replays
+the structural steps and starts a process again, so most kills then landed before fine-tuning resumed.)
+At that moment the job's process group gets SIGKILL, and the server is restarted:
 the JobQueue object is dropped and a new one made on the same table (the processes the old one started are
 forgotten by it, as a restarted server forgets them; this script reaps them as init would). Between polls the
 server is also restarted at random (`--server-restarts`, the chance per poll) without a kill. After
-`--kills` kills the job is polled until it finishes.
+`--kills` kills (or --max-minutes) the job is polled until it finishes. A start that finishes before its kill
+ends its round; rounds, each from an empty table, go on until the kills are spent.
 
 After every kill: the table holds at most the job's one row and no partial line (a torn last line would be
 counted and must be gone at the end), every job file reads as a job (`JobQueue._read`), every progress file
@@ -96,14 +101,12 @@ class Reader(threading.Thread):
             time.sleep(0.02)
 
 
-def saved_elapsed(queue: jobs.JobQueue, job_id: str) -> float:
-    """The fine-tuning time the job's saved run state holds (0 without one, or when it cannot be read)."""
-    import torch
-
-    try:
-        return float(torch.load(queue._file(job_id, "state.pt"), weights_only=True, map_location="cpu")["elapsed"])
-    except Exception:  # noqa: BLE001 - none yet; an unreadable one is reported by check_files
-        return 0.0
+def steps_done(queue: jobs.JobQueue, job) -> int:
+    """About the fine-tuning steps a restart need not repeat: the last progress report's count (global over the
+    configuration's fine-tuning stages, unlike the run state's step; ahead of the last save by less than
+    --save-every steps)."""
+    progress = queue.progress(job)
+    return progress.done if progress else 0
 
 
 def check_files(table: Path, key: str, failures: list[str], final: bool, where: str) -> dict:
@@ -152,9 +155,9 @@ def wait_gone(queue: jobs.JobQueue, job_id: str, timeout_s: float = 30.0) -> boo
     return True
 
 
-def run_job(table: Path, config: CompressionConfig, args, rng: random.Random | None, duration: float | None,
-            failures: list[str], log) -> dict:
-    """Submit the job beside `table` and poll until it is done; with `rng`, kill it `args.kills` times on the way."""
+def run_job(table: Path, config: CompressionConfig, args, rng: random.Random | None, timing: tuple | None,
+            failures: list[str], log, kills_left: int = 0) -> dict:
+    """Submit the job beside `table` and poll until it is done; with `rng`, kill it up to `kills_left` times on the way."""
     queue = KillQueue(table, slots=1)
     orphans: list[subprocess.Popen] = []  # processes started by a server that was restarted since
 
@@ -167,7 +170,7 @@ def run_job(table: Path, config: CompressionConfig, args, rng: random.Random | N
     t0 = time.perf_counter()
     job = queue.submit(OWNER, config)
     started_at, moment = None, None
-    kills, starts, server_restarts, moments, with_state = 0, 0, 0, [], 0
+    kills, starts, server_restarts, moments, with_state, per_step = 0, 0, 0, [], 0, None
     deadline = args.began + 60 * args.max_minutes if args.max_minutes else float("inf")
     timeout = deadline if args.max_minutes else t0 + 3600
     timeout = timeout + 1800
@@ -175,11 +178,14 @@ def run_job(table: Path, config: CompressionConfig, args, rng: random.Random | N
         current = next(j for j in queue.jobs_of(OWNER)[0] if j.id == job.id)
         if current.status in ("done", "failed"):
             break
+        progress = queue.progress(current)
+        per_step = progress.seconds_per_step if progress and progress.seconds_per_step else per_step
         if current.status == "running" and current.pid != (job.pid if started_at else None):
             job, started_at = current, time.perf_counter()  # a poll (re)started its process
             starts += 1
-            if rng is not None and kills < args.kills and time.perf_counter() < deadline:
-                remaining = max(1.0, duration - saved_elapsed(queue, job.id))
+            if rng is not None and kills < kills_left and time.perf_counter() < deadline:
+                fixed, per_step = timing  # what every start costs, and each step left
+                remaining = fixed + per_step * (config.steps - steps_done(queue, job))
                 moment = rng.uniform(0, remaining)
                 log(f"  start {starts}: kill drawn at {moment:.1f} s of the {remaining:.0f} s it still needs")
             else:
@@ -215,7 +221,7 @@ def run_job(table: Path, config: CompressionConfig, args, rng: random.Random | N
     seconds = time.perf_counter() - t0
     final = next(j for j in queue.jobs_of(OWNER)[0] if j.id == job.id)
     return {"job": final, "seconds": seconds, "kills": kills, "starts": starts, "server_restarts": server_restarts,
-            "moments": moments, "with_state": with_state, "log": queue._file(job.id, "log").read_text(errors="replace")}
+            "moments": moments, "with_state": with_state, "per_step": per_step, "log": queue._file(job.id, "log").read_text(errors="replace")}
 
 
 def main(argv=None) -> int:
@@ -247,59 +253,81 @@ def main(argv=None) -> int:
             print(reference["log"][-2000:])
             raise SystemExit(f"the reference job did not finish: {reference['job']}")
         ref_rows = read_rows(ref_table)[0]
-        duration = reference["seconds"]
-        print(f"reference job: {args.steps} steps of {config.finetune} fine-tuning in {duration:.0f} s from submit to done",
-              flush=True)
+        duration, per_step = reference["seconds"], reference["per_step"] or 0.0
+        fixed = max(1.0, duration - per_step * args.steps)  # process start, the pipeline's steps replayed, evaluation, row
+        print(f"reference job: {args.steps} steps of {config.finetune} fine-tuning in {duration:.0f} s from submit to done "
+              f"({per_step:.2f} s per step, {fixed:.0f} s besides); a start with k steps saved needs about "
+              f"{fixed:.0f} + {per_step:.2f} * ({args.steps} - k) s", flush=True)
 
-        table = tmp / "killed" / "sweeps.jsonl"
-        table.parent.mkdir()
-        reader = Reader(table)
-        reader.start()
-        killed = run_job(table, config, args, rng, duration, failures, log)
-        time.sleep(0.1)
-        reader.stop.set()
-        reader.join()
+        totals = dict(kills=0, starts=0, server_restarts=0, with_state=0, reads=0, shown=0, job_reads=0, torn=0,
+                      seconds=0.0)
+        moments, rounds, statuses = [], 0, []
+        while True:  # rounds, each from an empty table, until the kills are spent (or the time)
+            rounds += 1
+            table = tmp / f"round{rounds}" / "sweeps.jsonl"
+            table.parent.mkdir()
+            reader = Reader(table)
+            reader.start()
+            log(f"round {rounds}")
+            killed = run_job(table, config, args, rng, (fixed, per_step), failures, log,
+                             kills_left=args.kills - totals["kills"])
+            time.sleep(0.1)
+            reader.stop.set()
+            reader.join()
+            where = f"round {rounds}"
+            job = killed["job"]
+            check_files(table, config_key(config), failures, final=True, where=where)
+            rows = read_rows(table)[0]
+            if job.status != "done" or not rows or job.row_id != rows[0]["id"]:
+                failures.append(f"{where}: the job is {job.status} (row {job.row_id}, error {job.error}); log: {killed['log'][-500:]}")
+            if job.resumes != killed["kills"]:
+                failures.append(f"{where}: the job was continued {job.resumes} times for {killed['kills']} kills")
+            if rows:
+                from jpq_core.pipeline import load_compressed
 
-        job = killed["job"]
-        found = check_files(table, config_key(config), failures, final=True, where="end")
-        rows = read_rows(table)[0]
-        if job.status != "done" or not rows or job.row_id != rows[0]["id"]:
-            failures.append(f"end: the job is {job.status} (row {job.row_id}, error {job.error}); log: {killed['log'][-500:]}")
-        if job.resumes != killed["kills"]:
-            failures.append(f"end: the job was continued {job.resumes} times for {killed['kills']} kills")
-        if rows:
-            from jpq_core.pipeline import load_compressed
-
-            try:
-                load_compressed(table.parent / "checkpoints" / f"{rows[0]['id']}.safetensors")
-            except (JPQError, OSError) as exc:
-                failures.append(f"end: the job's kept network does not load ({exc})")
-            mine, ref = comparable(rows[0]), comparable(ref_rows[0])
-            if mine != ref:
-                diff = sorted(k for k in set(mine) | set(ref) if mine.get(k) != ref.get(k))
-                failures.append(f"end: the row differs from the uninterrupted run's in {diff[:8]}: "
-                                f"{[(k, mine.get(k), ref.get(k)) for k in diff[:3]]}")
-        for row in reader.shown:
-            if not rows or row != rows[0]:
-                failures.append("reader: shown a row that is not the one finally written")
+                try:
+                    load_compressed(table.parent / "checkpoints" / f"{rows[0]['id']}.safetensors")
+                except (JPQError, OSError) as exc:
+                    failures.append(f"{where}: the job's kept network does not load ({exc})")
+                mine, ref = comparable(rows[0]), comparable(ref_rows[0])
+                if mine != ref:
+                    diff = sorted(k for k in set(mine) | set(ref) if mine.get(k) != ref.get(k))
+                    failures.append(f"{where}: the row differs from the uninterrupted run's in {diff[:8]}: "
+                                    f"{[(k, mine.get(k), ref.get(k)) for k in diff[:3]]}")
+            for row in reader.shown:
+                if not rows or row != rows[0]:
+                    failures.append(f"{where}: reader: shown a row that is not the one finally written")
+                    break
+            failures += [f"{where}: reader: {e}" for e in reader.errors[:10]]
+            for k in ("kills", "starts", "server_restarts", "with_state", "seconds"):
+                totals[k] += killed[k]
+            totals["reads"] += reader.reads
+            totals["shown"] += len(reader.shown)
+            totals["job_reads"] += reader.job_reads
+            totals["torn"] += reader.torn
+            moments += killed["moments"]
+            statuses.append(f"{job.status}/{job.resumes} resumes/{len(rows)} row")
+            log(f"round {rounds} done: {killed['kills']} kills, the job {statuses[-1]}; failures so far: {len(failures)}")
+            out_of_time = args.max_minutes and time.perf_counter() > args.began + 60 * args.max_minutes
+            if totals["kills"] >= args.kills or out_of_time:
                 break
-        failures += [f"reader: {e}" for e in reader.errors[:10]]
 
         tally = {"steps": args.steps, "save_every": args.save_every, "reference_seconds": round(duration),
-                 "killed_run_seconds": round(killed["seconds"]), "kills": killed["kills"], "starts": killed["starts"],
-                 "server_restarts": killed["server_restarts"], "kill_moments": killed["moments"],
-                 "kills_with_a_run_state_on_disk": killed["with_state"], "resumes": job.resumes, "status": job.status,
-                 "rows": len(rows), "reader_reads": reader.reads, "reader_rows_shown": len(reader.shown),
-                 "reader_job_files_read": reader.job_reads, "reader_torn_lines_skipped": reader.torn,
+                 "reference_seconds_per_step": round(per_step, 3), "reference_seconds_besides_steps": round(fixed),
+                 "killed_runs_seconds": round(totals["seconds"]), "rounds": rounds, "round_ends": statuses,
+                 "kills": totals["kills"], "starts": totals["starts"], "server_restarts": totals["server_restarts"],
+                 "kill_moments": moments, "kills_with_a_run_state_on_disk": totals["with_state"],
+                 "reader_reads": totals["reads"], "reader_rows_shown": totals["shown"],
+                 "reader_job_files_read": totals["job_reads"], "reader_torn_lines_skipped": totals["torn"],
                  "failures": failures}
-    print(f"{killed['kills']} kills (SIGKILL to the job's process group) at random moments, {killed['starts']} starts of "
-          f"its process, {killed['server_restarts']} server restarts (a new JobQueue; {killed['kills']} of them right after a kill); "
-          f"{killed['with_state']} kills left a run state to continue from")
-    print(f"the job: {job.status} after {job.resumes} resumes, {len(rows)} row(s) in the table, numbers equal to the "
-          f"uninterrupted run: {'yes' if not any('differs' in f for f in failures) else 'NO'}; "
-          f"state/progress/temporary files left: {'none' if not any('left at the end' in f for f in failures) else 'YES'}")
-    print(f"reader: {reader.reads} reads, {len(reader.shown)} rows shown, {reader.job_reads} job files read, all whole: "
-          f"{'yes' if not any(f.startswith('reader') for f in failures) else 'NO'}; torn lines skipped: {reader.torn}")
+    print(f"{totals['kills']} kills (SIGKILL to the job's process group) at random moments in {rounds} round(s), "
+          f"{totals['starts']} starts of its process, {totals['server_restarts']} server restarts (a new JobQueue; "
+          f"{totals['kills']} of them right after a kill); {totals['with_state']} kills left a run state to continue from")
+    print(f"every round: the job done, resumed once per kill, exactly 1 row, numbers equal to the uninterrupted run: "
+          f"{'yes' if not failures else 'NO'} ({'; '.join(statuses)}); state/progress/temporary files left: "
+          f"{'none' if not any('left at the end' in f for f in failures) else 'YES'}")
+    print(f"reader: {totals['reads']} reads, {totals['shown']} rows shown, {totals['job_reads']} job files read, all whole: "
+          f"{'yes' if not any('reader' in f for f in failures) else 'NO'}; torn lines skipped: {totals['torn']}")
     print(f"failures: {len(failures)}")
     for f in failures:
         print(f"  {f}")
