@@ -71,3 +71,20 @@ def test_a_table_line_nested_too_deep_is_named_and_the_good_rows_kept(tmp_path):
     rows, problems = read_rows(table)
     assert [r["id"] for r in rows] == [1, 2]
     assert problems == [f"{table}: line 2 is not valid JSON; it is skipped and its configuration will run again."]
+
+
+def test_a_page_job_killed_and_its_server_restarted_finishes_once_with_the_uninterrupted_numbers(tmp_path):
+    """scripts/kill_jobs.py's quick form: 2 SIGKILLs of a 10-step fine-tuning job, server restarts between polls."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    tally_file = tmp_path / "tally.json"
+    done = subprocess.run([sys.executable, str(root / "scripts" / "kill_jobs.py"), "--kills", "2", "--steps", "10",
+                           "--save-every", "5", "--server-restarts", "0.2", "--quiet", "--json", str(tally_file)],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    import json
+
+    tally = json.loads(tally_file.read_text())
+    assert tally["failures"] == [] and tally["kills"] == 2  # each round: done, once per kill resumed, one row
+    assert tally["starts"] == 2 + tally["rounds"] and all(end.startswith("done/") for end in tally["round_ends"])
+    assert tally["server_restarts"] >= 2 and tally["reader_reads"] > 0
