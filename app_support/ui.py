@@ -241,8 +241,7 @@ def live_result_ready(config: LiveConfig) -> bool:
 
 @st.cache_resource(show_spinner="Evaluating the dense network...", max_entries=4)
 def dense_evaluation(network: str, checkpoint: str = "") -> Evaluation:
-    live = live_network(network, checkpoint)
-    return live.evaluate(live.dense)
+    return live_network(network, checkpoint).dense_evaluation()
 
 
 def _kib(bits: float) -> str:

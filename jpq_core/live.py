@@ -217,6 +217,7 @@ class LiveNetwork:
         self._stats: dict[str, object] = {}
         self._groups: dict[bool, list] = {}
         self._geometry = None
+        self._dense_evaluation = None
         self.engine = EnginePath(network)
 
     @property
@@ -264,6 +265,13 @@ class LiveNetwork:
         # tracing, which protect_first_last changes.
         return "weight" if get_criterion(config.criterion).level == "weight" else f"{config.criterion}:{config.protect_first_last}"
 
+    def dense_evaluation(self) -> Evaluation:
+        """The dense network on the default evaluation data, computed once."""
+        with self._lock:
+            if self._dense_evaluation is None:
+                self._dense_evaluation = self.evaluate(self.dense)
+            return self._dense_evaluation
+
     def evaluate(self, model: torch.nn.Module, sample: StereoSample | None = None) -> Evaluation:
         """Metrics of `model`: on `sample` (stereo; default the task's evaluation pair) or the test split.
 
@@ -297,8 +305,11 @@ class LiveNetwork:
             raise JPQError(f"live allocation must be one of {', '.join(LIVE_ALLOCATIONS)}; sensitivity allocation "
                            "needs a scan of every layer and is available from the CLI (`compress --allocation sensitivity`).")
         if config.recovery_method != "none":
-            return self._recovered(config, raw or self.compress(config.without_recovery(), sample, progress, engine),
-                                   sample, engine)
+            raw = raw or self.compress(config.without_recovery(), sample, progress, engine)
+            dense = self.dense_evaluation() if sample is None else self.evaluate(self.dense, sample)
+            if not config.needs_recovery(raw.evaluation.metrics, dense.metrics):
+                return replace(raw, config=config)  # auto: close enough to dense without it
+            return self._recovered(config, raw, sample, engine)
         timings = {}
         t = time.perf_counter()
         stats = self.stats(config, progress)

@@ -93,3 +93,12 @@ def test_auto_recovery_runs_only_where_the_network_without_it_is_worse_than_dens
     assert not LiveConfig(network="stereo", recovery="none").needs_recovery({"bad3": 0.9}, dense)
     classifier = LiveConfig(network="resnet20")
     assert classifier.needs_recovery({"top1": 0.5}, {"top1": 1.0}) and not classifier.needs_recovery({"top1": 0.995}, {"top1": 1.0})
+
+
+def test_auto_recovery_in_the_library_leaves_a_network_close_to_dense_as_it_is(resnet20):
+    """LiveNetwork.compress applies the page's rule: at 20% the raw ResNet-20 is within a point of dense, so
+    auto returns it unrecovered (no recovery time spent)."""
+    live = LiveNetwork("resnet20", resnet20)
+    result = live.compress(LiveConfig(network="resnet20", criterion="magnitude", sparsity=0.2, wbits=8, abits=8))
+    assert result.recovery is None and "recovery" not in result.timings
+    assert result.config.recovery == "auto"

@@ -29,7 +29,7 @@ def test_the_engine_computes_only_integer_configurations_at_or_above_its_crossov
 
 
 def test_engine_and_pytorch_give_the_same_metrics(stereo_live):
-    config = LiveConfig(network="stereo", criterion="magnitude", sparsity=0.9, wbits=8, abits=8)
+    config = LiveConfig(network="stereo", criterion="magnitude", sparsity=0.9, wbits=8, abits=8, recovery="none")
     torch_result = stereo_live.compress(config, engine=False)
     engine_result = stereo_live.compress(config, engine=True)
     assert torch_result.evaluation.path == "PyTorch" and engine_result.evaluation.path == "engine"
@@ -43,10 +43,10 @@ def test_a_program_whose_kernels_are_not_ready_is_answered_by_pytorch_then_by_th
     import time
 
     stereo_live.engine = EnginePath("stereo")  # nothing ready in this fresh tracker
-    first = stereo_live.compress(LiveConfig(network="stereo", criterion="magnitude", sparsity=0.91))
+    first = stereo_live.compress(LiveConfig(network="stereo", criterion="magnitude", sparsity=0.91, recovery="none"))
     assert first.evaluation.path == "PyTorch" and "background" in first.path_note
     deadline = time.time() + 900
     while stereo_live.engine.compiling() and time.time() < deadline:
         time.sleep(0.1)
-    second = stereo_live.compress(LiveConfig(network="stereo", criterion="magnitude", sparsity=0.92))
+    second = stereo_live.compress(LiveConfig(network="stereo", criterion="magnitude", sparsity=0.92, recovery="none"))
     assert second.evaluation.path == "engine" and "crossover" in second.path_note
