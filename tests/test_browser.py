@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from app_browser import (BrowserSetupError, app_server, ensure_chromium, is_idle, make_driver,  # noqa: E402
                          move_sparsity, wait_metric)
 
-LOAD_TIMEOUT = 240  # seconds; the first stereo page computes scores and runs the network on 2 cores
+LOAD_TIMEOUT = 420  # seconds; the first page computes scores, runs and recovers the network on 2 shared cores
 
 
 @pytest.fixture(scope="module")
