@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from kill_sweep import comparable  # noqa: E402
+from kill_sweep import comparable, finish  # noqa: E402
 
 from jpq_core import jobs  # noqa: E402
 from jpq_core.errors import JPQError  # noqa: E402
@@ -328,12 +328,7 @@ def main(argv=None) -> int:
           f"{'none' if not any('left at the end' in f for f in failures) else 'YES'}")
     print(f"reader: {totals['reads']} reads, {totals['shown']} rows shown, {totals['job_reads']} job files read, all whole: "
           f"{'yes' if not any('reader' in f for f in failures) else 'NO'}; torn lines skipped: {totals['torn']}")
-    print(f"failures: {len(failures)}")
-    for f in failures:
-        print(f"  {f}")
-    if args.json:
-        args.json.write_text(json.dumps(tally, indent=2) + "\n")
-    return 1 if failures else 0
+    return finish(failures, tally, args.json)
 
 
 if __name__ == "__main__":

@@ -235,11 +235,16 @@ def main(argv=None) -> int:
     print(f"reader: {reads} reads during the runs, {shown} rows shown, all whole: "
           f"{'yes' if not any('reader' in f for f in failures) else 'NO'}; torn lines it skipped: {tally['reader_torn_lines_skipped']}")
     print(f"temporary files left by kills (ignored by every reader): {len(leftovers_seen)} {sorted(leftovers_seen)[:5]}")
+    return finish(failures, tally, args.json)
+
+
+def finish(failures: list[str], tally: dict, json_path: Path | None) -> int:
+    """The end of a kill script: the failures printed, the tally written as JSON when asked, the exit status."""
     print(f"failures: {len(failures)}")
     for f in failures:
         print(f"  {f}")
-    if args.json:
-        args.json.write_text(json.dumps(tally, indent=2) + "\n")
+    if json_path:
+        json_path.write_text(json.dumps(tally, indent=2) + "\n")
     return 1 if failures else 0
 
 
