@@ -15,21 +15,29 @@
    encodings pay index bits (bitmask: 1 per weight; CSR: 2-8 per kept weight plus fillers).
 6. `dominators`: which points beat a given point in both objectives (none: it is on the Pareto front,
    `jpq_core.sweeps.pareto_mask`).
+7. `recovery_lesson`: the whole network compressed without training, then repaired by each recovery method of
+   `jpq_core.recovery` (batch-norm re-estimation; layer-wise least squares on the kept weights, AdaPrune,
+   Hubara et al. 2021; OBC, Frantar et al. 2022), and how far each layer's output drifts from the dense
+   network's: ||y_compressed - y_dense|| / ||y_dense||, which grows layer by layer without recovery.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
+from jpq_core.compression import compress_without_training, recover
 from jpq_core.costs import FLOAT_BITS, layer_cost
 from jpq_core.criteria import Magnitude, Taylor
 from jpq_core.layers import first_and_last, layer_weights, prunable_layers
 from jpq_core.errors import JPQError
+from jpq_core.pipeline import CompressionConfig
 from jpq_core.pruning import make_masks
 from jpq_core.quantization import quantize_weight, ste, uniform_params
 
@@ -230,16 +238,67 @@ def dominators(xs, ys, i: int, x_lower_is_better: bool = True, y_lower_is_better
             if sx * a <= x and sy * b <= y and (sx * a < x or sy * b < y)]
 
 
+# ---- 7. repairing a compressed network without training ---------------------------------------------------
+
+RECOVERY_LESSON_METHODS = ("none", "bn", "lsq", "obc+bn")
+
+
+@torch.inference_mode()
+def layer_output_errors(dense: torch.nn.Module, net: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """||y_net - y_dense|| / ||y_dense|| of every prunable layer's output (before batch norm), both networks
+    fed `images`: the error each layer receives plus the one it adds, so it shows how damage accumulates."""
+    outputs = {}
+
+    def keep(tag, name):
+        return lambda module, args, out: outputs.__setitem__((tag, name), out.detach().double())
+
+    handles = [layer.register_forward_hook(keep(tag, name)) for tag, model in (("dense", dense), ("net", net))
+               for name, layer in prunable_layers(model).items()]
+    try:
+        dense.eval()(images)
+        net.eval()(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: float((outputs["net", name] - outputs["dense", name]).norm() / outputs["dense", name].norm().clamp_min(1e-12))
+            for name in prunable_layers(dense)}
+
+
+def recovery_lesson(model, task, network: str, sparsity: float, wbits: int, images, labels,
+                    methods=RECOVERY_LESSON_METHODS, samples: int = 128) -> dict:
+    """Compress `model` (global magnitude pruning at `sparsity`, `wbits`-bit weights, 8-bit activations, no
+    training) and repair it with each of `methods` (`samples` training images for calibration).
+
+    Returns "dense" (loss/top1 on the images), "methods" (one row per method: top1, loss, seconds of the
+    recovery step) and "layer_error" (method -> layer -> relative output error, `layer_output_errors`)."""
+    def config(method):
+        return CompressionConfig(network=network, criterion="magnitude", sparsity=sparsity, wbits=wbits, abits=8,
+                                 finetune="none", steps=0, recovery=method, recovery_samples=samples).check()
+
+    start = time.perf_counter()  # steps 1-3 once (one calibration batch, as the live view), then each recovery on a copy
+    raw = compress_without_training(model, task, config("none"), calibration_batches=1, recovery=False)
+    compress_s = time.perf_counter() - start
+    rows, layer_error = [], {}
+    for method in methods:
+        timings = {}
+        net = recover(copy.deepcopy(raw), model, task, config(method), timings=timings)
+        with parametrize.cached():  # the weights are fixed now: quantize each layer once, not per forward
+            rows.append({"method": method, **classifier_loss(net, images, labels),
+                         "recovery_s": timings.get("recovery", 0.0), "total_s": compress_s + timings.get("recovery", 0.0)})
+            layer_error[method] = layer_output_errors(model, net, images)
+    return {"dense": classifier_loss(model, images, labels), "methods": pd.DataFrame(rows), "layer_error": layer_error}
+
+
 class Lessons:
     """The Learn page's lessons on one classifier: what they share computed once (the gradient statistics
     `compress` would use, layer geometry, `held_out` test images for the loss), each lesson's result kept
     (the last 64 per lesson) and handed out as a copy, so callers may change what they get."""
 
-    def __init__(self, model, task, held_out: int = 192):
+    def __init__(self, model, task, held_out: int = 192, network: str = "resnet20"):
         from jpq_core.analysis import calibration_stats
         from jpq_core.costs import layer_geometry
 
-        self.model = model
+        self.model, self.task, self.network = model, task, network
         self.stats = calibration_stats(model, task)
         self.geometry = layer_geometry(model, task.example_inputs())
         self.images, self.labels = task.test_x[:held_out], task.test_y[:held_out]
@@ -248,7 +307,7 @@ class Lessons:
 
     def _remember(self, key, compute):
         if key not in self._kept:
-            if len(self._kept) >= 4 * 64:  # four lessons, 64 results each on average
+            if len(self._kept) >= 5 * 64:  # five lessons, 64 results each on average
                 self._kept.pop(next(iter(self._kept)))
             self._kept[key] = compute()
         return copy.deepcopy(self._kept[key])
@@ -268,4 +327,8 @@ class Lessons:
     def memory(self, layer: str, sparsities: tuple, bits: tuple) -> pd.DataFrame:
         return self._remember(("memory", layer, tuple(sparsities), tuple(bits)), lambda: memory_lesson(
             self.model, layer, self.geometry, sparsities, bits))
+
+    def recovery(self, sparsity: float, wbits: int) -> dict:
+        return self._remember(("recovery", sparsity, wbits), lambda: recovery_lesson(
+            self.model, self.task, self.network, sparsity, wbits, self.images, self.labels))
 

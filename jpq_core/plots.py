@@ -257,6 +257,18 @@ def memory_lesson_figure(table, chosen: tuple | None = None, height: int = 420) 
     return _lesson_layout(fig, "Memory of one layer: solid = cost model, dotted = no index bits", height)
 
 
+def layer_error_figure(layer_error: dict, height: int = 420) -> go.Figure:
+    """Relative output error of every layer against the dense network (log axis), one line per recovery
+    method: `layer_error` is method -> layer -> ||y - y_dense|| / ||y_dense||."""
+    fig = go.Figure()
+    for i, (method, errors) in enumerate(layer_error.items()):
+        fig.add_trace(go.Scatter(x=list(errors), y=list(errors.values()), name=method, mode="lines+markers",
+                                 line=dict(color=CRITERION_COLOURS[i % len(CRITERION_COLOURS)]),
+                                 hovertemplate=method + ", %{x}: %{y:.1%}<extra></extra>"))
+    fig.update_xaxes(title="layer, in forward order", showticklabels=False)
+    fig.update_yaxes(type="log", title="output error / dense output", tickformat=".0%")
+    return _lesson_layout(fig, "How far each layer's output is from the dense network's", height)
+
 def pareto_lesson_figure(table, x: str, y: str, x_title: str, y_title: str, selected: int | None = None,
                          height: int = 420) -> go.Figure:
     """Points of `table` (columns x, y, "front", "label"), the Pareto front joined by a line."""

@@ -1,4 +1,4 @@
-"""Learn: six short lessons on pruning and quantization, each computed live on ResNet-20 by the library."""
+"""Learn: seven short lessons on pruning and quantization, each computed live on ResNet-20 by the library."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from app_support.ui import cached_network, cached_task, live_result, show_error
 from jpq_core import analysis, lessons
 from jpq_core.errors import JPQError
 from jpq_core.live import LiveConfig
-from jpq_core.plots import (criteria_scatter_figure, mask_agreement_figure, memory_lesson_figure, pareto_lesson_figure,
-                            quantization_figure, ste_figure, zero_value_figure)
+from jpq_core.plots import (criteria_scatter_figure, layer_error_figure, mask_agreement_figure, memory_lesson_figure,
+                            pareto_lesson_figure, quantization_figure, ste_figure, zero_value_figure)
 from jpq_core.sweeps import pareto_mask
 
 st.set_page_config(page_title="Learn - JPQ Explorer", layout="wide")
-st.title("Learn: pruning and quantization in six lessons")
+st.title("Learn: pruning and quantization in seven lessons")
 st.caption("Every number and figure below is computed now, by the same library that compresses the networks, on "
            "the shipped ResNet-20 (digits). Each lesson ends with something to try.")
 
@@ -42,7 +42,8 @@ model, stats, geometry, images, labels = course.model, course.stats, course.geom
 layer_names = course.layers
 
 tabs = st.tabs(["1 · What pruning removes", "2 · The quantization grid", "3 · Why zero stays exact",
-                "4 · Straight-through estimator", "5 · Sparsity × bits", "6 · Reading a Pareto plot"])
+                "4 · Straight-through estimator", "5 · Sparsity × bits", "6 · Reading a Pareto plot",
+                "7 · Repair without training"])
 
 # ---- 1 ------------------------------------------------------------------------------------------------
 with tabs[0]:
@@ -222,3 +223,38 @@ with tabs[5]:
             st.write(f"**{table['label'][chosen]}** is on the front: nothing here is both smaller and more accurate.")
     try_this("compute the points, then switch the cost axis from memory to BOPs: does the front keep the same "
              "points? Is any 8-bit configuration beaten on both axes by a 4-bit one, and if not, why not?")
+
+# ---- 7 ------------------------------------------------------------------------------------------------
+with tabs[6]:
+    st.markdown("Pruned past 80% and quantized, a network without training is broken: each layer's output is a "
+                "little off, the next layer amplifies it, and by the end the logits are noise. Recovery repairs it "
+                "in seconds, with a few hundred training images and no gradient steps: **bn** re-estimates the "
+                "batch-norm statistics; **lsq** refits each layer's kept weights by least squares so that its output "
+                "matches the dense network's on the same images (AdaPrune, Hubara et al. 2021); **obc** also picks "
+                "which weights to keep and rounds them to the grid with error feedback (Optimal Brain Compression, "
+                "Frantar et al. 2022). Here the whole ResNet-20 is pruned by global magnitude, activations 8 bits.")
+    cols = st.columns(2)
+    r_sparsity = cols[0].select_slider("Sparsity", (0.8, 0.9, 0.95, 0.98), value=0.9, format_func=lambda s: f"{s:.0%}",
+                                       key="l7_sparsity")
+    r_bits = cols[1].select_slider("Weight bits", (2, 4, 8), value=4, key="l7_bits")
+    if st.button("Compress and repair with each method", key="l7_run",
+                 help="four compressions of ResNet-20, each recovered with 128 training images: seconds each") \
+            or st.session_state.get("l7_ready"):
+        st.session_state["l7_ready"] = True
+        with st.spinner("Compressing and recovering with each method (a few seconds each)..."):
+            try:
+                lesson = course.recovery(r_sparsity, r_bits)
+            except JPQError as exc:
+                show_error(exc)
+                st.stop()
+        table = lesson["methods"]
+        cols = st.columns(len(table) + 1)
+        cols[0].metric("Dense", f"{lesson['dense']['top1']:.1%}", help=f"top-1 on {HELD_OUT} held-out digits")
+        for col, row in zip(cols[1:], table.itertuples()):
+            col.metric(f"top-1, {row.method}", f"{row.top1:.1%}", delta=f"{row.top1 - lesson['dense']['top1']:+.1%}",
+                       help=f"loss {row.loss:.3f}; recovery took {row.recovery_s:.2f} s of {row.total_s:.2f} s in all "
+                            "(measured now, on this server)")
+        st.plotly_chart(layer_error_figure(lesson["layer_error"]), width="stretch", key="l7_figure")
+    try_this("at 90% and 4 bits, follow the 'none' line: the error grows layer by layer. Which method keeps it "
+             "smallest at the last layer, and does that one also have the best top-1? Then try 98%: where does "
+             "even the best method stop being enough (the point where fine-tuning becomes necessary)?")

@@ -1,5 +1,7 @@
 """The Learn page's computations, with answers worked out by hand or from theory."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +112,16 @@ def test_dominators_agree_with_the_front():
         beaten = lessons.dominators(memory, top1, i, True, False)
         assert (not beaten) == front[i]
     assert lessons.dominators(memory, top1, 2, True, False) == [1]
+
+
+def test_layer_output_errors_are_zero_for_the_same_network_and_grow_with_damage():
+    model = _conv_model()
+    images, _ = _data()
+    assert all(e == 0 for e in lessons.layer_output_errors(model, model, images).values())
+    damaged = copy.deepcopy(model)
+    with torch.no_grad():
+        damaged[0].weight.mul_(1.5)
+        damaged[0].bias.mul_(1.5)
+    errors = lessons.layer_output_errors(model, damaged, images)
+    assert errors["0"] == pytest.approx(0.5, rel=1e-6)  # the first layer's output is scaled by 1.5
+    assert all(e > 0 for e in errors.values())
