@@ -61,3 +61,30 @@ def test_uploaded_weights_for_a_torchvision_network_are_checked_and_used(root, t
     assert not at.exception and not at.error
     assert at.query_params["checkpoint"] not in ("", [""]) and "Random weights" not in _warnings(at)
     assert "Top-1" in {m.label for m in at.metric}
+
+
+def test_taylor_scores_rank_the_torchvision_network_s_weights(root):
+    at = _page(root, "pages/2_Taylor_scores.py")
+    assert not at.exception and not at.error
+    assert at.selectbox(key="network").value == NETWORK
+    assert "Random weights" in _warnings(at) and "at initialisation" in _warnings(at)
+    assert len(at.get("plotly_chart")) >= 2  # score distributions, criteria side by side (magnitude and taylor)
+    assert any("IoU" in m.label for m in at.metric)
+    assert any("nothing to measure" in i.value for i in at.info)  # sensitivity does not apply to random weights
+
+
+def test_trade_offs_says_how_to_measure_a_network_without_runs(root):
+    at = _page(root, "pages/4_Trade-offs.py")
+    assert not at.exception and not at.error
+    info = " ".join(i.value for i in at.info)
+    assert "No measured runs of torchvision mobilenet_v3_small" in info and f"--one network={NETWORK}" in info
+    assert at.selectbox(key="to_network").value != NETWORK  # the measured networks are still shown
+
+
+def test_engine_page_times_a_torchvision_network(root):
+    at = _page(root, "pages/5_Engine.py")
+    at.button(key="en_run").click().run()
+    assert not at.exception and not at.error
+    metrics = {m.label: m for m in at.metric}
+    assert {"Engine", "Dense PyTorch", "Packed program"} <= set(metrics) and "x vs dense" in metrics["Engine"].delta
+    assert "Random weights" in _warnings(at) and "engine's time" in _warnings(at)

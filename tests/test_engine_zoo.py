@@ -256,3 +256,14 @@ def test_zoo_names_and_sizes():
         build_network("tv:nonet")
     with pytest.raises(JPQError, match="over the 512 MiB limit"):
         load_network("tv:vit_h_14")
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+def test_pytorch_s_sparse_path_computes_grouped_convolutions(groups):
+    """The Engine page's third timing (CSR weight x unfolded input) runs MobileNet's depthwise layers too."""
+    from jpq_core.engine.bench import TorchSparseConv
+
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=groups).eval()
+    x = torch.rand(2, 8, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(TorchSparseConv(conv)(x), conv(x), rtol=1e-5, atol=1e-5)

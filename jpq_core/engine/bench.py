@@ -63,13 +63,26 @@ def plain_copy(compressed, dense: nn.Module | str):
     return plain
 
 
+def unfolded_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The conv's weight as the C_out x (C_in k k) matrix that multiplies F.unfold(input): block diagonal for a
+    grouped (depthwise) convolution, whose output channels see only their group's input channels."""
+    w = conv.weight.detach()
+    if conv.groups == 1:
+        return w.flatten(1)
+    per_out, cols = w.shape[0] // conv.groups, w[0].numel()
+    full = w.new_zeros(w.shape[0], cols * conv.groups)
+    for g in range(conv.groups):
+        full[g * per_out:(g + 1) * per_out, g * cols:(g + 1) * cols] = w[g * per_out:(g + 1) * per_out].flatten(1)
+    return full
+
+
 class TorchSparseConv(nn.Module):
-    """conv2d as torch.sparse CSR weight (C_out x C_in*k*k) times F.unfold(input)."""
+    """conv2d as torch.sparse CSR weight (C_out x C_in*k*k, block diagonal when grouped) times F.unfold(input)."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.conv = conv
-        self.weight = conv.weight.detach().flatten(1).to_sparse_csr()
+        self.weight = unfolded_weight(conv).to_sparse_csr()
         self.bias = conv.bias.detach() if conv.bias is not None else None
 
     def forward(self, x):
