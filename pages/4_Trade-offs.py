@@ -32,7 +32,7 @@ networks = sorted(results["network"].unique())
 if config.network not in networks:
     st.info(f"No measured runs of {network_label(config.network)} yet, so no star for the sidebar's configuration. A "
             "sweep without fine-tuning takes seconds per configuration: `python -m jpq_core sweep --one "
-            f"network={config.network} criterion={config.criterion} sparsity=[0.5,0.9,0.95,0.99] finetune=none`.")
+            f"network={config.network} criterion={config.criterion} \"sparsity=[0.5,0.9,0.95,0.99]\" finetune=none`.")
 cols = st.columns(4)
 network = cols[0].selectbox("Network", networks, index=networks.index(config.network) if config.network in networks else 0, key="to_network")
 x = cols[1].selectbox("Cost axis", [a for a in AXES if results[a].notna().any()], format_func=AXES.get, key="to_x")
