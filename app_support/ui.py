@@ -14,9 +14,8 @@ from jpq_core.errors import JPQError
 from jpq_core.evaluation import stereo_comparison
 from jpq_core.jobs import JobQueue, is_owner_token, new_owner
 from jpq_core.links import OWNER_PARAMETER, read_link
-from jpq_core import live as _live
-from jpq_core.live import (LIVE_ACTIVATION_BITS, LIVE_ALLOCATIONS, LIVE_WEIGHT_BITS, RECOVERY_CHOICES, SPARSITY_CHOICES,
-                           Evaluation, LiveConfig, LiveNetwork, LiveResult)
+from jpq_core.live import (LIVE_ACTIVATION_BITS, LIVE_ALLOCATIONS, LIVE_NETWORKS as OFFERED_NETWORKS, LIVE_WEIGHT_BITS,
+                           RECOVERY_CHOICES, SPARSITY_CHOICES, Evaluation, LiveConfig, LiveNetwork, LiveResult)
 from jpq_core.compressed import detach
 from jpq_core.models import DEFAULT_CLASSES, is_shipped, load_network, network_label
 from jpq_core.pipeline import load_any
@@ -84,7 +83,7 @@ def cached_task(name: str):
 
 # ---- Live compression: the configuration every page shares, kept in the URL -------------------------------
 
-LIVE_NETWORKS = {name: network_label(name) for name in _live.LIVE_NETWORKS}  # offered in the sidebar
+LIVE_NETWORKS = {name: network_label(name) for name in OFFERED_NETWORKS}  # offered in the sidebar, with their labels
 _STATE = "live_config"  # session_state key of the current LiveConfig (widget state does not survive page switches)
 _OWNER = "job_owner"  # session_state key of the session's fine-tuning job token, once it has one
 

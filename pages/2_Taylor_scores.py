@@ -50,9 +50,8 @@ if not criteria:
     st.stop()
 # The weights of the sidebar's configuration (an upload) when this is its network, else the shipped ones.
 checkpoint = live.checkpoint if network == live.network else ""
-untrained = replace(live, network=network, checkpoint=checkpoint).untrained
-untrained_notice(replace(live, network=network, checkpoint=checkpoint),
-                 "Here the scores rank this architecture's weights at initialisation; layer sensitivity does not apply. ")
+shown = replace(live, network=network, checkpoint=checkpoint)
+untrained_notice(shown, "Here the scores rank this architecture's weights at initialisation; layer sensitivity does not apply. ")
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -144,7 +143,7 @@ with tab_mask:
                "are channels a weight-level criterion happens to empty; channel-level criteria remove them on purpose.")
 
 with tab_sens:
-    if untrained:
+    if shown.untrained:
         st.info("Layer sensitivity is accuracy lost per layer pruned; a network with random weights is at chance "
                 "whatever is pruned, so there is nothing to measure. Upload trained weights on Explore to scan it.")
         st.stop()
