@@ -14,10 +14,10 @@ from jpq_core.errors import JPQError
 from jpq_core.evaluation import stereo_comparison
 from jpq_core.jobs import JobQueue, is_owner_token, new_owner
 from jpq_core.links import OWNER_PARAMETER, read_link
-from jpq_core.live import (LIVE_ACTIVATION_BITS, LIVE_ALLOCATIONS, LIVE_WEIGHT_BITS, RECOVERY_CHOICES, SPARSITY_CHOICES,
-                           Evaluation, LiveConfig, LiveNetwork, LiveResult)
+from jpq_core.live import (LIVE_ACTIVATION_BITS, LIVE_ALLOCATIONS, LIVE_NETWORKS as OFFERED_NETWORKS, LIVE_WEIGHT_BITS,
+                           RECOVERY_CHOICES, SPARSITY_CHOICES, Evaluation, LiveConfig, LiveNetwork, LiveResult)
 from jpq_core.compressed import detach
-from jpq_core.models import load_network, network_label
+from jpq_core.models import DEFAULT_CLASSES, is_shipped, load_network, network_label
 from jpq_core.pipeline import load_any
 from jpq_core.registry import criterion_names
 
@@ -83,7 +83,7 @@ def cached_task(name: str):
 
 # ---- Live compression: the configuration every page shares, kept in the URL -------------------------------
 
-LIVE_NETWORKS = {name: network_label(name) for name in ("stereo", "resnet20")}  # offered in the sidebar
+LIVE_NETWORKS = {name: network_label(name) for name in OFFERED_NETWORKS}  # offered in the sidebar, with their labels
 _STATE = "live_config"  # session_state key of the current LiveConfig (widget state does not survive page switches)
 _OWNER = "job_owner"  # session_state key of the session's fine-tuning job token, once it has one
 
@@ -153,10 +153,13 @@ def sidebar_config() -> LiveConfig:
                                      "batch-norm statistics, lsq refits each layer's kept weights by least squares, obc "
                                      "chooses and refits them (Optimal Brain Compression); docs/recovery.md has the measurements")
         checkpoint = config.checkpoint if network == config.network else ""
-        with st.expander("Your own weights" + (" (in use)" if checkpoint else "")):
+        with st.expander("Your own weights" + (" (in use)" if checkpoint else "") + ("" if checkpoint or is_shipped(network)
+                                                                                    else ": none yet, random weights"),
+                         expanded=not checkpoint and not is_shipped(network)):
             upload = st.file_uploader(f"A {LIVE_NETWORKS[network]} checkpoint: .safetensors, or a state dict from "
-                                      "torch.save (loaded as weights only)", type=["safetensors", "pt", "pth", "bin"],
-                                      key="w_upload")
+                                      "torch.save (loaded as weights only)" + ("" if is_shipped(network) else
+                                      f"; the architecture with {DEFAULT_CLASSES} outputs, one per digit"),
+                                      type=["safetensors", "pt", "pth", "bin"], key="w_upload")
             if upload is not None:
                 try:
                     checkpoint = upload_checkpoint(network, upload.getvalue())
@@ -167,7 +170,8 @@ def sidebar_config() -> LiveConfig:
                 except JPQError as exc:
                     st.error(f"{upload.name}: {exc}")
                     checkpoint = ""
-            elif checkpoint and st.button("Back to the shipped weights", key="w_shipped"):
+            elif checkpoint and st.button("Back to the shipped weights" if is_shipped(network) else "Back to random weights",
+                                          key="w_shipped"):
                 checkpoint = ""
     new = LiveConfig(network=network, criterion=criterion, allocation=allocation, sparsity=sparsity, wbits=wbits,
                      abits=abits, protect_first_last=protect, calibration=config.calibration, checkpoint=checkpoint,
@@ -176,6 +180,25 @@ def sidebar_config() -> LiveConfig:
     owner = {OWNER_PARAMETER: job_owner()} if job_owner() else {}
     st.query_params.from_dict({**new.to_query(), **owner})
     return new
+
+
+def untrained_notice(config: LiveConfig, what: str = "") -> None:
+    """Say plainly, before any number, that a network with random weights has meaningless accuracy, and which
+    of the page's numbers hold anyway; `what` adds what this page shows of it."""
+    if not config.untrained:
+        return
+    st.warning(f"**Random weights.** {network_label(config.network)} is torchvision's architecture, randomly "
+               "initialised: no trained weights ship for it and none are uploaded, so its **accuracy and predictions are "
+               "meaningless** (chance is 10% on the digits). What does not depend on training is real: weight memory, "
+               "BOPs, energy and hardware cost, the criterion scores and the engine's speed. " + what +
+               "Upload weights trained for the digits in the sidebar (Your own weights) for meaningful accuracy.",
+               icon="⚠️")
+
+
+def network_weights(network: str, checkpoint: str = ""):
+    """The dense network with the given weights: the shipped (or, for a torchvision architecture, the seeded
+    random) ones, or an upload's. Shared by all sessions: callers must not modify it (copy first)."""
+    return live_network(network, checkpoint).dense if checkpoint else cached_network(network)
 
 
 UPLOADS = Path(__file__).resolve().parents[1] / "runs" / "uploads"

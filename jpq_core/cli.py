@@ -284,7 +284,7 @@ def cmd_bench(args) -> int:
                        threads=args.threads, repeats=args.repeats, torch_sparse=not args.no_torch_sparse,
                        height=args.height, width=args.width, checkpoint=args.checkpoint,
                        first_call=not args.no_first_call, peers=args.peers, deepsparse_python=args.deepsparse_python,
-                       progress=None if args.json else _print_bench_row)
+                       allocation=args.allocation, progress=None if args.json else _print_bench_row)
     for peer, note in result.get("peer_notes", {}).items():
         print(f"note: {peer} was not timed: {note}", file=sys.stderr)
     print(json.dumps(result, indent=None if args.json else 2))
@@ -483,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed runs per configuration (median)")
     p.add_argument("--height", type=int, help="input height (default: Middlebury 500 for stereo, 32 for classifiers)")
     p.add_argument("--width", type=int, help="input width (default: 741 for stereo, 32 for classifiers)")
+    p.add_argument("--allocation", choices=["global", "uniform"], default="global",
+                   help="engine: how magnitude pruning spreads the sparsity; uniform for a randomly initialised network "
+                        "(tv:NAME without --checkpoint), whose whole layers one global threshold would remove")
     p.add_argument("--no-torch-sparse", action="store_true", help="skip PyTorch's sparse path (slow at full size)")
     p.add_argument("--no-first-call", action="store_true", help="skip timing the first call in a new process")
     p.add_argument("--peers", action="store_true", help="also time ONNX Runtime fp32 and int8 (static quantization) on "

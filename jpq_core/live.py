@@ -43,6 +43,11 @@ from jpq_core.tasks import StereoTask, make_task
 LIVE_WEIGHT_BITS = (1, 2, 3, 4, 6, 8, 16, None)
 LIVE_ACTIVATION_BITS = (4, 6, 8, 16, None)
 LIVE_ALLOCATIONS = ("global", "uniform")  # the sensitivity scan takes minutes: cached runs only
+# Torchvision architectures offered live, beside the shipped networks: each compiles in the engine
+# (tests/test_engine_zoo.py) and, randomly initialised at 32 x 32 on digits, takes seconds per change; smallest first.
+LIVE_TORCHVISION = ("tv:mobilenet_v3_small", "tv:squeezenet1_0", "tv:mobilenet_v2", "tv:regnet_x_400mf",
+                    "tv:efficientnet_b0", "tv:resnet18")
+LIVE_NETWORKS = ("stereo", "resnet20") + LIVE_TORCHVISION
 # Sparsity slider stops: coarse where little changes, fine near the extreme where everything happens.
 # Recovery without training: "auto" = the best measured method for the network's task (jpq_core.recovery.BEST).
 RECOVERY_CHOICES = ("auto",) + CHOICES
@@ -80,9 +85,20 @@ class LiveConfig:
         ).check()
 
     @property
+    def untrained(self) -> bool:
+        """Whether the network has random weights (a torchvision architecture without uploaded weights): its
+        accuracy means nothing, its cost, criterion scores and engine speed do."""
+        from jpq_core.models import is_shipped
+
+        return not is_shipped(self.network) and not self.checkpoint
+
+    @property
     def recovery_method(self) -> str:
-        """The recovery methods this configuration runs ("auto" resolved for its network)."""
-        return best_method(task_of(self.network)) if self.recovery == "auto" else self.recovery
+        """The recovery methods this configuration runs ("auto" resolved for its network; none for random
+        weights, whose outputs are not worth seconds of refitting towards)."""
+        if self.recovery != "auto":
+            return self.recovery
+        return "none" if self.untrained else best_method(task_of(self.network))
 
     def needs_recovery(self, raw_metrics: dict, dense_metrics: dict) -> bool:
         """Whether to recover, given the metrics without recovery: a chosen method always runs; "auto" runs
@@ -115,9 +131,11 @@ class LiveConfig:
         from jpq_core.models import NETWORKS
         from jpq_core.quantization import check_bits
 
+        known = (*NETWORKS, *LIVE_TORCHVISION)
+
         default, values, problems = cls(), {}, []
         parsers = {
-            "network": lambda v: v if v in NETWORKS else _bad(f"unknown network {v!r}"),
+            "network": lambda v: v if v in known else _bad(f"unknown network {v!r}; the app offers {', '.join(known)}"),
             "criterion": lambda v: (get_criterion(v), v)[1],
             "allocation": lambda v: v if v in LIVE_ALLOCATIONS else _bad(f"allocation must be {' or '.join(LIVE_ALLOCATIONS)}"),
             "sparsity": lambda v: min(SPARSITY_CHOICES, key=lambda c: abs(c - _fraction(v))),

@@ -33,14 +33,30 @@ def check_sparsity(sparsity: float) -> float:
     return value
 
 
+def _lowest(flat: torch.Tensor, count: int, highest: bool = False) -> torch.Tensor:
+    """Boolean over `flat`: its `count` lowest (or `highest`) values, ties broken by position, i.e. the first
+    `count` entries of a stable argsort, found in linear time (a selection, not a sort): sorting a ResNet-18's
+    11M scores took seconds of every slider move."""
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    if count <= 0:
+        return chosen
+    if count >= flat.numel() or bool(torch.isnan(flat).any()):  # NaN has no place in a selection: sort
+        chosen[torch.argsort(flat, descending=highest, stable=True)[:count]] = True
+        return chosen
+    keyed = -flat if highest else flat
+    value = keyed.kthvalue(count).values  # the count-th lowest: everything below it goes, then ties by position
+    below = keyed < value
+    chosen |= below
+    chosen[torch.nonzero(keyed == value).flatten()[: count - int(below.sum())]] = True
+    return chosen
+
+
 def _prune_lowest(scores: list[torch.Tensor], count: int, reserved: list[torch.Tensor]) -> list[torch.Tensor]:
     """Keep-masks that remove the `count` lowest scores among positions not `reserved`, ties by position."""
     flat = torch.cat([s.flatten().double() for s in scores])
     blocked = torch.cat([r.flatten() for r in reserved])
     flat = torch.where(blocked, torch.full_like(flat, float("inf")), flat)
-    order = torch.argsort(flat, stable=True)
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
-    keep[order[:count]] = False
+    keep = ~_lowest(flat, count)
     out, start = [], 0
     for s in scores:
         out.append(keep[start : start + s.numel()].view(s.shape))
@@ -49,10 +65,8 @@ def _prune_lowest(scores: list[torch.Tensor], count: int, reserved: list[torch.T
 
 
 def _reserve_top(score: torch.Tensor, min_keep: int) -> torch.Tensor:
-    reserved = torch.zeros(score.numel(), dtype=torch.bool)
-    if min_keep > 0:
-        reserved[torch.argsort(score.flatten().double(), descending=True, stable=True)[:min_keep]] = True
-    return reserved.view(score.shape)
+    """The `min_keep` highest scores, ties by position (a descending stable sort's first entries)."""
+    return _lowest(score.flatten().double(), min_keep, highest=True).view(score.shape)
 
 
 def make_masks(

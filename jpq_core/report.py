@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -88,8 +89,13 @@ def _pyplot():
     return plt
 
 
+def _file_name(name: str) -> str:
+    """`name` as a portable file name: a network name may hold ':' (tv:resnet18) or a path (a user factory)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name)
+
+
 def _save(fig, name: str, folder: Path) -> Path:
-    path = folder / f"{name}.png"
+    path = folder / f"{_file_name(name)}.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     _pyplot().close(fig)
     return path
@@ -608,12 +614,13 @@ def write_report(results=None, out: Path = ROOT / "docs" / "results.md", figures
         from jpq_core.errors import JPQError
 
         raise JPQError(f"{results}: no complete rows to report on; run a sweep first (python -m jpq_core sweep configs/smoke.toml).")
-    made = {}
+    made = {}  # "tradeoff-NETWORK" etc. -> its file (named portably, so not always the key)
     for network in sorted(df.network.unique()):
-        for make in (tradeoff_figure, criteria_figure, pipeline_figure, granularity_figure):
+        for kind, make in (("tradeoff", tradeoff_figure), ("criteria", criteria_figure), ("pipelines", pipeline_figure),
+                           ("granularity", granularity_figure)):
             path = make(df, network, figures)
             if path is not None:
-                made[path.stem] = path
+                made[f"{kind}-{network}"] = path
     text = results_page(df, made, problems, results, out)
     atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     return problems

@@ -12,13 +12,14 @@ import streamlit as st
 from jpq_core.cluster import configured_address
 from jpq_core.errors import JPQError
 from jpq_core.live import AUTO_RECOVERY_MARGIN, compress_command, matching_runs
+from jpq_core.models import is_shipped
 from jpq_core.images import DISPARITY_SCALE, ERROR_LIMIT_PX, ERROR_SCALE, colour_bar_png
 from jpq_core.plots import confusion_figure, layer_cost_figure
 from jpq_core.report import finetuning_label
 from app_support.job_panel import finetune_panel
 from app_support.ui import (cached_results, compressed_images, cost_cards, deferred, dense_evaluation, ensure_scores,
                             image_with_title, live_network, live_result, live_result_ready, path_caption, pytorch_result, show_error,
-                            sidebar_config, stereo_reference_images)
+                            sidebar_config, stereo_reference_images, untrained_notice)
 
 st.set_page_config(page_title="JPQ Explorer", layout="wide")
 st.title("JPQ Explorer")
@@ -29,6 +30,7 @@ st.caption(
 )
 
 config = sidebar_config()
+untrained_notice(config, "Recovery is off for random weights (auto runs none). ")
 show_raw = config.recovery_method != "none" and st.toggle("Show the network without recovery", key="ex_raw",
                                     help=f"the same pruning and quantization before {config.recovery_method} repaired it")
 try:
@@ -53,7 +55,7 @@ def show_cards(result, note: str = "") -> None:
         cols[1].metric("EPE", f"{m['epe']:.2f} px", delta=f"{m['epe'] - d['epe']:+.2f} px vs dense", delta_color="inverse",
                        help="mean absolute disparity error" + (f"; without recovery {before['epe']:.2f} px" if before else ""))
     else:
-        cols[0].metric("Top-1", f"{m['top1']:.1%}", delta=f"{m['top1'] - d['top1']:+.1%} vs dense",
+        cols[0].metric("Top-1" + (" (random weights)" if config.untrained else ""), f"{m['top1']:.1%}", delta=f"{m['top1'] - d['top1']:+.1%} vs dense",
                        help="accuracy on the 540 held-out digits" + (f"; without recovery {before['top1']:.1%}" if before else ""))
         cols[1].metric("Mistakes", f"{int((result.evaluation.confusion.sum() - np.trace(result.evaluation.confusion)))}",
                        help=f"of {int(result.evaluation.confusion.sum())} test images")
@@ -119,9 +121,11 @@ with st.expander(f"Fine-tuned runs of this configuration (cached): {len(tuned)}"
         st.dataframe(shown, hide_index=True, width="stretch")
         st.caption("Measured after fine-tuning with the stated budget (cached, not live); the cards above are live, "
                    "without fine-tuning.")
-    if config.checkpoint:
-        st.caption("Fine-tuning from this page starts from the shipped weights; for your own weights, run "
-                   "`python -m jpq_core compress --checkpoint FILE ...` (see the README).")
+    if config.checkpoint or not is_shipped(config.network):
+        st.caption("Fine-tuning from this page starts from the shipped weights"
+                   + ("" if is_shipped(config.network) else ", and none ship for torchvision's architectures") +
+                   f"; for your own weights, run `python -m jpq_core compress --network {config.network} "
+                   "--checkpoint FILE ...` (see the README).")
     else:
         finetune_panel(config, results)
         with st.popover("Or run it yourself"):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import streamlit as st
 
-from app_support.ui import cached_network, cached_task, current_config, show_error
+from app_support.ui import cached_task, current_config, network_weights, show_error, untrained_notice
 from jpq_core import analysis
 from jpq_core.errors import JPQError
 from jpq_core.models import network_label
@@ -29,6 +30,8 @@ SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999
 METRIC_LABELS = {"bad3": "bad-3 increase (share of pixels)", "top1": "top-1 accuracy drop"}
 
 live = current_config()  # the configuration chosen on Explore (or in the URL) sets the defaults here
+if live.network not in NETWORKS:  # a torchvision architecture chosen on Explore is offered here too
+    NETWORKS[live.network] = network_label(live.network)
 controls = st.columns([1.2, 2.5, 2, 1.3])
 network = controls[0].selectbox("Network", list(NETWORKS), format_func=NETWORKS.get, key="network",
                                 index=list(NETWORKS).index(live.network) if live.network in NETWORKS else 0)
@@ -45,26 +48,30 @@ protect = controls[3].checkbox("First and last layer dense", value=live.protect_
 if not criteria:
     st.info("Pick at least one criterion.")
     st.stop()
+# The weights of the sidebar's configuration (an upload) when this is its network, else the shipped ones.
+checkpoint = live.checkpoint if network == live.network else ""
+shown = replace(live, network=network, checkpoint=checkpoint)
+untrained_notice(shown, "Here the scores rank this architecture's weights at initialisation; layer sensitivity does not apply. ")
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _scores(network: str, criteria: tuple, _stats):
-    """Scores per criterion; `_stats` is determined by the network (the shipped weights)."""
-    return analysis.criterion_scores(cached_network(network), criteria, _stats)
+def _scores(network: str, checkpoint: str, criteria: tuple, _stats):
+    """Scores per criterion; `_stats` is determined by the network and its weights."""
+    return analysis.criterion_scores(network_weights(network, checkpoint), criteria, _stats)
 
 
 @st.cache_data(show_spinner="Ranking the weights...", max_entries=16)
-def _rank_agreement(network: str, criteria: tuple, _scores):
+def _rank_agreement(network: str, checkpoint: str, criteria: tuple, _scores):
     return analysis.rank_agreement(_scores)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _distributions(network: str, criteria: tuple, _scores):
+def _distributions(network: str, checkpoint: str, criteria: tuple, _scores):
     return {name: analysis.score_distribution(_scores[name]) for name in criteria}
 
 
 try:
-    model, task = cached_network(network), cached_task(network)
+    model, task = network_weights(network, checkpoint), cached_task(network)
     stats = None
     if any(get_criterion(c).needs_gradients for c in criteria):
         bar = st.empty()
@@ -78,7 +85,7 @@ try:
         seconds = time.perf_counter() - start
         st.caption(f"Gradient statistics: {stats.batches} calibration batches, "
                    + (f"computed in {seconds:.1f} s (now cached on disk)." if ran else f"read from the cache in {seconds:.2f} s."))
-    scores = _scores(network, tuple(criteria), stats)
+    scores = _scores(network, checkpoint, tuple(criteria), stats)
     masks = {name: analysis.kept_masks(model, scores[name], sparsity, allocation, protect) for name in criteria}
 except JPQError as exc:
     show_error(exc)
@@ -88,7 +95,7 @@ tab_dist, tab_compare, tab_mask, tab_sens = st.tabs(
     ["Score distributions", "Criteria side by side", "Mask of a layer", "Layer sensitivity"])
 
 with tab_dist:
-    dists = _distributions(network, tuple(criteria), scores)
+    dists = _distributions(network, checkpoint, tuple(criteria), scores)
     st.plotly_chart(score_distribution_figure(dists), width="stretch", key="dist_figure")
     zero = {name: f"{(df['zero_share'] * df['weights']).sum() / df['weights'].sum():.2%}" for name, df in dists.items()}
     st.caption("Scores differ by orders of magnitude between layers: with a global threshold, the layers whose "
@@ -99,7 +106,7 @@ with tab_compare:
     if len(criteria) < 2:
         st.info("Pick two or more criteria to compare them.")
     else:
-        table = analysis.mask_overlap(masks).merge(_rank_agreement(network, tuple(criteria), scores),
+        table = analysis.mask_overlap(masks).merge(_rank_agreement(network, checkpoint, tuple(criteria), scores),
                                                    on=["pair", "layer"], sort=False)
         overall = table[table["layer"] == "all layers"]
         cols = st.columns(max(4, 2 * len(overall)))
@@ -136,6 +143,10 @@ with tab_mask:
                "are channels a weight-level criterion happens to empty; channel-level criteria remove them on purpose.")
 
 with tab_sens:
+    if shown.untrained:
+        st.info("Layer sensitivity is accuracy lost per layer pruned; a network with random weights is at chance "
+                "whatever is pruned, so there is nothing to measure. Upload trained weights on Explore to scan it.")
+        st.stop()
     st.markdown("Each layer pruned **alone** (all others dense), by one criterion's ranking within that layer, "
                 "evaluated without fine-tuning on the task's evaluation data (Han et al. 2015; Distiller's "
                 "sensitivity analysis). A flat curve marks a layer that can be pruned hard.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app_support.ui import cached_results, ensure_scores, live_result, set_config, show_error, sidebar_config
+from jpq_core.models import is_shipped, network_label
 from jpq_core.errors import JPQError
 from jpq_core.live import config_from_row
 from jpq_core.plots import pareto_plot
@@ -28,6 +29,10 @@ AXES = {"memory_ratio": "weight memory (share of dense fp32)", "bops_ratio": "BO
         "energy_ratio": "energy, estimate (share of dense)", "hardware_cost_ratio": "hardware cost, estimate (share of dense)",
         "engine_ms": "measured engine latency (ms)"}
 networks = sorted(results["network"].unique())
+if config.network not in networks:
+    st.info(f"No measured runs of {network_label(config.network)} yet, so no star for the sidebar's configuration. A "
+            "sweep without fine-tuning takes seconds per configuration: `python -m jpq_core sweep --one "
+            f"network={config.network} criterion={config.criterion} \"sparsity=[0.5,0.9,0.95,0.99]\" finetune=none`.")
 cols = st.columns(4)
 network = cols[0].selectbox("Network", networks, index=networks.index(config.network) if config.network in networks else 0, key="to_network")
 x = cols[1].selectbox("Cost axis", [a for a in AXES if results[a].notna().any()], format_func=AXES.get, key="to_x")
@@ -41,6 +46,9 @@ if rows.empty:
     st.info("No measured runs for this choice; pick another network, axis or set of runs.")
     st.stop()
 metric = rows["metric"].iloc[0]
+if not is_shipped(network):
+    st.warning(f"The runs of {network_label(network)} are of its random weights (sweeps load no weights for "
+               "torchvision's architectures): the cost axis is real, the accuracy axis is chance.", icon="⚠️")
 higher = metric == "top1"
 front = pareto_front(rows, x, "headline", x_lower_is_better=True, y_lower_is_better=not higher)
 

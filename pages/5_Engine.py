@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app_support.ui import ensure_scores, live_network, live_result, show_error, sidebar_config
+from app_support.ui import ensure_scores, live_network, live_result, show_error, sidebar_config, untrained_notice
 from jpq_core.errors import JPQError
 from jpq_core.live import engine_comparison, engine_inputs
 
@@ -23,6 +23,7 @@ st.caption("Does the compressed network actually run faster? The sidebar's confi
            "quantization (docs/engine.md, 'Peers').")
 
 config = sidebar_config()
+untrained_notice(config, "Here the engine's time and its agreement with PyTorch hold; the outputs themselves are random. ")
 cols = st.columns(4)
 threads = cols[0].slider("Threads", 1, os.cpu_count() or 1, os.cpu_count() or 1, key="en_threads")
 batch = cols[1].select_slider("Batch (classifiers)", [1, 8, 64], value=1, key="en_batch",

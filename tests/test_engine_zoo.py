@@ -188,6 +188,29 @@ def broken():
 
 def not_a_module():
     return 42
+
+
+class Features(nn.Module):
+    """Returns a dict, or with `spatial` a feature map: not N x classes logits."""
+
+    def __init__(self, spatial=False):
+        super().__init__()
+        self.spatial, self.conv = spatial, nn.Conv2d(3, 10, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) if self.spatial else {"logits": self.conv(x).mean((2, 3))}
+
+
+def a_dict():
+    return Features()
+
+
+def a_feature_map():
+    return Features(spatial=True)
+
+
+def too_large():
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 200_000))  # 614M parameters: 2.3 GiB in float32
 '''
 
 
@@ -204,11 +227,24 @@ def test_user_factory_from_the_cli(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["network"] == f"user:{path}:small" and report["sparsity"] == pytest.approx(0.5, abs=0.05)
     for factory, message in (("broken", "raised RuntimeError: no weights here"), ("not_a_module", "returned a int, not a torch.nn.Module"),
-                             ("missing", "defines no function 'missing'")):
+                             ("missing", "defines no function 'missing'"),
+                             ("a_dict", "its forward returned a dict, not a tensor"),
+                             ("a_feature_map", "returned a tensor of shape (2, 10, 32, 32) for 2 images"),
+                             ("too_large", "has 614,600,000 parameters, over the 512 MiB limit")):
         assert main(["evaluate", "--model", f"{path}:{factory}", "--data", "digits"]) == 2
         assert message in capsys.readouterr().err
     assert main(["evaluate", "--model", f"{tmp_path / 'nothere.py'}:small"]) == 2
     assert "not a Python file" in capsys.readouterr().err
+
+
+def test_weights_of_another_architecture_name_the_tensors_that_do_not_fit(root, capsys):
+    from jpq_core.cli import main
+
+    resnet20 = root / "cached_runs" / "checkpoints" / "resnet20.safetensors"
+    assert main(["evaluate", "--network", "tv:mobilenet_v3_small", "--checkpoint", str(resnet20), "--data", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "does not fit the MobileNetV3 network" in err and "Traceback" not in err
+    assert "missing: classifier.0.bias" in err and "unexpected: fc.bias, fc.weight" in err  # named, sorted, a few of each
 
 
 def test_zoo_names_and_sizes():
@@ -220,3 +256,14 @@ def test_zoo_names_and_sizes():
         build_network("tv:nonet")
     with pytest.raises(JPQError, match="over the 512 MiB limit"):
         load_network("tv:vit_h_14")
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+def test_pytorch_s_sparse_path_computes_grouped_convolutions(groups):
+    """The Engine page's third timing (CSR weight x unfolded input) runs MobileNet's depthwise layers too."""
+    from jpq_core.engine.bench import TorchSparseConv
+
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=groups).eval()
+    x = torch.rand(2, 8, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(TorchSparseConv(conv)(x), conv(x), rtol=1e-5, atol=1e-5)

@@ -102,3 +102,18 @@ def test_auto_recovery_in_the_library_leaves_a_network_close_to_dense_as_it_is(r
     result = live.compress(LiveConfig(network="resnet20", criterion="magnitude", sparsity=0.2, wbits=8, abits=8))
     assert result.recovery is None and "recovery" not in result.timings
     assert result.config.recovery == "auto"
+
+
+def test_a_torchvision_network_travels_in_a_link_and_its_random_weights_are_not_recovered():
+    from dataclasses import replace
+
+    from jpq_core.recovery import best_method
+
+    config, problems = LiveConfig.from_query({"network": "tv:resnet18", "recovery": "auto"})
+    assert problems == [] and config.network == "tv:resnet18" and config.untrained
+    assert config.recovery_method == "none"  # nothing worth refitting towards
+    uploaded = replace(config, checkpoint="a" * 40)
+    assert not uploaded.untrained and uploaded.recovery_method == best_method("classification")
+    assert not LiveConfig(network="resnet20").untrained
+    _, problems = LiveConfig.from_query({"network": "tv:vit_h_14"})  # in torchvision, not offered live
+    assert "unknown network 'tv:vit_h_14'; the app offers stereo" in problems[0]

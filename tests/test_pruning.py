@@ -88,3 +88,22 @@ def test_agp_schedule_is_cubic_and_monotone():
     assert values[0] == 0.0 and values[-1] == pytest.approx(0.9)
     assert all(a <= b for a, b in zip(values, values[1:]))
     assert agp_sparsity(50, 100, 0.9) == pytest.approx(0.9 * (1 - 0.5**3))
+
+
+def test_the_linear_time_selection_removes_what_a_stable_sort_would():
+    """Masks are chosen by selection (kthvalue), not a full sort: the same weights, ties by position, also with
+    infinite (reserved) and NaN scores."""
+    from jpq_core.pruning import _lowest
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        x = torch.randint(-3, 4, (n,), generator=g).double()
+        x[torch.rand(n, generator=g) < 0.2] = float("inf")
+        if trial % 3 == 0:
+            x[torch.rand(n, generator=g) < 0.1] = float("nan")
+        for highest in (False, True):
+            for count in range(n + 1):
+                expected = torch.zeros(n, dtype=torch.bool)
+                expected[torch.argsort(x, descending=highest, stable=True)[:count]] = True
+                assert torch.equal(_lowest(x, count, highest), expected)

@@ -236,3 +236,21 @@ def test_two_sweeps_cannot_write_one_table_at_once(tmp_path):
         with pytest.raises(JPQError, match="another sweep is writing this table"):
             sweeps.run_sweep([], table, workers=1, progress=False)
     assert sweeps.run_sweep([], table, workers=1, progress=False).total == 0
+
+
+def test_a_torchvision_network_sweeps_and_reports_like_the_shipped_ones(tmp_path):
+    """Any registered network is a grid's `network`: a randomly initialised torchvision model (no fine-tuning)
+    gets its rows, and the report draws it under a file name without the ':' of its name."""
+    from jpq_core import report
+
+    table = tmp_path / "results.jsonl"
+    configs = sweeps.expand_grid({"grid": [{"network": "tv:mobilenet_v3_small", "criterion": "magnitude",
+                                            "sparsity": [0.5, 0.9], "wbits": 8, "abits": 8, "finetune": "none"}]})
+    summary = sweeps.run_sweep(configs, table, workers=1, progress=False)
+    assert (summary.ran, summary.failed) == (2, [])
+    df, problems = report.load_results(table)
+    assert problems == [] and list(df.network) == ["tv:mobilenet_v3_small"] * 2 and set(df.metric) == {"top1"}
+    assert df.memory_ratio.iloc[1] < df.memory_ratio.iloc[0] < 1
+    assert report.write_report(table, tmp_path / "results.md") == []
+    figure = tmp_path / "figures" / "tradeoff-tv-mobilenet_v3_small.png"
+    assert figure.exists() and "(figures/tradeoff-tv-mobilenet_v3_small.png)" in (tmp_path / "results.md").read_text()

@@ -63,13 +63,26 @@ def plain_copy(compressed, dense: nn.Module | str):
     return plain
 
 
+def unfolded_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The conv's weight as the C_out x (C_in k k) matrix that multiplies F.unfold(input): block diagonal for a
+    grouped (depthwise) convolution, whose output channels see only their group's input channels."""
+    w = conv.weight.detach()
+    if conv.groups == 1:
+        return w.flatten(1)
+    per_out, cols = w.shape[0] // conv.groups, w[0].numel()
+    full = w.new_zeros(w.shape[0], cols * conv.groups)
+    for g in range(conv.groups):
+        full[g * per_out:(g + 1) * per_out, g * cols:(g + 1) * cols] = w[g * per_out:(g + 1) * per_out].flatten(1)
+    return full
+
+
 class TorchSparseConv(nn.Module):
-    """conv2d as torch.sparse CSR weight (C_out x C_in*k*k) times F.unfold(input)."""
+    """conv2d as torch.sparse CSR weight (C_out x C_in*k*k, block diagonal when grouped) times F.unfold(input)."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.conv = conv
-        self.weight = conv.weight.detach().flatten(1).to_sparse_csr()
+        self.weight = unfolded_weight(conv).to_sparse_csr()
         self.bias = conv.bias.detach() if conv.bias is not None else None
 
     def forward(self, x):
@@ -159,10 +172,11 @@ def crossover(results: list[dict], wbits: int) -> float | None:
 def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch: int = 1, threads: int = 1,
               repeats: int = 5, torch_sparse: bool = True, height: int | None = None, width: int | None = None,
               checkpoint=None, first_call: bool = True, progress=None, peers: bool = False,
-              deepsparse_python: str | None = None) -> dict:
+              deepsparse_python: str | None = None, allocation: str = "global") -> dict:
     """Latency table of dense PyTorch, PyTorch sparse, the engine and, with `peers`, ONNX Runtime (and
     DeepSparse run by the interpreter `deepsparse_python`); see the module docstring. Peers that cannot run
-    are left out of the rows (None) and the result's "peer_notes" says why."""
+    are left out of the rows (None) and the result's "peer_notes" says why. `allocation`: as in
+    `magnitude_compressed` ("uniform" for a randomly initialised network)."""
     from jpq_core.engine.peers import PEERS, peer_runs, versions
     from jpq_core.models import load_network
     from jpq_core.tasks import make_task
@@ -177,7 +191,8 @@ def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch
     results, peer_notes = [], {}
     for bits in wbits:
         for sparsity in sparsities:
-            net = magnitude_compressed(model, task, sparsity, bits, calibration_batches=CALIBRATION_BATCHES)
+            net = magnitude_compressed(model, task, sparsity, bits, calibration_batches=CALIBRATION_BATCHES,
+                                       allocation=allocation)
             plain = plain_copy(net, model)
             program = compile_network(net, tuple(x[:1] for x in inputs))
             sparse = torch_sparse_copy(plain) if torch_sparse else None
@@ -204,6 +219,7 @@ def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch
             if progress:
                 progress(row)
     return {"network": network, "threads": threads, "batch": batch, "input": [list(x.shape) for x in inputs],
+            "allocation": allocation,
             "repeats": repeats, "results": results, "crossover": {str(b): crossover(results, b) for b in wbits},
             **({"peer_notes": peer_notes, "peer_versions": versions()} if peers else {}),
             # a user factory is loaded in this process only: a new one cannot build it

@@ -29,6 +29,7 @@ TORCHVISION = "tv:"  # prefix of torchvision classification models
 USER = "user:"  # prefix of factories registered from the command line
 DEFAULT_CLASSES = 10
 INIT_SEED = 0  # networks without trained weights are initialised from this seed, so runs are repeatable
+CLASSIFIER_INPUT = (3, 32, 32)  # what every classification data set of jpq_core.data.classification gives
 
 # name -> (constructor, task)
 NETWORKS = {
@@ -42,8 +43,10 @@ NETWORK_LABELS = {"stereo": "Stereo network (Middlebury pair)", "resnet20": "Res
 
 
 def network_label(name: str) -> str:
-    """The network's name as the app shows it."""
-    return NETWORK_LABELS.get(_check_name(name), name)
+    """The network's name as the app shows it (a torchvision model: its torchvision name, on digits)."""
+    if _check_name(name).startswith(TORCHVISION):
+        return f"torchvision {name[len(TORCHVISION):]} (digits)"
+    return NETWORK_LABELS.get(name, name)
 
 
 _FACTORIES: dict[str, object] = {}  # user: names -> factory callables (this process only)
@@ -129,6 +132,29 @@ def _from_factory(name: str, num_classes: int | None) -> nn.Module:
     return model
 
 
+def check_classifier_output(name: str, model: nn.Module, num_classes: int | None = None) -> nn.Module:
+    """`model` after one forward pass on two blank images at the data's size, which must give an N x classes
+    tensor: a network brought by a user that returns a dict, a tuple or a feature map would otherwise fail
+    deep inside the loss, the metrics or the engine, with a stack trace instead of a reason."""
+    shown = name[len(USER):] if name.startswith(USER) else name
+    example = torch.zeros(2, *CLASSIFIER_INPUT)
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except Exception as exc:  # the user's forward: any error it raises is theirs to fix
+        raise JPQError(f"{shown}: running it on a {' x '.join(map(str, example.shape))} batch of images failed "
+                       f"({type(exc).__name__}: {exc}); a classifier here takes N x 3 x 32 x 32 images.") from None
+    if not isinstance(out, torch.Tensor):
+        raise JPQError(f"{shown}: its forward returned a {type(out).__name__}, not a tensor; a classifier here must "
+                       "return the N x classes tensor of logits.")
+    if out.dim() != 2 or out.shape[0] != len(example):
+        raise JPQError(f"{shown}: its forward returned a tensor of shape {tuple(out.shape)} for {len(example)} images; a "
+                       "classifier here must return N x classes logits (pool and flatten before the last layer).")
+    if num_classes is not None and out.shape[1] < num_classes:
+        raise JPQError(f"{shown}: it has {out.shape[1]} outputs but the data has {num_classes} classes.")
+    return model
+
+
 def build_network(name: str, num_classes: int | None = None, **config) -> nn.Module:
     """A freshly initialised network; `num_classes` sets the classifier's outputs of torchvision models and
     user factories that take it (the shipped networks take theirs from `config`)."""
@@ -169,7 +195,8 @@ def load_network(name: str, checkpoint: Path | None = None, num_classes: int | N
                            "networks; choose a smaller model.")
         if next(iter(model.parameters()), torch.zeros(0)).is_meta:
             model = build_network(name, num_classes)
-        return (load_weights(model, Path(checkpoint)) if checkpoint is not None else model).eval()
+        model = (load_weights(model, Path(checkpoint)) if checkpoint is not None else model).eval()
+        return check_classifier_output(name, model, num_classes)
     path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint(name)
     if checkpoint is None and not path.exists():
         raise JPQError(f"no shipped checkpoint for {name!r} at {path}; train one with `python -m jpq_core train {name}`.")
