@@ -312,8 +312,12 @@ def check_export_target(args) -> None:
         raise JPQError(f"--onnx {target[:60]!r} is not a file name; give a path such as net.onnx.")
     path = Path(target)
     folder = path.parent
+    if len(path.name.encode()) > 255:
+        raise JPQError(f"--onnx {target[:60]}...: the file name is longer than 255 bytes; give a shorter one.")
     if path.is_dir():
         raise JPQError(f"--onnx {target[:200]}: is a folder; give the path of the .onnx file to write in it.")
+    if folder.exists() and not folder.is_dir():
+        raise JPQError(f"--onnx {target[:200]}: {str(folder)[:200]} is a file, not a folder; give a path in a folder.")
     if not folder.is_dir():
         raise JPQError(f"--onnx {target[:200]}: the folder {str(folder)[:200]} does not exist; create it first.")
     if not os.access(folder, os.W_OK | os.X_OK):
