@@ -559,13 +559,46 @@ def _wrong_fields(job: Job, stem: str) -> str:
     wrong = [name for name, ok in checks.items() if not ok]
     if wrong:
         return f"wrong type or value of {', '.join(wrong)}"
+    wrong = _wrong_config_types(job.config)
+    if wrong:
+        return f"wrong type of config.{', config.'.join(wrong)}"
     try:  # the configuration its process will run
         config = CompressionConfig(**job.config).check()
-    except (JPQError, TypeError, ValueError, AttributeError) as exc:
+    except (JPQError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         return f"its configuration does not hold: {str(exc)[:120]}"
     if config.finetune == "none" or not _count(config.steps) or config.steps < 1:
         return "its configuration has no fine-tuning budget"
     return ""
+
+
+_MAYBE_NONE = ("wbits", "abits", "lr", "recovery_samples")  # fields whose default is not their only type
+
+
+def _wrong_config_types(config: dict) -> list[str]:
+    """The configuration's fields whose type is not their default's (a number where a number goes, a bits
+    dict of names to whole numbers or None). `CompressionConfig.check` checks values, not the type of every
+    field: a 500-deep list as `seed` passed it and then broke `asdict` in the poll (found by scripts/fuzz.py)."""
+    from dataclasses import fields as config_fields
+
+    default = CompressionConfig()
+    wrong = []
+    for f in config_fields(CompressionConfig):
+        value, usual = config.get(f.name, getattr(default, f.name)), getattr(default, f.name)
+        if f.name in _MAYBE_NONE:
+            ok = value is None or _number(value)
+        elif isinstance(usual, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(usual, int):
+            ok = _count(value) or (isinstance(value, int) and not isinstance(value, bool))
+        elif isinstance(usual, float):
+            ok = _number(value)
+        elif isinstance(usual, str):
+            ok = isinstance(value, str)
+        else:  # layer_wbits, layer_abits
+            ok = isinstance(value, dict) and all(isinstance(k, str) and (v is None or _count(v)) for k, v in value.items())
+        if not ok:
+            wrong.append(f.name)
+    return wrong
 
 
 def _named_owner(path: Path) -> str | None:
