@@ -465,7 +465,10 @@ class JobFiles(Family):
             obj = json.loads(job)
             for _ in range(rng.randint(1, 2)):
                 obj = mutate_json(obj, rng)
-            return (dumps(obj), progress), "job json-edit"
+            try:
+                return (dumps(obj), progress), "job json-edit"
+            except RecursionError:  # two nests stacked: deeper than json writes; as bytes, deeper still
+                return (b'{"id": "target", "config": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", progress), "job deep-nest"
         data, how = Family.mutate(self, job, rng)
         return (data, progress), "job " + how
 
