@@ -558,7 +558,7 @@ class RunStates(Family):
     def check(path):
         import torch
 
-        assert isinstance(torch.load(path, weights_only=True), dict)
+        assert isinstance(torch.load(path, weights_only=True, map_location="cpu"), dict)  # as RunState reads it
 
 
 class RecoveryAndExport(Family):
