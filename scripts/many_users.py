@@ -159,11 +159,18 @@ def main(argv=None) -> int:
             for index, record in sorted(sessions.items()):
                 if "cards" not in record:
                     continue
-                fresh.get(record["link"])
-                wait_metric(fresh, "Weight memory", timeout=args.timeout)
-                WebDriverWait(fresh, args.timeout, poll_frequency=0.5).until(is_idle)
-                time.sleep(1.0)
-                WebDriverWait(fresh, args.timeout, poll_frequency=0.5).until(is_idle)
+                try:
+                    fresh.get(record["link"])
+                    wait_metric(fresh, "Weight memory", timeout=args.timeout)
+                    WebDriverWait(fresh, args.timeout, poll_frequency=0.5).until(is_idle)
+                    time.sleep(1.0)
+                    WebDriverWait(fresh, args.timeout, poll_frequency=0.5).until(is_idle)
+                except Exception as exc:  # noqa: BLE001 - note it, keep what the page showed, check the others
+                    fresh.save_screenshot(str(work / f"fresh-{index}.png"))
+                    failures.append(f"session {index}: a fresh browser on its link did not settle ({type(exc).__name__}); "
+                                    f"it showed {metrics(fresh)}, exceptions {exceptions_shown(fresh)}, screenshot "
+                                    f"{work / f'fresh-{index}.png'}")
+                    continue
                 reference = metrics(fresh)
                 record["same_cards_as_a_fresh_browser"] = reference == record["cards"]
                 if reference != record["cards"]:
