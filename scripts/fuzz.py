@@ -16,6 +16,13 @@ duplication of byte ranges, the same kinds restricted to the header (first 128 b
 text, the safetensors JSON header, the zip central directory), and for JSON (sidecars, program headers)
 structured edits: a value replaced by another type, a huge number, NaN, a deep nest; a key removed.
 
+Four more families report instead of raising, or take parameters rather than files; name them with --families:
+- links: the Explore page (AppTest) opened with random query parameters: no exception, every ignored value named;
+- job-files: the fine-tuning queue's job and progress files damaged: poll/jobs_of/progress raise nothing, the
+  damaged job is listed as failed, the intact one beside it is untouched;
+- run-states: a page job's state.pt damaged: `jobs.unreadable_state` says why (the job starts afresh) or it loads;
+- recovery-and-export: recovery methods and sample counts, and `python -m jpq_core export` arguments.
+
 Each input runs under a time limit (default 20 s; over it counts as a failure). Failing inputs go to
 `--out` (default fuzz-failures/) with the exception, to replay with `--replay FILE`.
 """
