@@ -49,20 +49,28 @@ def finetune_panel(config: LiveConfig, results) -> None:
                "line): pruning, quantization and distillation from the dense network, then the row joins the "
                "results table, here and on Trade-offs. Your jobs are kept with the link in the address bar.")
     owner = job_owner()
-    if owner is None:
-        queue.poll()  # any visit moves the queue on (e.g. jobs to continue after a server restart)
+    try:
+        if owner is None:
+            queue.poll()  # any visit moves the queue on (e.g. jobs to continue after a server restart)
+            return
+        mine = queue.jobs_of(owner)[0]
+    except JPQError as exc:  # the job folder cannot be used: the rest of the page still works
+        st.error(str(exc))
         return
-    mine = queue.jobs_of(owner)[0]
     _jobs_view(queue, owner, target, refresh=any(j.active for j in mine))
 
 
 def _jobs_view(queue: JobQueue, owner: str, target, refresh: bool) -> None:
     @st.fragment(run_every=REFRESH_S if refresh else None)
     def view():
-        jobs, problems = queue.jobs_of(owner)  # polling here is what moves the queue on
+        try:
+            jobs, problems = queue.jobs_of(owner)  # polling here is what moves the queue on
+        except JPQError as exc:
+            st.error(str(exc))
+            return
         for problem in problems:
             st.warning(problem)
-        here = of_configuration(jobs, target)
+        here = of_configuration([j for j in jobs if not j.damaged], target) + [j for j in jobs if j.damaged]
         for job in here:
             _job(queue, owner, job)
         elsewhere = [j for j in jobs if j.active and j not in here]
@@ -78,7 +86,7 @@ def _jobs_view(queue: JobQueue, owner: str, target, refresh: bool) -> None:
 
 
 def _job(queue: JobQueue, owner: str, job: Job) -> None:
-    label = f"{job.config['finetune']}, {job.budget:,} steps"
+    label = "A job whose file is damaged" if job.damaged else f"{job.config['finetune']}, {job.budget:,} steps"
     if job.status == "queued":
         st.info(f"{label}: queued, number {job.position} in line (at most {queue.slots} jobs "
                 "run at once).", icon="⏳")

@@ -299,6 +299,39 @@ def _print_bench_row(row: dict) -> None:
           f"({row['speedup']:.1f}x){peers}", file=sys.stderr)
 
 
+MAX_EXPORT_PIXELS = 40_000_000  # batch x height x width of an exported graph's input, as for uploaded images
+
+
+def check_export_target(args) -> None:
+    """Refuse a bad output path or input size before minutes of compression (an unwritable folder, a batch
+    of 0 or a 10^6-pixel side would otherwise fail, or exhaust memory, after the work)."""
+    import os
+
+    target = args.onnx
+    if not target or "\x00" in target:
+        raise JPQError(f"--onnx {target[:60]!r} is not a file name; give a path such as net.onnx.")
+    path = Path(target)
+    folder = path.parent
+    if len(path.name.encode()) > 255:
+        raise JPQError(f"--onnx {target[:60]}...: the file name is longer than 255 bytes; give a shorter one.")
+    if path.is_dir():
+        raise JPQError(f"--onnx {target[:200]}: is a folder; give the path of the .onnx file to write in it.")
+    if folder.exists() and not folder.is_dir():
+        raise JPQError(f"--onnx {target[:200]}: {str(folder)[:200]} is a file, not a folder; give a path in a folder.")
+    if not folder.is_dir():
+        raise JPQError(f"--onnx {target[:200]}: the folder {str(folder)[:200]} does not exist; create it first.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise JPQError(f"--onnx {target[:200]}: the folder {str(folder)[:200]} is not writable; choose another one.")
+    for option in ("batch", "height", "width"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise JPQError(f"--{option} must be 1 or more, got {value}.")
+    height, width = args.height or 500, args.width or 741  # the stereo defaults; classifiers use 32 x 32
+    if args.batch * height * width > MAX_EXPORT_PIXELS:
+        raise JPQError(f"--batch {args.batch} x {height} x {width} is more than {MAX_EXPORT_PIXELS:,} input pixels; "
+                       "export a smaller input (the graph's size does not depend on it).")
+
+
 def cmd_export(args) -> int:
     from jpq_core.compression import compress_without_training
     from jpq_core.engine.bench import bench_inputs
@@ -307,6 +340,7 @@ def cmd_export(args) -> int:
     from jpq_core.pipeline import load_compressed
     from jpq_core.tasks import make_task
 
+    check_export_target(args)
     require_onnx()  # before minutes of compression
     _set_threads(args.threads)
     _use_model_flag(args)
@@ -318,8 +352,6 @@ def cmd_export(args) -> int:
         task = make_task(args.network, args.data if args.data else ("middlebury" if task_of(args.network) == "stereo" else "digits"))
         model = load_network(args.network, args.checkpoint, getattr(task, "num_classes", None))
         net = compress_without_training(model, task, config)
-    if args.batch < 1:
-        raise JPQError("--batch must be 1 or more.")
     inputs = bench_inputs(args.network, args.batch, args.height, args.width)
     report = export_onnx(net, inputs, args.onnx, args.form, args.threads or 1)
     report = {"network": args.network, "input": [list(x.shape) for x in inputs], **report}

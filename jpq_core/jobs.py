@@ -24,6 +24,12 @@ most MAX_RESUMES times before reporting it failed. The row is written only by th
 has finished, holding the table's lock, and only when the table does not hold that configuration already:
 a kill at any moment leaves no partial row and no duplicate.
 
+A job file that cannot be read (cut short, edited by hand, wrong types, missing keys) is listed as a failed
+job of the owner it names (when it names a valid one) with the reason, and named in `poll`'s problems; the
+queue goes on with every other job, and its owner can dismiss it. A damaged run state is set aside: the job
+starts its fine-tuning afresh and says so. `poll`, `jobs_of` and `progress` raise nothing but JPQError
+(issue 22: tests/test_reliability_jobs.py and scripts/fuzz.py's job-files family fuzz them).
+
 Jobs belong to an owner token (the page keeps one per browser session, in its link): a session lists and
 cancels only its own jobs; a finished job is shared with everyone through its row in the results table.
 """
@@ -33,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
@@ -42,6 +49,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -137,10 +145,11 @@ class Job:
     error: str | None = None  # failed: why
     note: str | None = None  # what the owner should know (e.g. "continued after its process stopped")
     position: int | None = field(default=None, compare=False)  # queued: place in line (1 = next); `jobs_of`, not stored
+    damaged: bool = field(default=False, compare=False)  # its file could not be read: a failed stand-in (`_read_all`)
 
     @property
     def budget(self) -> int:
-        return self.config["steps"]
+        return self.config.get("steps", 0)
 
     @property
     def active(self) -> bool:
@@ -211,17 +220,29 @@ class JobQueue:
             _children = [p for p in _children if p.poll() is None]  # reap the processes that ended
             jobs, problems = self._read_all()
             for i, job in enumerate(jobs):
-                if job.status == "running" and not self._process_alive(job.id):
-                    jobs[i] = self._after_death(job)
-                elif not job.active and time.time() - (job.finished or job.created) > KEEP_FINISHED_S:
-                    self._delete_files(job.id)
+                with self._job_problems(job, problems):  # one job's files in a bad way: the others go on
+                    if job.status == "running" and not self._process_alive(job.id):
+                        jobs[i] = self._after_death(job)
+                    elif not job.active and time.time() - (job.finished or job.created) > KEEP_FINISHED_S:
+                        self._delete_files(job.id)
             jobs = [j for j in jobs if self._file(j.id, "job.json").exists()]
             running = sum(j.status == "running" for j in jobs)
             for i, job in enumerate(jobs):
                 if job.status == "queued" and running < self.slots:
-                    jobs[i] = self._start(job)
-                    running += 1
+                    with self._job_problems(job, problems):
+                        jobs[i] = self._start(job)
+                        running += 1
         return jobs, problems
+
+    @contextlib.contextmanager
+    def _job_problems(self, job: Job, problems: list[str]):
+        """Inside: an operating-system error on one job's files (a lock file that is a folder, a full disk) is
+        added to `problems`, naming the job, and the poll goes on with the other jobs."""
+        try:
+            yield
+        except OSError as exc:
+            problems.append(f"job {job.id}: its files in {self.folder} cannot be used ({exc.strerror or exc}); it is "
+                            "left as it is. Fix the folder's permissions or delete the job's files.")
 
     def jobs_of(self, owner: str) -> tuple[list[Job], list[str]]:
         """`poll`, then `owner`'s jobs only, oldest first, each queued one with its place in line (counting
@@ -234,9 +255,10 @@ class JobQueue:
         """The job's last progress report; None before the first, or when it cannot be read."""
         try:
             data = json.loads(self._file(job.id, "progress.json").read_text())
-            return Progress(**{f.name: data[f.name] for f in fields(Progress)})
-        except (OSError, ValueError, KeyError, TypeError):
+            progress = Progress(**{f.name: data[f.name] for f in fields(Progress)})
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None
+        return progress if _valid_progress(progress) else None
 
     def cancel(self, owner: str, job_id: str) -> None:
         """Stop `owner`'s job: kill its process (a queued job has none) and delete every file it made, so that
@@ -249,6 +271,11 @@ class JobQueue:
                 job = self._read(path)
             except FileNotFoundError:
                 raise JPQError("that job is no longer in the queue.") from None
+            except JPQError:  # damaged: the owner it names (if any) may dismiss it
+                if _named_owner(path) != owner:
+                    raise
+                self._delete_files(job_id)
+                return
             if job.owner != owner:
                 raise JPQError("that job belongs to another session.")
             if job.status == "running":
@@ -263,8 +290,12 @@ class JobQueue:
     @contextlib.contextmanager
     def _locked(self):
         """Hold the queue's lock: one reader-and-writer of job files at a time, across processes."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / ".queue.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / ".queue.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise JPQError(f"{self.folder}: the fine-tuning job folder cannot be used ({exc.strerror or exc}); fix its "
+                           "permissions, or move away whatever is in its place, so that jobs can run.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -274,7 +305,7 @@ class JobQueue:
     def _write(self, job: Job) -> None:
         from jpq_core.checkpoints import atomic_write
 
-        text = json.dumps({k: v for k, v in asdict(job).items() if k != "position"}, sort_keys=True)
+        text = json.dumps({k: v for k, v in asdict(job).items() if k not in ("position", "damaged")}, sort_keys=True)
         atomic_write(self._file(job.id, "job.json"), lambda tmp: Path(tmp).write_text(text))
 
     @staticmethod
@@ -282,16 +313,19 @@ class JobQueue:
         """The job in `path`; a JPQError naming the file when it is not a job file (FileNotFoundError when gone)."""
         try:
             data = json.loads(path.read_text())
-            job = Job(**data)
-            if not (isinstance(job.config, dict) and isinstance(job.config.get("steps"), int) and job.status in
-                    (*ACTIVE, "done", "failed") and isinstance(job.created, (int, float)) and isinstance(job.owner, str)):
-                raise ValueError("its fields have the wrong types")
+            if not isinstance(data, dict):
+                raise ValueError(f"it holds {type(data).__name__}, not a job")
+            job = Job(**{k: v for k, v in data.items() if k not in ("position", "damaged")})
+            wrong = _wrong_fields(job, path.name[:-len(".job.json")])
+            if wrong:
+                raise ValueError(wrong)
             return job
         except FileNotFoundError:
             raise
         except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
-            raise JPQError(f"{path}: a damaged job file ({type(exc).__name__}: {str(exc)[:120]}); it is left out of "
-                           "the queue. Delete it (its fine-tuning, if any, is lost).") from None
+            raise JPQError(f"{path.name}: a damaged job file ({type(exc).__name__}: {str(exc)[:120]}); it is listed as "
+                           "failed to the owner it names, who can dismiss it (its fine-tuning, if any, is lost) and start "
+                           "the job again; it is cleared after a day.") from None
 
     def _read_all(self) -> tuple[list[Job], list[str]]:
         jobs, problems = [], []
@@ -302,6 +336,7 @@ class JobQueue:
                 continue
             except JPQError as exc:
                 problems.append(str(exc))
+                jobs.append(_stand_in(path, str(exc)))
         return sorted(jobs, key=lambda j: (j.created, j.id)), problems
 
     def _delete_files(self, job_id: str) -> None:
@@ -396,6 +431,9 @@ class JobQueue:
                 job = self._read(self._file(job_id, "job.json"))
             except FileNotFoundError:
                 return 0  # cancelled before it started
+            except JPQError as exc:  # damaged: the queue lists it as failed, saying why
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             if job.status != "running":
                 return 0
             self._write(replace(job, pid=os.getpid()))
@@ -427,8 +465,19 @@ class JobQueue:
             report.stage(f"running on the Ray cluster at {job.ray_address}")
             _, row = ray.get(sweeps.submit_to_ray(job.ray_address, job.config, keep_checkpoint=True))
             return row
-        return sweeps.run_config(job.config, keep_checkpoint=True, state=str(self._file(job.id, "state.pt")),
-                                 training=report.step)
+        state = self._file(job.id, "state.pt")
+        damage = unreadable_state(state)
+        if damage:  # the run cannot continue from it: start afresh rather than fail the job
+            state.unlink(missing_ok=True)
+            report.done = 0
+            self._annotate(job.id, f"its saved run state could not be read ({damage}), so its fine-tuning started afresh")
+        return sweeps.run_config(job.config, keep_checkpoint=True, state=str(state), training=report.step)
+
+    def _annotate(self, job_id: str, note: str) -> None:
+        """Set the job's note (what its owner should know), unless it was cancelled or damaged meanwhile."""
+        with self._locked():
+            with contextlib.suppress(FileNotFoundError, JPQError):
+                self._write(replace(self._read(self._file(job_id, "job.json")), note=note))
 
     def _add_row(self, job_id: str, key: str, row: dict | None, revision: str, report: "_ProgressWriter") -> None:
         """Holding the table's lock (waiting for a sweep that holds it) and the queue's: unless the job was
@@ -473,6 +522,131 @@ class JobQueue:
             self._write(replace(job, status="failed", finished=time.time(), error=reason))
             for suffix in ("state.pt", "progress.json"):
                 self._file(job_id, suffix).unlink(missing_ok=True)
+
+
+_STATUSES = (*ACTIVE, "done", "failed")
+
+
+def _number(value, optional: bool = False) -> bool:
+    """A finite int or float (not a bool); None too when `optional`."""
+    if value is None:
+        return optional
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value, optional: bool = False) -> bool:
+    if value is None:
+        return optional
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _text(value, optional: bool = True) -> bool:
+    return isinstance(value, str) or (optional and value is None)
+
+
+def _wrong_fields(job: Job, stem: str) -> str:
+    """What is wrong with a job read from file `stem`.job.json, in words ('' when nothing). Every field is
+    checked, because poll, the page and the job's own process use them all: a `resumes` of "3" or a `finished`
+    of [] would otherwise raise TypeError there, and an `id` that is not the file's own (e.g. "../x") would
+    point `cancel` at other files."""
+    if job.id != stem or not _JOB_ID.fullmatch(str(job.id)):
+        return f"its id {str(job.id)[:40]!r} is not its file's name"
+    checks = {"owner": _text(job.owner, optional=False), "status": job.status in _STATUSES,
+              "created": _number(job.created), "started": _number(job.started, True),
+              "finished": _number(job.finished, True), "pid": _count(job.pid, True) and job.pid != 0,
+              "resumes": _count(job.resumes), "ray_address": _text(job.ray_address), "row_id": _text(job.row_id),
+              "error": _text(job.error), "note": _text(job.note), "config": isinstance(job.config, dict)}
+    wrong = [name for name, ok in checks.items() if not ok]
+    if wrong:
+        return f"wrong type or value of {', '.join(wrong)}"
+    wrong = _wrong_config_types(job.config)
+    if wrong:
+        return f"wrong type of config.{', config.'.join(wrong)}"
+    try:  # the configuration its process will run
+        config = CompressionConfig(**job.config).check()
+    except (JPQError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        return f"its configuration does not hold: {str(exc)[:120]}"
+    if config.finetune == "none" or not _count(config.steps) or config.steps < 1:
+        return "its configuration has no fine-tuning budget"
+    return ""
+
+
+_MAYBE_NONE = ("wbits", "abits", "lr", "recovery_samples")  # fields whose default is not their only type
+
+
+def _wrong_config_types(config: dict) -> list[str]:
+    """The configuration's fields whose type is not their default's (a number where a number goes, a bits
+    dict of names to whole numbers or None). `CompressionConfig.check` checks values, not the type of every
+    field: a 500-deep list as `seed` passed it and then broke `asdict` in the poll (found by scripts/fuzz.py)."""
+    from dataclasses import fields as config_fields
+
+    default = CompressionConfig()
+    wrong = []
+    for f in config_fields(CompressionConfig):
+        value, usual = config.get(f.name, getattr(default, f.name)), getattr(default, f.name)
+        if f.name in _MAYBE_NONE:
+            ok = value is None or _number(value)
+        elif isinstance(usual, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(usual, int):
+            ok = _count(value) or (isinstance(value, int) and not isinstance(value, bool))
+        elif isinstance(usual, float):
+            ok = _number(value)
+        elif isinstance(usual, str):
+            ok = isinstance(value, str)
+        else:  # layer_wbits, layer_abits
+            ok = isinstance(value, dict) and all(isinstance(k, str) and (v is None or _count(v)) for k, v in value.items())
+        if not ok:
+            wrong.append(f.name)
+    return wrong
+
+
+def _named_owner(path: Path) -> str | None:
+    """The owner token a damaged job file still names, if it names a valid one (else None: nobody's)."""
+    with contextlib.suppress(OSError, ValueError, RecursionError):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and is_owner_token(data.get("owner")):
+            return data["owner"]
+    return None
+
+
+def _stand_in(path: Path, reason: str) -> Job:
+    """A failed job standing for a job file that cannot be read, so that its owner sees it failed and why
+    (and can dismiss it); nobody's when the file names no valid owner. Its time is the file's, so it is
+    cleared after KEEP_FINISHED_S like any finished job."""
+    try:
+        when = path.stat().st_mtime
+    except OSError:
+        when = time.time()
+    return Job(id=path.name[:-len(".job.json")], owner=_named_owner(path) or "", config={}, created=when,
+               status="failed", finished=when, error=reason, damaged=True)
+
+
+def _valid_progress(progress: Progress) -> bool:
+    """Whether a progress report read from file has usable values (the page formats each of them)."""
+    return (isinstance(progress.stage, str) and _count(progress.done) and _count(progress.total)
+            and _number(progress.loss, True) and _number(progress.seconds_per_step, True)
+            and (progress.seconds_per_step is None or progress.seconds_per_step >= 0) and _number(progress.time))
+
+
+def unreadable_state(path: Path) -> str:
+    """Why the run state at `path` cannot be continued from ('' when it can, or when there is none): it must
+    load with torch.load(weights_only=True) as a dict with the keys `pipeline.RunState` saves. A job's owner
+    cannot delete the file by hand as a CLI user would, so the job sets a damaged one aside and starts afresh."""
+    import torch
+
+    from jpq_core.untrusted import cause
+
+    if not path.exists():
+        return ""
+    try:
+        with warnings.catch_warnings():  # torch's warnings about odd pickle protocols: the reason below says enough
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any failure to decode means the file cannot be continued from
+        return cause(exc, 120)
+    missing = {"key", "stage", "step", "model", "optimizer", "elapsed"} - set(saved if isinstance(saved, dict) else ())
+    return f"it lacks {', '.join(sorted(missing))}" if missing else ""
 
 
 class _ProgressWriter:

@@ -105,6 +105,13 @@ class CompressionConfig:
         from jpq_core.recovery import check_methods
 
         self.recovery = check_methods(self.recovery)
+        samples = self.recovery_samples
+        from jpq_core.recovery import MAX_SAMPLES
+
+        most = max(MAX_SAMPLES.values())
+        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= most):
+            raise JPQError(f"recovery samples must be a whole number from 1 to {most:,}, got {str(samples)[:40]}; leave it "
+                           "out for the task's default (8 stereo crops, 512 training images).")
         if self.learned_step and not self.symmetric:
             raise JPQError("learned step sizes (LSQ) are for the symmetric weight grid; leave out the asymmetric "
                            "option or the learned step.")

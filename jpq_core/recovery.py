@@ -50,6 +50,9 @@ from jpq_core.quantization import uniform_params
 
 DEFAULT_SAMPLES = {"stereo": 8, "classification": 512}  # stereo: crops of 192 x 384, both views
 MIN_SAMPLES = {"stereo": 2, "classification": 32}
+# At most: stereo crops take about 0.5 s each to render and 1.8 MB each; a huge count (a typo, a fuzzer's 2**40)
+# must be refused before any rendering, not run out of memory hours later (issue 22).
+MAX_SAMPLES = {"stereo": 256, "classification": 10_000}
 COLUMNS_PER_INPUT = 24  # sampled output positions per input dimension of a layer: enough for a damped fit
 MAX_DAMPING = 1.0  # damping is raised ×10 up to this (a ridge as large as the mean input energy)
 
@@ -283,6 +286,9 @@ def calibration_inputs(task, count: int, seed: int = 0) -> tuple[torch.Tensor, .
                        "(synthetic training crops) and classifiers (their training split).")
     if isinstance(count, bool) or not isinstance(count, int) or count < MIN_SAMPLES[name]:
         raise JPQError(f"recovery needs at least {MIN_SAMPLES[name]} calibration samples for {name}, got {count!r}.")
+    if count > MAX_SAMPLES[name]:
+        raise JPQError(f"recovery takes at most {MAX_SAMPLES[name]:,} calibration samples for {name}, got {count:,}; "
+                       f"ask for fewer (the default is {DEFAULT_SAMPLES[name]}).")
     if name == "classification" and count > len(task.train_x):
         raise JPQError(f"recovery asked for {count} calibration images but the training split of {task.data} has "
                        f"{len(task.train_x)}; ask for fewer.")

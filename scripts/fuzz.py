@@ -16,6 +16,13 @@ duplication of byte ranges, the same kinds restricted to the header (first 128 b
 text, the safetensors JSON header, the zip central directory), and for JSON (sidecars, program headers)
 structured edits: a value replaced by another type, a huge number, NaN, a deep nest; a key removed.
 
+Four more families report instead of raising, or take parameters rather than files; name them with --families:
+- links: the Explore page (AppTest) opened with random query parameters: no exception, every ignored value named;
+- job-files: the fine-tuning queue's job and progress files damaged: poll/jobs_of/progress raise nothing, the
+  damaged job is listed as failed, the intact one beside it is untouched;
+- run-states: a page job's state.pt damaged: `jobs.unreadable_state` says why (the job starts afresh) or it loads;
+- recovery-and-export: recovery methods and sample counts, and `python -m jpq_core export` arguments.
+
 Each input runs under a time limit (default 20 s; over it counts as a failure). Failing inputs go to
 `--out` (default fuzz-failures/) with the exception, to replay with `--replay FILE`.
 """
@@ -26,6 +33,7 @@ import argparse
 import io
 import json
 import math
+import os
 import random
 import resource
 import signal
@@ -40,7 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from jpq_core.errors import JPQError  # noqa: E402
 
@@ -141,6 +150,7 @@ def dumps(obj) -> bytes:
 class Family:
     """Valid seeds, a mutation of one, and the loader that reads it (returning something to check)."""
     name = ""
+    time_limit = None  # seconds per input, when this family needs more than --time-limit (a page run)
 
     def seeds(self, work: Path) -> list:
         raise NotImplementedError
@@ -163,6 +173,12 @@ class Family:
     @staticmethod
     def check(result) -> None:
         """Assert that what loaded is sane (shapes, ranges, finite values)."""
+
+    @staticmethod
+    def verdict(result) -> str:
+        """'loaded', or 'refused' for a surface that does not raise on bad input but reports it (a page naming
+        what it ignored, a job file listed as a failed job): the tally counts it with the refusals."""
+        return "loaded"
 
 
 class Images(Family):
@@ -351,7 +367,306 @@ class Programs(Family):
         return load_program(path)
 
 
+# ---- surfaces that report instead of raising: links, job files, run states; parameters of recovery and export ----
+
+ODD_TEXTS = ["", " ", "nan", "inf", "-inf", "1e400", "-0", "0.9999999", "1", "9" * 5000, "float", "FLOAT", "True",
+             "true ", "taylor-abs", "  8 ", "\u0668", "0x10", "1_0", "8.0", "stereo\x00", "\u202eoeretS",
+             "'; DROP TABLE--", "%00", "{}", "[]", "resnet20", "magnitude", "0.9", "4", "bn", "obc+bn", "auto",
+             "uniform", "channel", "0" * 40, "f" * 40]
+TEXT_ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\t\n\u00e9\u0661\u202e\x00\U0001F600"
+
+
+def random_text(rng: random.Random) -> str:
+    """A query-parameter value as a link may carry it: a near miss of a real value, or random characters."""
+    if rng.random() < 0.3:
+        return rng.choice(ODD_TEXTS)
+    return "".join(rng.choice(TEXT_ALPHABET) for _ in range(rng.randint(0, 30)))
+
+
+def random_link(rng: random.Random, settings: list[str], fixed: dict | None = None) -> dict:
+    """Query parameters of a link edited by hand: settings and unknown keys with random values (sometimes
+    repeated, as ?a=1&a=2 arrives as a list), plus the `fixed` ones (e.g. a network that keeps a page cheap)."""
+    keys = settings + ["job_owner", "foo", "", "Network", "sparsity ", "x" * 300, "\x00", "embed"]
+    link = {rng.choice(keys) if rng.random() < 0.8 else random_text(rng):
+            random_text(rng) if rng.random() < 0.9 else [random_text(rng), random_text(rng)]
+            for _ in range(rng.randint(1, 8))}
+    return {**link, **(fixed or {})}
+
+
+class Links(Family):
+    """The Explore page (Streamlit's AppTest, in this process) opened with random query parameters: it opens
+    without an exception and shows, as a warning, every notice `read_link` gives (each names what it ignored).
+    'refused' in the tally: the page named something it ignored."""
+    name = "links"
+    page = "app.py"
+    time_limit = 600  # the first page of a process loads networks and scores (minutes on a loaded machine)
+    # A stereo page per input would take minutes, and so would auto recovery for every new configuration: links
+    # keep these (fuzzed with the others in a `1 - fixed_share` of the inputs; the suite keeps them always).
+    fixed = {"network": "resnet20", "recovery": "none"}
+    fixed_share = 0.8
+
+    def seeds(self, work):
+        from dataclasses import fields as dataclass_fields
+
+        from jpq_core.live import LiveConfig
+
+        self.settings = [f.name for f in dataclass_fields(LiveConfig)]
+        return [{**self.fixed, "criterion": "magnitude", "sparsity": "0.5"}]
+
+    def mutate(self, seed, rng):
+        link = random_link(rng, self.settings, self.fixed if rng.random() < self.fixed_share else None)
+        return link, f"{len(link)} parameters"
+
+    def load(self, link, work):
+        from streamlit.testing.v1 import AppTest
+
+        from jpq_core.links import read_link
+
+        at = AppTest.from_file(str(ROOT / self.page), default_timeout=600)
+        at.query_params.update(link)
+        at.run()
+        if at.exception:
+            raise AssertionError(f"the page raised: {at.exception[0].value[:300]}")
+        shown = [w.value for w in at.warning]
+        missing = [n for n in read_link(link)[1] if n not in shown]
+        assert not missing, f"not shown: {missing[:3]}"
+        for message in [e.value for e in at.error] + shown:
+            assert "Traceback" not in message and message.strip(), message[:300]
+        return read_link(link)[1]
+
+    @staticmethod
+    def verdict(notices):
+        return "refused" if notices else "loaded"
+
+
+def _job_record(owner: str, status: str, created: float) -> dict:
+    from jpq_core.jobs import finetune_config
+    from jpq_core.pipeline import CompressionConfig
+
+    config = finetune_config(CompressionConfig(network="resnet20", criterion="magnitude", sparsity=0.5, wbits=8, abits=8,
+                                               calibration_batches=1), 20)
+    record = {"id": "target", "owner": owner, "config": asdict(config), "created": created, "status": status,
+              "ray_address": None, "pid": None, "started": None, "finished": None, "resumes": 0, "row_id": None,
+              "error": None, "note": None}
+    if status == "done":
+        record.update(started=created + 1, finished=created + 60, row_id="r" * 12, note="about 0.5 s per step")
+    if status == "running":
+        record.update(pid=2**22 - 1, started=created + 1)
+    return record
+
+
+class JobFiles(Family):
+    """The fine-tuning job queue's folder with one job file damaged (bytes or JSON structure) and its progress
+    file damaged, beside an intact job of another owner: `poll`, `jobs_of` and `progress` raise nothing, the
+    intact job is listed unchanged, and the damaged one is either read as a job or listed as a failed job (to
+    the owner it names) with a message naming its file. 'refused' in the tally: listed as a damaged job."""
+    name = "job files"
+    owner = "fuzzowner0123456789"
+
+    def seeds(self, work):
+        now = time.time()
+        progress = dumps({"stage": "fine-tuning", "done": 5, "total": 20, "loss": 0.5, "seconds_per_step": 0.3, "time": now})
+        return [(dumps(_job_record(self.owner, status, now)), progress) for status in ("queued", "running", "done", "failed")]
+
+    def mutate(self, seed, rng):
+        job, progress = seed
+        if rng.random() < 0.3:
+            obj = mutate_json(json.loads(progress), rng)
+            return (job, dumps(obj)), "progress json-edit"
+        if rng.random() < 0.5:
+            obj = json.loads(job)
+            for _ in range(rng.randint(1, 2)):
+                obj = mutate_json(obj, rng)
+            try:
+                return (dumps(obj), progress), "job json-edit"
+            except RecursionError:  # two nests stacked: deeper than json writes; as bytes, deeper still
+                return (b'{"id": "target", "config": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", progress), "job deep-nest"
+        data, how = Family.mutate(self, job, rng)
+        return (data, progress), "job " + how
+
+    def load(self, item, work):
+        import shutil
+
+        from jpq_core.jobs import KEEP_FINISHED_S, Job, JobQueue
+
+        class Queue(JobQueue):
+            def _command(self, job):  # a queued job's process: started, ends at once (then continued, then failed)
+                return ["true"]
+
+        job_bytes, progress_bytes = item
+        table = work / "queue" / "sweeps.jsonl"
+        shutil.rmtree(table.parent, ignore_errors=True)
+        folder = table.parent / "jobs"
+        folder.mkdir(parents=True)
+        other = {**_job_record("anotherowner0123456789", "done", time.time() - 100), "id": "other"}
+        (folder / "other.job.json").write_bytes(dumps(other))
+        (folder / "target.job.json").write_bytes(job_bytes)
+        (folder / "target.progress.json").write_bytes(progress_bytes)
+        queue = Queue(table, slots=1)
+        try:  # what the file says before the poll acts on it
+            before = queue._read(folder / "target.job.json")
+        except JPQError:
+            before = None
+        jobs, problems = queue.poll()
+        mine, _ = queue.jobs_of(self.owner)
+        for job in jobs:
+            progress = queue.progress(job)
+            assert progress is None or 0 <= progress.fraction <= 1
+        by_id = {j.id: j for j in jobs}
+        assert Job(**other) == by_id["other"] and json.loads((folder / "other.job.json").read_text()) == other, \
+            "the intact job changed"
+        if "target" not in by_id:  # only a finished job older than a day is cleared, with every file it had
+            assert before is not None and not before.active and time.time() - (before.finished or before.created) > KEEP_FINISHED_S
+            assert not list(folder.glob("target.*")) and set(by_id) == {"other"}, sorted(by_id)
+            return before
+        assert set(by_id) == {"other", "target"}, sorted(by_id)
+        target = by_id["target"]
+        if target.damaged:
+            assert target.status == "failed" and "target.job.json: a damaged job file" in target.error
+            assert any(p.startswith("target.job.json: a damaged job file") for p in problems), problems
+            if target.owner:  # its owner sees it and can dismiss it
+                assert target in mine or target.owner != self.owner
+                queue.cancel(target.owner, "target")
+                assert not (folder / "target.job.json").exists() and (folder / "other.job.json").exists()
+        else:
+            assert not problems, problems
+        return target
+
+    @staticmethod
+    def verdict(job):
+        return "refused" if job.damaged else "loaded"
+
+
+class RunStates(Family):
+    """A page job's run state (`pipeline.RunState`'s file), damaged: `jobs.unreadable_state` says why it cannot
+    be continued from (the job then starts afresh), or it loads as a state. 'refused': set aside."""
+    name = "run states"
+
+    def seeds(self, work):
+        import torch
+        import torch.nn as nn
+
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        net(torch.rand(2, 3, 8, 8)).sum().backward()
+        optimizer.step()
+        path = work / "seed.state.pt"
+        torch.save({"key": "{}", "stage": 1, "step": 10, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "elapsed": 3.5}, path)
+        return [path.read_bytes()]
+
+    def load(self, data, work):
+        from jpq_core.jobs import unreadable_state
+
+        path = work / "job.state.pt"
+        path.write_bytes(data)
+        damage = unreadable_state(path)
+        assert isinstance(damage, str) and len(damage) < 200
+        if damage:
+            raise JPQError(damage)
+        return path
+
+    @staticmethod
+    def check(path):
+        import torch
+
+        assert isinstance(torch.load(path, weights_only=True, map_location="cpu"), dict)  # as RunState reads it
+
+
+class RecoveryAndExport(Family):
+    """Parameters a user types: recovery methods and calibration sample counts (`CompressionConfig.check`,
+    `recovery.calibration_inputs`), and `python -m jpq_core export` arguments that are checked before any
+    work (batch, height, width, the output path, the form). Each is accepted or refused with JPQError (or
+    argparse's exit 2 with its message); the export writes no file when refused."""
+    name = "recovery and export"
+    good_export_share = 0.1  # inputs with a good path, which compress and export (the suite's quick run: none)
+    NUMBERS = ["0", "-1", "1", "2", "8", "31", "32", "512", "100000", "99999999999999999999", "1e3", "x", "", "nan", "8.5"]
+    METHODS = ["lsq", "bn", "obc", "lsq+bn", "obc+bn", "none", "auto", "lsq+obc", "LSQ", "lsq+", "+", "foo", "", "bn+bn"]
+
+    def seeds(self, work):
+        return [("recovery", "lsq+bn", 64, "resnet20")]  # a good export: tests/test_onnx_export.py
+
+    def mutate(self, seed, rng):
+        if rng.random() < 0.5:
+            count = rng.choice([rng.choice(self.NUMBERS), rng.randint(-5, 2**40), None, True, 3.5, "8"])
+            count = int(count) if isinstance(count, str) and count.lstrip("-").isdigit() and rng.random() < 0.7 else count
+            return ("recovery", rng.choice(self.METHODS + [random_text(rng)]), count,
+                    rng.choice(["resnet20", "stereo"])), "recovery"
+        args = []
+        for option in ("--batch", "--height", "--width"):
+            if rng.random() < 0.5:
+                args += [option, rng.choice(self.NUMBERS + [random_text(rng)])]
+        if rng.random() < 0.3:
+            args += ["--form", rng.choice(["float", "qdq", "int8", "", random_text(rng)])]
+        unwritable = ["read-only/net.onnx"] if os.geteuid() != 0 else []  # root writes there (and exports for minutes)
+        target = rng.choice(["missing-folder/net.onnx", "a-file/net.onnx", "a-folder", "", "read-only", "\x00net.onnx",
+                             "n" * 300 + ".onnx", *unwritable])
+        target = "net.onnx" if rng.random() < self.good_export_share else target  # the export runs (about a minute)
+        return ("export", args, target), "export " + " ".join(args[::2])
+
+    def load(self, item, work):
+        if item[0] == "recovery":
+            return self._recovery(*item[1:])
+        return self._export(item[1], item[2], work)
+
+    @staticmethod
+    def _recovery(method, count, network):
+        from jpq_core.pipeline import CompressionConfig
+        from jpq_core.recovery import calibration_inputs
+
+        config = CompressionConfig(network=network, recovery=method, recovery_samples=count).check()
+        if config.recovery != "none" and config.recovery_samples is not None:
+            task = RecoveryAndExport._task(network)
+            if network == "resnet20" or config.recovery_samples <= 16:  # stereo crops take 0.5 s each to render
+                inputs = calibration_inputs(task, config.recovery_samples)
+                assert len(inputs[0]) == config.recovery_samples
+        return config
+
+    _tasks: dict = {}
+
+    @staticmethod
+    def _task(network):
+        from jpq_core.tasks import make_task
+
+        if network not in RecoveryAndExport._tasks:
+            RecoveryAndExport._tasks[network] = make_task(network, "digits" if network == "resnet20" else "middlebury")
+        return RecoveryAndExport._tasks[network]
+
+    @staticmethod
+    def _export(args, target, work):
+        import contextlib
+        import stat
+
+        from jpq_core.cli import main
+
+        for folder in ("read-only", "a-folder"):
+            (work / folder).mkdir(exist_ok=True)
+        (work / "a-file").write_text("")
+        (work / "read-only").chmod(stat.S_IRUSR | stat.S_IXUSR)
+        before = set(os.listdir(work))
+        out = io.StringIO()
+        argv = ["export", "--onnx", str(work / target) if target else "", "--network", "resnet20", "--criterion",
+                "magnitude", "--sparsity", "0.5", "--calibration-batches", "1", "--threads", "1", "--json", *args]
+        try:
+            with contextlib.redirect_stderr(out), contextlib.redirect_stdout(io.StringIO()):
+                status = main(argv)
+        except SystemExit as exc:  # argparse: a value of the wrong form, with its message
+            assert exc.code == 2 and "error:" in out.getvalue(), out.getvalue()[-300:]
+            raise JPQError(out.getvalue().strip().splitlines()[-1]) from None
+        finally:
+            (work / "read-only").chmod(stat.S_IRWXU)
+        if status == 2:
+            message = out.getvalue().strip()
+            assert message.startswith("error: ") and "\n" not in message, message[-300:]
+            assert not set(os.listdir(work)) - before and not os.listdir(work / "read-only"), "a file was left"
+            raise JPQError(message)
+        assert status == 0, out.getvalue()[-300:]
+        return work / target
+
+
 FAMILIES = {f.name.replace(" ", "-"): f for f in (Images(), GroundTruth(), Checkpoints(), Programs())}
+SURFACES = {f.name.replace(" ", "-"): f for f in (Links(), JobFiles(), RunStates(), RecoveryAndExport())}
+ALL = {**FAMILIES, **SURFACES}
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -366,7 +681,7 @@ def attempt(family: Family, item, work: Path, time_limit: float) -> tuple[str, B
     try:
         result = family.load(item, work)
         family.check(result)
-        return "loaded", None
+        return family.verdict(result), None
     except JPQError:
         return "refused", None
     except (Exception, Hang) as exc:  # noqa: BLE001 - what this script is looking for
@@ -392,10 +707,10 @@ def run(names: list[str], inputs: int, seed: int, out: Path, time_limit: float =
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in names:
-            family = FAMILIES[name]
+            family = ALL[name]
             seeds = family.seeds(work)
             for s in seeds:  # every seed is valid: the loaders must take it
-                status, exc = attempt(family, s, work, time_limit)
+                status, exc = attempt(family, s, work, family.time_limit or time_limit)
                 assert status == "loaded", f"{family.name}: a valid seed was not loaded ({status}: {exc!r})"
             rng = random.Random(f"{seed}-{name}")
             tally, errors, slowest = Counter(), Counter(), (0.0, "")
@@ -403,7 +718,7 @@ def run(names: list[str], inputs: int, seed: int, out: Path, time_limit: float =
             for i in range(inputs):
                 item, how = family.mutate(rng.choice(seeds), rng)
                 t0 = time.perf_counter()
-                status, exc = attempt(family, item, work, time_limit)
+                status, exc = attempt(family, item, work, family.time_limit or time_limit)
                 took = time.perf_counter() - t0
                 slowest = max(slowest, (took, how))
                 tally["inputs"] += 1
@@ -427,7 +742,7 @@ def run(names: list[str], inputs: int, seed: int, out: Path, time_limit: float =
 
 def replay(path: Path) -> None:
     record = json.loads(path.read_text())
-    family = next(f for f in FAMILIES.values() if f.name == record["family"])
+    family = next(f for f in ALL.values() if f.name == record["family"])
     parts = [bytes.fromhex(p["hex"]) if isinstance(p, dict) else p for p in record["parts"]]
     item = tuple(parts) if len(parts) > 1 else parts[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -438,7 +753,9 @@ def replay(path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", type=int, default=10_000, help="mutated inputs per family (default 10,000)")
-    parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", choices=list(ALL), default=list(FAMILIES),
+                        help="default: the four file loaders; the surfaces (links, job-files, run-states, "
+                             "recovery-and-export) are named here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("fuzz-failures"), help="where failing inputs are saved")
     parser.add_argument("--json", type=Path, help="also write the tally here")

@@ -33,6 +33,7 @@ Per convolution or linear layer, from its compression (`compression_of`):
 from __future__ import annotations
 
 import operator
+import threading
 
 import numpy as np
 import torch
@@ -146,15 +147,40 @@ IDENTITY_FUNCTIONS = ("dropout", "dropout1d", "dropout2d", "alpha_dropout", "sto
 
 
 class _Tracer(fx.Tracer):
-    """PyTorch's layers (compressed ones included) are leaves; everything else is traced through."""
+    """PyTorch's layers (compressed ones included) are leaves; everything else is traced through.
+
+    torch.fx traces by patching `nn.Module.__call__` and `__getattr__` for the whole process while it runs, so in
+    the app's server (one thread per session) another session's forward, or its compilation, went through this
+    tracer and failed with `NameError: module is not installed as a submodule` (issue 22, found by
+    scripts/many_users.py: 3 of 4 sessions on Depth maps). Calls from other threads are passed through
+    untouched here, and `trace` lets one thread trace at a time (two overlapping patchers would restore each
+    other's patches, leaving `Module.__call__` patched for good)."""
+
+    def __init__(self):
+        super().__init__()
+        self.thread = threading.get_ident()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, LEAVES) or (not isinstance(m, nn.Sequential) and super().is_leaf_module(m, qualname))
 
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self.thread:  # another thread's module, called while this one traces
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+_TRACING = threading.Lock()  # one torch.fx trace at a time in this process (see _Tracer)
+
 
 def trace(module: nn.Module, label: str) -> fx.GraphModule:
     try:
-        graph = _Tracer().trace(module)
+        with _TRACING:
+            graph = _Tracer().trace(module)
     except Exception as exc:  # torch.fx raises many kinds on forwards it cannot follow
         raise JPQError(f"the engine could not trace {label}'s forward with torch.fx ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); networks with data-dependent control "
