@@ -28,8 +28,10 @@ def _number(text: str) -> float:
 
 
 def _explore(root, **query):
+    """Explore with `query` in the link. Recovery is off unless the test asks for it: it is tested on its own,
+    and recovering at every high sparsity here would double these tests' time."""
     at = AppTest.from_file(str(root / "app.py"), default_timeout=240)  # the router opens Explore
-    at.query_params.update(query)
+    at.query_params.update({"recovery": "none", **query})
     return at.run()
 
 
@@ -61,7 +63,7 @@ def test_explore_fewer_weight_bits_cut_memory_and_bops(root):
 def test_explore_shows_the_recovered_network_with_the_raw_one_a_click_away(root):
     """At 95% sparsity without training the raw ResNet-20 guesses (top-1 about 10%); Explore recovers it by
     default (auto = obc+bn for classifiers, measured 98%), says so, and the toggle shows the raw network."""
-    at = _explore(root, network="resnet20", criterion="magnitude", sparsity="0.95", wbits="4", abits="8")
+    at = _explore(root, network="resnet20", criterion="magnitude", sparsity="0.95", wbits="4", abits="8", recovery="auto")
     assert not at.exception
     assert _number(_metrics(at)["Top-1"]) > 80
     assert any("Recovered by **obc+bn**" in c.value for c in at.caption)

@@ -81,7 +81,7 @@ def test_every_page_loads_without_an_exception(root, server, browser, screenshot
 
 def test_moving_the_sparsity_slider_changes_the_numbers(server, browser, screenshots):
     driver = browser()
-    driver.get(f"{server}/?network=resnet20&criterion=magnitude&sparsity=0.5&wbits=8")
+    driver.get(f"{server}/?network=resnet20&criterion=magnitude&sparsity=0.5&wbits=8&recovery=none")
     memory = _wait_metric(driver, "Weight memory")
     driver.save_screenshot(str(screenshots / "explore-before.png"))
     move_sparsity(driver, 8)  # 50% -> 90% (5% stops)
@@ -93,8 +93,8 @@ def test_moving_the_sparsity_slider_changes_the_numbers(server, browser, screens
 
 def test_two_browser_sessions_do_not_see_each_others_sliders(server, browser):
     first, second = browser(), browser()
-    first.get(f"{server}/?network=resnet20&criterion=magnitude&sparsity=0.5")
-    second.get(f"{server}/?network=resnet20&criterion=magnitude&sparsity=0.95")
+    first.get(f"{server}/?network=resnet20&criterion=magnitude&sparsity=0.5&recovery=none")
+    second.get(f"{server}/?network=resnet20&criterion=magnitude&sparsity=0.95&recovery=none")
     first_memory = _wait_metric(first, "Weight memory")
     second_memory = _wait_metric(second, "Weight memory")
     assert first_memory != second_memory
