@@ -1,5 +1,6 @@
 """The results table as the app reads it, its Pareto fronts, and docs/results.md written from the rows."""
 
+import json
 import math
 import shutil
 
@@ -182,3 +183,16 @@ def test_calibrations_of_one_run_are_side_by_side_and_kept_out_of_the_default_re
     assert lines[0].endswith("| 17.34% | 14.02% | 14.82% |")
     kept = _same_budget_default_recipe(df.assign(finetune="masked", budget=300))
     assert sorted(kept.headline) == [0.1734, 0.30]
+
+
+def test_the_long_run_curve_is_tabled_as_far_as_it_has_gone(tmp_path):
+    from jpq_core.report import long_run_section
+
+    curve = tmp_path / "curve.jsonl"
+    assert long_run_section(curve, pd.DataFrame({"network": [], "dense_bad3": []})) == []  # no run yet: no section
+    curve.write_text("\n".join(json.dumps({"step": s, "stage": st, "quantized": q, "metrics": {"bad3": b, "epe": 2.5}})
+                               for s, st, q, b in ((2500, 1, False, 0.20), (22500, 2, True, 0.16))) + "\n")
+    lines = long_run_section(curve, pd.DataFrame({"network": ["stereo"], "dense_bad3": [0.138]}))
+    rows = [line for line in lines if line.startswith("| 2")]
+    assert rows == ["| 2,500 | 1 | float, masked | 20.00% | +6.20 pt | 2.500 |",
+                    "| 22,500 | 2 | 4-bit | 16.00% | +2.20 pt | 2.500 |"]
