@@ -12,6 +12,18 @@ def root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="session")
+def fuzz():
+    """scripts/fuzz.py as a module: the reliability tests share its input generators and checks."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jpq_fuzz_script", ROOT / "scripts" / "fuzz.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+
 class _WritesAFile:
     """Unpickling this object opens (creates) `target`: the stand-in for a checkpoint that runs code."""
 

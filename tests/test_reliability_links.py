@@ -1,11 +1,9 @@
 """A shared link with random query parameters: the configuration is read without error, every value that
 was not used and every parameter that is not a setting is named, and the page opens saying so (issue 22)."""
 
-import importlib.util
 import os
 import random
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 
@@ -16,16 +14,6 @@ from jpq_core.live import LiveConfig
 EXAMPLES = int(os.environ.get("JPQ_FUZZ_EXAMPLES", "40")) * 50  # read_link is cheap: 2,000 links in the suite
 PAGE_EXAMPLES = int(os.environ.get("JPQ_PAGE_FUZZ_EXAMPLES", "30"))  # each opens the page: about 1 s
 SETTINGS = [f.name for f in fields(LiveConfig)]
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fuzz.py"
-
-
-@pytest.fixture(scope="module")
-def fuzz():
-    """scripts/fuzz.py, whose link generator and page check these tests share."""
-    spec = importlib.util.spec_from_file_location("jpq_fuzz_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_random_links_give_a_configuration_and_name_everything_ignored(fuzz):

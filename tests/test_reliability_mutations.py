@@ -4,25 +4,14 @@ The script runs 10,000 inputs per family (figures in docs/reliability.md); the s
 (default 40) per family with a seed of its own, so each run of the suite tries new inputs of the same kinds.
 """
 
-import importlib.util
 import os
 import random
-from pathlib import Path
 
 import pytest
 
 from jpq_core.errors import JPQError
 
 EXAMPLES = int(os.environ.get("JPQ_FUZZ_EXAMPLES", "40"))
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fuzz.py"
-
-
-@pytest.fixture(scope="module")
-def fuzz():
-    spec = importlib.util.spec_from_file_location("jpq_fuzz_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("family", ["images", "ground-truth", "checkpoints", "engine-programs"])

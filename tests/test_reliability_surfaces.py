@@ -3,12 +3,10 @@ state, recovery's calibration parameters and the ONNX export's arguments. The qu
 job-files, run-states and recovery-and-export families (the script runs thousands; figures in
 docs/reliability.md), plus the messages themselves."""
 
-import importlib.util
 import json
 import os
 import random
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,15 +15,6 @@ from jpq_core.jobs import JobQueue, new_owner, unreadable_state
 from jpq_core.pipeline import CompressionConfig
 
 EXAMPLES = int(os.environ.get("JPQ_FUZZ_EXAMPLES", "40"))
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fuzz.py"
-
-
-@pytest.fixture(scope="module")
-def fuzz():
-    spec = importlib.util.spec_from_file_location("jpq_fuzz_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("family, count", [("job-files", EXAMPLES * 5), ("run-states", EXAMPLES * 5),
