@@ -105,8 +105,15 @@ def show_maps(result) -> None:
                      "network classify differently")
 
 
-# Slots in page order, filled below: with the network without recovery first while recovery runs, then recovered.
+# Slots in page order. The cards and maps are filled as soon as their slot exists, so the page answers before the
+# rest is drawn: with the network without recovery while recovery runs (saying so), then refilled when it is done.
+waiting = recovering and not show_raw and not live_result_ready(config)
+first = live_result(config) if recovering and not show_raw and not waiting else raw
+note = (f"Recovering with {config.recovery_method} (a few seconds): until it is done, these numbers and maps are "
+        "the network without recovery.") if waiting else ""
 cards, check_slot = st.empty(), st.container()
+with cards.container():
+    show_cards(first, note)
 
 results = cached_results()[0]
 runs = matching_runs(results, config) if not config.checkpoint else results.iloc[:0]
@@ -134,6 +141,8 @@ with st.expander(f"Fine-tuned runs of this configuration (cached): {len(tuned)}"
 
 st.subheader("What the network sees and says")
 maps = st.empty()
+with maps.container():
+    show_maps(first)
 
 st.subheader("Per layer")
 st.plotly_chart(layer_cost_figure(raw.layers), width="stretch")  # recovery keeps every layer's count
@@ -153,17 +162,14 @@ def show(result, note: str = "") -> None:
         show_maps(result)
 
 
-result = raw
-if recovering and not show_raw:
-    if not live_result_ready(config):
-        show(raw, f"Recovering with {config.recovery_method} (a few seconds): until it is done, these numbers and "
-                  "maps are the network without recovery.")
+result = first
+if waiting:
     try:
         result = live_result(config)
     except JPQError as exc:
         with check_slot:
             show_error(exc)
-show(result)
+    show(result)
 m = result.evaluation.metrics
 with check_slot:
     if result.evaluation.path == "engine" and st.toggle("Check the engine against PyTorch", key="ex_check_engine",
