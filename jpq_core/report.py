@@ -514,7 +514,10 @@ LONG_RUN_CURVE = ROOT / "cached_runs" / "long_run" / "stereo-headline-curve.json
 
 def long_run_section(curve: Path, df: pd.DataFrame) -> list[str]:
     """The headline run's learning curve (`scripts/headline_run.sh`: Middlebury bad-3 every 2,500 steps), as far
-    as it has gone; nothing when there is no curve file."""
+    as it has gone; nothing when there is no curve file or the table has no stereo rows (a report of another
+    network's sweep)."""
+    if "dense_bad3" not in df or not (df.network == "stereo").any():
+        return []
     try:
         points = [json.loads(line) for line in Path(curve).read_text().splitlines() if line.strip()]
     except (OSError, ValueError):

@@ -115,6 +115,12 @@ def metrics(driver) -> dict[str, str]:
     return driver.execute_script(_METRICS_JS)
 
 
+def texts(driver, css: str) -> list[str]:
+    """The text of every element matching `css`, read in one round trip (elements that Streamlit replaces
+    between a find and a read would otherwise raise StaleElementReferenceException)."""
+    return driver.execute_script("return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText);", css)
+
+
 def metric(driver, label: str) -> str | None:
     return metrics(driver).get(label)
 

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from app_browser import app_server, ensure_chromium, is_idle, make_driver, metrics, move_sparsity, wait_metric  # noqa: E402
+from app_browser import app_server, ensure_chromium, is_idle, make_driver, metrics, move_sparsity, texts, wait_metric  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -58,7 +58,7 @@ def link_config(url: str) -> dict[str, str]:
 
 
 def exceptions_shown(driver) -> list[str]:
-    return [e.text[:300] for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')]
+    return [t[:300] for t in texts(driver, '[data-testid="stException"]')]
 
 
 def run_session(index: int, url: str, make, timeout: float, out: dict, failures: list, start_together: threading.Barrier):

@@ -19,7 +19,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from app_browser import (BrowserSetupError, app_server, ensure_chromium, is_idle, make_driver,  # noqa: E402
-                         move_sparsity, wait_metric)
+                         move_sparsity, texts, wait_metric)
 
 LOAD_TIMEOUT = 420  # seconds; the first page computes scores, runs and recovers the network on 2 shared cores
 
@@ -137,7 +137,7 @@ def test_a_fine_tuning_job_started_on_the_page_shows_progress_then_its_row(root,
             start.click()
             bars, deadline = set(), time.time() + LOAD_TIMEOUT
             while time.time() < deadline and "finished; its row" not in driver.page_source:
-                bars |= {e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stProgress"]')}
+                bars |= set(texts(driver, '[data-testid="stProgress"]'))
                 time.sleep(0.25)
             driver.save_screenshot(str(screenshots / "explore-fine-tuning-job.png"))
             steps = {int(m.group(1)) for text in bars if (m := re.search(r"step (\d+) of 6", text))}

@@ -196,3 +196,5 @@ def test_the_long_run_curve_is_tabled_as_far_as_it_has_gone(tmp_path):
     rows = [line for line in lines if line.startswith("| 2")]
     assert rows == ["| 2,500 | 1 | float, masked | 20.00% | +6.20 pt | 2.500 |",
                     "| 22,500 | 2 | 4-bit | 16.00% | +2.20 pt | 2.500 |"]
+    # a report of another network's sweep (no stereo rows, no stereo columns) has no stereo long-run section
+    assert long_run_section(curve, pd.DataFrame({"network": ["tv:resnet18"], "dense_top1": [0.7]})) == []
