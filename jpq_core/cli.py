@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--steps", type=int, help="fine-tuning steps in all (default: a few minutes on 2 cores)")
             p.add_argument("--schedule", default="oneshot", help="oneshot, iterative (4 rounds) or gradual (AGP); joint is always gradual")
         p.add_argument("--layer-wbits", help="per-layer weight bits overriding --wbits, e.g. 'stem.0=8,fc=8'")
-        p.add_argument("--allocation", default="global", help="global (one threshold), uniform (same sparsity per layer) or sensitivity (per-layer, from a scan)")
+        p.add_argument("--allocation", default="global", help="global (one threshold), uniform (same sparsity per layer) sensitivity (per-layer, from a scan) or recovery-aware (per-layer, from each layer's output error after least squares; pair it with --recovery lsq)")
         p.add_argument("--no-protect", action="store_true", help="also prune the first and last layers")
         p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
         p.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (zero point)")

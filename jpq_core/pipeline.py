@@ -41,7 +41,7 @@ from jpq_core.registry import get_criterion
 PIPELINES = ("prune-then-quantize", "quantize-then-prune", "joint", "prune-only", "quantize-only")
 SCHEDULES = ("oneshot", "iterative", "gradual")
 LR_SCHEDULES = ("constant", "cosine", "constant-decay")
-ALLOCATIONS = ("global", "uniform", "sensitivity")
+ALLOCATIONS = ("global", "uniform", "sensitivity", "recovery-aware")
 ITERATIVE_ROUNDS = 4
 
 
@@ -230,6 +230,11 @@ class _Run:
         """Per-layer sparsities from a sensitivity scan when the configuration asks for them (weight criteria)."""
         if self.config.allocation == "sensitivity" and criterion.level == "weight":
             return self.sensitivity_allocation(sparsity, criterion, stats)
+        if self.config.allocation == "recovery-aware" and criterion.level == "weight":
+            from jpq_core.sensitivity import recovery_aware_allocation
+
+            return recovery_aware_allocation(self.dense, self.task, self.config, sparsity, stats,
+                                             progress=lambda i, n: self.progress("sensitivity", i, n))
         return None
 
     def masks(self, sparsity, stats=None):

@@ -503,9 +503,38 @@ def apply(net: nn.Module, dense: nn.Module, task, methods: str = "lsq+bn", sampl
     if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
         raise JPQError(f"damping must be a positive number, got {damping!r}.")
     samples = samples if samples is not None else DEFAULT_SAMPLES.get(getattr(task, "name", None), 0)
-    start = time.perf_counter()
     if not chosen:
         return {"method": "none", "seconds": 0.0, "samples": 0}
+    seconds = _calibrate_and_fit(net, dense, task, chosen, samples, seed, damping, recalibrate)
+    return {"method": spec, "seconds": seconds, "samples": samples}
+
+
+class _Recorder(RecoveryMethod):
+    """A "method" that keeps every layer's least-squares problem and changes nothing (for scans that refit one
+    layer at a time, see `layer_problems`)."""
+
+    fits_weights = True
+
+    def __init__(self):
+        self.problems: dict[str, LayerProblem] = {}
+
+    def fit(self, p: LayerProblem):
+        self.problems[p.name] = p
+        return p.weight, p.mask, None
+
+
+def layer_problems(net: nn.Module, dense: nn.Module, task, samples: int | None = None, seed: int = 0,
+                   damping: float = 0.01) -> dict[str, LayerProblem]:
+    """{layer: its least-squares problem} on the calibration data, `net` left as it was: what each layer
+    sees in `net` (H) against what the dense layer produces (B). One calibration pass."""
+    samples = samples if samples is not None else DEFAULT_SAMPLES.get(getattr(task, "name", None), 0)
+    recorder = _Recorder()
+    _calibrate_and_fit(net, dense, task, [recorder], samples, seed, damping, False)
+    return recorder.problems
+
+
+def _calibrate_and_fit(net, dense, task, chosen: list[RecoveryMethod], samples, seed, damping, recalibrate) -> float:
+    """The calibration pass of `apply` with the methods `chosen`; its seconds (rendering data excluded)."""
     _check_pair(net, dense)
     inputs = calibration_inputs(task, samples, seed)
     start = time.perf_counter()  # rendering the data is cached and not part of recovery's time
@@ -540,7 +569,28 @@ def apply(net: nn.Module, dense: nn.Module, task, methods: str = "lsq+bn", sampl
     if bad:
         raise JPQError(f"recovery produced non-finite values in {', '.join(bad[:5])}; use more calibration samples "
                        "or a larger damping.")
-    return {"method": spec, "seconds": round(time.perf_counter() - start, 3), "samples": samples}
+    return round(time.perf_counter() - start, 3)
+
+
+def following_batch_norms(net: nn.Module, dense: nn.Module, task) -> dict[str, nn.Module]:
+    """{layer: the batch norm of `net` that takes the layer's output directly} (where a fitted intercept goes)."""
+    follows = _followers(dense.eval(), task.trace_inputs())
+    modules = dict(net.named_modules())
+    return {layer: modules[bn] for layer, bn in follows.items()}
+
+
+def install(layer: nn.Module, weight: torch.Tensor, mask: torch.Tensor, intercept: torch.Tensor | None, bn=None) -> None:
+    """Write a fitted layer into the network: kept weights and mask into the parametrization (whose quantizer
+    rounds them to the grid), the intercept into the bias, else into the following batch norm's mean."""
+    t = layer.parametrizations.weight[0]
+    original = layer.parametrizations.weight.original
+    t.mask.copy_(mask.reshape(t.mask.shape))
+    original.data.copy_((weight * mask).reshape(original.shape))
+    if intercept is not None:
+        if layer.bias is not None:
+            layer.bias.data.copy_(intercept)
+        else:  # BN(Wx + c) with mean μ equals BN(Wx) with mean μ - c
+            bn.running_mean.sub_(intercept)
 
 
 class _LayerFit:
@@ -578,14 +628,7 @@ class _LayerFit:
         original = layer.parametrizations.weight.original
         problem = LayerProblem(original.detach().reshape(len(mask), -1) * mask, mask, H, B, intercept, t.bits,
                                t.symmetric, t.per_channel, self.damping, self.name)
-        weight, new_mask, offset = self.fitter.fit(problem)
-        t.mask.copy_(new_mask.reshape(t.mask.shape))
-        original.data.copy_((weight * new_mask).reshape(original.shape))
-        if offset is not None:
-            if layer.bias is not None:
-                layer.bias.data.copy_(offset)
-            else:  # BN(Wx + c) with mean μ equals BN(Wx) with mean μ - c
-                self.bn.running_mean.sub_(offset)
+        install(layer, *self.fitter.fit(problem), self.bn)
         return None
 
 

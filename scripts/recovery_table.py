@@ -1,6 +1,7 @@
 """Bad-3 / top-1 of magnitude-pruned, w4/a8 networks without fine-tuning, per recovery method (docs/results.md).
 
     python scripts/recovery_table.py --network stereo --sparsities 0.8,0.9,0.95 --methods none,bn,lsq+bn,obc+bn
+    python scripts/recovery_table.py --network stereo --allocation recovery-aware --methods lsq --samples 16
 """
 import argparse
 import copy
@@ -14,14 +15,16 @@ from jpq_core.models import load_network
 from jpq_core.compressed import add_activation_quantizers, attach, calibrate_activations
 from jpq_core.compression import prune_masks
 from jpq_core.pipeline import CompressionConfig
+from jpq_core.sensitivity import recovery_aware_allocation
 from jpq_core.tasks import make_task
 
 
 def compressed(model, task, sparsity, wbits, abits, allocation, criterion):
     config = CompressionConfig(network="x", criterion=criterion, sparsity=sparsity, wbits=wbits, abits=abits,
                                finetune="none", allocation=allocation, calibration_batches=2).check()
+    per_layer = recovery_aware_allocation(model, task, config, sparsity) if allocation == "recovery-aware" else None
     net = attach(copy.deepcopy(model).eval(), None, None)
-    attach(net, prune_masks(net, task, config, sparsity), config.wbits)
+    attach(net, prune_masks(net, task, config, sparsity, allocation=per_layer), config.wbits)
     add_activation_quantizers(net, config.abits, config.calibration)
     calibrate_activations(net, task, config.calibration_batches, 0)
     return net.eval()
