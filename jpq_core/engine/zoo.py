@@ -3,7 +3,7 @@
 `check_model("resnet18")` builds the model randomly initialised (nothing downloads) for the digits data's
 10 classes, at the smallest input size it accepts, and compiles it in the engine twice:
 
-- float at 0% sparsity: the engine must agree with PyTorch to float32 rounding (1e-4 relative);
+- float at 0% sparsity, as built: the engine must agree with PyTorch to float32 rounding (1e-4 relative);
 - pruned by magnitude to 90% with 8-bit weights and activations (`compressed`): every layer must run the
   integer path and agree with the fake-quantized PyTorch network within the shipped networks' tolerance
   (tests/test_engine.py: most samples to float rounding, the rest within a rounding step amplified
@@ -203,17 +203,20 @@ def _check(record: ZooRecord, task, max_params: int, sparsity: float, quantized:
     data = AtSize(task, record.size)
     x = data.resize(task.test_x[:16])
 
-    plain = recalibrate_batch_norm(copy.deepcopy(model), data)
+    # Float at 0% on the network as built: its batch norms hold their initial statistics (close to the
+    # identity). Re-estimated on data they normalise channels of almost no variance with gains up to
+    # 1/sqrt(eps), and PyTorch's own output then moves by up to 1e-1 for a one-ulp input change
+    # (EfficientNet-B2), which no 1e-4 comparison survives.
     try:
-        program = compile_network(plain)
+        program = compile_network(model)
     except JPQError as exc:  # the engine names the op it cannot run
         record.outcome = SKIPPED_OP
         record.op, record.reason = stopping_op(exc)
         return
-    out, ref = _run(program, plain, x)
+    out, ref = _run(program, model, x)
     record.max_error = relative_error(out, ref)
     if (why := float_mismatch(out, ref)) is not None:
-        _mismatch(record, f"float at 0%: {why}", plain, x, ref)
+        _mismatch(record, f"float at 0%: {why}", model, x, ref)
         return
     if quantized:
         net = compressed(model, data, sparsity)
