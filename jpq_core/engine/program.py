@@ -33,7 +33,9 @@ def _start_numba_threads() -> None:
     kernel instead, numba's OpenMP layer resets the OpenMP thread count it shares with PyTorch: a process
     that had set torch.set_num_threads(1) ran PyTorch on two threads after its first engine run, and on the
     loaded 2-core test machine compressing RegNet-X-400MF went from 0.8 s to 45 s (two threads meeting at
-    barriers on a busy core). Started here, the count stays what the process set, before or after."""
+    barriers on a busy core). Started here, the count stays what the process set, before or after. The cost:
+    the pool exists from import on, so a process forked after importing the engine must not run its parallel
+    kernels (GNU OpenMP is not fork-safe); the project's process pools spawn (`sweeps`), subprocesses exec."""
     threads = torch.get_num_threads()
     numba.get_num_threads()  # launches the pool
     torch.set_num_threads(threads)
