@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from jpq_core.errors import JPQError
 from jpq_core.layers import prunable_layers
 from jpq_core.quantization import ActivationQuantizer, learned_step_quantize, quantize_weight, step_bound, ste
 
@@ -168,6 +169,12 @@ def calibrate_activations(model: nn.Module, task, batches: int, seed: int) -> nn
     with torch.inference_mode():
         for batch in calibration_batches(task, batches, seed):
             task.predict(model, batch)
+    unseen = [name for name, layer in prunable_layers(model).items()
+              if layer.input_quantizer.bits is not None and not layer.input_quantizer.samples]
+    if unseen:  # named here: the quantizer alone cannot say which layer it belongs to
+        raise JPQError(f"activation calibration saw no data at {len(unseen)} layer(s) ({', '.join(unseen[:3])}"
+                       f"{', ...' if len(unseen) > 3 else ''}): the network's forward in eval mode does not run them "
+                       "(an auxiliary classifier used only in training, as GoogLeNet's and Inception-v3's?).")
     for layer in prunable_layers(model).values():
         if layer.input_quantizer.bits is not None:
             layer.input_quantizer.finish_calibration()

@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 
@@ -25,6 +26,22 @@ from jpq_core.engine.lowering import link, lower
 from jpq_core.engine.ops import FRESH, Conv, op_from
 from jpq_core.errors import JPQError
 from jpq_core.untrusted import decoding
+
+
+def _start_numba_threads() -> None:
+    """Start numba's thread pool now, keeping PyTorch's thread count. Started lazily by the first parallel
+    kernel instead, numba's OpenMP layer resets the OpenMP thread count it shares with PyTorch: a process
+    that had set torch.set_num_threads(1) ran PyTorch on two threads after its first engine run, and on the
+    loaded 2-core test machine compressing RegNet-X-400MF went from 0.8 s to 45 s (two threads meeting at
+    barriers on a busy core). Started here, the count stays what the process set, before or after. The cost:
+    the pool exists from import on, so a process forked after importing the engine must not run its parallel
+    kernels (GNU OpenMP is not fork-safe); the project's process pools spawn (`sweeps`), subprocesses exec."""
+    threads = torch.get_num_threads()
+    numba.get_num_threads()  # launches the pool
+    torch.set_num_threads(threads)
+
+
+_start_numba_threads()
 
 FORMAT = "jpq-engine/3"  # 3: stride, padding, dilation per direction; the general glue ops
 READABLE = ("jpq-engine/2", FORMAT)  # 2: producers write several consumers' inputs (targets, keep)

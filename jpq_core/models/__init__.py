@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from jpq_core.checkpoints import MAX_CHECKPOINT_BYTES, load_weights, read_sidecar
 from jpq_core.errors import JPQError
@@ -173,6 +174,35 @@ def build_network(name: str, num_classes: int | None = None, **config) -> nn.Mod
         raise JPQError(f"torchvision could not build {name!r} with {config or 'its defaults'} ({exc}).") from None
 
 
+class _EmptyOnMeta(TorchFunctionMode):
+    """`torch.empty` without a device gives a meta tensor (no memory, no data); every other tensor is made
+    as usual. PyTorch's layers create their weights with `torch.empty`, so a network built here has its
+    weights on the meta device, while an architecture that computes its shape with tensors (RegNet's block
+    widths, `torch.round(...).tolist()`) still has the numbers it needs, which `torch.device("meta")` takes away."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def parameter_count(name: str, num_classes: int | None = None) -> int:
+    """The number of parameters of `name`, counted without allocating its weights where possible, so that a
+    zoo model of 640M parameters (regnet_y_128gf, vit_h_14) can be refused before it takes 2.5 GB.
+
+    First on the meta device (every tensor, also a user's `nn.Parameter(torch.randn(...))`); where the
+    constructor needs tensor data (RegNet), with only `torch.empty` on meta; the real network last."""
+    for place in (lambda: torch.device("meta"), _EmptyOnMeta):
+        try:
+            with place():
+                model = build_network(name, num_classes)
+            return sum(p.numel() for p in model.parameters())
+        except (JPQError, RuntimeError, NotImplementedError):  # a constructor that needs data: try the next way
+            pass
+    return sum(p.numel() for p in build_network(name, num_classes).parameters())
+
+
 def shipped_checkpoint(name: str) -> Path:
     """Where the trained checkpoint of `name` is kept in `cached_runs/`."""
     return CACHED_RUNS / "checkpoints" / f"{_check_name(name)}.safetensors"
@@ -184,17 +214,11 @@ def load_network(name: str, checkpoint: Path | None = None, num_classes: int | N
     means nothing; its cost, scores and engine speed do)."""
     _check_name(name)
     if not is_shipped(name):
-        try:  # count on the meta device first: a giant zoo model must not take the memory
-            with torch.device("meta"):
-                model = build_network(name, num_classes)
-        except (JPQError, RuntimeError, NotImplementedError):  # an initialiser that needs data (RegNet): count for real
-            model = build_network(name, num_classes)
-        params = sum(p.numel() for p in model.parameters())
+        params = parameter_count(name, num_classes)  # a giant zoo model must not take the memory
         if params * 4 > MAX_CHECKPOINT_BYTES:
             raise JPQError(f"{name!r} has {params:,} parameters, over the {MAX_CHECKPOINT_BYTES // 2**20} MiB limit for "
                            "networks; choose a smaller model.")
-        if next(iter(model.parameters()), torch.zeros(0)).is_meta:
-            model = build_network(name, num_classes)
+        model = build_network(name, num_classes)
         model = (load_weights(model, Path(checkpoint)) if checkpoint is not None else model).eval()
         return check_classifier_output(name, model, num_classes)
     path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint(name)

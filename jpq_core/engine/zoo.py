@@ -1,0 +1,284 @@
+"""Does the engine run torchvision's classification zoo? One model at a time, as a small record.
+
+`check_model("resnet18")` builds the model randomly initialised (nothing downloads) for the digits data's
+10 classes, at the smallest input size it accepts, and compiles it in the engine twice:
+
+- float at 0% sparsity, as built: the engine must agree with PyTorch to float32 rounding (1e-4 relative);
+- pruned by magnitude to 90% with 8-bit weights and activations (`compressed`): every layer must run the
+  integer path and agree with the fake-quantized PyTorch network within the shipped networks' tolerance
+  (tests/test_engine.py: most samples to float rounding, the rest within a rounding step amplified
+  downstream, the same top-1 on 90% of the samples).
+
+Models the engine cannot compile are *skipped* with the op that stopped them (the engine's `JPQError`
+names it); models over a parameter budget are skipped before they are built (counted on the meta device);
+a network that 90% pruning silences (no batch norm to re-estimate: SqueezeNet) is *silenced*; a failed
+comparison is *unstable* when PyTorch's own output moves as much for a one-ulp change of its input (the
+comparison cannot tell the engine from rounding there), a *mismatch* otherwise; any other exception becomes
+an "error" record with its class and message, never escapes. The table of the whole zoo is in
+docs/engine.md ("The torchvision zoo"), made by scripts/zoo_check.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jpq_core.engine.program import compile_network
+from jpq_core.errors import JPQError
+
+MATCHED, SKIPPED_OP, SKIPPED_SIZE, SILENCED, UNSTABLE, MISMATCH, ERROR = (
+    "matched", "skipped (op)", "skipped (size)", "silenced", "unstable", "mismatch", "error")
+OUTCOMES = (MATCHED, SKIPPED_OP, SKIPPED_SIZE, SILENCED, UNSTABLE, MISMATCH, ERROR)
+SIZES = (32, 64, 75, 96, 128, 160, 224)  # input sizes tried, smallest first (inception_v3 needs 75)
+MAX_PARAMS = 30_000_000  # the check's budget: larger models are counted, not built (28M: about 20 s each)
+SPARSITY = 0.9
+FLOAT_RTOL = 1e-4
+LIVE_SIGNAL = 1e-3  # an output scale under this: pruning silenced the network, nothing left to compare
+
+
+@dataclass
+class ZooRecord:
+    """What one model's check found. `max_error` is the worst max |engine - PyTorch| / max |PyTorch| of the
+    comparisons made; `op` is the op that stopped a skipped model ("LayerNorm", "floordiv", ...)."""
+
+    name: str
+    params: int = 0
+    size: int | None = None
+    outcome: str = ERROR
+    reason: str = ""
+    op: str = ""
+    max_error: float | None = None
+    noise: float | None = None  # a failed comparison's: PyTorch's own max error when its input moves by one ulp
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def recalibrate_batch_norm(net: nn.Module, task, batches: int = 4) -> nn.Module:
+    """A randomly initialised network loses its signal under 90% pruning (layer after layer of shrinking
+    activations): re-estimate every batch norm's statistics on data, as one would after pruning, so that
+    the comparison is made on activations of ordinary size. Only the batch norms are put in training mode:
+    dropout stays off, and auxiliary heads that run only in training (inception_v3's, which need 299 x 299
+    inputs) are not run."""
+    net.eval()
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+            m.train()
+    with torch.no_grad():
+        for x, _ in task.batches(batches, seed=5):
+            net(x)
+    return net.eval()
+
+
+def compressed(model: nn.Module, task, sparsity: float, wbits=8, abits=8) -> nn.Module:
+    """Pruned per layer by magnitude and quantized; batch-norm statistics re-estimated before the activation
+    ranges are calibrated (a randomly initialised network pruned to 90% otherwise outputs about 1e-14)."""
+    from jpq_core.compressed import add_activation_quantizers, attach, calibrate_activations
+    from jpq_core.compression import prune_masks
+    from jpq_core.pipeline import CompressionConfig
+
+    config = CompressionConfig(criterion="magnitude", sparsity=sparsity, wbits=wbits, abits=abits, finetune="none",
+                               allocation="uniform").check()
+    net = attach(copy.deepcopy(model).eval(), None, None)
+    attach(net, prune_masks(net, task, config, sparsity), wbits)
+    recalibrate_batch_norm(net, task)
+    if abits is not None:
+        add_activation_quantizers(net, abits)
+        calibrate_activations(net, task, 2, 0)
+    return net.eval()
+
+
+def float_mismatch(out: np.ndarray, ref: np.ndarray) -> str | None:
+    """None when the engine's float output is PyTorch's to float32 rounding (as `np.testing.assert_allclose`
+    with rtol=1e-4 and atol=1e-4 of the output's scale); otherwise what differs."""
+    scale = float(np.abs(ref).max())
+    bad = np.abs(out - ref) > FLOAT_RTOL * (np.abs(ref) + scale)
+    if not bad.any():
+        return None
+    return f"{int(bad.sum())} of {bad.size} outputs differ by more than {FLOAT_RTOL:g} relative (max {relative_error(out, ref):.2e})"
+
+
+def quantized_mismatch(out: np.ndarray, ref: np.ndarray) -> str | None:
+    """None when the engine's 8-bit output agrees with the fake-quantized PyTorch network as the shipped
+    networks' tests ask; otherwise the first condition that fails. Float rounding can move an activation
+    across a rounding boundary, one step there, amplified downstream in a deep network (RegNet: 3 of 32
+    samples): most samples must agree to float rounding, the others stay close."""
+    scale = float(np.abs(ref).max())
+    per_sample = np.abs(out - ref).max(1)
+    exact = float((per_sample <= FLOAT_RTOL * scale).mean())
+    if exact < 0.75:
+        return f"only {exact:.0%} of samples agree to float rounding (75% needed; max error {relative_error(out, ref):.2e})"
+    if np.abs(out - ref).mean() > 0.02 * scale:
+        return f"mean error {np.abs(out - ref).mean() / scale:.2e} of the output's scale (0.02 allowed)"
+    agree = float((out.argmax(1) == ref.argmax(1)).mean())
+    if agree < 0.9:
+        return f"top-1 agrees on {agree:.0%} of samples (90% needed)"
+    return None
+
+
+def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(out - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+
+
+def stopping_op(exc: JPQError) -> tuple[str, str]:
+    """(op, reason) of the engine's refusal: "the engine cannot run layer 'x' (LayerNorm); it supports ..."
+    gives ("LayerNorm", "layer 'x' (LayerNorm)"); the list of what it supports is left out of the table."""
+    message = str(exc).split("; it supports ")[0].removeprefix("the engine cannot run ")
+    found = re.search(r"\((\w+)\)", message) if message.startswith("layer ") else re.match(r"(\w+)", message)
+    return (found.group(1) if found else message[:40]), message
+
+
+class AtSize:
+    """`task`'s training batches resized to `size` x `size` (bilinear): what a model that needs images larger
+    than the data's 32 x 32 is calibrated and compared on."""
+
+    def __init__(self, task, size: int):
+        self.task, self.size = task, size
+
+    def resize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] == (self.size, self.size):
+            return x
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+    def batches(self, count: int, seed: int = 0, start: int = 0):
+        for x, y in self.task.batches(count, seed, start):
+            yield self.resize(x), y
+
+    @staticmethod
+    def predict(model, batch):
+        return model(batch[0])
+
+
+def smallest_input(model: nn.Module, num_classes: int, sizes=SIZES) -> int | None:
+    """The smallest of `sizes` at which the model's forward runs and gives N x classes logits (None: none):
+    most of the zoo runs at 32 x 32, inception_v3 needs 75, ViT and MaxViT only their training size."""
+    for size in sizes:
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(2, 3, size, size))
+        except Exception:  # too small for its pooling, its patches or its fixed position embedding
+            continue
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == (2, num_classes):
+            return size
+    return None
+
+
+def check_model(name: str, task=None, max_params: int = MAX_PARAMS, sparsity: float = SPARSITY,
+                quantized: bool = True) -> ZooRecord:
+    """Check one torchvision classification model ("resnet18" or "tv:resnet18"); see the module's docstring.
+    `quantized=False` checks float at 0% only (the quick pass of the test suite). Never raises."""
+    from jpq_core.tasks import ClassificationTask
+
+    record = ZooRecord(name.removeprefix("tv:"))
+    start = time.perf_counter()
+    try:
+        _check(record, task or ClassificationTask("digits", batch_size=16), max_params, sparsity, quantized)
+    except Exception as exc:  # anything the check did not foresee is a finding, not a crash of the run
+        record.outcome, record.reason = ERROR, f"{type(exc).__name__}: {exc}"
+    record.seconds = round(time.perf_counter() - start, 1)
+    return record
+
+
+def _check(record: ZooRecord, task, max_params: int, sparsity: float, quantized: bool) -> None:
+    from jpq_core.models import TORCHVISION, build_network, parameter_count
+
+    name = TORCHVISION + record.name
+    record.params = parameter_count(name, task.num_classes)
+    if record.params > max_params:
+        record.outcome = SKIPPED_SIZE
+        record.reason = f"{record.params / 1e6:.1f}M parameters, too large for the check's budget ({max_params / 1e6:g}M)"
+        return
+    model = build_network(name, task.num_classes).eval()
+    record.size = smallest_input(model, task.num_classes)
+    if record.size is None:
+        record.outcome, record.reason = SKIPPED_SIZE, f"runs at none of {', '.join(map(str, SIZES))} px"
+        return
+    data = AtSize(task, record.size)
+    x = data.resize(task.test_x[:16])
+
+    # Float at 0% on the network as built: its batch norms hold their initial statistics (close to the
+    # identity). Re-estimated on data they normalise channels of almost no variance with gains up to
+    # 1/sqrt(eps), and PyTorch's own output then moves by up to 1e-1 for a one-ulp input change
+    # (EfficientNet-B2), which no 1e-4 comparison survives.
+    try:
+        program = compile_network(model)
+    except JPQError as exc:  # the engine names the op it cannot run
+        record.outcome = SKIPPED_OP
+        record.op, record.reason = stopping_op(exc)
+        return
+    out, ref = _run(program, model, x)
+    record.max_error = relative_error(out, ref)
+    if (why := float_mismatch(out, ref)) is not None:
+        _mismatch(record, f"float at 0%: {why}", model, x, out, ref)
+        return
+    if quantized:
+        net = compressed(model, data, sparsity)
+        program = compile_network(net)
+        on_float = [layer.name for layer in program.layers if not layer.integer]
+        if on_float:
+            record.outcome, record.reason = MISMATCH, f"layers on the float path at w8/a8: {', '.join(on_float[:5])}"
+            return
+        out, ref = _run(program, net, x)
+        scale = float(np.abs(ref).max())
+        if scale <= LIVE_SIGNAL:  # no batch norm to re-estimate (SqueezeNet): nothing left to compare
+            record.outcome = SILENCED
+            record.reason = f"float at 0% matched; {sparsity:.0%} pruning silences the random network (outputs up to {scale:.0e})"
+            return
+        record.max_error = max(record.max_error, relative_error(out, ref))
+        if (why := quantized_mismatch(out, ref)) is not None:
+            _mismatch(record, f"{sparsity:.0%} w8/a8: {why}", net, x, out, ref)
+            return
+    record.outcome = MATCHED
+
+
+def _mismatch(record: ZooRecord, why: str, net: nn.Module, x: torch.Tensor, out: np.ndarray, ref: np.ndarray) -> None:
+    """Record a failed comparison with PyTorch's own sensitivity beside it: how far PyTorch's output moves
+    when every input pixel moves by one float32 ulp (up, then down; the larger). An engine error no larger
+    than that is float rounding amplified by the network (at 90% w8/a8 a rounding step flipped in one
+    activation is amplified downstream): UNSTABLE, the comparison cannot tell the engine from rounding
+    there. A larger one is a MISMATCH: look for a wrong op."""
+    with torch.no_grad():
+        record.noise = max(relative_error(net(torch.from_numpy(np.nextafter(x.numpy(), np.float32(way)))).numpy(), ref)
+                           for way in (np.inf, -np.inf))
+    record.outcome = UNSTABLE if relative_error(out, ref) <= record.noise else MISMATCH
+    record.reason = f"{why}; PyTorch itself moves by {record.noise:.1e} for a one-ulp input change"
+
+
+def _run(program, net: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(engine's output, PyTorch's output) on x."""
+    with torch.no_grad():
+        ref = net(x).numpy()
+    return program.run(x), ref
+
+
+def counts(records: list[ZooRecord]) -> dict[str, int]:
+    """{outcome: how many records have it}, every outcome listed."""
+    return {outcome: sum(r.outcome == outcome for r in records) for outcome in OUTCOMES}
+
+
+def markdown_table(records: list[ZooRecord]) -> str:
+    """The records as a markdown table, then the counts, then the skipped models grouped by the op that
+    stopped them (what to add to the engine next, and what it would bring)."""
+    rows = ["| model | parameters | input | outcome | op, reason or max error | seconds |", "|---|---:|---:|---|---|---:|"]
+    for r in records:
+        detail = r.reason or (f"max error {r.max_error:.1e}" if r.max_error is not None else "")
+        rows.append(f"| {r.name} | {r.params / 1e6:.1f}M | {r.size or '-'} | {r.outcome} | {detail.replace('|', '/')} | {r.seconds:.1f} |")
+    lines = ["\n".join(rows), "", "Counts: " + ", ".join(f"{k} {v}" for k, v in counts(records).items()) + "."]
+    by_op: dict[str, list[str]] = {}
+    for r in records:
+        if r.outcome == SKIPPED_OP:
+            by_op.setdefault(r.op, []).append(r.name)
+    if by_op:
+        lines += ["", "Skipped by op:", ""]
+        lines += [f"- {op}: {', '.join(names)}" for op, names in sorted(by_op.items(), key=lambda kv: -len(kv[1]))]
+    return "\n".join(lines) + "\n"
