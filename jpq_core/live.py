@@ -415,10 +415,14 @@ def matching_runs(results, config: LiveConfig):
 
 def config_from_row(row) -> tuple[LiveConfig, list[str]]:
     """The live configuration nearest to a results-table row (what "load in Explore" opens), and what differs."""
-    allocation = (row.get("config") or {}).get("allocation", "global") if isinstance(row.get("config"), dict) else "global"
+    settings = row.get("config") if isinstance(row.get("config"), dict) else {}
+    allocation = settings.get("allocation", "global")
+    recovery = settings.get("recovery", "none")  # a recovered row opens recovered the same way; others, the page's default
     query = {"network": row["network"], "criterion": row["criterion"], "sparsity": str(row["sparsity"]),
              "wbits": _bits_text(row["wbits"]), "abits": _bits_text(row["abits"]),
              "allocation": allocation if allocation in LIVE_ALLOCATIONS else "global"}
+    if recovery != "none":
+        query["recovery"] = recovery
     return LiveConfig.from_query(query)
 
 

@@ -46,7 +46,8 @@ def load_results(path=None) -> tuple[pd.DataFrame, list[str]]:
     seed; wbits/abits NaN = float), every metric (top1, or epe/bad1/bad2/bad3/coverage) and `dense_` metric,
     every cost figure (weight_bits, memory_ratio, bops_ratio, energy_ratio, hardware_cost_ratio, ...),
     achieved_sparsity, wall_s, engine_ms (None without the engine), git_rev, grid, version_* and added here:
-    wbits_label/abits_label ("4", "float"), metric (the network's headline metric name), headline (its value),
+    recovery (the one-shot recovery method, "none" for rows before it existed), wbits_label/abits_label
+    ("4", "float"), metric (the network's headline metric name), headline (its value),
     loss_pt (accuracy lost against the dense network, in points; negative = better than dense), and
     checkpoint (path of the saved fine-tuned network when it is on the Pareto front, else None).
     A bad line is left out and described in `problems` (file and line); the good rows are all returned.
@@ -58,6 +59,7 @@ def load_results(path=None) -> tuple[pd.DataFrame, list[str]]:
     versions = pd.DataFrame([r.get("versions") or {} for r in rows]).add_prefix("version_")
     df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("crc", "versions")} for r in rows])
     df = pd.concat([df, versions], axis=1)
+    df["recovery"] = [(r["config"] if isinstance(r.get("config"), dict) else {}).get("recovery", "none") for r in rows]
     df["wbits_label"] = [bits_label(r["wbits"]) for r in rows]
     df["abits_label"] = [bits_label(r["abits"]) for r in rows]
     metric = [primary_metric(r["network"]) for r in rows]
@@ -67,6 +69,17 @@ def load_results(path=None) -> tuple[pd.DataFrame, list[str]]:
     folder = checkpoint_dir(path)
     df["checkpoint"] = [str(f) if (f := folder / f"{i}.safetensors").exists() else None for i in df["id"]]
     return df, problems
+
+
+RUN_KINDS = ("fine-tuned", "recovered", "raw")
+
+
+def run_kind(df: pd.DataFrame) -> pd.Series:
+    """Per row: "fine-tuned" (trained after compression), "recovered" (repaired in one shot on calibration
+    data, no training) or "raw" (neither: what pruning and quantization alone do)."""
+    recovery = df["recovery"] if "recovery" in df else pd.Series("none", index=df.index)
+    return pd.Series(["fine-tuned" if ft != "none" else "recovered" if rec != "none" else "raw"
+                      for ft, rec in zip(df["finetune"], recovery)], index=df.index, dtype=object)
 
 
 def pareto_front(df: pd.DataFrame, x: str, y: str, x_lower_is_better: bool = True,
@@ -126,10 +139,10 @@ def tradeoff_figure(df: pd.DataFrame, network: str, folder: Path) -> Path:
     colours = dict(zip(["2", "3", "4", "8", "16", "float"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, x, label in ((axes[0], "memory_ratio", "weight memory vs dense float32 (with index overhead)"),
                          (axes[1], "bops_ratio", "BOPs vs dense float32")):
-        for (ft, wb), part in d.groupby([d.finetune != "none", "wbits_label"]):
-            ax.scatter(100 * part[x], 100 * part[metric], s=36 if ft else 14, marker="o" if ft else "x", alpha=0.75,
-                       color=colours.get(wb), label=f"{'fine-tuned' if ft else 'no fine-tuning'}, weights {wb}"
-                       + ("" if wb == "float" else "-bit"))
+        for (kind, wb), part in d.groupby([run_kind(d), "wbits_label"]):
+            ax.scatter(100 * part[x], 100 * part[metric], s=14 if kind == "raw" else 36, alpha=0.75,
+                       marker={"fine-tuned": "o", "recovered": "^", "raw": "x"}[kind], color=colours.get(wb),
+                       label=f"{kind if kind != 'raw' else 'no fine-tuning'}, weights {wb}" + ("" if wb == "float" else "-bit"))
         front = pareto_front(d, x, metric, True, not higher)
         ax.step(100 * front[x], 100 * front[metric], where="post", color="black", lw=1, label="Pareto front")
         ax.axhline(100 * d[f"dense_{metric}"].iloc[0], color="grey", ls="--", lw=1, label="dense float32")
@@ -192,7 +205,7 @@ def criteria_rows(df: pd.DataFrame, network: str) -> dict[str, pd.DataFrame]:
             d[(d.finetune == "masked") & (d.pipeline == "prune-then-quantize") & (d.wbits_label == "4")
               & (d.abits_label == "8")]),
         "no fine-tuning, 4-bit weights, prune then quantize":
-            d[(d.finetune == "none") & (d.pipeline == "prune-then-quantize") & (d.wbits_label == "4")],
+            d[(run_kind(d) == "raw") & (d.pipeline == "prune-then-quantize") & (d.wbits_label == "4")],
     }
 
 
@@ -221,7 +234,7 @@ def pipeline_rows(df: pd.DataFrame, network: str) -> pd.DataFrame:
 
 def pipeline_figure(df: pd.DataFrame, network: str, folder: Path) -> Path | None:
     ft = pipeline_rows(df, network)
-    noft = df[(df.network == network) & (df.criterion == "taylor") & (df.finetune == "none") & (df.wbits_label == "4")
+    noft = df[(df.network == network) & (df.criterion == "taylor") & (run_kind(df) == "raw") & (df.wbits_label == "4")
               & df.pipeline.isin(PIPELINES)]
     if ft.empty and noft.empty:
         return None
@@ -242,7 +255,7 @@ def pipeline_figure(df: pd.DataFrame, network: str, folder: Path) -> Path | None
 
 
 def granularity_figure(df: pd.DataFrame, network: str, folder: Path) -> Path | None:
-    d = df[(df.network == network) & (df.finetune == "none") & (df.wbits_label == "4") & (df.pipeline == "prune-then-quantize")]
+    d = df[(df.network == network) & (run_kind(df) == "raw") & (df.wbits_label == "4") & (df.pipeline == "prune-then-quantize")]
     if d.empty or (d.granularity == "channel").sum() == 0:
         return None
     plt = _pyplot()
@@ -289,6 +302,8 @@ def finetuning_label(r) -> str:
     extra_allocation = [f"{allocation} allocation"] if allocation != "global" else []
     if config.get("calibration", "minmax") != "minmax":
         extra_allocation.append(f"{config['calibration']} activation ranges")
+    recovery = config.get("recovery", "none")
+    extra_allocation += [f"{recovery} recovery"] if recovery != "none" else []
     if r.finetune == "none":
         return ", ".join(["no fine-tuning", *extra_allocation])
     schedule = config.get("schedule", "oneshot")
@@ -590,7 +605,7 @@ def results_page(df: pd.DataFrame, figures: dict[str, Path], problems: list[str]
         if f"criteria-{network}" in figures:
             out += [f"![{network} criteria]({rel(figures[f'criteria-{network}'])})", ""]
         if f"granularity-{network}" in figures:
-            g = df[(df.network == network) & (df.finetune == "none") & (df.wbits_label == "4")]
+            g = df[(df.network == network) & (run_kind(df) == "raw") & (df.wbits_label == "4")]
             out += [f"![{network} channel vs weight]({rel(figures[f'granularity-{network}'])})", "",
                     "Channel criteria remove whole coupled channels (torch-pruning groups); produced by: " + _commands(g), ""]
     out += ["## Joint against separate pruning and quantization", "",

@@ -9,7 +9,7 @@ from jpq_core.models import is_shipped, network_label
 from jpq_core.errors import JPQError
 from jpq_core.live import config_from_row
 from jpq_core.plots import pareto_plot
-from jpq_core.report import finetuning_label, pareto_front
+from jpq_core.report import RUN_KINDS, finetuning_label, pareto_front, run_kind
 
 st.set_page_config(page_title="Trade-offs - JPQ Explorer", layout="wide")
 st.title("Trade-offs")
@@ -36,12 +36,15 @@ if config.network not in networks:
 cols = st.columns(4)
 network = cols[0].selectbox("Network", networks, index=networks.index(config.network) if config.network in networks else 0, key="to_network")
 x = cols[1].selectbox("Cost axis", [a for a in AXES if results[a].notna().any()], format_func=AXES.get, key="to_x")
-colour = cols[2].selectbox("One trace per", ["criterion", "pipeline", "wbits_label", "finetune", "granularity"], key="to_colour")
-tuned = cols[3].radio("Runs", ["all", "fine-tuned", "no fine-tuning"], horizontal=True, key="to_tuned")
+colour = cols[2].selectbox("One trace per", ["criterion", "pipeline", "wbits_label", "finetune", "recovery", "granularity"],
+                           key="to_colour")
+tuned = cols[3].radio("Runs", ["all", *RUN_KINDS], horizontal=True, key="to_tuned",
+                      help="Fine-tuned: trained after compression. Recovered: repaired in one shot on calibration data, no "
+                           "training (docs/recovery.md). Raw: neither, what pruning and quantization alone do.")
 
 rows = results[(results["network"] == network) & results[x].notna() & results["headline"].notna()]
 if tuned != "all":
-    rows = rows[(rows["finetune"] != "none") == (tuned == "fine-tuned")]
+    rows = rows[run_kind(rows) == tuned]
 if rows.empty:
     st.info("No measured runs for this choice; pick another network, axis or set of runs.")
     st.stop()

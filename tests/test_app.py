@@ -169,6 +169,13 @@ def test_trade_offs_page_plots_measured_runs_and_the_live_point(root):
     # the front's table says how each run was fine-tuned, budget and recipe included
     labels = list(at.dataframe[0].value["finetuning"])
     assert labels and all(re.fullmatch(r"(masked|distill|distill-cost|regrow) \d+ steps.*", label) for label in labels)
+    # recovered runs (one-shot repair, no training) are a set of their own, labelled with their method
+    at.radio(key="to_tuned").set_value("recovered").run()
+    assert not at.exception
+    recovered = int(re.search(r"(\d+) runs", " ".join(c.value for c in at.caption)).group(1))
+    assert 0 < recovered < runs
+    labels = list(at.dataframe[0].value["finetuning"])
+    assert labels and all(re.fullmatch(r"no fine-tuning, .*(obc\+bn|lsq) recovery", label) for label in labels)
 
 
 def test_uploaded_checkpoints_are_used_or_refused_with_a_reason(root, tmp_path, code_running_object):

@@ -117,3 +117,12 @@ def test_a_torchvision_network_travels_in_a_link_and_its_random_weights_are_not_
     assert not LiveConfig(network="resnet20").untrained
     _, problems = LiveConfig.from_query({"network": "tv:vit_h_14"})  # in torchvision, not offered live
     assert "unknown network 'tv:vit_h_14'; the app offers stereo" in problems[0]
+
+
+def test_a_recovered_results_row_opens_recovered_the_same_way_and_others_at_the_page_default():
+    from jpq_core.live import config_from_row
+
+    row = {"network": "resnet20", "criterion": "magnitude", "sparsity": 0.9, "wbits": 4, "abits": 8,
+           "config": {"recovery": "obc+bn", "allocation": "global"}}
+    assert config_from_row(row)[0].recovery == "obc+bn"
+    assert config_from_row({**row, "config": {"allocation": "global"}})[0].recovery == "auto"

@@ -80,6 +80,8 @@ def test_finetuning_labels_tell_apart_runs_that_differ_only_in_how_they_spend_th
         "distill 3000 steps, gradual, cosine lr"
     assert finetuning_label(row(allocation="uniform")) == "masked 300 steps, uniform allocation"
     assert finetuning_label(row("none", 0, allocation="sensitivity")) == "no fine-tuning, sensitivity allocation"
+    assert finetuning_label(row("none", 0, allocation="recovery-aware", recovery="lsq")) == \
+        "no fine-tuning, recovery-aware allocation, lsq recovery"
 
 
 def test_criteria_tables_compare_one_recipe_at_one_budget():
