@@ -208,7 +208,9 @@ def fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], label
     return fitted
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
-    """Load `path` into `model`, naming every missing, unexpected, mis-shaped or non-finite tensor."""
-    model.load_state_dict(fit_state_dict(model, read_state_dict(path), path))
+def load_weights(model: torch.nn.Module, path: Path, ignore: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Load `path` into `model`, naming every missing, unexpected, mis-shaped or non-finite tensor; tensors of
+    the file whose names start with one of `ignore` are left out (heads the network is built without)."""
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(tuple(ignore))}
+    model.load_state_dict(fit_state_dict(model, state, path))
     return model

@@ -45,3 +45,22 @@ def test_resnets_classify_32x32():
 def test_unknown_network_is_a_clear_error():
     with pytest.raises(JPQError, match="unknown network 'vgg'"):
         build_network("vgg")
+
+
+def test_googlenet_is_built_without_its_training_only_heads_and_loads_weights_that_have_them(tmp_path):
+    """GoogLeNet's auxiliary classifiers run only in training (where the forward returns a tuple); the library
+    builds it without them, and torchvision-style weights that include them still load."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    from jpq_core.models import load_network
+
+    with_heads = torchvision.models.googlenet(weights=None, num_classes=10, aux_logits=True, init_weights=True)
+    assert any(k.startswith("aux1.") for k in with_heads.state_dict())
+    path = tmp_path / "googlenet.safetensors"
+    save_file({k: v.contiguous() for k, v in with_heads.state_dict().items()}, str(path))
+    net = load_network("tv:googlenet", path, num_classes=10)
+    assert not any(k.startswith(("aux1.", "aux2.")) for k in net.state_dict())
+    assert torch.equal(net.state_dict()["fc.weight"], with_heads.state_dict()["fc.weight"])
+    net.train()
+    assert isinstance(net(torch.zeros(2, 3, 32, 32)), torch.Tensor)  # training mode too: one output, no tuple

@@ -29,6 +29,11 @@ CACHED_RUNS = Path(__file__).resolve().parents[2] / "cached_runs"
 TORCHVISION = "tv:"  # prefix of torchvision classification models
 USER = "user:"  # prefix of factories registered from the command line
 DEFAULT_CLASSES = 10
+# torchvision models with auxiliary classifiers that run only in training mode, where the forward then returns a
+# tuple. This library trains and measures the main output only (a tuple would break fine-tuning's loss, and
+# layers that never run in eval mode cannot be calibrated), so they are built without them; a checkpoint that
+# has them (torchvision's own weights do) loads with those tensors left out.
+TRAINING_ONLY_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
 INIT_SEED = 0  # networks without trained weights are initialised from this seed, so runs are repeatable
 CLASSIFIER_INPUT = (3, 32, 32)  # what every classification data set of jpq_core.data.classification gives
 
@@ -167,9 +172,11 @@ def build_network(name: str, num_classes: int | None = None, **config) -> nn.Mod
         return _from_factory(name, num_classes)
     import torchvision
 
+    arch = name[len(TORCHVISION):]
+    if arch in TRAINING_ONLY_HEADS:
+        config = {"aux_logits": False, "init_weights": True, **config}
     try:
-        return torchvision.models.get_model(name[len(TORCHVISION):], weights=None,
-                                            num_classes=num_classes or DEFAULT_CLASSES, **config)
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes or DEFAULT_CLASSES, **config)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise JPQError(f"torchvision could not build {name!r} with {config or 'its defaults'} ({exc}).") from None
 
@@ -219,7 +226,9 @@ def load_network(name: str, checkpoint: Path | None = None, num_classes: int | N
             raise JPQError(f"{name!r} has {params:,} parameters, over the {MAX_CHECKPOINT_BYTES // 2**20} MiB limit for "
                            "networks; choose a smaller model.")
         model = build_network(name, num_classes)
-        model = (load_weights(model, Path(checkpoint)) if checkpoint is not None else model).eval()
+        if checkpoint is not None:
+            model = load_weights(model, Path(checkpoint), ignore=TRAINING_ONLY_HEADS.get(name[len(TORCHVISION):], ()))
+        model = model.eval()
         return check_classifier_output(name, model, num_classes)
     path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint(name)
     if checkpoint is None and not path.exists():
