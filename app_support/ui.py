@@ -136,7 +136,9 @@ def sidebar_config() -> LiveConfig:
                                  key="w_criterion")
         allocation = st.radio("Allocation", list(LIVE_ALLOCATIONS), index=list(LIVE_ALLOCATIONS).index(config.allocation),
                               horizontal=True, key="w_allocation",
-                              help="global: one threshold over all layers; uniform: the same sparsity in every layer")
+                              help="global: one threshold over all layers; uniform: the same sparsity in every layer; "
+                                   "recovery-aware: per layer, from each layer's error at the output after least squares "
+                                   "(needs a saved scan of the network; docs/recovery.md)")
         sparsity = st.select_slider("Sparsity", SPARSITY_CHOICES, value=config.sparsity, key="w_sparsity",
                                     format_func=lambda s: f"{s:.1%}", help="share of prunable weights removed")
         wbits = st.select_slider("Weight bits", LIVE_WEIGHT_BITS, value=config.wbits, format_func=_bits_label, key="w_wbits",

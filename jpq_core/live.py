@@ -42,7 +42,9 @@ from jpq_core.tasks import StereoTask, make_task
 # The bit widths the dashboard offers (the library takes every width from 1 to 8 and 16).
 LIVE_WEIGHT_BITS = (1, 2, 3, 4, 6, 8, 16, None)
 LIVE_ACTIVATION_BITS = (4, 6, 8, 16, None)
-LIVE_ALLOCATIONS = ("global", "uniform")  # the sensitivity scan takes minutes: cached runs only
+# "recovery-aware" where its scan is saved (shipped in cached_runs/scans/ or made once from the CLI); the metric
+# sensitivity scan takes minutes and is left to the CLI.
+LIVE_ALLOCATIONS = ("global", "uniform", "recovery-aware")
 # Torchvision architectures offered live, beside the shipped networks: each compiles in the engine
 # (tests/test_engine_zoo.py) and, randomly initialised at 32 x 32 on digits, takes seconds per change; smallest first.
 LIVE_TORCHVISION = ("tv:mobilenet_v3_small", "tv:squeezenet1_0", "tv:mobilenet_v2", "tv:regnet_x_400mf",
@@ -322,6 +324,12 @@ class LiveNetwork:
         if config.allocation not in LIVE_ALLOCATIONS:
             raise JPQError(f"live allocation must be one of {', '.join(LIVE_ALLOCATIONS)}; sensitivity allocation "
                            "needs a scan of every layer and is available from the CLI (`compress --allocation sensitivity`).")
+        per_layer = None
+        if config.allocation == "recovery-aware":
+            from jpq_core.sensitivity import recovery_aware_allocation
+
+            per_layer = recovery_aware_allocation(self.dense, self.task, config.compression_config(), config.sparsity,
+                                                  scan=False)
         if config.recovery_method != "none":
             raw = raw or self.compress(config.without_recovery(), sample, progress, engine)
             dense = self.dense_evaluation() if sample is None else self.evaluate(self.dense, sample)
@@ -334,7 +342,7 @@ class LiveNetwork:
         timings["scores"] = time.perf_counter() - t
 
         net = compress_without_training(self.dense, self.task, config.compression_config(), stats=stats,
-                                        groups=self.groups_for(config),
+                                        groups=self.groups_for(config), allocation=per_layer,
                                         calibration_task=self.calibration_task, calibration_batches=1, timings=timings)
         return self._measured(config, net, timings, sample, engine)
 

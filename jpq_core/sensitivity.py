@@ -220,41 +220,71 @@ def allocate_by_output_error(scan: dict, sizes: dict[str, int], target: float, p
 
 
 REPAIRED_SCAN_DIR = Path(__file__).resolve().parents[1] / "runs" / "sensitivity_cache"
+# Scans shipped with the project (copied from REPAIRED_SCAN_DIR), so the live view offers the allocation at once
+# for the configurations they cover; read before the local cache.
+SHIPPED_SCAN_DIR = Path(__file__).resolve().parents[1] / "cached_runs" / "scans"
+
+
+def repaired_scan_name(dense, task, config) -> str:
+    """The file name of a configuration's scan: a hash of what the scan depends on, the dense weights, data,
+    criterion, bit widths and quantizer settings, protected layers, samples and grid. Not the activation
+    calibration (percentile on the page, min/max on the CLI) nor the sparsity: one scan serves both, at every
+    sparsity."""
+    from jpq_core.score_cache import weights_fingerprint
+
+    settings = [getattr(config, f, None) for f in ("criterion", "wbits", "abits", "layer_wbits", "layer_abits", "symmetric",
+                                                    "per_channel", "protect_first_last")]
+    spec = (f"{weights_fingerprint(dense)}|{task.data_key}|{settings}|{SCAN_SAMPLES.get(getattr(task, 'name', None), 0)}|"
+            f"{REPAIRED_SPARSITIES}")
+    return f"repaired-{hashlib.sha1(spec.encode()).hexdigest()[:16]}.json"
 
 
 def recovery_aware_allocation(dense, task, config, sparsity: float, stats=None, cache_dir: Path | None = None,
-                              progress=None) -> dict[str, float]:
+                              progress=None, scan: bool = True) -> dict[str, float]:
     """Per-layer sparsities for `config.allocation == "recovery-aware"`: `repaired_scan` of the dense network
     quantized as `config` says (scores from `config.criterion`), then `allocate_by_output_error`. The scan is
-    read from disk when the same weights, quantization, data, criterion and grid were scanned before (it takes
-    minutes on stereo; the allocation afterwards takes milliseconds at any sparsity)."""
+    read from disk when it was made before (shipped in SHIPPED_SCAN_DIR or cached in `cache_dir`, default
+    REPAIRED_SCAN_DIR): it takes minutes on stereo, the allocation from it milliseconds at any sparsity.
+    `scan=False` (the live view) refuses with the command to run instead of scanning."""
     from dataclasses import replace
 
     from jpq_core.compressed import effective_weights
     from jpq_core.compression import compress_without_training, gradient_stats
-    from jpq_core.layers import first_and_last
+    from jpq_core.layers import first_and_last, layer_weights
     from jpq_core.registry import get_criterion
-    from jpq_core.score_cache import weights_fingerprint
 
     criterion = get_criterion(config.criterion)
-    base = compress_without_training(dense, task, replace(config, sparsity=0.0, criterion="magnitude", allocation="global"),
-                                     recovery=False)
-    protect = first_and_last(base) if config.protect_first_last else set()
-    samples = SCAN_SAMPLES.get(getattr(task, "name", None), 0)
-    spec = (f"{weights_fingerprint(base)}|{task.data_key}|{config.criterion}|{samples}|{sorted(protect)}|"
-            f"{REPAIRED_SPARSITIES}")
-    path = Path(cache_dir or REPAIRED_SCAN_DIR) / f"repaired-{hashlib.sha1(spec.encode()).hexdigest()[:16]}.json"
-    try:
-        scan = json.loads(path.read_text())
-    except (OSError, ValueError):  # missing or damaged: scanned again, never trusted
+    if criterion.level != "weight":
+        raise JPQError(f"the recovery-aware allocation spreads weights over layers; {config.criterion} removes whole "
+                       "channels. Choose a weight criterion, or the global or uniform allocation.")
+    name = repaired_scan_name(dense, task, config)
+    folders = [Path(cache_dir)] if cache_dir else [SHIPPED_SCAN_DIR, REPAIRED_SCAN_DIR]
+    found = None
+    for folder in folders:
+        try:
+            found = json.loads((folder / name).read_text())
+            break
+        except (OSError, ValueError):  # missing or damaged: scanned again, never trusted
+            pass
+    protect = first_and_last(dense) if config.protect_first_last else set()
+    if found is None:
+        if not scan:
+            bits = f"--wbits {config.wbits or 'float'} --abits {config.abits or 'float'}"
+            raise JPQError(f"the recovery-aware allocation needs a scan of every layer of this network for criterion "
+                           f"{config.criterion} at these bit widths (about 5 minutes on one core for stereo), and none is "
+                           f"saved yet. Run it once: python -m jpq_core compress --network {config.network} --criterion "
+                           f"{config.criterion} --sparsity 0.9 {bits} --finetune none --allocation recovery-aware "
+                           "--recovery lsq; then choose it again. Until then use the global or uniform allocation.")
+        base = compress_without_training(dense, task, replace(config, sparsity=0.0, criterion="magnitude",
+                                                              allocation="global"), recovery=False)
         scoring = attach(copy.deepcopy(dense).eval(), None, None)
         if criterion.needs_gradients and stats is None:
             stats = gradient_stats(scoring, task, config, criterion)
         scores = criterion.scores(effective_weights(scoring), stats)
-        scan = repaired_scan(base, dense, task, scores, REPAIRED_SPARSITIES, samples, protect, progress)
+        found = repaired_scan(base, dense, task, scores, REPAIRED_SPARSITIES, SCAN_SAMPLES.get(task.name), protect, progress)
         try:
-            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(scan)))
+            atomic_write(folders[-1] / name, lambda tmp: Path(tmp).write_text(json.dumps(found)))
         except JPQError:  # a cache only saves time: a full disk or read-only folder must not stop the work
             pass
-    sizes = {k: layer.weight.numel() for k, layer in prunable_layers(base).items()}
-    return allocate_by_output_error(scan, sizes, sparsity, protect)
+    sizes = {k: w.numel() for k, w in layer_weights(dense).items()}
+    return allocate_by_output_error(found, sizes, sparsity, protect)

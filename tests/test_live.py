@@ -126,3 +126,33 @@ def test_a_recovered_results_row_opens_recovered_the_same_way_and_others_at_the_
            "config": {"recovery": "obc+bn", "allocation": "global"}}
     assert config_from_row(row)[0].recovery == "obc+bn"
     assert config_from_row({**row, "config": {"allocation": "global"}})[0].recovery == "auto"
+
+
+def test_the_recovery_aware_allocation_is_offered_live_once_its_scan_is_saved(resnet20, tmp_path, monkeypatch):
+    """Without a saved scan the live view refuses with the command that makes one (it takes minutes); with
+    one (shipped, here made up: layers whose output error rises at different rates), the configuration
+    compresses to its sparsity with per-layer sparsities from the scan."""
+    import json
+
+    from jpq_core import sensitivity
+    from jpq_core.layers import first_and_last, prunable_layers
+
+    monkeypatch.setattr(sensitivity, "SHIPPED_SCAN_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(sensitivity, "REPAIRED_SCAN_DIR", tmp_path / "cache")
+    live = LiveNetwork("resnet20", resnet20)
+    config = LiveConfig(network="resnet20", criterion="magnitude", allocation="recovery-aware", sparsity=0.9, wbits=4,
+                        abits=8, recovery="none")
+    with pytest.raises(JPQError, match="python -m jpq_core compress --network resnet20 --criterion magnitude"):
+        live.compress(config)
+    grid = list(sensitivity.REPAIRED_SPARSITIES)
+    free = [k for k in prunable_layers(resnet20) if k not in first_and_last(resnet20)]
+    scan = {"sparsities": grid, "layers": {k: [1 + (i % 3 + 1) * s ** 4 for s in grid] for i, k in enumerate(free)}}
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / sensitivity.repaired_scan_name(live.dense, live.task, config.compression_config())).write_text(
+        json.dumps(scan))
+    result = live.compress(config)
+    assert result.sparsity == pytest.approx(0.9, abs=1e-3)
+    densities = {k: float(layer.weight.ne(0).float().mean()) for k, layer in prunable_layers(result.model).items()}
+    assert len({round(d, 2) for d in densities.values()}) > 2  # per layer, not one threshold's share everywhere
+    config_back, problems = LiveConfig.from_query(config.to_query())
+    assert config_back == config and not problems
