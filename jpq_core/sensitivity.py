@@ -282,6 +282,8 @@ def recovery_aware_allocation(dense, task, config, sparsity: float, stats=None, 
             stats = gradient_stats(scoring, task, config, criterion)
         scores = criterion.scores(effective_weights(scoring), stats)
         found = repaired_scan(base, dense, task, scores, REPAIRED_SPARSITIES, SCAN_SAMPLES.get(task.name), protect, progress)
+        found["made_for"] = {"network": getattr(config, "network", None), "criterion": config.criterion,
+                             "wbits": config.wbits, "abits": config.abits}  # for a reader of the folder; not the key
         try:
             atomic_write(folders[-1] / name, lambda tmp: Path(tmp).write_text(json.dumps(found)))
         except JPQError:  # a cache only saves time: a full disk or read-only folder must not stop the work
