@@ -255,10 +255,14 @@ def test_pytorch_s_sparse_path_computes_grouped_convolutions(groups):
 
 
 def test_calibration_names_the_layers_an_eval_forward_never_runs(task):
-    """GoogLeNet's auxiliary classifiers run only in training: activation calibration (eval mode) cannot see
-    their inputs, and says which layers those are rather than only that some quantizer saw nothing."""
+    """GoogLeNet's auxiliary classifiers run only in training (the library builds it without them; a user's own
+    network may have such layers): activation calibration (eval mode) cannot see their inputs, and says which
+    layers those are rather than only that some quantizer saw nothing."""
+    from jpq_core.models import build_network
+
+    with_heads = build_network("tv:googlenet", task.num_classes, aux_logits=True).eval()
     with pytest.raises(JPQError, match=r"saw no data at 6 layer\(s\) \(aux1\.conv\.conv, aux1\.fc1, aux1\.fc2, \.\.\.\)"):
-        compressed(load_network("tv:googlenet", None, task.num_classes), task, 0.5)
+        compressed(with_heads, task, 0.5)
 
 
 def test_the_zoo_check_reports_a_wrong_engine_and_an_unforeseen_error(task, monkeypatch):
