@@ -37,7 +37,7 @@ def test_rows_read_during_writes_and_after_a_kill_are_whole(tmp_path):
     deadline = time.monotonic() + random.uniform(0.5, 1.5)
     reads, torn_seen, counts = 0, 0, []
     try:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline or reads <= 10:  # a loaded machine reads slowly: at least 11 reads
             rows, problems = read_rows(table)
             reads += 1
             for row in rows:  # whole: every column, the CRC of exactly what was written, padding complete
