@@ -1,5 +1,6 @@
 """The sparse integer engine against the PyTorch fake-quantized reference of the same compressed network."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -82,6 +83,38 @@ def test_integer_layer_matches_reference(shape, wbits, abits):
     step = layer._kernel_weights()[-1].reshape(1, -1, 1, 1)
     assert np.all(np.abs(out - ref) <= 1e-5 * np.abs(ref).max() + 1e-6)
     assert np.all(np.abs(out - ref) < step)
+
+
+@settings(max_examples=12, deadline=None)
+@given(shape=layer_shapes, height=st.integers(1, 20), width=st.integers(1, 40), wbits=st.sampled_from([4, 8, None]))
+def test_rows_accumulated_as_one_run_match_rows_one_by_one(shape, height, width, wbits):
+    """Narrow maps accumulate a tile's rows as one run (kernels._conv_tile's plane mode); the result is exactly
+    that of one row at a time, in one thread and split across threads into tiles of a few rows."""
+    from jpq_core.engine import ops
+
+    model, _ = compressed_layer(**shape, wbits=wbits, abits=8 if wbits else None)
+    x = torch.randn(3, shape["c_in"], height + 2 * shape["dilation"] * (shape["k"] - 1), width + 2 * shape["k"])
+    outputs = []
+    for plane_below, serial_outputs, threads in ((0, ops.SERIAL_OUTPUTS, 1), (ops.PLANE_BELOW_WIDTH, ops.SERIAL_OUTPUTS, 1),
+                                                 (ops.PLANE_BELOW_WIDTH, 0, 2)):
+        with pytest.MonkeyPatch.context() as patch, numba_threads(threads):
+            patch.setattr(ops, "PLANE_BELOW_WIDTH", plane_below)
+            patch.setattr(ops, "SERIAL_OUTPUTS", serial_outputs)
+            outputs.append(compile_network(model).run(x))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], outputs[2])
+
+
+@contextlib.contextmanager
+def numba_threads(count: int):
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def test_layers_whose_sums_could_pass_2_to_the_24_accumulate_in_int32():

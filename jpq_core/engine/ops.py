@@ -184,39 +184,52 @@ class Conv:
         return buffers[key]
 
     def run(self, env: list, buffers: dict) -> None:
-        fused = self.fused or [0] * len(self.inputs)
-        xs = [env[i] for i, f in zip(self.inputs, fused) if not f]
-        if self.linear:
-            xs = [x.reshape(x.shape[0], -1, 1, 1) for x in xs]
+        xs = [env[i] for i, f in zip(self.inputs, self.fused or [0] * len(self.inputs)) if not f]
         if xs:
-            n, _, h, w = xs[0].shape
+            n, h, w = xs[0].shape[0], xs[0].shape[-2] if xs[0].ndim == 4 else 1, xs[0].shape[-1] if xs[0].ndim == 4 else 1
         else:
             buf, h, w, _ = buffers[id(self)]
             n = buf.shape[0]
-        if sum(x.shape[1] for x in xs) + sum(fused) != self.groups * self.shape[1]:
-            raise JPQError(f"layer {self.name!r} expects {self.groups * self.shape[1]} input channels, "
-                           f"got {sum(x.shape[1] for x in xs) + sum(fused)}.")
-        g = self.geometry(h, w)
-        buf = self.input_buffer(buffers, n, h, w)
-        mode, scale, zero, qmax = self.store_params()
-        c0 = 0
-        for i, f in zip(self.inputs, fused):
-            x = env[i]
-            if not f:
-                x = x.reshape(n, -1, 1, 1) if self.linear else x
-                kernels.pad_input(np.ascontiguousarray(x, np.float32), buf, c0, *self.padding, mode, scale, zero, qmax)
-            c0 += f or x.shape[1]
-        co, out_h, out_w = self.shape[0], g["out_h"], g["out_w"]
-        kernel, args = self.kernel_args(buffers, n, out_h, out_w)
-        keep = args[19]
+        key = (id(self), "step", n, h, w, buffers.get(THREADS) or numba.get_num_threads())
+        step = buffers.get(key)
+        if step is None:
+            step = buffers[key] = self._prepare(xs, buffers, n, h, w)
+        kernel, args, buf, store, fill, out_shape = step
+        for slot, c0 in fill:  # inputs that no producer wrote here directly
+            x = env[slot]
+            kernels.pad_input(np.ascontiguousarray(x.reshape(n, -1, 1, 1) if self.linear else x, np.float32), buf, c0,
+                              *self.padding, *store)
         if self.residual is not None:
             res = env[self.residual]
-            args[8] = res.reshape(n, co, 1, 1) if self.linear else \
-                np.ascontiguousarray(res).reshape(n, co, 1, -1) if self.pixelwise else res
+            args[_RESIDUAL] = res.reshape(n, -1, 1, 1) if self.linear else \
+                np.ascontiguousarray(res).reshape(n, self.shape[0], 1, -1) if self.pixelwise else res
         args[-1] = buffers.get(FRESH, True)
         kernel(*args)
-        if keep:
-            env[self.output] = args[18].reshape(n, -1) if self.linear else args[18].reshape(n, co, out_h, out_w)
+        if out_shape is not None:
+            env[self.output] = args[_OUT].reshape(out_shape)
+
+    def _prepare(self, xs: list, buffers: dict, n: int, h: int, w: int) -> tuple:
+        """What a run of this input size needs, made once per buffers dict (so that a run costs little Python,
+        which at ResNet-20's batch 1 is a third of the time): the kernel and its arguments, the padded input
+        buffer, how inputs are stored into it ((mode, scale, zero, qmax) and [(slot, first channel)] of the inputs
+        to store), and the float output's shape (None when it is not kept)."""
+        fused = self.fused or [0] * len(self.inputs)
+        widths = iter(x.reshape(n, -1).shape[1] if self.linear else x.shape[1] for x in xs)
+        fill, c0 = [], 0
+        for slot, f in zip(self.inputs, fused):
+            if not f:
+                fill.append((slot, c0))
+            c0 += f or next(widths)
+        if c0 != self.groups * self.shape[1]:
+            raise JPQError(f"layer {self.name!r} expects {self.groups * self.shape[1]} input channels, got {c0}.")
+        if self.linear:
+            h = w = 1
+        g = self.geometry(h, w)
+        buf = self.input_buffer(buffers, n, h, w)
+        co, out_h, out_w = self.shape[0], g["out_h"], g["out_w"]
+        kernel, args = self.kernel_args(buffers, n, out_h, out_w)
+        out_shape = None if not args[_KEEP] else (n, -1) if self.linear else (n, co, out_h, out_w)
+        return kernel, args, buf, self.store_params(), fill, out_shape
 
     def kernel_args(self, buffers: dict, n: int, out_h: int, out_w: int) -> tuple:
         """(kernel, arguments) of the convolution for this input size (the residual, slot 8, and `fresh`, the
@@ -240,20 +253,36 @@ class Conv:
         unused = np.zeros((1, 1, 1, 1, 1), dests[0][0].dtype if dests else np.uint8)
         dests += [(unused, np.zeros(4, np.float32), np.zeros(4, np.int64))] * (2 - len(dests))
         ptr, _, _, _, val, corr, mul = self._kernel_weights()
-        rows = n * out_h
-        per_tile = int(min(4, max(1, rows // (4 * numba.get_num_threads()))))
-        acc = np.empty((math.ceil(rows / per_tile), -(-out_w // kernels.VECTOR) * kernels.VECTOR),
+        threads = numba.get_num_threads()
+        serial = threads == 1 or n * co * out_h * out_w < SERIAL_OUTPUTS
+        # Narrow maps (classifiers) accumulate several rows as one run (see kernels._conv_tile), as many as
+        # fit PLANE_RUN accumulators, split further only to give each thread about four tiles.
+        plane = self.stride[0] == 1 and out_h > 1 and out_w < PLANE_BELOW_WIDTH
+        if plane:
+            per_tile = max(1, min(out_h, PLANE_RUN // g["rowstride"]))
+            if not serial:
+                per_tile = max(1, min(per_tile, -(-n * out_h // (4 * threads))))
+            run = (per_tile - 1) * g["rowstride"] + out_w
+        else:
+            per_tile = int(min(4, max(1, n * out_h // (4 * threads))))
+            run = out_w
+        tiles = n * -(-out_h // per_tile)
+        acc = np.empty((tiles, -(-run // kernels.VECTOR) * kernels.VECTOR),
                        np.float32 if val.dtype == np.float32 else np.int32)
-        serial = numba.get_num_threads() == 1 or n * co * out_h * out_w < SERIAL_OUTPUTS
         buffers[key] = (kernels.sparse_conv_serial if serial else kernels.sparse_conv,
                         [buffers[id(self)][3], np.uint64(g["in_sample"]), ptr, g["off"], val, corr, mul, self.bias,
                          _NO_FLOAT, np.float32(self.res_scale), self.residual is not None, np.float32(self.slope),
-                         n, out_h, out_w, np.uint64(g["rowstride"]), per_tile, acc, out, keep, *dests[0], *dests[1], True])
+                         n, out_h, out_w, np.uint64(g["rowstride"]), per_tile, plane, acc, out, keep, *dests[0], *dests[1],
+                         True])
         return buffers[key]
 
 
 FLOAT_EXACT_LIMIT = 2**24  # float32 holds every integer below this exactly
 SERIAL_OUTPUTS = 1 << 16  # below this many outputs a layer is not split across threads
+PLANE_BELOW_WIDTH = 128  # output rows narrower than this are accumulated several rows at a time
+PLANE_RUN = 2048  # accumulators of one such run (8 KB of float32, in L1 with the input rows it reads)
+_RESIDUAL, _OUT, _KEEP = 8, 19, 20  # positions in the kernel's arguments (kernels.sparse_conv)
+THREADS = "threads"  # key of the buffers dict: numba's thread count for this run (set by the program)
 FRESH = "fresh"  # key of the buffers dict: False when its arrays were filled by a complete earlier run
 _NO_FLOAT = np.zeros((1, 1, 1, 1), np.float32)  # stands for an absent float array in kernel calls
 

@@ -23,7 +23,7 @@ import torch
 
 from jpq_core.checkpoints import atomic_write
 from jpq_core.engine.lowering import link, lower
-from jpq_core.engine.ops import FRESH, Conv, op_from
+from jpq_core.engine.ops import FRESH, THREADS, Conv, op_from
 from jpq_core.errors import JPQError
 from jpq_core.untrusted import decoding
 
@@ -78,6 +78,7 @@ class Program:
             if mine and shapes != self._shapes:
                 self._buffers, self._shapes = {}, shapes
             buffers = self._buffers if mine else {}
+            buffers[THREADS] = numba.get_num_threads()
             try:
                 for op in self.ops:
                     start = time.perf_counter()
