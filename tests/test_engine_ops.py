@@ -8,7 +8,7 @@ import torch.nn as nn
 from torchvision.models.convnext import CNBlock, CNBlockConfig, ConvNeXt
 
 from jpq_core.engine import compile_network
-from jpq_core.engine.ops import GLUE, Conv, Glue, op_from
+from jpq_core.engine.ops import Glue, op_from
 from jpq_core.engine.program import load_program
 from jpq_core.engine.zoo import MATCHED, check_model, compressed, float_mismatch, quantized_mismatch
 from jpq_core.tasks import ClassificationTask

@@ -588,7 +588,7 @@ class Lowering:
         kind = _function_activation(node)
         if kind is not None:
             return self.glue(name, "activation", [tensor(0)], kind=kind[0], a=kind[1], b=kind[2])
-        if (fn in ("add", "add_", "iadd", "mul", "mul_", "imul", "truediv", "div", "sub", "rsub")):
+        if fn in ARITHMETIC:
             return self._arithmetic(node, fn, args, name, unsupported)
         if fn in ("cat", "concat"):
             parts = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -601,14 +601,6 @@ class Lowering:
             return self.concat(name, slots, dim)
         if fn == "flatten":
             return self._flatten(name, tensor(0), _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
-        if fn in ("view", "reshape"):
-            shape = list(node.args[1:]) if len(node.args) > 2 or not isinstance(_arg(node, 1, "shape"), (list, tuple)) \
-                else list(node.args[1])
-            batch = args[1] if len(args) > 1 else None
-            if len(shape) == 2 and shape[1] == -1 and isinstance(batch, _Shape) and batch.index == 0 \
-                    and real(batch.source) is real(node.args[0]):
-                return self._flatten(name, tensor(0), 1, -1)
-            raise unsupported("only x.view(x.size(0), -1) (flattening) is supported among reshapes")
         if fn == "mean":
             dims = _arg(node, 1, "dim")
             if dims is None:
