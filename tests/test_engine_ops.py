@@ -113,7 +113,7 @@ def small_convnext(seed=0) -> nn.Module:
     return model.eval()
 
 
-def test_convnext_block_runs_nchw_with_its_linear_layers_as_1x1_convolutions(task):
+def test_convnext_block_runs_nchw_with_its_linear_layers_as_1x1_convolutions(task, tmp_path):
     model = small_convnext()
     program = compile_network(model)
     glue_ops = [op.op for op in program.ops if isinstance(op, Glue)]
@@ -132,7 +132,9 @@ def test_convnext_block_runs_nchw_with_its_linear_layers_as_1x1_convolutions(tas
     with torch.no_grad():
         ref = net(x).numpy()
     assert np.abs(ref).max() > 1e-3
-    assert quantized_mismatch(program.run(x), ref) is None
+    out = program.run(x)
+    assert quantized_mismatch(out, ref) is None
+    np.testing.assert_array_equal(load_program(program.save(tmp_path / "convnext.jpq")).run(x), out)
 
 
 def test_a_linear_layer_on_channels_last_that_is_not_permuted_back_still_matches():
