@@ -60,7 +60,8 @@ def test_torchvision_model_compiles_and_matches_pytorch(name, task):
 
 
 # The whole zoo, float at 0%, for every model up to this size: 16 models built and compared (the other 64
-# only counted on the meta device): 26 s on one thread of the loaded 2-core machine. The zoo's 90% w8/a8 comparison is the
+# only counted on the meta device): 73-102 s on one thread of the loaded 2-core machine (26 s while the four
+# ShuffleNets were skipped at an op). The zoo's 90% w8/a8 comparison is the
 # subset ZOO above here, and all of it in docs/engine.md ("The torchvision zoo", scripts/zoo_check.py).
 QUICK_ZOO_PARAMS = 5_500_000
 
@@ -134,20 +135,24 @@ def test_interpolation_matches_pytorch(mode, align, size, scale):
 
 
 def test_an_op_the_engine_cannot_run_is_named():
-    class Shuffle(nn.Module):
+    class Roll(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 1)
 
         def forward(self, x):
-            return torch.chunk(self.conv(x), 2, 1)[0]
+            return torch.roll(self.conv(x), 1, 2)
 
-    with pytest.raises(JPQError, match=r"cannot run chunk"):
-        compile_network(Shuffle().eval())
-    with pytest.raises(JPQError, match=r"cannot run floordiv.*tensor's shape"):
-        compile_network(load_network("tv:shufflenet_v2_x0_5"))  # its channel shuffle reshapes by computed sizes
-    with pytest.raises(JPQError, match=r"'1' \(LayerNorm\)"):
-        compile_network(nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm([4, 8, 8])).eval())
+    class SizeTest(nn.Module):
+        def forward(self, x):
+            return x * (x.size(2) == 8)
+
+    with pytest.raises(JPQError, match=r"cannot run roll"):
+        compile_network(Roll().eval())
+    with pytest.raises(JPQError, match=r"cannot run eq.*tensor's shape"):
+        compile_network(SizeTest().eval())  # shape arithmetic is followed into reshapes only
+    with pytest.raises(JPQError, match=r"'1' \(GroupNorm\)"):
+        compile_network(nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4)).eval())
     with pytest.raises(JPQError, match="not one tensor"):
         class Pair(nn.Module):
             def forward(self, x):

@@ -9,9 +9,16 @@ becomes an engine op:
   a linear layer of flatten(x, 1) reads x;
 - the other supported ops -> float `Glue` (ops.GLUE): activations (ReLU, ReLU6/Hardtanh, LeakyReLU,
   Hardswish, Hardsigmoid, SiLU, Sigmoid, GELU, Tanh), batch norm no convolution absorbs, add and multiply
-  (residuals, squeeze-excitation), a tensor with a number, concatenation, max and average pooling (also
-  adaptive), mean over axes, flatten, upsampling / interpolation (nearest, bilinear);
+  (residuals, squeeze-excitation), a tensor with a number or with a constant tensor (a layer scale),
+  concatenation, max and average pooling (also adaptive), mean over axes, flatten, upsampling /
+  interpolation (nearest, bilinear), layer norm, reshape (view), permute / transpose, chunk / split;
 - identity in inference: dropout, Identity, stochastic depth, contiguous.
+Shape arithmetic (x.size(), x.shape, // * + - of sizes) is followed into reshapes, whose sizes are then
+computed when the program runs (any input size): ShuffleNet's channel shuffle. A permute is not run where
+what follows works on the unpermuted tensor (`_Permuted`): elementwise ops, layer norm over the permuted
+last axis, and a linear layer over the channels, a 1x1 convolution: ConvNeXt's channels-last block stays NCHW.
+After lowering, a per-channel multiply-add (layer scale, batch norm) that follows a convolution is folded into
+its scale and bias, and an add of its output becomes its residual (`scales_folded`, `residuals_folded`).
 Any other op is a JPQError naming it and its layer: the engine never runs something else than the network.
 StereoNet's own ops (normalisation and padding, correlation, soft-argmin, x2 upsampling and crop) depend
 on the input's shape, so its forward is written out in `Lowering.stereo`, which lowers its sub-networks
@@ -42,14 +49,14 @@ import torch.nn as nn
 
 from jpq_core.compressed import raw_weight, transform
 from jpq_core.engine import packing
-from jpq_core.engine.ops import INTEGER_ACTIVATION_BITS, INTEGER_WEIGHT_BITS, INTO, Conv, Glue
+from jpq_core.engine.ops import INTEGER_ACTIVATION_BITS, INTEGER_WEIGHT_BITS, INTO, SHAPE_ARITHMETIC, Conv, Glue
 from jpq_core.errors import JPQError
 from jpq_core.models.stereo import INPUT_MEAN, INPUT_STD, StereoNet
 from jpq_core.quantization import uniform_params
 
-SUPPORTED = ("Conv2d (zero padding), Linear, BatchNorm, ReLU, ReLU6, Hardtanh, LeakyReLU, Hardswish, Hardsigmoid, "
-             "SiLU, Sigmoid, GELU, Tanh, add, multiply, cat, max/avg pooling (also adaptive), mean, flatten, "
-             "interpolate/Upsample (nearest, bilinear), Dropout, Identity")
+SUPPORTED = ("Conv2d (zero padding), Linear, BatchNorm, LayerNorm, ReLU, ReLU6, Hardtanh, LeakyReLU, Hardswish, "
+             "Hardsigmoid, SiLU, Sigmoid, GELU, Tanh, add, multiply, cat, max/avg pooling (also adaptive), mean, flatten, "
+             "view/reshape, permute/transpose, chunk/split, interpolate/Upsample (nearest, bilinear), Dropout, Identity")
 
 
 def compression_of(layer):
@@ -143,6 +150,7 @@ IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Alph
 LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten, nn.Upsample) + ACTIVATION_MODULES \
     + POOL_MODULES + IDENTITY_MODULES
 ADDS, MULS = (operator.add, operator.iadd, torch.add), (operator.mul, operator.imul, torch.mul)
+ARITHMETIC = ("add", "add_", "iadd", "mul", "mul_", "imul", "truediv", "div", "sub", "rsub")
 IDENTITY_FUNCTIONS = ("dropout", "dropout1d", "dropout2d", "alpha_dropout", "stochastic_depth")
 
 
@@ -200,10 +208,90 @@ def _fn(node) -> str:
 
 
 class _Shape:
-    """A value computed from a tensor's shape (x.size(0), x.shape[0]): only a flattening view may use one."""
+    """A value computed from tensors' shapes, followed so that a reshape can compute its sizes when it runs:
+    x.size() or x.shape (`index` None), one size x.size(i) or x.shape[i], or integer arithmetic on sizes and
+    numbers (`op`, one of ops.SHAPE_ARITHMETIC, on two `operands`). Only reshapes read one."""
 
-    def __init__(self, source, index=None):
-        self.source, self.index = source, index
+    def __init__(self, source=None, index=None, op=None, operands=()):
+        self.source, self.index, self.op, self.operands = source, index, op, tuple(operands)
+
+
+class _Permuted:
+    """A tensor with its axes reordered, the permute not yet run: slot `base` seen with view axis i = base axis
+    axes[i] (axes past len(axes) in place); `rank`, its number of axes where known (a permute names them all).
+    Elementwise ops, layer norm and a linear layer over the channels run on the base, so that ConvNeXt's
+    NCHW -> NHWC -> LayerNorm -> Linear -> GELU -> Linear -> NCHW block stays NCHW with 1x1 convolutions; the
+    permute runs (`Lowering.materialized`) only when anything else reads the tensor."""
+
+    def __init__(self, base: int, axes, rank: int | None, name: str):
+        self.base, self.axes, self.rank, self.name = base, tuple(axes), rank, name
+        self.slot = None  # the permute's output, once it runs
+
+    def base_axis(self, axis: int) -> int | None:
+        """The base axis of view axis `axis` (None: a negative axis of unknown rank)."""
+        if axis < 0:
+            if self.rank is None:
+                return None
+            axis += self.rank
+        return self.axes[axis] if axis < len(self.axes) else axis
+
+
+class _Pieces:
+    """torch.chunk(x, chunks, dim) or torch.split(x, sizes, dim) of slot x: each item read becomes `split` glue."""
+
+    def __init__(self, slot: int, dim: int, chunks=None, sizes=None):
+        self.slot, self.dim, self.chunks, self.sizes = slot, dim, chunks, sizes
+
+
+def _tensor_args(node, args) -> list:
+    """The values of `node`'s arguments that are computed tensors (slots or permuted tensors)."""
+    return [v for v, a in zip(args, node.args) if isinstance(a, fx.Node) and isinstance(v, (int, _Permuted))
+            and not isinstance(v, bool)]
+
+
+def _elementwise(node, module) -> bool:
+    """Whether the node computes each output element from the inputs' elements at the same place alone
+    (activations; arithmetic on tensors and numbers), so that it can run on permuted tensors' bases."""
+    if module is not None:
+        return isinstance(module, ACTIVATION_MODULES)
+    return node.op != "get_attr" and (_function_activation(node) is not None or _fn(node) in ARITHMETIC)
+
+
+def _channels_last(layer, x) -> bool:
+    """Whether `layer` is a linear layer over the channels of an NCHW tensor x seen as NHWC (a 1x1 convolution)."""
+    return isinstance(layer, nn.Linear) and isinstance(x, _Permuted) and x.rank == 4 and x.base_axis(-1) == 1
+
+
+def _parameter(mods, target: str) -> torch.Tensor:
+    """The parameter or buffer a get_attr node reads (a layer scale, a layer norm's weights), detached."""
+    owner, _, attr = target.rpartition(".")
+    return getattr(mods[owner], attr).detach()
+
+
+def _numbers(t) -> list | None:
+    """A constant tensor's values as a flat list (JSON for glue parameters); None stays None."""
+    return None if t is None else t.detach().float().flatten().tolist()
+
+
+def _shape_value(node, fn, args) -> _Shape | None:
+    """x.size(), x.shape, their items, and integer arithmetic of sizes and numbers, as _Shape (None: the node
+    computes none of these)."""
+    if fn == "size" or (fn == "getattr" and len(node.args) > 1 and node.args[1] == "shape"):
+        return _Shape(node.args[0], node.args[1] if fn == "size" and len(node.args) > 1 else None)
+    if fn == "getitem" and isinstance(args[0], _Shape) and args[0].index is None and args[0].op is None:
+        return _Shape(args[0].source, node.args[1])
+    if fn in SHAPE_ARITHMETIC and len(args) == 2 and any(isinstance(a, _Shape) for a in args) and all(
+            isinstance(v, _Shape) if isinstance(a, fx.Node) else isinstance(a, int) and not isinstance(a, bool)
+            for v, a in zip(args, node.args)):
+        return _Shape(op=fn, operands=args)
+    return None
+
+
+def _composed(first, second) -> tuple:
+    """The permutation of permuting by `first`, then by `second` (each extended by the axes it leaves in place)."""
+    n = max(len(first), len(second))
+    a, b = (tuple(p) + tuple(range(len(p), n)) for p in (first, second))
+    return tuple(a[i] for i in b)
 
 
 def _is_identity(node, module) -> bool:
@@ -273,12 +361,14 @@ class Lowering:
         return out
 
     # --- layers --------------------------------------------------------------------------------------
-    def conv(self, layer, inputs, bn=None, slope=1.0, residual=None, res_scale=1.0) -> int:
+    def conv(self, layer, inputs, bn=None, slope=1.0, residual=None, res_scale=1.0, pointwise=False) -> int:
+        """A Conv op of a convolution or linear layer; `pointwise`: a linear layer over the channels of NCHW
+        input, run as a 1x1 convolution."""
         name = self.name(layer)
         if isinstance(layer, nn.Conv2d):
             (stride, padding, dilation), groups, linear = _conv_geometry(layer, name), layer.groups, False
         else:
-            stride, padding, dilation, groups, linear = (1, 1), (0, 0), (1, 1), 1, True
+            stride, padding, dilation, groups, linear = (1, 1), (0, 0), (1, 1), 1, not pointwise
         k, s_w, wbits, bits = integer_weights(layer, name)
         gamma, bias = _fold(layer, bn)
         act = activation_quantization(layer)
@@ -356,9 +446,9 @@ class Lowering:
             if node in chains:
                 values[node] = self._chain(chains[node], values, real)
             else:
-                values[node] = self.node(node, mods, [values.get(real(a), a) if isinstance(a, fx.Node) else a
-                                                      for a in node.args], real, values)
-        out = values[result]
+                values[node] = self.node(node, mods, list(fx.node.map_arg(node.args, lambda a: values.get(real(a), a))),
+                                         real, values)
+        out = self.materialized(values[result])
         if not isinstance(out, int):
             raise JPQError(f"{label}'s forward returns a shape, not a tensor.")
         return out
@@ -409,16 +499,30 @@ class Lowering:
             chain["members"] = [m for m in chain["members"] if m is not end]
         return chains
 
-    def _chain(self, chain, values, real) -> int:
+    def _chain(self, chain, values, real):
         x = values[real(chain["conv"].args[0])]
+        residual = chain["residual"]
+        if isinstance(residual, fx.Node):
+            residual = values[real(residual)]
+        if _channels_last(chain["layer"], x) and chain["bn"] is None and (
+                residual is None or isinstance(residual, _Permuted) and (residual.axes, residual.rank) == (x.axes, x.rank)):
+            out = self.conv(chain["layer"], [x.base], None, chain["slope"], None if residual is None else residual.base,
+                            chain["res_scale"], pointwise=True)
+            return _Permuted(out, x.axes, x.rank, x.name)
+        x, residual = self.materialized(x), self.materialized(residual)
         if isinstance(chain["layer"], nn.Linear):
             inputs = [self.flattened.get(x, x)]
         else:
             inputs = self.concat_parts.get(x, [x])
-        residual = chain["residual"]
-        if isinstance(residual, fx.Node):
-            residual = values[real(residual)]
         return self.conv(chain["layer"], inputs, chain["bn"], chain["slope"], residual, chain["res_scale"])
+
+    def materialized(self, value):
+        """The slot of a value: a permuted tensor's permute is run (once), anything else is passed on."""
+        if not isinstance(value, _Permuted):
+            return value
+        if value.slot is None:
+            value.slot = self.glue(value.name, "permute", [value.base], axes=list(value.axes))
+        return value.slot
 
     def concat(self, name, inputs, dim) -> int:
         out = self.glue(name, "concat", inputs, dim=dim)
@@ -427,7 +531,8 @@ class Lowering:
         return out
 
     def node(self, node, mods, args, real, values):
-        """The slot of one graph node's result (a _Shape for shape arithmetic)."""
+        """The value of one graph node's result: a slot, or a permuted tensor (_Permuted), a shape value (_Shape),
+        a chunked tensor (_Pieces), a constant tensor (a parameter the graph reads)."""
         module = mods.get(node.target) if node.op == "call_module" else None
         where = f"layer {self.name(module)!r} ({type(module).__name__})" if module is not None \
             else f"{_fn(node) if node.op != 'get_attr' else 'constant ' + str(node.target)} (graph node {node.name!r})"
@@ -436,46 +541,66 @@ class Lowering:
         def unsupported(why=""):
             return JPQError(f"the engine cannot run {where}{': ' + why if why else ''}; it supports {SUPPORTED}.")
 
-        def tensor(i):
-            if i >= len(args) or not isinstance(args[i], int) or isinstance(args[i], bool) or not isinstance(node.args[i], fx.Node):
+        def tensor(i, permuted=False):
+            """Argument i, a tensor the engine computes: its slot (or, with `permuted`, a _Permuted as it is)."""
+            value = args[i] if i < len(args) else None
+            if isinstance(value, torch.Tensor):
+                raise unsupported("constant tensors inside the network (other than a multiplier, addend or layer "
+                                  "norm weights)")
+            if not isinstance(value, (int, _Permuted)) or isinstance(value, bool) or not isinstance(node.args[i], fx.Node):
                 raise unsupported("an input is not a tensor the engine computes")
-            return args[i]
+            return value if permuted else self.materialized(value)
 
+        def argument(i, key, default=None):
+            value = _arg(node, i, key, default)
+            return values.get(real(value), value) if isinstance(value, fx.Node) else value
+
+        if node.op == "get_attr":
+            return _parameter(mods, node.target)
+        if (lead := self._permuted_elementwise(node, module, args)) is not None:
+            bases = [a.base if isinstance(a, _Permuted) else a for a in args]
+            return _Permuted(self.node(node, mods, bases, real, values), lead.axes, lead.rank, lead.name)
+        if isinstance(module, nn.LayerNorm):
+            return self._layer_norm(name, tensor(0, True), module.normalized_shape, module.weight, module.bias, module.eps)
         if module is not None:
             return self._module(module, name, tensor(0), unsupported)
-        if node.op == "get_attr":
-            raise unsupported("constant tensors inside the network")
         fn = _fn(node)
-        if fn == "size" or (fn == "getattr" and len(node.args) > 1 and node.args[1] == "shape"):
-            return _Shape(node.args[0], node.args[1] if fn == "size" and len(node.args) > 1 else None)
-        if fn == "getitem" and isinstance(args[0], _Shape) and args[0].index is None:
-            return _Shape(args[0].source, node.args[1])
-        if any(isinstance(a, _Shape) for a in args) and fn not in ("view", "reshape"):
-            raise unsupported("it computes with the tensor's shape, which the engine does not follow")
+        if (shape := _shape_value(node, fn, args)) is not None:
+            return shape
+        if fn in ("view", "reshape"):
+            return self._reshape(node, name, tensor(0, True), values, real, unsupported)
+        if any(isinstance(a, _Shape) for a in args):
+            raise unsupported("it computes with the tensor's shape, which the engine follows into reshapes only")
+        if fn in ("permute", "transpose"):
+            return self._permute(node, fn, name, tensor(0, True), unsupported)
+        if fn == "layer_norm":
+            return self._layer_norm(name, tensor(0, True), argument(1, "normalized_shape"), argument(2, "weight"),
+                                    argument(3, "bias"), argument(4, "eps", 1e-5))
+        if fn in ("chunk", "split"):
+            return self._pieces(node, fn, tensor(0), unsupported)
+        if fn == "getitem" and isinstance(args[0], _Pieces):
+            pieces, index = args[0], node.args[1]
+            if not isinstance(index, int) or index < 0:
+                raise unsupported("a chunk read by a negative or computed index")
+            return self.glue(name, "split", [pieces.slot], dim=pieces.dim, index=index, chunks=pieces.chunks,
+                             sizes=pieces.sizes)
+        args = [self.materialized(a) for a in args]  # what follows reads tensors as they are
         kind = _function_activation(node)
         if kind is not None:
             return self.glue(name, "activation", [tensor(0)], kind=kind[0], a=kind[1], b=kind[2])
-        if (fn in ("add", "add_", "iadd", "mul", "mul_", "imul", "truediv", "div", "sub", "rsub")):
+        if fn in ARITHMETIC:
             return self._arithmetic(node, fn, args, name, unsupported)
         if fn in ("cat", "concat"):
             parts = node.args[0] if node.args else node.kwargs.get("tensors")
             if not isinstance(parts, (list, tuple)) or not all(isinstance(p, fx.Node) for p in parts):
                 raise unsupported("its inputs are not tensors")
-            slots = [values.get(real(p)) for p in parts]
+            slots = [self.materialized(values.get(real(p))) for p in parts]
             if not all(isinstance(s, int) for s in slots):
                 raise unsupported("an input is not a tensor the engine computes")
             dim = _arg(node, 1, "dim", 0)
             return self.concat(name, slots, dim)
         if fn == "flatten":
             return self._flatten(name, tensor(0), _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
-        if fn in ("view", "reshape"):
-            shape = list(node.args[1:]) if len(node.args) > 2 or not isinstance(_arg(node, 1, "shape"), (list, tuple)) \
-                else list(node.args[1])
-            batch = args[1] if len(args) > 1 else None
-            if len(shape) == 2 and shape[1] == -1 and isinstance(batch, _Shape) and batch.index == 0 \
-                    and real(batch.source) is real(node.args[0]):
-                return self._flatten(name, tensor(0), 1, -1)
-            raise unsupported("only x.view(x.size(0), -1) (flattening) is supported among reshapes")
         if fn == "mean":
             dims = _arg(node, 1, "dim")
             if dims is None:
@@ -491,6 +616,102 @@ class Lowering:
         if fn == "batch_norm":
             raise unsupported("batch norm as a function; use nn.BatchNorm2d")
         raise unsupported()
+
+    def _permuted_elementwise(self, node, module, args) -> _Permuted | None:
+        """The first permuted input of an elementwise node whose tensor inputs are all permuted alike (same
+        axes, and the same known rank if several: broadcasting aligns axes from the right), without constant
+        tensors: the node then runs on their bases. None otherwise."""
+        tensors = _tensor_args(node, args)
+        lead = next((t for t in tensors if isinstance(t, _Permuted)), None)
+        if lead is None or not _elementwise(node, module) or any(isinstance(a, torch.Tensor) for a in args):
+            return None
+        alike = all(isinstance(t, _Permuted) and t.axes == lead.axes and (len(tensors) == 1 or
+                                                                         (t.rank == lead.rank and t.rank is not None))
+                    for t in tensors)
+        return lead if alike else None
+
+    def _permute(self, node, fn, name, x, unsupported):
+        """permute / transpose of x: a _Permuted (the permute runs only where something needs it moved), or x
+        itself when it undoes x's permute."""
+        rank = x.rank if isinstance(x, _Permuted) else None
+        if fn == "permute":
+            dims = _arg(node, 1, "dims")
+            dims = list(dims) if isinstance(dims, (list, tuple)) else list(node.args[1:])
+            if not all(isinstance(d, int) for d in dims) or sorted(d % len(dims) for d in dims) != list(range(len(dims))):
+                raise unsupported("its axes are not a permutation given as numbers")
+            rank, axes = len(dims), [d % len(dims) for d in dims]
+        else:
+            pair = [_arg(node, 1, "dim0"), _arg(node, 2, "dim1")]
+            if not all(isinstance(d, int) for d in pair) or (min(pair) < 0 and rank is None):
+                raise unsupported("a transpose of axes given by negative or computed numbers")
+            d0, d1 = (d % rank if d < 0 else d for d in pair)
+            axes = list(range(max(d0, d1) + 1))
+            axes[d0], axes[d1] = d1, d0
+        base = x
+        if isinstance(x, _Permuted):
+            base, axes, rank = x.base, _composed(x.axes, axes), rank or x.rank
+        return base if tuple(axes) == tuple(range(len(axes))) else _Permuted(base, axes, rank, name)
+
+    def _layer_norm(self, name, x, normalized_shape, weight, bias, eps):
+        """Layer norm over the last len(normalized_shape) axes; of a permuted tensor over its last axis, over
+        that axis of its base (ConvNeXt's channels), the result staying permuted."""
+        count = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+        params = dict(weight=_numbers(weight), bias=_numbers(bias), eps=float(eps))
+        if isinstance(x, _Permuted) and count == 1 and x.base_axis(-1) is not None:
+            out = self.glue(name, "layer_norm", [x.base], axes=[x.base_axis(-1)], **params)
+            return _Permuted(out, x.axes, x.rank, x.name)
+        return self.glue(name, "layer_norm", [self.materialized(x)], axes=list(range(-count, 0)), **params)
+
+    def _reshape(self, node, name, x, values, real, unsupported) -> int:
+        """view / reshape: x.view(x.size(0), -1) is a flatten (which a linear layer reads through); any other
+        shape is `reshape` glue, its sizes numbers or computed from tensors' shapes when it runs."""
+        given = _arg(node, 1, "shape")
+        sizes = []
+        for size in (list(given) if isinstance(given, (list, tuple)) else list(node.args[1:])):
+            value = values.get(real(size)) if isinstance(size, fx.Node) else size
+            if isinstance(size, fx.Node) and not isinstance(value, _Shape) or isinstance(value, bool) \
+                    or not isinstance(value, (int, _Shape)):
+                raise unsupported("a size that is neither a number nor computed from tensors' shapes")
+            sizes.append(value)
+        batch = sizes[0] if sizes else None
+        x = self.materialized(x)
+        if len(sizes) == 2 and sizes[1] == -1 and isinstance(batch, _Shape) and batch.op is None and batch.index == 0 \
+                and real(batch.source) is real(node.args[0]):
+            return self._flatten(name, x, 1, -1)
+        sources = [x]
+        shape = [self._size(size, sources, values, real, unsupported) for size in sizes]
+        return self.glue(name, "reshape", sources, shape=shape)
+
+    def _size(self, size, sources: list, values, real, unsupported):
+        """A reshape's size as ops.shape_value reads it; the slots whose shapes it reads are added to `sources`."""
+        if not isinstance(size, _Shape):
+            return size
+        if size.op is not None:
+            return [size.op] + [self._size(s, sources, values, real, unsupported) for s in size.operands]
+        if not isinstance(size.index, int):
+            raise unsupported("a reshape by a whole shape or a slice of one")
+        value, axis = values.get(real(size.source)), size.index
+        if isinstance(value, _Permuted):
+            mapped = value.base_axis(axis)
+            value, axis = (value.base, mapped) if mapped is not None else (self.materialized(value), axis)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise unsupported("a size of something that is not a tensor the engine computes")
+        if value not in sources:
+            sources.append(value)
+        return ["dim", sources.index(value), axis]
+
+    def _pieces(self, node, fn, x, unsupported) -> _Pieces:
+        """torch.chunk / torch.split of x (its items become `split` glue)."""
+        dim = _arg(node, 2, "dim", 0)
+        if fn == "chunk":
+            chunks, sizes = _arg(node, 1, "chunks"), None
+        else:
+            chunks, sizes = None, _arg(node, 1, "split_size_or_sections", node.kwargs.get("split_size"))
+            sizes = list(sizes) if isinstance(sizes, (list, tuple)) else sizes
+        numbers = [dim, chunks] if fn == "chunk" else [dim] + (sizes if isinstance(sizes, list) else [sizes])
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in numbers):
+            raise unsupported("sizes or axis given by computed values")
+        return _Pieces(x, dim, chunks, sizes)
 
     def _module(self, m, name, x, unsupported) -> int:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -570,10 +791,16 @@ class Lowering:
         tensors = [isinstance(v, int) and not isinstance(v, bool) and isinstance(n, fx.Node)
                    for v, n in zip((a, b), node.args[:2])]
         numbers = [isinstance(n, (int, float)) and not isinstance(n, bool) for n in node.args[:2]]
+        constants = [isinstance(v, torch.Tensor) for v in (a, b)]
         op = fn.rstrip("_").lstrip("i") if fn not in ("div",) else "truediv"
         op = {"add": "add", "mul": "mul", "truediv": "truediv", "div": "truediv", "sub": "sub", "rsub": "rsub"}.get(op, op)
         if all(tensors) and op in ("add", "mul"):
             return self.glue(name, op, [a, b])
+        if any(tensors) and any(constants) and (op in ("add", "mul") or op == "sub" and tensors[0]):
+            x, c = (a, b) if tensors[0] else (b, a)
+            c = -c if op == "sub" else c
+            return self.glue(name, "constant", [x], fn="mul" if op == "mul" else "add", value=_numbers(c),
+                             shape=list(c.shape))
         if (tensors[0] and numbers[1]) or (tensors[1] and numbers[0] and op in ("add", "mul", "sub")):
             x, c = (a, float(node.args[1])) if tensors[0] else (b, float(node.args[0]))
             mul, add = {"add": (1.0, c), "mul": (c, 0.0), "sub": (1.0, -c), "rsub": (-1.0, c),
@@ -674,6 +901,62 @@ def fuse(ops: list, output: int) -> list:
     return ops
 
 
+def _channel_factors(op, conv: Conv):
+    """(multiplier, addend) per output channel of `conv` if glue `op` applied to its output is one (batch norm's
+    `affine`, a `constant` of one value per channel: a layer scale of shape (C, 1, 1)), else None."""
+    channels = conv.shape[0]
+    if op.op == "affine":
+        return np.asarray(op.params["scale"], np.float32), np.asarray(op.params["shift"], np.float32)
+    if op.op != "constant":
+        return None
+    shape, rank = list(op.params["shape"]), 2 if conv.linear else 4
+    if len(shape) > rank or [1] * (rank - len(shape)) + shape not in ([1, channels] + [1] * (rank - 2), [1] * rank):
+        return None
+    value = np.broadcast_to(np.asarray(op.params["value"], np.float32).reshape(-1), channels)
+    return (value, np.zeros(channels, np.float32)) if op.params["fn"] == "mul" else (np.ones(channels, np.float32), value)
+
+
+def _sole_plain_conv(ops: list, slot: int, uses: dict) -> Conv | None:
+    """The convolution that produces `slot`, when nothing else reads it and it adds no residual and applies no
+    activation (so that what follows can be folded into its epilogue)."""
+    conv = next((op for op in ops if isinstance(op, Conv) and op.output == slot), None)
+    if conv is None or uses.get(slot) != 1 or conv.residual is not None or conv.slope != 1.0:
+        return None
+    return conv
+
+
+def scales_folded(ops: list, output: int) -> list:
+    """The ops with every per-channel multiply-add (`affine`, a per-channel `constant`: ConvNeXt's layer scale)
+    that follows a convolution folded into the convolution's scale and bias (see _sole_plain_conv)."""
+    uses, kept = _uses(ops, output), []
+    for op in ops:
+        conv = _sole_plain_conv(ops, op.inputs[0], uses) if isinstance(op, Glue) and op.op in ("affine", "constant") else None
+        factors = conv and _channel_factors(op, conv)
+        if factors is None:
+            kept.append(op)
+            continue
+        mul, add = factors
+        conv.scale, conv.bias = (conv.scale * mul).astype(np.float32), (conv.bias * mul + add).astype(np.float32)
+        conv.output = op.output
+    return kept
+
+
+def residuals_folded(ops: list, output: int) -> list:
+    """The ops with every `add` of a convolution's output and another tensor made the convolution's residual
+    (see _sole_plain_conv), the convolution moved to the add's place, where the other operand exists: a
+    residual the traced graph shows only through glue (ConvNeXt's block, its layer scale folded)."""
+    uses, ops = _uses(ops, output), list(ops)
+    for add in [op for op in ops if isinstance(op, Glue) and op.op == "add"]:
+        for mine, other in ((0, 1), (1, 0)):
+            conv = _sole_plain_conv(ops, add.inputs[mine], uses)
+            if conv is not None and add.inputs[other] != conv.output:
+                ops.remove(conv)
+                ops[ops.index(add)] = conv
+                conv.residual, conv.res_scale, conv.output = add.inputs[other], 1.0, add.output
+                break
+    return ops
+
+
 def unused_glue_removed(ops: list, output: int) -> list:
     """The ops without glue whose result nothing reads (a concatenation or flatten that its convolutions
     read through)."""
@@ -698,6 +981,7 @@ def lower(model: nn.Module):
     lowering = Lowering(model)
     with torch.no_grad():
         n_inputs, output = lowering.network(model)
-    ops = fuse(unused_glue_removed(lowering.ops, output), output)
+    ops = unused_glue_removed(lowering.ops, output)
+    ops = fuse(residuals_folded(scales_folded(ops, output), output), output)
     link(ops)
     return ops, n_inputs, output, lowering.slots

@@ -2,7 +2,8 @@
 
 `Conv` (convolution or linear layer, with folded batch norm, requantization, residual add and (leaky) ReLU
 fused) carries packed weights; `Glue` ops are the float rest: StereoNet's own ops and the general ones of
-traced networks (activations, add, multiply, concatenation, pooling, interpolation, ...). Every op describes
+traced networks (activations, add, multiply, concatenation, pooling, interpolation, layer norm, reshapes
+and permutes, ...). Every op describes
 itself as JSON plus named arrays (`describe`, `arrays`), which is all a program file holds.
 """
 
@@ -194,25 +195,28 @@ class Conv:
         step = buffers.get(key)
         if step is None:
             step = buffers[key] = self._prepare(xs, buffers, n, h, w)
-        kernel, args, buf, store, fill, out_shape = step
+        kernel, args, buf, store, fill, out_dims = step
         for slot, c0 in fill:  # inputs that no producer wrote here directly
             x = env[slot]
             kernels.pad_input(np.ascontiguousarray(x.reshape(n, -1, 1, 1) if self.linear else x, np.float32), buf, c0,
                               *self.padding, *store)
         if self.residual is not None:
             res = env[self.residual]
+            if res.size != math.prod(out_dims):
+                raise JPQError(f"layer {self.name!r}: its residual has shape {res.shape}, its output {out_dims}; "
+                               "the engine adds residuals of the output's shape only.")
             args[_RESIDUAL] = res.reshape(n, -1, 1, 1) if self.linear else \
                 np.ascontiguousarray(res).reshape(n, self.shape[0], 1, -1) if self.pixelwise else res
         args[-1] = buffers.get(FRESH, True)
         kernel(*args)
-        if out_shape is not None:
-            env[self.output] = args[_OUT].reshape(out_shape)
+        if args[_KEEP]:
+            env[self.output] = args[_OUT].reshape(out_dims)
 
     def _prepare(self, xs: list, buffers: dict, n: int, h: int, w: int) -> tuple:
         """What a run of this input size needs, made once per buffers dict (so that a run costs little Python,
         which at ResNet-20's batch 1 is a third of the time): the kernel and its arguments, the padded input
         buffer, how inputs are stored into it ((mode, scale, zero, qmax) and [(slot, first channel)] of the inputs
-        to store), and the float output's shape (None when it is not kept)."""
+        to store), and the output's shape."""
         fused = self.fused or [0] * len(self.inputs)
         widths = iter(x.reshape(n, -1).shape[1] if self.linear else x.shape[1] for x in xs)
         fill, c0 = [], 0
@@ -228,8 +232,7 @@ class Conv:
         buf = self.input_buffer(buffers, n, h, w)
         co, out_h, out_w = self.shape[0], g["out_h"], g["out_w"]
         kernel, args = self.kernel_args(buffers, n, out_h, out_w)
-        out_shape = None if not args[_KEEP] else (n, -1) if self.linear else (n, co, out_h, out_w)
-        return kernel, args, buf, self.store_params(), fill, out_shape
+        return kernel, args, buf, self.store_params(), fill, (n, co) if self.linear else (n, co, out_h, out_w)
 
     def kernel_args(self, buffers: dict, n: int, out_h: int, out_w: int) -> tuple:
         """(kernel, arguments) of the convolution for this input size (the residual, slot 8, and `fresh`, the
@@ -425,6 +428,71 @@ def _mean(xs, dims, keepdim):
     return xs[0].mean(axis=tuple(dims), keepdims=keepdim, dtype=np.float32)
 
 
+def _constant(xs, fn, value, shape):
+    """x * c or x + c (`fn` "mul" or "add") with a constant tensor c (its values, row-major, and its shape), broadcast as PyTorch does:
+    a per-channel layer scale of shape (C, 1, 1), for one."""
+    c = np.asarray(value, np.float32).reshape(shape)
+    return (np.multiply if fn == "mul" else np.add)(xs[0], c, dtype=np.float32)
+
+
+def _layer_norm(xs, axes, weight, bias, eps):
+    """Layer normalisation over `axes` (mean and biased variance, as torch.nn.functional.layer_norm), times
+    `weight` plus `bias` (each None or the normalised axes' values, row-major). Computed in float64."""
+    x = np.asarray(xs[0], np.float64)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    mean = x.mean(axis=axes, keepdims=True)
+    centred = x - mean
+    y = centred / np.sqrt((centred * centred).mean(axis=axes, keepdims=True) + eps)
+    view = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
+    if weight is not None:
+        y *= np.asarray(weight, np.float64).reshape(view)
+    if bias is not None:
+        y += np.asarray(bias, np.float64).reshape(view)
+    return y.astype(np.float32)
+
+
+def _permute(xs, axes):
+    """The axes reordered: output axis i is input axis axes[i]; axes past len(axes) stay in place (so that a
+    transpose of two leading axes does not need the tensor's rank). Contiguous."""
+    x = xs[0]
+    return np.ascontiguousarray(np.transpose(x, list(axes) + list(range(len(axes), x.ndim))))
+
+
+def shape_value(expression, xs) -> int:
+    """An integer computed from the inputs' shapes: a number, ["dim", input, axis] or [op, a, b] with op one of
+    SHAPE_ARITHMETIC (what a traced `x.view(b, g, c // g, h, w)` computes its sizes with)."""
+    if isinstance(expression, int):
+        return expression
+    op, a, b = expression
+    if op == "dim":
+        return int(xs[a].shape[b])
+    return SHAPE_ARITHMETIC[op](shape_value(a, xs), shape_value(b, xs))
+
+
+SHAPE_ARITHMETIC = {"floordiv": lambda a, b: a // b, "mul": lambda a, b: a * b, "add": lambda a, b: a + b,
+                    "sub": lambda a, b: a - b}
+
+
+def _reshape(xs, shape):
+    """Input 0 reshaped (view / reshape) to `shape`, whose sizes may be computed from the inputs' shapes
+    (`shape_value`); the other inputs are read for their shapes only."""
+    return xs[0].reshape([shape_value(size, xs) for size in shape])
+
+
+def _split(xs, dim, index, chunks=None, sizes=None):
+    """Piece `index` of torch.chunk(x, chunks, dim), or of torch.split(x, sizes, dim) (sizes: one size for
+    pieces of that size, the last one smaller, or the list of sizes). A view."""
+    x = xs[0]
+    dim = dim % x.ndim
+    total = x.shape[dim]
+    if chunks is not None:
+        sizes = -(-total // chunks)
+    if isinstance(sizes, int):
+        sizes = [min(sizes, total - start) for start in range(0, total, sizes)]
+    start = sum(sizes[:index])
+    return x[(slice(None),) * dim + (slice(start, start + sizes[index]),)]
+
+
 ACTIVATIONS = {"relu": kernels.RELU, "clamp": kernels.CLAMP, "leaky_relu": kernels.LEAKY, "hardswish": kernels.HARDSWISH,
                "hardsigmoid": kernels.HARDSIGMOID, "silu": kernels.SILU, "sigmoid": kernels.SIGMOID,
                "gelu": kernels.GELU, "gelu_tanh": kernels.GELU_TANH, "tanh": kernels.TANH}
@@ -510,6 +578,7 @@ GLUE = {
     "global_avg_pool": _global_avg_pool, "channel": _channel, "relu": _relu,
     "add": _add, "mul": _mul, "scalar": _scalar, "concat": _concat, "flatten": _flatten, "affine": _affine,
     "mean": _mean, "activation": _activation, "pool": _pool, "resize": _resize,
+    "constant": _constant, "layer_norm": _layer_norm, "permute": _permute, "reshape": _reshape, "split": _split,
 }
 
 
