@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jpq_core.costs import csr_bits
@@ -87,12 +87,16 @@ def test_integer_layer_matches_reference(shape, wbits, abits):
 
 @settings(max_examples=12, deadline=None)
 @given(shape=layer_shapes, height=st.integers(1, 20), width=st.integers(1, 40), wbits=st.sampled_from([4, 8, None]))
+@example(shape=dict(seed=3, c_in=4, c_out=8, k=3, stride=1, padding=1, dilation=1, groups=1, sparsity=0.5),
+         height=12, width=30, wbits=8)  # the first layer stores whole runs into the second's input
 def test_rows_accumulated_as_one_run_match_rows_one_by_one(shape, height, width, wbits):
     """Narrow maps accumulate a tile's rows as one run (kernels._conv_tile's plane mode); the result is exactly
-    that of one row at a time, in one thread and split across threads into tiles of a few rows."""
+    that of one row at a time, in one thread and split across threads into tiles of a few rows. The second layer
+    reads the first one's output in its padded input, which the first writes row by row or, where the rows'
+    pitches agree (stride 1, 3x3 with padding 1 after a layer whose columns it pads alike), a run at a time."""
     from jpq_core.engine import ops
 
-    model, _ = compressed_layer(**shape, wbits=wbits, abits=8 if wbits else None)
+    model = layer_then_same_padding_conv(shape, wbits)
     x = torch.randn(3, shape["c_in"], height + 2 * shape["dilation"] * (shape["k"] - 1), width + 2 * shape["k"])
     outputs = []
     for plane_below, serial_outputs, threads in ((0, ops.SERIAL_OUTPUTS, 1), (ops.PLANE_BELOW_WIDTH, ops.SERIAL_OUTPUTS, 1),
@@ -103,6 +107,23 @@ def test_rows_accumulated_as_one_run_match_rows_one_by_one(shape, height, width,
             outputs.append(compile_network(model).run(x))
     np.testing.assert_array_equal(outputs[0], outputs[1])
     np.testing.assert_array_equal(outputs[0], outputs[2])
+
+
+def layer_then_same_padding_conv(shape: dict, wbits) -> nn.Sequential:
+    """compressed_layer(**shape), then a 3x3, padding 1 convolution -> BN -> ReLU reading its output."""
+    first, x = compressed_layer(**shape, wbits=wbits, abits=8 if wbits else None)
+    torch.manual_seed(shape["seed"] + 1)
+    model = nn.Sequential(*first, nn.Conv2d(shape["c_out"], 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    masks = {name: layer.weight.detach() != 0 for name, layer in (("0", model[0]), ("3", model[3]))}
+    masks["3"] = torch.rand_like(model[3].weight) >= shape["sparsity"]
+    attach(model, masks, wbits)
+    if wbits:
+        add_activation_quantizers(model, 8)
+        model.eval()
+        model(x)
+        for layer in (model[0], model[3]):
+            layer.input_quantizer.finish_calibration()
+    return model.eval()
 
 
 @contextlib.contextmanager

@@ -101,6 +101,25 @@ def _emit_quantized(acc, a0, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h,
 
 
 @njit(inline="always")
+def _emit_run_quantized(acc, rows, pitch, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h, pad, qmax, zero):
+    """`_emit_quantized` for `rows` rows at once: acc holds them `pitch` apart (a plane-mode run) and dest, of
+    stride 1, has rows of that same pitch, so the run is stored in one pass, from row oy on. The columns
+    between one row's end and the next row's start land on dest's right and left padding (pitch - w = 2 pad
+    of them), which gets its value back after: at ResNet widths a row is too short for a loop of its own to
+    run in whole vectors. The store runs past the end of dest's first row into the following ones (the
+    array is C-contiguous; indices are not bounds-checked). `zero`: the padding's value, dest's zero point."""
+    if n >= dest.shape[0]:
+        return
+    un, ud, ur, shift = np.uint64(n), np.uint64(c0 + c), np.uint64(oy + pad_h), np.uint64(pad)
+    for x in range(np.uint64((rows - 1) * pitch + w)):
+        dest[un, 0, ud, ur, shift + x] = min(max(np.rint(np.float32(acc[x] - corr) * mul + bias), low), qmax)
+    for r in range(rows - 1):
+        first = np.uint64(r * pitch + w) + shift
+        for j in range(np.uint64(pitch - w)):
+            dest[un, 0, ud, ur, first + j] = zero
+
+
+@njit(inline="always")
 def _emit(y, w, dest, n, c, oy, c0, pad_h, pad, mode, scale, zero, qmax, scratch, pairs):
     """Store the output row y[:w] of sample n, channel c, row oy into dest (N', S, C_total, H_pad, W_phase) at
     channel c0 + c, row oy + pad_h, column x + pad split into S column phases, each value through `_store`.
@@ -222,6 +241,11 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
     sample = np.uint64(n * in_sample)
     run = _whole_vectors(np.uint64((oy1 - oy0 - 1) * rowstride) + w)
     un = np.uint64(n)
+    # Quantized destinations whose rows have the run's pitch take the whole run in one store (plane mode,
+    # direct epilogue without residual): then the rows need no pass of their own.
+    run_a = plane and direct and not has_res and place_a[2] and dest_a.shape[1] == 1 and dest_a.shape[4] == rowstride
+    run_b = plane and direct and not has_res and place_b[2] and dest_b.shape[1] == 1 and dest_b.shape[4] == rowstride
+    rows_done = (run_a or not place_a[2]) and (run_b or not place_b[2]) and direct
     for c in range(c_out):
         m = mul[c]
         b = bias[c]
@@ -232,6 +256,14 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
             continue
         if plane:
             _accumulate(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1)
+            if run_a:
+                _emit_run_quantized(acc, oy1 - oy0, rowstride, out_w, cr, m / sa, b / sa + za, low_a, dest_a, n, c, oy0,
+                                    place_a[0], place_a[1], place_a[3], qa, za)
+            if run_b:
+                _emit_run_quantized(acc, oy1 - oy0, rowstride, out_w, cr, m / sb, b / sb + zb, low_b, dest_b, n, c, oy0,
+                                    place_b[0], place_b[1], place_b[3], qb, zb)
+            if rows_done:
+                continue
         for oy in range(oy0, oy1):
             if plane:
                 a0 = np.uint64((oy - oy0) * rowstride)
@@ -239,10 +271,10 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
                 a0 = np.uint64(0)
                 _accumulate(acc, wv, inp, sample + np.uint64(oy * rowstride), off, val, k0, k1)
             if direct:
-                if place_a[2]:
+                if place_a[2] and not run_a:
                     _emit_quantized(acc, a0, out_w, cr, m / sa, b / sa + za, low_a, dest_a, n, c, oy, place_a[0],
                                     place_a[1], place_a[3], qa, scratch, pairs, res, res_scale / sa, has_res)
-                if place_b[2]:
+                if place_b[2] and not run_b:
                     _emit_quantized(acc, a0, out_w, cr, m / sb, b / sb + zb, low_b, dest_b, n, c, oy, place_b[0],
                                     place_b[1], place_b[3], qb, scratch, pairs, res, res_scale / sb, has_res)
                 continue
