@@ -176,7 +176,10 @@ def compile_network(model: torch.nn.Module, example_inputs: tuple | None = None)
     With `example_inputs`, the program also records the cost model's weight memory per layer
     (`jpq_core.costs.network_cost`) for comparison with its measured packed size (`memory_report`).
     """
-    ops, n_inputs, output, slots = lower(model)
+    from torch.nn.utils import parametrize
+
+    with parametrize.cached():  # lowering reads each compressed weight several times: quantize it once
+        ops, n_inputs, output, slots = lower(model)
     program = Program(ops, n_inputs, output, slots)
     if example_inputs is not None:
         from jpq_core.layers import prunable_layers
