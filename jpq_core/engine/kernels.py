@@ -120,6 +120,39 @@ def _emit_run_quantized(acc, rows, pitch, w, corr, mul, bias, low, dest, n, c, o
 
 
 @njit(inline="always")
+def _emit_with_float(acc, a0, w, corr, mul, bias, res, res_scale, has_res, slope, out, keep, dest, n, c, oy, c0, pad_h, pad,
+                     scale, zero, qmax):
+    """y = act((acc[a0 + x] - corr) * mul + bias [+ res_scale * res[n, c, oy, x]]) for one row, stored as float
+    into out (when `keep`) and quantized (`_store` mode 2) into a stride-1 dest, in one loop per case (the
+    cases outside the loops, so that each vectorises): at classifier widths a row's loops are short, and
+    three of them (y, out, dest) cost three times the loop overhead."""
+    un, uc, uy = np.uint64(n), np.uint64(c), np.uint64(oy)
+    ud, ur, shift = np.uint64(c0 + c), np.uint64(oy + pad_h), np.uint64(pad)
+    if has_res and keep:
+        for x in range(np.uint64(w)):
+            v = np.float32(acc[a0 + x] - corr) * mul + bias + res_scale * res[un, uc, uy, x]
+            y = v if v > 0 else v * slope
+            out[un, uc, uy, x] = y
+            dest[un, 0, ud, ur, shift + x] = min(max(np.rint(y / scale) + zero, np.float32(0.0)), qmax)
+    elif has_res:
+        for x in range(np.uint64(w)):
+            v = np.float32(acc[a0 + x] - corr) * mul + bias + res_scale * res[un, uc, uy, x]
+            y = v if v > 0 else v * slope
+            dest[un, 0, ud, ur, shift + x] = min(max(np.rint(y / scale) + zero, np.float32(0.0)), qmax)
+    elif keep:
+        for x in range(np.uint64(w)):
+            v = np.float32(acc[a0 + x] - corr) * mul + bias
+            y = v if v > 0 else v * slope
+            out[un, uc, uy, x] = y
+            dest[un, 0, ud, ur, shift + x] = min(max(np.rint(y / scale) + zero, np.float32(0.0)), qmax)
+    else:
+        for x in range(np.uint64(w)):
+            v = np.float32(acc[a0 + x] - corr) * mul + bias
+            y = v if v > 0 else v * slope
+            dest[un, 0, ud, ur, shift + x] = min(max(np.rint(y / scale) + zero, np.float32(0.0)), qmax)
+
+
+@njit(inline="always")
 def _emit(y, w, dest, n, c, oy, c0, pad_h, pad, mode, scale, zero, qmax, scratch, pairs):
     """Store the output row y[:w] of sample n, channel c, row oy into dest (N', S, C_total, H_pad, W_phase) at
     channel c0 + c, row oy + pad_h, column x + pad split into S column phases, each value through `_store`.
@@ -246,6 +279,8 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
     run_a = plane and direct and not has_res and place_a[2] and dest_a.shape[1] == 1 and dest_a.shape[4] == rowstride
     run_b = plane and direct and not has_res and place_b[2] and dest_b.shape[1] == 1 and dest_b.shape[4] == rowstride
     rows_done = (run_a or not place_a[2]) and (run_b or not place_b[2]) and direct
+    # One quantized stride-1 destination beside the float output: y, the output and the stored bytes in one loop.
+    fused_a = not direct and place_a[2] and not place_b[2] and ma == 2 and dest_a.shape[1] == 1
     for c in range(c_out):
         m = mul[c]
         b = bias[c]
@@ -279,6 +314,10 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
                                     place_b[1], place_b[3], qb, scratch, pairs, res, res_scale / sb, has_res)
                 continue
             uc, uy = np.uint64(c), np.uint64(oy)  # full indices, not row views (see `_emit`)
+            if fused_a and n < dest_a.shape[0]:
+                _emit_with_float(acc, a0, out_w, cr, m, b, res, res_scale, has_res, slope, out, keep, dest_a, n, c, oy,
+                                 place_a[0], place_a[1], place_a[3], sa, za, qa)
+                continue
             if has_res:
                 for x in range(w):
                     v = np.float32(acc[a0 + x] - cr) * m + b + res_scale * res[un, uc, uy, x]
