@@ -2,7 +2,7 @@
 
     python scripts/bench_page.py                      # this tree: first render, then 6 moves from 50%
     python scripts/bench_page.py --compare b9fd414    # also a baseline commit, in the same run, move for move
-    python scripts/bench_page.py --network resnet20 --moves 2 --json   # quick mode (CI: numbers, no goal)
+    python scripts/bench_page.py --network resnet20 --moves 2 --recovery none --json   # quick mode (CI: numbers, no goal)
 
 For each tree: `streamlit run app.py` on a loopback port, Explore opened with the configuration in the URL
 (stereo network, magnitude, 8/8 bits by default), then the sparsity slider moved one stop at a time. A move is
@@ -133,6 +133,8 @@ def main(argv=None) -> int:
     parser.add_argument("--start", default="0.5", help="sparsity the page opens at (the slider moves up from it)")
     parser.add_argument("--wbits", default="8")
     parser.add_argument("--abits", default="8")
+    parser.add_argument("--recovery", help="recovery in the link (default: none given, the page's own, auto); the "
+                        "quick mode gives `none`, so that every render and move is the compression alone")
     parser.add_argument("--moves", type=int, default=6, help="slider stops to time (>= 5 for a median)")
     parser.add_argument("--compare", metavar="REF", help="also time this git commit or branch, in the same run")
     parser.add_argument("--json", action="store_true", help="print the result as JSON at the end")
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
     if args.moves < 1:
         parser.error("--moves must be 1 or more")
     query = (f"network={args.network}&criterion={args.criterion}&sparsity={args.start}&wbits={args.wbits}"
-             f"&abits={args.abits}")
+             f"&abits={args.abits}" + (f"&recovery={args.recovery}" if args.recovery else ""))
     with tempfile.TemporaryDirectory(prefix="bench-page-") as tmp:
         trees = {"this tree": ROOT}
         if args.compare:

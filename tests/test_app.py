@@ -105,14 +105,6 @@ def test_a_link_with_a_bad_value_opens_and_says_what_it_ignored(root):
     assert _number(_metrics(at)["Sparsity achieved"]) == pytest.approx(50.0, abs=0.01)  # the default
 
 
-def test_missing_checkpoint_is_explained_not_a_traceback(root, tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "CACHED_RUNS", tmp_path)
-    st.cache_resource.clear()
-    at = _explore(root)
-    assert not at.exception
-    assert "train one with `python -m jpq_core train stereo`" in at.error[0].value
-
-
 def test_depth_maps_compare_two_settings_with_dense_and_sgbm(root):
     at = AppTest.from_file(str(root / "pages" / "3_Depth_maps.py"), default_timeout=240)
     at.query_params.update(criterion="magnitude", sparsity="0.5")
@@ -142,9 +134,14 @@ def test_classifier_page_reports_accuracy_and_confusion(root):
     assert metrics["Test images"] == "540"
 
 
+# The Engine and Trade-offs pages below take the sidebar's configuration without recovery (as _explore does): the
+# engine on a recovered network is tests/test_recovery.py's, and recovering here would only add its seconds.
+ENGINE_QUERY = dict(network="resnet20", criterion="magnitude", sparsity="0.9", wbits="8", abits="8", recovery="none")
+
+
 def test_engine_page_times_the_live_configuration_against_pytorch(root):
     at = AppTest.from_file(str(root / "pages" / "5_Engine.py"), default_timeout=400)
-    at.query_params.update(network="resnet20", criterion="magnitude", sparsity="0.9", wbits="8", abits="8")
+    at.query_params.update(ENGINE_QUERY)
     at.run()
     assert not at.metric  # nothing is timed before the user asks
     at.button(key="en_run").click().run()
@@ -159,7 +156,7 @@ def test_engine_page_times_the_live_configuration_against_pytorch(root):
 
 def test_engine_page_shows_onnx_runtime_when_asked(root):
     at = AppTest.from_file(str(root / "pages" / "5_Engine.py"), default_timeout=400)
-    at.query_params.update(network="resnet20", criterion="magnitude", sparsity="0.9", wbits="8", abits="8")
+    at.query_params.update(ENGINE_QUERY)
     at.run()
     at.checkbox(key="en_peers").check().run()
     at.button(key="en_run").click().run()
@@ -171,7 +168,7 @@ def test_engine_page_shows_onnx_runtime_when_asked(root):
 
 def test_trade_offs_page_plots_measured_runs_and_the_live_point(root):
     at = AppTest.from_file(str(root / "pages" / "4_Trade-offs.py"), default_timeout=240)
-    at.query_params.update(network="resnet20", criterion="magnitude", sparsity="0.5")
+    at.query_params.update(network="resnet20", criterion="magnitude", sparsity="0.5", recovery="none")
     at.run()
     assert not at.exception
     caption = " ".join(c.value for c in at.caption)
@@ -237,15 +234,15 @@ def test_a_damaged_results_file_is_named_and_its_good_rows_still_shown(root, tmp
     good = RESULTS.read_text().splitlines()
     table.write_text("\n".join(good) + "\n{\"network\": \"resnet20\", \"trunc")  # a row cut off mid-write
     monkeypatch.setattr(report, "RESULTS", table)
-    st.cache_data.clear()
+    # The results cache is keyed by the table's path, so this table is read afresh; the other cached data (maps,
+    # comparisons) stays, for the tests after this one.
     at = AppTest.from_file(str(root / "pages" / "4_Trade-offs.py"), default_timeout=240)
-    at.query_params.update(network="resnet20", criterion="magnitude")
+    at.query_params.update(network="resnet20", criterion="magnitude", recovery="none")
     at.run()
     assert not at.exception
     assert any("sweeps.jsonl" in w.value for w in at.warning)
     expected = len(report.load_results(RESULTS)[0].query("network == 'resnet20'"))
     assert f"{expected} runs" in " ".join(c.value for c in at.caption)
-    st.cache_data.clear()
 
 
 def test_two_sessions_keep_their_own_configuration(root):
@@ -332,3 +329,12 @@ def test_the_engine_check_fills_in_pytorch_s_numbers_beside_the_engine_s(root):
     check = next(c.value for c in at.caption if c.value.startswith("PyTorch on the same configuration"))
     pytorch_bad3, engine_bad3 = (float(x) for x in re.search(r"bad3 ([\d.]+) \(engine ([\d.]+)\)", check).groups())
     assert pytorch_bad3 == pytest.approx(engine_bad3, abs=0.005)
+
+
+def test_missing_checkpoint_is_explained_not_a_traceback(root, tmp_path, monkeypatch):
+    """Last in the module: it empties the network caches the tests above share (a run must load the network)."""
+    monkeypatch.setattr(models, "CACHED_RUNS", tmp_path)
+    st.cache_resource.clear()
+    at = _explore(root)
+    assert not at.exception
+    assert "train one with `python -m jpq_core train stereo`" in at.error[0].value

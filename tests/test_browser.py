@@ -7,6 +7,7 @@ Screenshots go to `artifacts/screenshots/` (kept by CI, named in the README).
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,9 +26,23 @@ LOAD_TIMEOUT = 420  # seconds; the first page computes scores, runs and recovers
 
 
 @pytest.fixture(scope="module")
-def server(root, tmp_path_factory):
+def results_table(root, tmp_path_factory) -> Path:
+    """A scratch copy of the shipped results table and its checkpoints: the pages show the shipped runs, and the
+    fine-tuning job started from the page writes its row and network here, not into cached_runs/."""
+    shipped = root / "cached_runs" / "results"
+    table = tmp_path_factory.mktemp("results") / "sweeps.jsonl"
+    shutil.copy2(shipped / "sweeps.jsonl", table)
+    shutil.copytree(shipped / "checkpoints", table.parent / "checkpoints")
+    return table
+
+
+@pytest.fixture(scope="module")
+def server(root, tmp_path_factory, results_table):
+    """One `streamlit run` for every test here (each start imports torch and loads the network again: tens of
+    seconds on 2 shared cores), on the scratch results table, with a 6-step fine-tuning budget on offer."""
+    env = {"JPQ_RESULTS": str(results_table), "JPQ_JOB_BUDGETS": "6,300"}
     try:
-        with app_server(root, log_dir=tmp_path_factory.mktemp("streamlit")) as url:
+        with app_server(root, log_dir=tmp_path_factory.mktemp("streamlit"), env=env) as url:
             yield url
     except BrowserSetupError as exc:
         pytest.fail(str(exc))
@@ -67,9 +82,11 @@ def _page_paths(root) -> list[str]:
 
 
 def test_every_page_loads_without_an_exception(root, server, browser, screenshots):
+    """Without recovery (it is Explore's alone, and in a browser it is the fine-tuning test below that waits for
+    the default, recovered, view): the pages themselves are what this test opens."""
     driver = browser()
     for path in _page_paths(root):
-        driver.get(f"{server}/{path}?network=resnet20&criterion=magnitude")
+        driver.get(f"{server}/{path}?network=resnet20&criterion=magnitude&recovery=none")
         WebDriverWait(driver, LOAD_TIMEOUT, poll_frequency=0.5).until(
             lambda d: is_idle(d) and d.find_elements(By.CSS_SELECTOR, "h1"))
         time.sleep(1.0)
@@ -106,11 +123,13 @@ def test_two_browser_sessions_do_not_see_each_others_sliders(server, browser):
 
 
 def test_the_page_benchmark_produces_numbers(root):
-    """The browser benchmark in its quick mode (the 1.5 s goal is checked by running it, not here)."""
+    """The browser benchmark in its quick mode (the 1.5 s goal is checked by running it, not here): ResNet-20
+    without recovery, whose seconds per render and move would time recovery, not the benchmark."""
     import json
     import subprocess
 
-    out = subprocess.run([sys.executable, "scripts/bench_page.py", "--network", "resnet20", "--moves", "2", "--json"],
+    out = subprocess.run([sys.executable, "scripts/bench_page.py", "--network", "resnet20", "--moves", "2", "--recovery", "none",
+                          "--json"],
                          cwd=root, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     tree = json.loads(out.stdout)["trees"]["this tree"]
@@ -119,38 +138,37 @@ def test_the_page_benchmark_produces_numbers(root):
     assert tree["median_idle_s"] > 0
 
 
-def test_a_fine_tuning_job_started_on_the_page_shows_progress_then_its_row(root, browser, screenshots, tmp_path):
-    """Explore on ResNet-20 with a scratch results table: start a 6-step job, see its progress bar move, see it
-    finish and its row appear among the configuration's fine-tuned runs (and the job token in the link)."""
+def test_a_fine_tuning_job_started_on_the_page_shows_progress_then_its_row(server, results_table, browser, screenshots):
+    """Explore on ResNet-20 (its default, recovered, view) on the scratch results table: start a 6-step job, see
+    its progress bar move, see it finish and its row appear among the configuration's fine-tuned runs (and the job
+    token in the link)."""
     from jpq_core.jobs import JobQueue
-
-    table = tmp_path / "results" / "sweeps.jsonl"
-    env = {"JPQ_RESULTS": str(table), "JPQ_JOB_BUDGETS": "6,300"}
-    try:
-        with app_server(root, log_dir=tmp_path, env=env) as url:
-            driver = browser()
-            driver.get(f"{url}/?network=resnet20&criterion=magnitude&sparsity=0.5&wbits=8&abits=8")
-            _wait_metric(driver, "Weight memory")
-            assert "Fine-tuned runs of this configuration (cached): 0" in driver.page_source
-            start = driver.find_element(By.XPATH, "//button[.//p[normalize-space()='Fine-tune']]")
-            driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", start)
-            start.click()
-            bars, deadline = set(), time.time() + LOAD_TIMEOUT
-            while time.time() < deadline and "finished; its row" not in driver.page_source:
-                bars |= set(texts(driver, '[data-testid="stProgress"]'))
-                time.sleep(0.25)
-            driver.save_screenshot(str(screenshots / "explore-fine-tuning-job.png"))
-            steps = {int(m.group(1)) for text in bars if (m := re.search(r"step (\d+) of 6", text))}
-            assert steps and max(steps) >= 1, f"no progress seen: {bars}"
-            WebDriverWait(driver, LOAD_TIMEOUT, poll_frequency=0.5).until(
-                lambda d: "Fine-tuned runs of this configuration (cached): 1" in d.page_source)
-            assert "job_owner=" in driver.current_url
-            assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
-    finally:  # no job process outlives the test
-        queue = JobQueue(table)
-        for job in queue._read_all()[0]:
-            queue.cancel(job.owner, job.id)
     from jpq_core.sweeps import read_rows
 
-    rows = read_rows(table)[0]
-    assert len(rows) == 1 and rows[0]["budget"] == 6 and rows[0]["grid"] == "page"
+    shipped_rows = len(read_rows(results_table)[0])
+    try:
+        driver = browser()
+        driver.get(f"{server}/?network=resnet20&criterion=magnitude&sparsity=0.5&wbits=8&abits=8")
+        _wait_metric(driver, "Weight memory")
+        assert "Fine-tuned runs of this configuration (cached): 0" in driver.page_source
+        start = driver.find_element(By.XPATH, "//button[.//p[normalize-space()='Fine-tune']]")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", start)
+        start.click()
+        bars, deadline = set(), time.time() + LOAD_TIMEOUT
+        while time.time() < deadline and "finished; its row" not in driver.page_source:
+            bars |= set(texts(driver, '[data-testid="stProgress"]'))
+            time.sleep(0.25)
+        driver.save_screenshot(str(screenshots / "explore-fine-tuning-job.png"))
+        steps = {int(m.group(1)) for text in bars if (m := re.search(r"step (\d+) of 6", text))}
+        assert steps and max(steps) >= 1, f"no progress seen: {bars}"
+        WebDriverWait(driver, LOAD_TIMEOUT, poll_frequency=0.5).until(
+            lambda d: "Fine-tuned runs of this configuration (cached): 1" in d.page_source)
+        assert "job_owner=" in driver.current_url
+        assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+    finally:  # no job process outlives the test
+        queue = JobQueue(results_table)
+        for job in queue._read_all()[0]:
+            queue.cancel(job.owner, job.id)
+    rows = read_rows(results_table)[0]
+    assert len(rows) == shipped_rows + 1  # the job's row, once
+    assert rows[-1]["budget"] == 6 and rows[-1]["grid"] == "page"

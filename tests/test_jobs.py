@@ -279,10 +279,12 @@ def page_table(queues, monkeypatch):
 
 
 def _explore(root, **query):
+    """Explore on ResNet-20 without recovery (tested on its own; here it would only add its seconds per page)."""
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(root / "app.py"), default_timeout=240)
-    at.query_params.update(network="resnet20", criterion="magnitude", sparsity="0.5", wbits="8", abits="8", **query)
+    at.query_params.update(network="resnet20", criterion="magnitude", sparsity="0.5", wbits="8", abits="8",
+                           recovery="none", **query)
     return at.run()
 
 
