@@ -88,12 +88,11 @@ def test_integer_layer_matches_reference(shape, wbits, abits):
 @settings(max_examples=12, deadline=None)
 @given(shape=layer_shapes, height=st.integers(1, 20), width=st.integers(1, 40), wbits=st.sampled_from([4, 8, None]))
 @example(shape=dict(seed=3, c_in=4, c_out=8, k=3, stride=1, padding=1, dilation=1, groups=1, sparsity=0.5),
-         height=12, width=30, wbits=8)  # the first layer stores whole runs into the second's input
+         height=12, width=30, wbits=8)  # a 3x3 chain, as in ResNets
 def test_rows_accumulated_as_one_run_match_rows_one_by_one(shape, height, width, wbits):
     """Narrow maps accumulate a tile's rows as one run (kernels._conv_tile's plane mode); the result is exactly
     that of one row at a time, in one thread and split across threads into tiles of a few rows. The second layer
-    reads the first one's output in its padded input, which the first writes row by row or, where the rows'
-    pitches agree (stride 1, 3x3 with padding 1 after a layer whose columns it pads alike), a run at a time."""
+    reads the first one's output in its padded input, which the first writes straight from its accumulators."""
     from jpq_core.engine import ops
 
     model = layer_then_same_padding_conv(shape, wbits)

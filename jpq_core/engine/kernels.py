@@ -101,25 +101,6 @@ def _emit_quantized(acc, a0, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h,
 
 
 @njit(inline="always")
-def _emit_run_quantized(acc, rows, pitch, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h, pad, qmax, zero):
-    """`_emit_quantized` for `rows` rows at once: acc holds them `pitch` apart (a plane-mode run) and dest, of
-    stride 1, has rows of that same pitch, so the run is stored in one pass, from row oy on. The columns
-    between one row's end and the next row's start land on dest's right and left padding (pitch - w = 2 pad
-    of them), which gets its value back after: at ResNet widths a row is too short for a loop of its own to
-    run in whole vectors. The store runs past the end of dest's first row into the following ones (the
-    array is C-contiguous; indices are not bounds-checked). `zero`: the padding's value, dest's zero point."""
-    if n >= dest.shape[0]:
-        return
-    un, ud, ur, shift = np.uint64(n), np.uint64(c0 + c), np.uint64(oy + pad_h), np.uint64(pad)
-    for x in range(np.uint64((rows - 1) * pitch + w)):
-        dest[un, 0, ud, ur, shift + x] = min(max(np.rint(np.float32(acc[x] - corr) * mul + bias), low), qmax)
-    for r in range(rows - 1):
-        first = np.uint64(r * pitch + w) + shift
-        for j in range(np.uint64(pitch - w)):
-            dest[un, 0, ud, ur, first + j] = zero
-
-
-@njit(inline="always")
 def _emit_with_float(acc, a0, w, corr, mul, bias, res, res_scale, has_res, slope, out, keep, dest, n, c, oy, c0, pad_h, pad,
                      scale, zero, qmax):
     """y = act((acc[a0 + x] - corr) * mul + bias [+ res_scale * res[n, c, oy, x]]) for one row, stored as float
@@ -274,11 +255,6 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
     sample = np.uint64(n * in_sample)
     run = _whole_vectors(np.uint64((oy1 - oy0 - 1) * rowstride) + w)
     un = np.uint64(n)
-    # Quantized destinations whose rows have the run's pitch take the whole run in one store (plane mode,
-    # direct epilogue without residual): then the rows need no pass of their own.
-    run_a = plane and direct and not has_res and place_a[2] and dest_a.shape[1] == 1 and dest_a.shape[4] == rowstride
-    run_b = plane and direct and not has_res and place_b[2] and dest_b.shape[1] == 1 and dest_b.shape[4] == rowstride
-    rows_done = (run_a or not place_a[2]) and (run_b or not place_b[2]) and direct
     # One quantized stride-1 destination beside the float output: y, the output and the stored bytes in one loop.
     fused_a = not direct and place_a[2] and not place_b[2] and ma == 2 and dest_a.shape[1] == 1
     for c in range(c_out):
@@ -291,14 +267,6 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
             continue
         if plane:
             _accumulate(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1)
-            if run_a:
-                _emit_run_quantized(acc, oy1 - oy0, rowstride, out_w, cr, m / sa, b / sa + za, low_a, dest_a, n, c, oy0,
-                                    place_a[0], place_a[1], place_a[3], qa, za)
-            if run_b:
-                _emit_run_quantized(acc, oy1 - oy0, rowstride, out_w, cr, m / sb, b / sb + zb, low_b, dest_b, n, c, oy0,
-                                    place_b[0], place_b[1], place_b[3], qb, zb)
-            if rows_done:
-                continue
         for oy in range(oy0, oy1):
             if plane:
                 a0 = np.uint64((oy - oy0) * rowstride)
@@ -306,10 +274,10 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
                 a0 = np.uint64(0)
                 _accumulate(acc, wv, inp, sample + np.uint64(oy * rowstride), off, val, k0, k1)
             if direct:
-                if place_a[2] and not run_a:
+                if place_a[2]:
                     _emit_quantized(acc, a0, out_w, cr, m / sa, b / sa + za, low_a, dest_a, n, c, oy, place_a[0],
                                     place_a[1], place_a[3], qa, scratch, pairs, res, res_scale / sa, has_res)
-                if place_b[2] and not run_b:
+                if place_b[2]:
                     _emit_quantized(acc, a0, out_w, cr, m / sb, b / sb + zb, low_b, dest_b, n, c, oy, place_b[0],
                                     place_b[1], place_b[3], qb, scratch, pairs, res, res_scale / sb, has_res)
                 continue
