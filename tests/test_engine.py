@@ -393,3 +393,14 @@ def test_cli_bench_engine(capsys):
     assert "stage1.0.conv1" in row["layers_ms"]
     assert main(["bench", "engine", "--network", "resnet20", "--threads", "0"]) == 2
     assert "threads" in capsys.readouterr().err
+
+
+def test_an_input_of_the_wrong_width_is_refused_after_a_good_run():
+    """Layers prepare their runs once per input size; the program starts over when its inputs' shapes change,
+    so an input with the wrong number of channels at a size already run is still refused with the layer's name."""
+    model, x = compressed_layer(seed=0, c_in=4, c_out=4, k=3, stride=1, padding=1, dilation=1, groups=1,
+                                sparsity=0.5, wbits=8, abits=8)
+    program = compile_network(model)
+    program.run(x)
+    with pytest.raises(JPQError, match="expects 4 input channels, got 3"):
+        program.run(x[:, :3])
