@@ -50,9 +50,9 @@ NETWORK_LABELS = {"stereo": "Stereo network (Middlebury pair)", "resnet20": "Res
 
 def network_label(name: str) -> str:
     """The network's name as the app shows it (a torchvision model: its torchvision name, on digits)."""
-    if _check_name(name).startswith(TORCHVISION):
+    if isinstance(name, str) and name.startswith(TORCHVISION):  # named, not checked: importing torchvision takes seconds
         return f"torchvision {name[len(TORCHVISION):]} (digits)"
-    return NETWORK_LABELS.get(name, name)
+    return NETWORK_LABELS.get(_check_name(name), name)
 
 
 _FACTORIES: dict[str, object] = {}  # user: names -> factory callables (this process only)

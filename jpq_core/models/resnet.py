@@ -11,11 +11,14 @@
 from __future__ import annotations
 
 import torch.nn as nn
-from torchvision.models import resnet18 as tv_resnet18
-from torchvision.models.resnet import BasicBlock
+
+# torchvision is imported where it is used: importing it takes seconds, which every process (the app's first
+# render, each CLI call) would pay for the stereo network too.
 
 
 def _stage(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.Sequential:
+    from torchvision.models.resnet import BasicBlock
+
     downsample = None
     if stride != 1 or in_channels != out_channels:
         downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
@@ -45,6 +48,8 @@ class ResNet20(nn.Module):
 
 def resnet18_cifar(num_classes: int = 10) -> nn.Module:
     """torchvision's ResNet-18 with the 32x32 stem: conv1 3x3 stride 1 and no max-pool."""
+    from torchvision.models import resnet18 as tv_resnet18
+
     model = tv_resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     model.maxpool = nn.Identity()
