@@ -165,6 +165,53 @@ def test_masks_and_the_grid_are_preserved(method, wbits):
         assert torch.isfinite(w).all()
 
 
+class Scaled(nn.Module):
+    """A network with a scalar parameter of its own on the root module (like the stereo network's cost scale)."""
+
+    def __init__(self, gain=3.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gain = nn.Parameter(torch.tensor(gain))
+
+    def forward(self, x):
+        return self.gain * self.conv(x)
+
+
+def test_the_scalar_refit_finds_the_multiplier_that_matches_the_dense_output():
+    dense, net = Scaled(3.0).eval(), Scaled(3.0 / 1.7).eval()  # the copy's gain 1.7x too small
+    inputs = (torch.randn(4, 3, 8, 8),)
+    factors = recovery.refit_scalars(net, dense, inputs)
+    assert set(factors) == {"gain"} and factors["gain"] == pytest.approx(1.7, rel=0.05)
+    assert float(net.gain) == pytest.approx(3.0, rel=0.05)
+    assert torch.equal(net.conv.weight, dense.conv.weight)  # nothing but the scalar changes
+
+
+def test_the_scalar_refit_never_does_worse_on_its_inputs_and_skips_networks_without_scalars():
+    dense, inputs = Scaled(3.0).eval(), (torch.randn(4, 3, 8, 8),)
+    same = copy.deepcopy(dense)
+    assert recovery.refit_scalars(same, dense, inputs) == {"gain": 1.0} and float(same.gain) == 3.0
+    for seed in range(5):  # damaged copies: whatever the search finds, never further from dense than before
+        net = copy.deepcopy(dense)
+        with torch.no_grad():
+            net.conv.weight.add_(torch.randn(net.conv.weight.shape, generator=torch.Generator().manual_seed(seed)))
+            before = float((net(*inputs) - dense(*inputs)).abs().mean())
+            recovery.refit_scalars(net, dense, inputs)
+            assert float((net(*inputs) - dense(*inputs)).abs().mean()) <= before
+    plain = tiny_net()
+    assert recovery.refit_scalars(plain, tiny_net(), (torch.randn(2, 3, 8, 8),)) == {}
+    assert recovery.scalar_parameters(plain) == {}
+
+
+def test_scale_combines_with_the_layer_methods_and_reports_its_multipliers():
+    assert recovery.check_methods("scale+lsq") == "lsq+scale"
+    assert recovery.check_methods("scale+bn+obc") == "obc+bn+scale"
+    dense = tiny_net()
+    net = attach(copy.deepcopy(dense), random_masks(dense, 0.5), 4)
+    report = recovery.apply(net, dense, TinyTask(), "lsq+scale", samples=64)
+    assert report["method"] == "lsq+scale" and report["scalars"] == {} and report["seconds"] >= 0
+
+
 def test_bad_input_gets_clear_messages():
     dense, task = tiny_net(), TinyTask(n=64)
     net = attach(copy.deepcopy(dense), random_masks(dense, 0.5), None)
