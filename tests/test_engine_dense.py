@@ -197,3 +197,17 @@ def test_whole_resnet20_on_the_dense_path_matches_reference(resnet, sparsity):
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.95
     sparse, dense, _ = run_both(net, x)
     np.testing.assert_array_equal(dense, sparse)
+
+
+def test_a_program_prepared_in_inference_mode_runs_outside_it():
+    """The products' tensors are made on the first run; the benchmark makes it in torch.inference_mode, and
+    inference tensors cannot be written outside it."""
+    model, x = compressed_layer(seed=2, c_in=16, c_out=8, k=3, stride=1, padding=1, dilation=1, groups=1,
+                                sparsity=0.0, wbits=8, abits=8)
+    program = compile_network(model)
+    assert program.layers[0].dense
+    with torch.inference_mode():
+        first = program.run(x)
+    np.testing.assert_array_equal(program.run(x), first)
+    with torch.no_grad():
+        np.testing.assert_array_equal(program.run(x), first)

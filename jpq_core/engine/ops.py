@@ -342,10 +342,12 @@ class Conv:
         chunk = max([c for c in range(1, n + 1) if n % c == 0 and c * k * plane * 4 <= DENSE_CHUNK_BYTES] or [1])
         cols = np.empty(k * chunk * plane, np.float32)
         acc = np.empty((n // chunk, co, chunk * plane), np.float32)
-        columns = torch.from_numpy(cols).view(k, chunk * plane)
-        chunks = [(i * chunk, torch.from_numpy(acc[i])) for i in range(n // chunk)]
-        products = (buffers[id(self)][3], int(g["in_sample"]), off.astype(np.uint64), chunk, rows, run,
-                    int(g["rowstride"]), cols, torch.from_numpy(weights), columns, chunks)
+        # normal tensors even in a caller's inference mode: an inference tensor cannot be written outside it
+        with torch.inference_mode(False):
+            columns = torch.from_numpy(cols).view(k, chunk * plane)
+            chunks = [(i * chunk, torch.from_numpy(acc[i])) for i in range(n // chunk)]
+            products = (buffers[id(self)][3], int(g["in_sample"]), off.astype(np.uint64), chunk, rows, run,
+                        int(g["rowstride"]), cols, torch.from_numpy(weights), columns, chunks)
         return products, acc.reshape(1, -1), np.array([chunk, plane, pitch], np.int64)
 
 
