@@ -27,9 +27,13 @@ def run_both(model, x, threads: int = 1):
             patch.setattr(ops, "DENSE_FROM_DENSITY", threshold)
             patch.setattr(ops, "DENSE_FROM_DENSITY_STRIDED", threshold)
             patch.setattr(ops, "DENSE_MIN_DEPTH", 0)
+            patch.setattr(ops, "DENSE_BELOW_WIDTH", 1 << 30)
             program = compile_network(model)
             assert all(layer.dense == (threshold == ALWAYS) for layer in program.layers)
             outputs.append(program.run(x))
+            ran_dense = [step[-1] is not None for key, step in program._buffers.items()
+                         if isinstance(key, tuple) and key[1] == "step"]
+            assert ran_dense and all(r == (threshold == ALWAYS) for r in ran_dense)
             np.testing.assert_array_equal(program.run(x), outputs[-1])  # a second run, on reused buffers
             programs.append(program)
     return outputs[0], outputs[1], programs[1]
@@ -211,3 +215,14 @@ def test_a_program_prepared_in_inference_mode_runs_outside_it():
     np.testing.assert_array_equal(program.run(x), first)
     with torch.no_grad():
         np.testing.assert_array_equal(program.run(x), first)
+
+
+def test_wide_rows_stay_on_the_sparse_path():
+    """Layers of DENSE_BELOW_WIDTH output columns or more run the sparse kernel (measured faster on wide rows)."""
+    model, _ = compressed_layer(seed=3, c_in=16, c_out=8, k=3, stride=1, padding=1, dilation=1, groups=1,
+                                sparsity=0.0, wbits=8, abits=8)
+    for width, dense in ((ops.DENSE_BELOW_WIDTH - 1, True), (ops.DENSE_BELOW_WIDTH, False)):
+        program = compile_network(model)
+        program.run(torch.randn(1, 16, 5, width))
+        assert [step[-1] is not None for key, step in program._buffers.items()
+                if isinstance(key, tuple) and key[1] == "step"] == [dense]
