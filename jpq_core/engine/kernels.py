@@ -232,7 +232,7 @@ def _whole_vectors(count):
 @njit(cache=True, fastmath=True)
 def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
                rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, direct, dest_a, place_a, ma, sa, za, qa,
-               low_a, dest_b, place_b, mb, sb, zb, qb, low_b, fresh):
+               low_a, dest_b, place_b, mb, sb, zb, qb, low_b, fresh, dense):
     """Output rows of tile t (up to rows_per_tile rows of one sample) for every output channel: `_sparse_conv`'s
     parallel unit, written as serial code that the parallel and the serial kernel both call. It addresses rows
     of shared arrays by full index, never as views (see `_emit`): views made two threads no faster than one.
@@ -241,11 +241,17 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
     channel's rows of the tile are accumulated as one run of (rows - 1) * rowstride + out_w elements, the
     columns between one row's end and the next row's start computed and never stored: at the 8-32 pixel
     widths of classifiers a row is one or two vectors, and one long run per kept weight is 1.5-3.5x faster
-    than a short run per row. Otherwise each row is its own run."""
+    than a short run per row. Otherwise each row is its own run.
+
+    With dense = (chunk, plane, pitch), chunk > 0, the accumulators were computed before the call by a
+    matrix product (the dense path below the crossover, `gather_columns`): acc_buf is one row holding, per
+    chunk of `chunk` samples, C_out x chunk planes of `plane` elements, output row oy at oy * pitch; only the
+    epilogue runs here."""
     c_out = ptr.shape[0] - 1
+    chunk = dense[0]
     w = np.uint64(out_w)
     wv = _whole_vectors(w)
-    acc = acc_buf[t]
+    acc = acc_buf[0] if chunk > 0 else acc_buf[t]
     y = np.empty(out_w, np.float32)
     scratch = np.empty(out_w + 2 + out_w % 2, np.uint8)
     pairs = scratch.view(np.uint16)
@@ -265,10 +271,15 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
         k1 = ptr[c + 1]
         if k0 == k1 and not has_res and not fresh:
             continue
-        if plane:
+        first = 0
+        if chunk > 0:
+            first = (((n // chunk) * c_out + c) * chunk + n % chunk) * dense[1]
+        elif plane:
             _accumulate(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1)
         for oy in range(oy0, oy1):
-            if plane:
+            if chunk > 0:
+                a0 = np.uint64(first + oy * dense[2])
+            elif plane:
                 a0 = np.uint64((oy - oy0) * rowstride)
             else:
                 a0 = np.uint64(0)
@@ -305,7 +316,7 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
 
 def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope,
                 n_batch, out_h, out_w, rowstride, rows_per_tile, plane, acc_buf, out, keep,
-                dest_a, store_a, place_a, dest_b, store_b, place_b, fresh):
+                dest_a, store_a, place_a, dest_b, store_b, place_b, dense, fresh):
     """y[n, c, oy, ox] = act((acc - corr[c]) * mul[c] + bias[c] + res_scale * res[n, c, oy, ox]),
     acc = sum_k val[k] * inp[n * in_sample + off[k] + oy * rowstride + ox], act(y) = y if y > 0 else slope * y.
 
@@ -314,6 +325,8 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     each with its store = (mode, scale, zero, qmax) (see `_store`) and place = (c0, pad_h, active, pad_w). Where no
     float output is kept and every destination is quantized, y is never formed: the epilogue goes from the
     accumulators to the stored bytes in one pass (`_emit_quantized`).
+
+    With dense[0] > 0 the accumulators are already in acc_buf (see `_conv_tile`) and only the epilogue runs.
 
     A channel without kept weights and without residual is the constant act(bias[c]): it is stored only
     when the output arrays are `fresh` (new this run); arrays reused from an earlier run of the same
@@ -336,13 +349,32 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     for t in prange(tiles):
         _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h,
                    out_w, rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, direct, dest_a, place_a, ma, sa, za, qa,
-                   low_a, dest_b, place_b, mb, sb, zb, qb, low_b, fresh)
+                   low_a, dest_b, place_b, mb, sb, zb, qb, low_b, fresh, dense)
 
 
 sparse_conv = njit(parallel=True, cache=True, fastmath=True)(_sparse_conv)
 # The same kernel without threads: for small layers (ResNet-20 at batch 1), where starting a parallel
 # region costs more than the layer itself.
 sparse_conv_serial = njit(cache=True, fastmath=True)(_sparse_conv)
+
+
+@njit(cache=True)
+def gather_columns(inp, in_sample, off, n0, count, rows, run, rowstep, cols):
+    """The columns of a matrix product (im2col) for samples n0 .. n0 + count - 1, as float32:
+    cols[(k * count + j) * rows * run + r * run + x] = inp[(n0 + j) * in_sample + off[k] + r * rowstep + x]
+    for every weight position k (`off` as in `sparse_conv`), r < rows, x < run. With stride 1 down the rows
+    a sample's output rows are one run (rows = 1, the columns between rows computed and never stored, as in
+    `_conv_tile`'s plane mode), so that each (k, sample) is one contiguous converting copy."""
+    per = np.uint64(rows * run)
+    for k in range(off.shape[0]):
+        for j in range(count):
+            base = np.uint64((n0 + j) * in_sample) + off[k]
+            dst = np.uint64(k * count + j) * per
+            for r in range(rows):
+                src = base + np.uint64(r * rowstep)
+                d = dst + np.uint64(r * run)
+                for x in range(np.uint64(run)):
+                    cols[d + x] = np.float32(inp[src + x])
 
 
 @njit(parallel=True, cache=True)

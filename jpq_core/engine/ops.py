@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numba
 import numpy as np
+import torch
 
 from jpq_core.engine import kernels, packing
 from jpq_core.errors import JPQError
@@ -117,6 +118,29 @@ class Conv:
         return self._csr
 
     @property
+    def dense(self) -> bool:
+        """Whether this layer runs as a matrix product (the dense path): a convolution without groups with sums
+        exact in float32 (integer layers whose accumulators are float32, see `_kernel_weights`; float layers)
+        that keeps at least DENSE_FROM_DENSITY_STRIDED of its weights if it has stride > 1 down the rows, else
+        at least DENSE_FROM_DENSITY of them and DENSE_MIN_DEPTH products per output (see their comments)."""
+        ptr, *_, val, _, _ = self._kernel_weights()
+        if self.groups != 1 or val.dtype != np.float32:
+            return False
+        density = int(ptr[-1]) / math.prod(self.shape)
+        if self.stride[0] > 1:
+            return density >= DENSE_FROM_DENSITY_STRIDED
+        return density >= DENSE_FROM_DENSITY and math.prod(self.shape[1:]) >= DENSE_MIN_DEPTH
+
+    def _dense_weights(self) -> np.ndarray:
+        """The kept weights as a dense float32 (C_out, C_in * kh * kw) matrix, in `_kernel_weights`'s values."""
+        ptr, ci, ky, kx, val, _, _ = self._kernel_weights()
+        co, ci_g, kh, kw = self.shape
+        weights = np.zeros((co, ci_g * kh * kw), np.float32)
+        rows = np.repeat(np.arange(co), np.diff(ptr.astype(np.int64)))
+        weights[rows, (ci * kh + ky) * kw + kx] = val
+        return weights
+
+    @property
     def pixelwise(self) -> bool:
         """Whether this is a 1x1 convolution of stride 1 without padding, whose direct writes (if any) go to
         unpadded stride-1 inputs: then it runs as one row of H * W pixels per sample (the same memory). The
@@ -195,7 +219,7 @@ class Conv:
         step = buffers.get(key)
         if step is None:
             step = buffers[key] = self._prepare(xs, buffers, n, h, w)
-        kernel, args, buf, store, fill, out_dims = step
+        kernel, args, buf, store, fill, out_dims, products = step
         for slot, c0 in fill:  # inputs that no producer wrote here directly
             x = env[slot]
             kernels.pad_input(np.ascontiguousarray(x.reshape(n, -1, 1, 1) if self.linear else x, np.float32), buf, c0,
@@ -207,6 +231,11 @@ class Conv:
                                "the engine adds residuals of the output's shape only.")
             args[_RESIDUAL] = res.reshape(n, -1, 1, 1) if self.linear else \
                 np.ascontiguousarray(res).reshape(n, self.shape[0], 1, -1) if self.pixelwise else res
+        if products is not None:  # the dense path: accumulators by matrix products, then the kernel's epilogue
+            inp, in_sample, off, count, rows, run, rowstep, cols, weights, columns, chunks = products
+            for n0, acc in chunks:
+                kernels.gather_columns(inp, in_sample, off, n0, count, rows, run, rowstep, cols)
+                torch.mm(weights, columns, out=acc)
         args[-1] = buffers.get(FRESH, True)
         kernel(*args)
         if args[_KEEP]:
@@ -231,18 +260,21 @@ class Conv:
         g = self.geometry(h, w)
         buf = self.input_buffer(buffers, n, h, w)
         co, out_h, out_w = self.shape[0], g["out_h"], g["out_w"]
-        kernel, args = self.kernel_args(buffers, n, out_h, out_w)
-        return kernel, args, buf, self.store_params(), fill, (n, co) if self.linear else (n, co, out_h, out_w)
+        kernel, args, products = self.kernel_args(buffers, n, out_h, out_w)
+        return (kernel, args, buf, self.store_params(), fill, (n, co) if self.linear else (n, co, out_h, out_w),
+                products)
 
     def kernel_args(self, buffers: dict, n: int, out_h: int, out_w: int) -> tuple:
-        """(kernel, arguments) of the convolution for this input size (the residual, slot 8, and `fresh`, the
-        last, are set per run): made once per buffers dict, so that a run costs little Python (ResNet-20 at
-        batch 1). Layers of fewer than SERIAL_OUTPUTS outputs, or one thread, run without a parallel region."""
+        """(kernel, arguments, products) of the convolution for this input size (the residual, slot 8, and
+        `fresh`, the last, are set per run): made once per buffers dict, so that a run costs little Python
+        (ResNet-20 at batch 1). Layers of fewer than SERIAL_OUTPUTS outputs, or one thread, run without a
+        parallel region. `products` is None, or for a `dense` layer what computes its accumulators before the
+        kernel, which then runs only its epilogue (`_products`)."""
         key = (id(self), "args", n, out_h, out_w, numba.get_num_threads())
         if key in buffers:
             return buffers[key]
         h, w = buffers[id(self)][1:3]
-        co = self.shape[0]
+        co, out_w0 = self.shape[0], out_w
         keep = self.keep or not self.consumers
         out = self.output_buffer(buffers, (n, co, out_h, out_w)) if keep else _NO_FLOAT
         dests = [(consumer.input_buffer(buffers, n // parts, out_h, out_w), np.array(consumer.store_params(), np.float32),
@@ -261,7 +293,12 @@ class Conv:
         # Narrow maps (classifiers) accumulate several rows as one run (see kernels._conv_tile), as many as
         # fit PLANE_RUN accumulators, split further only to give each thread about four tiles.
         plane = self.stride[0] == 1 and out_h > 1 and out_w < PLANE_BELOW_WIDTH
-        if plane:
+        products, dense = None, np.zeros(3, np.int64)
+        if self.dense and out_w0 < DENSE_BELOW_WIDTH:
+            plane = False
+            per_tile = out_h if serial else int(min(4, max(1, n * out_h // (4 * threads))))
+            products, acc, dense = self._products(buffers, g, n, out_h, out_w)
+        elif plane:
             per_tile = max(1, min(out_h, PLANE_RUN // g["rowstride"]))
             if not serial:
                 per_tile = max(1, min(per_tile, -(-n * out_h // (4 * threads))))
@@ -269,18 +306,66 @@ class Conv:
         else:
             per_tile = int(min(4, max(1, n * out_h // (4 * threads))))
             run = out_w
-        tiles = n * -(-out_h // per_tile)
-        acc = np.empty((tiles, -(-run // kernels.VECTOR) * kernels.VECTOR),
-                       np.float32 if val.dtype == np.float32 else np.int32)
+        if products is None:
+            tiles = n * -(-out_h // per_tile)
+            acc = np.empty((tiles, -(-run // kernels.VECTOR) * kernels.VECTOR),
+                           np.float32 if val.dtype == np.float32 else np.int32)
         buffers[key] = (kernels.sparse_conv_serial if serial else kernels.sparse_conv,
                         [buffers[id(self)][3], np.uint64(g["in_sample"]), ptr, g["off"], val, corr, mul, self.bias,
                          _NO_FLOAT, np.float32(self.res_scale), self.residual is not None, np.float32(self.slope),
                          n, out_h, out_w, np.uint64(g["rowstride"]), per_tile, plane, acc, out, keep, *dests[0], *dests[1],
-                         True])
+                         dense, True], products)
         return buffers[key]
+
+    def _products(self, buffers: dict, g: dict, n: int, out_h: int, out_w: int) -> tuple:
+        """The dense path's matrix products for this input size: per chunk of samples, the im2col columns of the
+        padded input (`kernels.gather_columns`, float32) and one product weights (C_out x K) @ columns (K x
+        chunk * plane) into the accumulators, laid out as `kernels._conv_tile` reads them with `dense`. With
+        stride 1 down the rows a sample's rows are one run of pitch `rowstride` (the columns between rows
+        computed, never stored); else each output row is a run of out_w. Chunks of at most DENSE_CHUNK_BYTES of
+        columns keep them in the caches (a divisor of the batch, so that every chunk is alike).
+        Returns (products, accumulators (1, size), dense = (chunk, plane, pitch))."""
+        weights = self._dense_weights()
+        co, k = weights.shape
+        c_total, kh, kw = self.shape[1:]
+        ci, ky, kx = (a.astype(np.uint64) for a in np.unravel_index(np.arange(k), (c_total, kh, kw)))
+        (_, s), (dh, d) = self.stride, self.dilation
+        off = ((((kx * d) % s) * c_total + ci) * g["hp"] + ky * dh) * g["wq"] + (kx * d) // s
+        if self.stride[0] == 1:
+            # whole vectors: BLAS is 10-30% slower on widths like 78 or 286 than on 80 or 288 (measured);
+            # the extra columns read into the next sample or the buffer's slack and are never stored
+            rows, run, pitch = 1, -(-((out_h - 1) * g["rowstride"] + out_w) // kernels.VECTOR) * kernels.VECTOR, g["rowstride"]
+            plane = run
+        else:
+            rows, run, pitch = out_h, out_w, out_w
+            plane = out_h * out_w
+        chunk = max([c for c in range(1, n + 1) if n % c == 0 and c * k * plane * 4 <= DENSE_CHUNK_BYTES] or [1])
+        cols = np.empty(k * chunk * plane, np.float32)
+        acc = np.empty((n // chunk, co, chunk * plane), np.float32)
+        # normal tensors even in a caller's inference mode: an inference tensor cannot be written outside it
+        with torch.inference_mode(False):
+            columns = torch.from_numpy(cols).view(k, chunk * plane)
+            chunks = [(i * chunk, torch.from_numpy(acc[i])) for i in range(n // chunk)]
+            products = (buffers[id(self)][3], int(g["in_sample"]), off.astype(np.uint64), chunk, rows, run,
+                        int(g["rowstride"]), cols, torch.from_numpy(weights), columns, chunks)
+        return products, acc.reshape(1, -1), np.array([chunk, plane, pitch], np.int64)
 
 
 FLOAT_EXACT_LIMIT = 2**24  # float32 holds every integer below this exactly
+# The dense path's crossovers, from ResNet-20 per layer, sparse against dense, 1 thread, batch 1 and 64, on this
+# AVX2 machine (docs/engine.md, "Dense path below the crossover"). Stride 1: at density 1 the dense path is
+# 20-55% faster at batch 64 and about even at batch 1, at density 0.5 the sparse kernel is as fast or faster.
+# Stride 2 down the rows (row-at-a-time sparse kernel): dense 1.2-1.4x faster at density 0.2-0.4, slower at ~0.1.
+# A product of fewer than DENSE_MIN_DEPTH terms per output (ResNet-20's first conv, 27; its fc, 64) was slower
+# dense at batch 1 (the call overheads of a small product).
+DENSE_FROM_DENSITY = 0.9
+DENSE_FROM_DENSITY_STRIDED = 0.2
+DENSE_MIN_DEPTH = 128
+# Output rows of this many columns or more stay sparse: the sparse kernel's long rows are efficient, and the
+# stereo network (rows of 93-370 columns at 370 x 250) ran 571 -> 926 ms at 0% and 116 -> 142 ms at 90% with
+# the dense path on; ResNet-20's maps, where it gains, are 8-32 columns wide.
+DENSE_BELOW_WIDTH = 64
+DENSE_CHUNK_BYTES = 1 << 20  # im2col columns per matrix product, at most (one sample at a time above it)
 SERIAL_OUTPUTS = 1 << 16  # below this many outputs a layer is not split across threads
 PLANE_BELOW_WIDTH = 128  # output rows narrower than this are accumulated several rows at a time
 PLANE_RUN = 2048  # accumulators of one such run (8 KB of float32, in L1 with the input rows it reads)
