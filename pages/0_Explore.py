@@ -67,7 +67,8 @@ def show_cards(result, note: str = "") -> None:
         st.info(note, icon="⏳")
     elif result.recovery:
         key = "bad3" if "bad3" in m else "top1"
-        st.caption(f"Recovered by **{result.recovery['method']}** in {result.recovery['seconds']:.1f} s on "
+        scalars = "".join(f", {name} ×{m:.2f}" for name, m in result.recovery.get("scalars", {}).items())
+        st.caption(f"Recovered by **{result.recovery['method']}**{scalars} in {result.recovery['seconds']:.1f} s on "
                    f"{result.recovery['samples']} calibration samples, no training: {key} {before[key]:.1%} without "
                    f"recovery, {m[key]:.1%} with it (the toggle above shows the network without recovery).")
     elif recovering:
