@@ -162,7 +162,8 @@ class ScalarRefit(RecoveryMethod):
     cost volume's scale s in logits = aggregation + s · cost) refitted after the layers, one at a time, as a
     multiplier found by golden-section search on a log scale:
         s ← m* s,   m* = argmin over m in [1/2, 8] of E|f(x; m s) - f_dense(x)|
-    over SCALAR_SAMPLES calibration inputs (f: the network's output; m = 1 is always a candidate, so the fit
+    over SCALAR_SAMPLES calibration inputs (f: the network's `scalar_stage` where it has one, the stereo
+    network's coarse disparity, from one partial pass; else its output; m = 1 is always a candidate, so the fit
     never does worse on them). Temperature scaling (Guo et al. 2017, "On calibration of modern neural
     networks") with the dense network as the teacher: pruning flattens the matching logits, and a flatter
     softmax pulls the soft-argmin towards the middle of the disparity range; a larger s sharpens it again."""
@@ -181,17 +182,27 @@ def scalar_parameters(net: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in net.named_parameters(recurse=False) if p.dim() == 0}
 
 
+def _scalar_output(net: nn.Module, inputs):
+    """A function of no arguments giving what ScalarRefit compares: the network's `scalar_stage` where it has
+    one (the output nearest the scalars, from one partial pass; the stereo network's coarse disparity),
+    else its whole output (a forward pass per call)."""
+    stage = getattr(net, "scalar_stage", None)
+    return stage(*inputs) if stage is not None else lambda: net(*inputs)
+
+
 def refit_scalars(net: nn.Module, dense: nn.Module, inputs) -> dict[str, float]:
     """ScalarRefit on `inputs` (a batch of the network's inputs); returns {parameter: multiplier applied}."""
     scalars = scalar_parameters(net)
     if not scalars:
         return {}
     with torch.no_grad():
-        reference = dense.eval()(*inputs)
+        reference = _scalar_output(dense.eval(), inputs)()
+        with parametrize.cached():
+            output = _scalar_output(net, inputs)
 
     def distance() -> float:
-        with torch.no_grad(), parametrize.cached():
-            value = float((net(*inputs) - reference).abs().mean())
+        with torch.no_grad():
+            value = float((output() - reference).abs().mean())
         return value if math.isfinite(value) else math.inf
 
     factors = {}

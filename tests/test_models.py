@@ -64,3 +64,17 @@ def test_googlenet_is_built_without_its_training_only_heads_and_loads_weights_th
     assert torch.equal(net.state_dict()["fc.weight"], with_heads.state_dict()["fc.weight"])
     net.train()
     assert isinstance(net(torch.zeros(2, 3, 32, 32)), torch.Tensor)  # training mode too: one output, no tuple
+
+
+def test_the_stereo_scalar_stage_finishes_the_matching_with_the_current_cost_scale():
+    """What recovery's scale refit compares: soft-argmin of the forward's own logits, for any cost scale."""
+    from jpq_core.models.stereo import StereoNet, soft_argmin
+
+    torch.manual_seed(0)
+    net = StereoNet().eval()
+    left, right = torch.rand(1, 3, 36, 70), torch.rand(1, 3, 36, 70)
+    with torch.no_grad():
+        finish = net.scalar_stage(left, right)
+        for scale in (8.0, 2.5):
+            net.cost_scale.fill_(scale)
+            torch.testing.assert_close(finish(), soft_argmin(net.forward_with_logits(left, right)[1]))

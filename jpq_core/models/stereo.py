@@ -126,14 +126,8 @@ class StereoNet(nn.Module):
         """(forward's output, the matching logits N x D x H/4 x W/4 over the padded input that it came from):
         what distillation from the cost volume compares (`jpq_core.tasks.StereoTask.cost_distill_loss`)."""
         h, w = left.shape[-2:]
-        pad = (0, (-w) % 8, 0, (-h) % 8)  # right and bottom, so disparities keep their meaning
-        left = F.pad((left - INPUT_MEAN) / INPUT_STD, pad, mode="replicate")
-        right = F.pad((right - INPUT_MEAN) / INPUT_STD, pad, mode="replicate")
-
-        half_left, quarter_left = self.features(left)
-        _, quarter_right = self.features(right)
-        cost = correlation_volume(quarter_left, quarter_right, self.shifts)
-        logits = self.aggregation(torch.cat([cost, self.context(quarter_left)], 1)) + self.cost_scale * cost
+        half_left, cost, aggregated = self._matching(left, right)
+        logits = aggregated + self.cost_scale * cost
         coarse = soft_argmin(logits) * 4.0  # in full-resolution pixels
 
         coarse_half = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)
@@ -145,3 +139,22 @@ class StereoNet(nn.Module):
             coarse_full = F.interpolate(coarse, scale_factor=4, mode="bilinear", align_corners=False)[:, 0, :h, :w]
             return (full, coarse_full), logits
         return full, logits
+
+    def _matching(self, left: torch.Tensor, right: torch.Tensor):
+        """Everything before the cost scale: (1/2-res left features, cost volume, aggregated cost)."""
+        h, w = left.shape[-2:]
+        pad = (0, (-w) % 8, 0, (-h) % 8)  # right and bottom, so disparities keep their meaning
+        left = F.pad((left - INPUT_MEAN) / INPUT_STD, pad, mode="replicate")
+        right = F.pad((right - INPUT_MEAN) / INPUT_STD, pad, mode="replicate")
+        half_left, quarter_left = self.features(left)
+        _, quarter_right = self.features(right)
+        cost = correlation_volume(quarter_left, quarter_right, self.shifts)
+        return half_left, cost, self.aggregation(torch.cat([cost, self.context(quarter_left)], 1))
+
+    def scalar_stage(self, left: torch.Tensor, right: torch.Tensor):
+        """For refitting `cost_scale` (`jpq_core.recovery.ScalarRefit`): runs the network up to the cost scale
+        once and returns a function that finishes the matching with the scale's current value, the coarse
+        disparity soft-argmin(aggregated + cost_scale * cost), which is what the scale changes (a search then
+        costs one partial pass, not a forward pass per step)."""
+        _, cost, aggregated = self._matching(left, right)
+        return lambda: soft_argmin(aggregated + self.cost_scale * cost)
