@@ -289,7 +289,7 @@ class _GridRounder:
 METHODS = {m.name: m for m in (BatchNormReestimation, LeastSquares, OptimalBrainCompression, ScalarRefit)}
 CHOICES = ("none", "bn", "lsq", "obc", "lsq+bn", "obc+bn", "scale", "lsq+scale", "obc+scale", "obc+bn+scale")
 # The method that measured best per task without fine-tuning (docs/recovery.md): stereo, lsq+scale (bad-3
-# 16.9/33.4% at 80/90%, w4/a8, 8 samples, against lsq's 19.1/41.0%); ResNet-20 on digits, obc+bn (top-1
+# 17.1/32.6% at 80/90%, w4/a8, 8 samples, against lsq's 19.1/41.0%); ResNet-20 on digits, obc+bn (top-1
 # 99.4/98.3% at 90/95%; it has no scalar of its own to refit). What "auto" means.
 BEST = {"stereo": "lsq+scale", "classification": "obc+bn"}
 
