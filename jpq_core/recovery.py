@@ -172,7 +172,7 @@ class ScalarRefit(RecoveryMethod):
     refits_scalars = True
 
 
-SCALAR_SAMPLES = 4  # calibration inputs the scalar search runs on: each of its steps is one forward pass of them
+SCALAR_SAMPLES = 4  # calibration inputs the scalar search runs on (a forward pass of them per step, or one partial pass)
 SCALAR_RANGE = (0.5, 8.0)  # multipliers searched (stereo at 95%, w4/a8, lsq: 3.7 was the best of [1/2, 4])
 SCALAR_STEPS = 9  # golden-section evaluations: the multiplier to within about 4%
 
