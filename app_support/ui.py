@@ -153,7 +153,9 @@ def sidebar_config() -> LiveConfig:
                                 help="repair the compressed network in seconds on a few training samples (auto: the "
                                      "method that measured best for this network): bn re-estimates "
                                      "batch-norm statistics, lsq refits each layer's kept weights by least squares, obc "
-                                     "chooses and refits them (Optimal Brain Compression); docs/recovery.md has the measurements")
+                                     "chooses and refits them (Optimal Brain Compression), scale refits the network's own "
+                                     "scalars (the stereo network's cost scale) to the dense outputs; docs/recovery.md has "
+                                     "the measurements")
         checkpoint = config.checkpoint if network == config.network else ""
         with st.expander("Your own weights" + (" (in use)" if checkpoint else "") + ("" if checkpoint or is_shipped(network)
                                                                                     else ": none yet, random weights"),
