@@ -359,7 +359,7 @@ def compressed_images(config: LiveConfig) -> dict:
 def image_with_title(container, title: str, png: bytes) -> None:
     """A title above an image (not on it: nothing hides it), the image filling the column."""
     container.markdown(f"**{title}**")
-    container.image(png, width="stretch")
+    container.image(png, width="stretch", output_format="PNG")  # "auto" would re-encode it as JPEG
 
 
 def deferred(waiting: str, compute, render) -> None:

@@ -359,13 +359,12 @@ class LiveNetwork:
 
     def _measured(self, config: LiveConfig, net, timings: dict, sample, engine) -> "LiveResult":
         masks = current_masks(net)
-        evaluation, note, timings["compile"] = self._evaluate_fastest(net.eval(), config, sample, engine)
-        timings["evaluate"] = evaluation.seconds
-
-        t = time.perf_counter()
-        with parametrize.cached():  # the cost model reads each layer's weight several times
+        with parametrize.cached():  # compiling and the cost model read each layer's weight: quantize it once
+            evaluation, note, timings["compile"] = self._evaluate_fastest(net.eval(), config, sample, engine)
+            timings["evaluate"] = evaluation.seconds
+            t = time.perf_counter()
             cost = network_cost(net, masks, config.wbits, config.abits, self.geometry)
-        timings["cost"] = time.perf_counter() - t
+            timings["cost"] = time.perf_counter() - t
         layers = cost.pop("layers")
         return LiveResult(config, net, evaluation, sparsity_of(masks), cost, layers, timings, note)
 

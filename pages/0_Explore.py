@@ -90,9 +90,9 @@ def show_maps(result) -> None:
         image_with_title(row[2], "Compressed" + (" and recovered" if result.recovery else ""), live_maps["compressed"])
         image_with_title(row[3], "Compressed |error|", live_maps["error"])
         bars = st.columns(4)
-        bars[1].image(colour_bar_png(DISPARITY_SCALE), width="stretch",
+        bars[1].image(colour_bar_png(DISPARITY_SCALE), width="stretch", output_format="PNG",
                       caption=f"disparity: 0 px (far) to {fixed['zmax']:.0f} px (near), both maps")
-        bars[3].image(colour_bar_png(ERROR_SCALE), width="stretch",
+        bars[3].image(colour_bar_png(ERROR_SCALE), width="stretch", output_format="PNG",
                       caption=f"|error|: 0 to {ERROR_LIMIT_PX:.0f} px and more; white: no ground truth")
         st.caption("Middlebury 2014 motorcycle pair (741x500), ground truth from the dataset. The Depth maps page "
                    "compares two settings and SGBM, on this pair, synthetic scenes or your own.")

@@ -22,7 +22,7 @@ def test_values_map_to_the_ends_of_the_scale_and_unknown_pixels_are_blank():
 
 def test_a_disparity_png_decodes_to_the_colour_mapped_map():
     disparity = np.linspace(0, 80, 741 * 500, dtype=np.float32).reshape(500, 741)
-    decoded = np.asarray(Image.open(io.BytesIO(disparity_png(disparity, 88.0))))
+    decoded = np.asarray(Image.open(io.BytesIO(disparity_png(disparity, 88.0))).convert("RGB"))
     assert decoded.shape == (500, 741, 3)
     assert (decoded == colourize(disparity, 88.0, "Viridis")).all()  # lossless
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import operator
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -185,7 +186,19 @@ class _Tracer(fx.Tracer):
 _TRACING = threading.Lock()  # one torch.fx trace at a time in this process (see _Tracer)
 
 
-def trace(module: nn.Module, label: str) -> fx.GraphModule:
+class Traced(NamedTuple):
+    """A module's forward as a torch.fx graph, with the module its nodes name. Not an fx.GraphModule: lowering
+    reads the graph and never runs it, and building a GraphModule (Python code generated and compiled) took
+    two thirds of the trace's time on every live slider move."""
+
+    graph: fx.Graph
+    root: nn.Module
+
+    def named_modules(self):
+        return self.root.named_modules()
+
+
+def trace(module: nn.Module, label: str) -> Traced:
     try:
         with _TRACING:
             graph = _Tracer().trace(module)
@@ -193,7 +206,7 @@ def trace(module: nn.Module, label: str) -> fx.GraphModule:
         raise JPQError(f"the engine could not trace {label}'s forward with torch.fx ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); networks with data-dependent control "
                        "flow cannot be compiled.") from None
-    return fx.GraphModule(module, graph)
+    return Traced(graph, module)
 
 
 def _arg(node, i: int, name: str, default=None):
@@ -390,7 +403,7 @@ class Lowering:
 
     # --- a traced module -----------------------------------------------------------------------------
     def graph(self, module: nn.Module, inputs: list[int], residual=None, res_scale=1.0, final_slope=None,
-              traced: fx.GraphModule | None = None) -> int:
+              traced: Traced | None = None) -> int:
         """Lower `module`'s traced forward, its inputs in the slots `inputs` (several for one placeholder: their
         channel concatenation); `residual` (times res_scale) and `final_slope` are fused into the convolution
         that produces the output. Returns the output slot."""
