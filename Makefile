@@ -18,7 +18,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 app: $(STAMP)
-	$(PY) -m streamlit run app.py --server.port $(PORT)
+	$(PY) -m app_support.serve --server.port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests

@@ -15,7 +15,8 @@ from jpq_core.evaluation import stereo_comparison
 from jpq_core.jobs import JobQueue, is_owner_token, new_owner
 from jpq_core.links import OWNER_PARAMETER, read_link
 from jpq_core.live import (LIVE_ACTIVATION_BITS, LIVE_ALLOCATIONS, LIVE_NETWORKS as OFFERED_NETWORKS, LIVE_WEIGHT_BITS,
-                           RECOVERY_CHOICES, SPARSITY_CHOICES, Evaluation, LiveConfig, LiveNetwork, LiveResult)
+                           RECOVERY_CHOICES, SPARSITY_CHOICES, Evaluation, LiveConfig, LiveNetwork, LiveResult,
+                           shared_live_network)
 from jpq_core.compressed import detach
 from jpq_core.models import DEFAULT_CLASSES, is_shipped, load_network, network_label
 from jpq_core.pipeline import load_any
@@ -230,7 +231,7 @@ def upload_checkpoint(network: str, data: bytes) -> str:
 @st.cache_resource(show_spinner="Preparing the network for live compression...", max_entries=8)
 def live_network(network: str, checkpoint: str = "") -> LiveNetwork:
     if not checkpoint:
-        return LiveNetwork(network, load_network(network))
+        return shared_live_network(network) if is_shipped(network) else LiveNetwork(network, load_network(network))
     path = UPLOADS / f"{checkpoint}.ckpt"
     if not path.exists():
         raise JPQError("the uploaded checkpoint of this link is not on this server; upload it again in the sidebar.")

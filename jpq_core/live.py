@@ -285,6 +285,16 @@ class LiveNetwork:
         # tracing, which protect_first_last changes.
         return "weight" if get_criterion(config.criterion).level == "weight" else f"{config.criterion}:{config.protect_first_last}"
 
+    def warm_up(self, config: LiveConfig | None = None) -> None:
+        """Do now what the first view of `config` (default: the page's default) would wait for: the layer
+        geometry, the dense evaluation, the criterion's statistics and one compression without recovery,
+        which also starts the engine's kernels loading (`EnginePath.warm_up`)."""
+        config = config or LiveConfig(network=self.network)
+        self.geometry  # noqa: B018 - traced once, cached
+        self.dense_evaluation()
+        self.stats(config)
+        self.compress(config.without_recovery())
+
     def dense_evaluation(self) -> Evaluation:
         """The dense network on the default evaluation data, computed once."""
         with self._lock:
@@ -403,6 +413,23 @@ class LiveNetwork:
         from jpq_core.data import stereo_eval_samples
 
         return stereo_eval_samples(self.task.eval_data)[0]
+
+
+_SHARED: dict[str, LiveNetwork] = {}  # shipped networks only: a handful, each a few MB
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_live_network(network: str) -> LiveNetwork:
+    """The live network of a shipped `network` with its shipped weights: one per process, shared by every
+    browser session (and warmed up by `app_support.serve` before the first one arrives)."""
+    from jpq_core.models import is_shipped, load_network
+
+    if not is_shipped(network):
+        raise JPQError(f"{network} has no shipped weights to share; build LiveNetwork(network, model) with yours.")
+    with _SHARED_LOCK:
+        if network not in _SHARED:
+            _SHARED[network] = LiveNetwork(network, load_network(network))
+        return _SHARED[network]
 
 
 def matching_runs(results, config: LiveConfig):

@@ -52,13 +52,15 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def app_server(root: Path = ROOT, python: str = sys.executable, log_dir: Path | None = None, env: dict | None = None):
-    """`streamlit run app.py` from `root` on a free loopback port; yields its URL, stops it on exit.
+    """The app from `root` as `make app` starts it (`python -m app_support.serve`, i.e. `streamlit run app.py`
+    with the imports done first) on a free loopback port; yields its URL, stops it on exit.
     `env`: environment variables to add for the server (e.g. JPQ_RESULTS, a scratch results table)."""
     port = free_port()
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="streamlit-"))
     log = open(log_dir / "server.log", "w+b")  # a file, so the server never blocks on a full pipe
+    launcher = ["-m", "app_support.serve"] if (root / "app_support" / "serve.py").exists() else ["-m", "streamlit", "run", "app.py"]
     proc = subprocess.Popen(
-        [python, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1",
+        [python, *launcher, "--server.port", str(port), "--server.address", "127.0.0.1",
          "--server.headless", "true", "--browser.gatherUsageStats", "false"], cwd=root, stdout=log,
         stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(root), **(env or {})))
     url = f"http://127.0.0.1:{port}"

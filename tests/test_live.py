@@ -157,3 +157,21 @@ def test_the_recovery_aware_allocation_is_offered_live_once_its_scan_is_saved(re
     assert len({round(d, 2) for d in densities.values()}) > 2  # per layer, not one threshold's share everywhere
     config_back, problems = LiveConfig.from_query(config.to_query())
     assert config_back == config and not problems
+
+
+def test_a_warmed_up_live_network_answers_its_default_view_from_what_it_made(monkeypatch):
+    """`app_support.serve` warms the default page's network before the first visitor: afterwards the scores
+    and the dense evaluation are made, and the same object serves every session."""
+    from jpq_core import live
+
+    monkeypatch.setattr(live, "_SHARED", {})
+    network = live.shared_live_network("resnet20")
+    assert live.shared_live_network("resnet20") is network
+    config = LiveConfig(network="resnet20", criterion="taylor", recovery="none")
+    assert not network.has_stats(config)
+    network.warm_up(config)
+    assert network.has_stats(config)
+    dense = network.dense_evaluation()
+    assert network.dense_evaluation() is dense and 0.5 < dense.metrics["top1"] <= 1.0
+    with pytest.raises(JPQError, match="no shipped weights"):
+        live.shared_live_network("tv:resnet18")
