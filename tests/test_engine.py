@@ -187,6 +187,22 @@ def test_packing_round_trip_and_cost_model_sizes(bits, density, size, seed):
         assert packed.nbytes == -(-entries // 2)  # two 4-bit values per byte
 
 
+@pytest.mark.parametrize("chunk", [8, 24, 1 << 19])
+def test_packed_bits_are_the_values_bits_in_order_for_every_width_and_slicing(monkeypatch, chunk):
+    """The bit stream is each value's low bits, little-endian, one after another, whatever the width and however
+    the packer slices the values (it packs large layers a slice at a time, and byte-aligned widths directly)."""
+    monkeypatch.setattr(packing, "CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    for bits in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32):
+        low, high = (-(1 << (bits - 1)), 1 << (bits - 1)) if bits < 32 else (-(1 << 31), (1 << 31) - 1)
+        values = rng.integers(low, high, size=101, dtype=np.int64)
+        stream = [(int(v) >> b) & 1 for v in values for b in range(bits)]
+        expected = np.packbits(np.array(stream, np.uint8), bitorder="little")
+        packed = packing.pack_bits(values, bits)
+        assert packed.tolist() == expected.tolist(), bits
+        assert packing.unpack_bits(packed, bits, values.size, signed=True).tolist() == values.tolist(), bits
+
+
 def test_programs_saved_before_the_gap_width_choice_still_decode():
     """Older programs name 4-bit CSR "csr"; the same bytes must give the same weights."""
     values = np.zeros(200, np.int64)

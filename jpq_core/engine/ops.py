@@ -93,9 +93,10 @@ class Conv:
             c, ci, ky, kx = np.unravel_index(pos, self.shape)
             ci = ci + (c // (co // self.groups)) * ci_g  # absolute input channel for grouped convolutions
             phase = (kx * self.dilation[1]) % self.stride[1]
-            order = np.lexsort((kx, ky, ci, phase, c))
-            c, ci, ky, kx = c[order], ci[order], ky[order], kx[order]
-            vals = vals[order]
+            if phase.any():  # rows ordered by (column phase, c_in, ky, kx); decoded positions are (c_in, ky, kx)
+                order = np.lexsort((kx, ky, ci, phase, c))
+                c, ci, ky, kx = c[order], ci[order], ky[order], kx[order]
+                vals = vals[order]
             ptr = np.zeros(co + 1, np.uint64)
             ptr[1:] = np.cumsum(np.bincount(c, minlength=co))
             if self.integer:
