@@ -287,13 +287,18 @@ class LiveNetwork:
 
     def warm_up(self, config: LiveConfig | None = None) -> None:
         """Do now what the first view of `config` (default: the page's default) would wait for: the layer
-        geometry, the dense evaluation, the criterion's statistics and one compression without recovery,
-        which also starts the engine's kernels loading (`EnginePath.warm_up`)."""
+        geometry, the dense evaluation, the criterion's statistics, one compression without recovery, which
+        also starts the engine's kernels loading (`EnginePath.warm_up`), and recovery's calibration data."""
+        from jpq_core.recovery import calibration_inputs, DEFAULT_SAMPLES
+
         config = config or LiveConfig(network=self.network)
         self.geometry  # noqa: B018 - traced once, cached
         self.dense_evaluation()
         self.stats(config)
         self.compress(config.without_recovery())
+        if config.recovery_method != "none":  # rendering the synthetic crops took 3 s of the first recovery
+            settings = config.compression_config()
+            calibration_inputs(self.task, settings.recovery_samples or DEFAULT_SAMPLES[self.task.name], settings.seed)
 
     def dense_evaluation(self) -> Evaluation:
         """The dense network on the default evaluation data, computed once."""

@@ -5,6 +5,8 @@ Run with `make app` (or `streamlit run app.py`). The other pages are in `pages/`
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -20,6 +22,8 @@ from app_support.job_panel import finetune_panel
 from app_support.ui import (cached_results, compressed_images, cost_cards, deferred, dense_evaluation, ensure_scores,
                             image_with_title, live_network, live_result, live_result_ready, path_caption, pytorch_result, show_error,
                             sidebar_config, stereo_reference_images, untrained_notice)
+
+BROWSER_PAINT_S = 0.3
 
 st.set_page_config(page_title="JPQ Explorer", layout="wide")
 st.title("JPQ Explorer")
@@ -165,6 +169,8 @@ def show(result, note: str = "") -> None:
 
 result = first
 if waiting:
+    # Recovery takes both cores for seconds: first give the browser a moment to draw the answer sent above.
+    time.sleep(BROWSER_PAINT_S)
     try:
         result = live_result(config)
     except JPQError as exc:
