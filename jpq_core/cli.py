@@ -438,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights at 3-16 bits learn their quantization step in QAT (LSQ) instead of max|w| / qmax")
         p.add_argument("--calibration", default="minmax", help="activation range: minmax, percentile or mse")
         p.add_argument("--calibration-batches", type=int, default=8, help="batches for gradient scores and activation ranges")
-        p.add_argument("--recovery", default="none", help="one-shot recovery before fine-tuning: none, bn, lsq, obc, lsq+bn, "
-                       "obc+bn (see jpq_core/recovery.py)")
+        p.add_argument("--recovery", default="none", help="one-shot recovery before fine-tuning: none, bn, lsq, obc or "
+                       "scale, or methods joined by + (lsq+scale, obc+bn+scale, ...; jpq_core.recovery.CHOICES)")
         p.add_argument("--recovery-samples", type=int, help="calibration samples for recovery (default: 8 stereo crops, "
                        "512 training images)")
         if training:
