@@ -6,6 +6,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+import jpq_core.live as live
 import jpq_core.models as models
 
 
@@ -14,9 +15,11 @@ def fresh_caches():
     """Caches are keyed by configuration, so the tests here share them (each page run stays a real run)."""
     st.cache_data.clear()
     st.cache_resource.clear()
+    live._SHARED.clear()  # the shipped networks the process shares between sessions (`shared_live_network`)
     yield
     st.cache_data.clear()
     st.cache_resource.clear()
+    live._SHARED.clear()
 
 
 def _metrics(at):
@@ -334,6 +337,7 @@ def test_the_engine_check_fills_in_pytorch_s_numbers_beside_the_engine_s(root):
 def test_missing_checkpoint_is_explained_not_a_traceback(root, tmp_path, monkeypatch):
     """Last in the module: it empties the network caches the tests above share (a run must load the network)."""
     monkeypatch.setattr(models, "CACHED_RUNS", tmp_path)
+    live._SHARED.clear()
     st.cache_resource.clear()
     at = _explore(root)
     assert not at.exception

@@ -6,6 +6,7 @@ import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
+import jpq_core.live as live
 from jpq_core.models import network_label
 
 NETWORK = "tv:mobilenet_v3_small"  # the smallest architecture offered: seconds per page run
@@ -16,9 +17,11 @@ QUERY = dict(network=NETWORK, criterion="magnitude", sparsity="0.9", wbits="8", 
 def fresh_caches():
     st.cache_data.clear()
     st.cache_resource.clear()
+    live._SHARED.clear()  # the shipped networks the process shares between sessions (`shared_live_network`)
     yield
     st.cache_data.clear()
     st.cache_resource.clear()
+    live._SHARED.clear()
 
 
 def _page(root, page: str, **query):
