@@ -25,12 +25,19 @@ Float path: the same kernel with float32 input and weights and corr = 0.
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.core.extending import intrinsic
+
+# Every kernel uses NumPy's error model: a float division by zero gives inf instead of raising, so numba puts
+# no zero check on the divisor inside loops. With the check, loops dividing by a runtime value (the quantized
+# stores' v / scale) ran scalar: ResNet-20's residual epilogue took 24 instead of 3 us per layer at batch 1.
+njit = functools.partial(numba.njit, error_model="numpy")
 
 VECTOR = 16  # int32 lanes of an AVX-512 register: accumulator rows are computed in whole vectors
 
@@ -63,40 +70,36 @@ def _split_pairs(pairs, w, dest, n, c, oy, c0, pad_h, pad):
         lo = np.uint64(j_lo)
         k0 = np.uint64(first // 2)
         up = np.uint64(p)
-        if first % 2 == 0:
-            for j in range(np.uint64(j_hi - j_lo)):
-                dest[un, up, uc, uy, lo + j] = np.uint8(pairs[k0 + j] & np.uint16(255))
-        else:
-            for j in range(np.uint64(j_hi - j_lo)):
-                dest[un, up, uc, uy, lo + j] = np.uint8(pairs[k0 + j] >> np.uint16(8))
+        shift = np.uint16(8 * (first % 2))  # one loop for both bytes: two near-identical loops did not vectorise
+        for j in range(np.uint64(j_hi - j_lo)):
+            dest[un, up, uc, uy, lo + j] = np.uint8((pairs[k0 + j] >> shift) & np.uint16(255))
 
 
 @njit(inline="always")
-def _emit_quantized(acc, a0, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h, pad, qmax, scratch, pairs, res, rmul, has_res):
+def _emit_quantized(acc, a0, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h, pad, qmax, scratch, pairs, res, rmul, has_res,
+                    phases):
     """Store q = clamp(rint((acc[a0 + x] - corr) * mul + bias [+ rmul * res[n, c, oy, x]]), low, qmax) for the row
     acc[a0:a0 + w] into dest (stride 1 or 2) like `_emit`, straight from the accumulators: `mul`, `bias` and `rmul`
     fold the layer's output scale, the residual's scale and the consumer's quantizer (1 / scale, zero point),
-    and `low` = the zero point folds a ReLU in."""
+    and `low` = the zero point folds a ReLU in. `phases`: the column phases of every destination of the layer,
+    1 or 2, known when compiled (a loop per case in one function ran 3x slower, see `_tile_direct_stride1`), or 0: this
+    dest's own."""
     if n >= dest.shape[0]:
         return
     un, uc, uy, ur = np.uint64(n), np.uint64(c), np.uint64(oy), np.uint64(oy + pad_h)
-    if dest.shape[1] == 1:
+    if phases == 1 or (phases == 0 and dest.shape[1] == 1):
         ud, shift = np.uint64(c0 + c), np.uint64(pad)
-        if has_res:
-            for x in range(np.uint64(w)):
-                dest[un, 0, ud, ur, shift + x] = min(max(np.rint(np.float32(acc[a0 + x] - corr) * mul + bias
-                                                                 + rmul * res[un, uc, uy, x]), low), qmax)
-        else:
-            for x in range(np.uint64(w)):
-                dest[un, 0, ud, ur, shift + x] = min(max(np.rint(np.float32(acc[a0 + x] - corr) * mul + bias), low), qmax)
+        for x in range(np.uint64(w)):
+            v = np.float32(acc[a0 + x] - corr) * mul + bias
+            if has_res:
+                v += rmul * res[un, uc, uy, x]
+            dest[un, 0, ud, ur, shift + x] = min(max(np.rint(v), low), qmax)
         return
-    if has_res:
-        for x in range(np.uint64(w)):
-            scratch[x] = np.uint8(min(max(np.rint(np.float32(acc[a0 + x] - corr) * mul + bias + rmul * res[un, uc, uy, x]),
-                                          low), qmax))
-    else:
-        for x in range(np.uint64(w)):
-            scratch[x] = np.uint8(min(max(np.rint(np.float32(acc[a0 + x] - corr) * mul + bias), low), qmax))
+    for x in range(np.uint64(w)):
+        v = np.float32(acc[a0 + x] - corr) * mul + bias
+        if has_res:
+            v += rmul * res[un, uc, uy, x]
+        scratch[x] = np.uint8(min(max(np.rint(v), low), qmax))
     _split_pairs(pairs, w, dest, n, c, oy, c0, pad_h, pad)
 
 
@@ -104,33 +107,20 @@ def _emit_quantized(acc, a0, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h,
 def _emit_with_float(acc, a0, w, corr, mul, bias, res, res_scale, has_res, slope, out, keep, dest, n, c, oy, c0, pad_h, pad,
                      scale, zero, qmax):
     """y = act((acc[a0 + x] - corr) * mul + bias [+ res_scale * res[n, c, oy, x]]) for one row, stored as float
-    into out (when `keep`) and quantized (`_store` mode 2) into a stride-1 dest, in one loop per case (the
-    cases outside the loops, so that each vectorises): at classifier widths a row's loops are short, and
-    three of them (y, out, dest) cost three times the loop overhead."""
+    into out (when `keep`) and quantized (`_store` mode 2) into a stride-1 dest, in one loop: at classifier
+    widths a row's loops are short, and three of them (y, out, dest) cost three times the loop overhead.
+    One loop with the (row-invariant) cases inside, not a loop per case: LLVM merged the near-identical
+    loops of the cases into one that did not vectorise (ResNet-20's residual layers 3x slower)."""
     un, uc, uy = np.uint64(n), np.uint64(c), np.uint64(oy)
     ud, ur, shift = np.uint64(c0 + c), np.uint64(oy + pad_h), np.uint64(pad)
-    if has_res and keep:
-        for x in range(np.uint64(w)):
-            v = np.float32(acc[a0 + x] - corr) * mul + bias + res_scale * res[un, uc, uy, x]
-            y = v if v > 0 else v * slope
+    for x in range(np.uint64(w)):
+        v = np.float32(acc[a0 + x] - corr) * mul + bias
+        if has_res:
+            v += res_scale * res[un, uc, uy, x]
+        y = v if v > 0 else v * slope
+        if keep:
             out[un, uc, uy, x] = y
-            dest[un, 0, ud, ur, shift + x] = min(max(np.rint(y / scale) + zero, np.float32(0.0)), qmax)
-    elif has_res:
-        for x in range(np.uint64(w)):
-            v = np.float32(acc[a0 + x] - corr) * mul + bias + res_scale * res[un, uc, uy, x]
-            y = v if v > 0 else v * slope
-            dest[un, 0, ud, ur, shift + x] = min(max(np.rint(y / scale) + zero, np.float32(0.0)), qmax)
-    elif keep:
-        for x in range(np.uint64(w)):
-            v = np.float32(acc[a0 + x] - corr) * mul + bias
-            y = v if v > 0 else v * slope
-            out[un, uc, uy, x] = y
-            dest[un, 0, ud, ur, shift + x] = min(max(np.rint(y / scale) + zero, np.float32(0.0)), qmax)
-    else:
-        for x in range(np.uint64(w)):
-            v = np.float32(acc[a0 + x] - corr) * mul + bias
-            y = v if v > 0 else v * slope
-            dest[un, 0, ud, ur, shift + x] = min(max(np.rint(y / scale) + zero, np.float32(0.0)), qmax)
+        dest[un, 0, ud, ur, shift + x] = min(max(np.rint(y / scale) + zero, np.float32(0.0)), qmax)
 
 
 @njit(inline="always")
@@ -229,10 +219,15 @@ def _whole_vectors(count):
     return (count + np.uint64(VECTOR - 1)) & ~np.uint64(VECTOR - 1)
 
 
-@njit(cache=True, fastmath=True)
-def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
-               rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, direct, dest_a, place_a, ma, sa, za, qa,
-               low_a, dest_b, place_b, mb, sb, zb, qb, low_b, fresh, dense):
+# How a tile's rows leave the accumulators (chosen per layer call, see `_sparse_conv`): straight to quantized
+# bytes (`_emit_quantized`) of destinations that all have stride 1, all stride 2 or some of each; a float row and
+# one quantized stride-1 destination in one loop (`_emit_with_float`); or the float row y, then the float output
+# and up to two destinations of any store mode (`_emit`).
+DIRECT_STRIDE1, DIRECT_STRIDE2, DIRECT_MIXED, FUSED, GENERAL = range(5)
+
+
+@njit(inline="always")
+def _tile_rows(epilogue, t, args):
     """Output rows of tile t (up to rows_per_tile rows of one sample) for every output channel: `_sparse_conv`'s
     parallel unit, written as serial code that the parallel and the serial kernel both call. It addresses rows
     of shared arrays by full index, never as views (see `_emit`): views made two threads no faster than one.
@@ -247,6 +242,9 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
     matrix product (the dense path below the crossover, `gather_columns`): acc_buf is one row holding, per
     chunk of `chunk` samples, C_out x chunk planes of `plane` elements, output row oy at oy * pitch; only the
     epilogue runs here."""
+    (inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
+     rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a, dest_b,
+     place_b, mb, sb, zb, qb, low_b, fresh, dense) = args
     c_out = ptr.shape[0] - 1
     chunk = dense[0]
     w = np.uint64(out_w)
@@ -261,8 +259,6 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
     sample = np.uint64(n * in_sample)
     run = _whole_vectors(np.uint64((oy1 - oy0 - 1) * rowstride) + w)
     un = np.uint64(n)
-    # One quantized stride-1 destination beside the float output: y, the output and the stored bytes in one loop.
-    fused_a = not direct and place_a[2] and not place_b[2] and ma == 2 and dest_a.shape[1] == 1
     for c in range(c_out):
         m = mul[c]
         b = bias[c]
@@ -284,27 +280,26 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
             else:
                 a0 = np.uint64(0)
                 _accumulate(acc, wv, inp, sample + np.uint64(oy * rowstride), off, val, k0, k1)
-            if direct:
+            if epilogue <= DIRECT_MIXED:
+                phases = 1 if epilogue == DIRECT_STRIDE1 else 2 if epilogue == DIRECT_STRIDE2 else 0
                 if place_a[2]:
                     _emit_quantized(acc, a0, out_w, cr, m / sa, b / sa + za, low_a, dest_a, n, c, oy, place_a[0],
-                                    place_a[1], place_a[3], qa, scratch, pairs, res, res_scale / sa, has_res)
+                                    place_a[1], place_a[3], qa, scratch, pairs, res, res_scale / sa, has_res, phases)
                 if place_b[2]:
                     _emit_quantized(acc, a0, out_w, cr, m / sb, b / sb + zb, low_b, dest_b, n, c, oy, place_b[0],
-                                    place_b[1], place_b[3], qb, scratch, pairs, res, res_scale / sb, has_res)
+                                    place_b[1], place_b[3], qb, scratch, pairs, res, res_scale / sb, has_res, phases)
                 continue
             uc, uy = np.uint64(c), np.uint64(oy)  # full indices, not row views (see `_emit`)
-            if fused_a and n < dest_a.shape[0]:
-                _emit_with_float(acc, a0, out_w, cr, m, b, res, res_scale, has_res, slope, out, keep, dest_a, n, c, oy,
-                                 place_a[0], place_a[1], place_a[3], sa, za, qa)
+            if epilogue == FUSED:
+                if n < dest_a.shape[0]:
+                    _emit_with_float(acc, a0, out_w, cr, m, b, res, res_scale, has_res, slope, out, keep, dest_a, n, c, oy,
+                                     place_a[0], place_a[1], place_a[3], sa, za, qa)
                 continue
-            if has_res:
-                for x in range(w):
-                    v = np.float32(acc[a0 + x] - cr) * m + b + res_scale * res[un, uc, uy, x]
-                    y[x] = v if v > 0 else v * slope
-            else:
-                for x in range(w):
-                    v = np.float32(acc[a0 + x] - cr) * m + b
-                    y[x] = v if v > 0 else v * slope
+            for x in range(w):  # the case inside the loop: see `_emit_with_float`
+                v = np.float32(acc[a0 + x] - cr) * m + b
+                if has_res:
+                    v += res_scale * res[un, uc, uy, x]
+                y[x] = v if v > 0 else v * slope
             if keep:
                 for x in range(w):
                     out[un, uc, uy, x] = y[x]
@@ -312,6 +307,34 @@ def _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res
                 _emit(y, out_w, dest_a, n, c, oy, place_a[0], place_a[1], place_a[3], ma, sa, za, qa, scratch, pairs)
             if place_b[2]:
                 _emit(y, out_w, dest_b, n, c, oy, place_b[0], place_b[1], place_b[3], mb, sb, zb, qb, scratch, pairs)
+
+
+# `_tile_rows` compiled once per epilogue, each a function of its own: with the three in one function the row
+# loops ran 3-4x slower (LLVM merged near-identical loops and kept fewer values in registers); a call per tile
+# costs little. `args`: the layer's arguments, as `_sparse_conv` packs them.
+@njit(cache=True, fastmath=True)
+def _tile_direct_stride1(t, args):
+    _tile_rows(DIRECT_STRIDE1, t, args)
+
+
+@njit(cache=True, fastmath=True)
+def _tile_direct_stride2(t, args):
+    _tile_rows(DIRECT_STRIDE2, t, args)
+
+
+@njit(cache=True, fastmath=True)
+def _tile_direct_mixed(t, args):
+    _tile_rows(DIRECT_MIXED, t, args)
+
+
+@njit(cache=True, fastmath=True)
+def _tile_fused(t, args):
+    _tile_rows(FUSED, t, args)
+
+
+@njit(cache=True, fastmath=True)
+def _tile_general(t, args):
+    _tile_rows(GENERAL, t, args)
 
 
 def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope,
@@ -326,7 +349,7 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     float output is kept and every destination is quantized, y is never formed: the epilogue goes from the
     accumulators to the stored bytes in one pass (`_emit_quantized`).
 
-    With dense[0] > 0 the accumulators are already in acc_buf (see `_conv_tile`) and only the epilogue runs.
+    With dense[0] > 0 the accumulators are already in acc_buf (see `_tile_rows`) and only the epilogue runs.
 
     A channel without kept weights and without residual is the constant act(bias[c]): it is stored only
     when the output arrays are `fresh` (new this run); arrays reused from an earlier run of the same
@@ -346,10 +369,25 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
               and (not place_b[2] or (mb == 2 and dest_b.shape[1] <= 2)))
     low_a = za if slope == 0 else np.float32(0.0)
     low_b = zb if slope == 0 else np.float32(0.0)
+    # One quantized stride-1 destination beside the float output: y, the output and the stored bytes in one loop.
+    fused = not direct and place_a[2] and not place_b[2] and ma == 2 and dest_a.shape[1] == 1
+    phases = max(dest_a.shape[1] if place_a[2] else 0, dest_b.shape[1] if place_b[2] else 0)
+    if place_a[2] and place_b[2] and dest_a.shape[1] != dest_b.shape[1]:
+        phases = 0
+    args = (inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
+            rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a, dest_b,
+            place_b, mb, sb, zb, qb, low_b, fresh, dense)
     for t in prange(tiles):
-        _conv_tile(t, inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h,
-                   out_w, rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, direct, dest_a, place_a, ma, sa, za, qa,
-                   low_a, dest_b, place_b, mb, sb, zb, qb, low_b, fresh, dense)
+        if direct and phases == 1:
+            _tile_direct_stride1(t, args)
+        elif direct and phases == 2:
+            _tile_direct_stride2(t, args)
+        elif direct:
+            _tile_direct_mixed(t, args)
+        elif fused:
+            _tile_fused(t, args)
+        else:
+            _tile_general(t, args)
 
 
 sparse_conv = njit(parallel=True, cache=True, fastmath=True)(_sparse_conv)
@@ -364,7 +402,7 @@ def gather_columns(inp, in_sample, off, n0, count, rows, run, rowstep, cols):
     cols[(k * count + j) * rows * run + r * run + x] = inp[(n0 + j) * in_sample + off[k] + r * rowstep + x]
     for every weight position k (`off` as in `sparse_conv`), r < rows, x < run. With stride 1 down the rows
     a sample's output rows are one run (rows = 1, the columns between rows computed and never stored, as in
-    `_conv_tile`'s plane mode), so that each (k, sample) is one contiguous converting copy."""
+    `_tile_rows`'s plane mode), so that each (k, sample) is one contiguous converting copy."""
     per = np.uint64(rows * run)
     for k in range(off.shape[0]):
         for j in range(count):

@@ -291,7 +291,7 @@ class Conv:
         ptr, _, _, _, val, corr, mul = self._kernel_weights()
         threads = numba.get_num_threads()
         serial = threads == 1 or n * co * out_h * out_w < SERIAL_OUTPUTS
-        # Narrow maps (classifiers) accumulate several rows as one run (see kernels._conv_tile), as many as
+        # Narrow maps (classifiers) accumulate several rows as one run (see kernels._tile_rows), as many as
         # fit PLANE_RUN accumulators, split further only to give each thread about four tiles.
         plane = self.stride[0] == 1 and out_h > 1 and out_w < PLANE_BELOW_WIDTH
         products, dense = None, np.zeros(3, np.int64)
@@ -321,7 +321,7 @@ class Conv:
     def _products(self, buffers: dict, g: dict, n: int, out_h: int, out_w: int) -> tuple:
         """The dense path's matrix products for this input size: per chunk of samples, the im2col columns of the
         padded input (`kernels.gather_columns`, float32) and one product weights (C_out x K) @ columns (K x
-        chunk * plane) into the accumulators, laid out as `kernels._conv_tile` reads them with `dense`. With
+        chunk * plane) into the accumulators, laid out as `kernels._tile_rows` reads them with `dense`. With
         stride 1 down the rows a sample's rows are one run of pitch `rowstride` (the columns between rows
         computed, never stored); else each output row is a run of out_w. Chunks of at most DENSE_CHUNK_BYTES of
         columns keep them in the caches (a divisor of the batch, so that every chunk is alike).
