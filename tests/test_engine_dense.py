@@ -20,23 +20,36 @@ ALWAYS, NEVER = 0.0, 1.01  # thresholds that put every eligible layer on the den
 
 
 def run_both(model, x, threads: int = 1):
-    """(sparse outputs, dense outputs, the dense program) of `model` on x."""
+    """(sparse outputs, dense outputs, the dense program) of `model` on x. The dense path runs twice, with
+    float32 products and with int8 products (forced on whatever the CPU; exact either way, fast only with
+    VNNI): both must give the same outputs bit for bit."""
     outputs, programs = [], []
-    for threshold in (NEVER, ALWAYS):
+    for threshold, int8 in ((NEVER, False), (ALWAYS, False), (ALWAYS, True)):
         with pytest.MonkeyPatch.context() as patch, numba_threads(threads):
             patch.setattr(ops, "DENSE_FROM_DENSITY", threshold)
             patch.setattr(ops, "DENSE_FROM_DENSITY_STRIDED", threshold)
+            patch.setattr(ops, "INT8_FROM_DENSITY", threshold)
             patch.setattr(ops, "DENSE_MIN_DEPTH", 0)
             patch.setattr(ops, "DENSE_BELOW_WIDTH", 1 << 30)
+            patch.setattr(ops, "int8_products", lambda: int8)
             program = compile_network(model)
             assert all(layer.dense == (threshold == ALWAYS) for layer in program.layers)
+            assert all((layer.product_kind == "int8") == (int8 and layer.integer) for layer in program.layers)
             outputs.append(program.run(x))
             ran_dense = [step[-1] is not None for key, step in program._buffers.items()
                          if isinstance(key, tuple) and key[1] == "step"]
             assert ran_dense and all(r == (threshold == ALWAYS) for r in ran_dense)
             np.testing.assert_array_equal(program.run(x), outputs[-1])  # a second run, on reused buffers
             programs.append(program)
+    np.testing.assert_array_equal(outputs[2], outputs[1])
     return outputs[0], outputs[1], programs[1]
+
+
+def test_int8_products_are_used_only_where_exact_and_fast():
+    """The probe answers for this CPU: True only with VNNI in its flags, and then the products are exact."""
+    flags = open("/proc/cpuinfo").read().split()
+    vnni = "avx512_vnni" in flags or "avx_vnni" in flags
+    assert ops.int8_products() == vnni
 
 
 class Block(nn.Module):
@@ -154,14 +167,36 @@ def test_a_layer_over_the_exactness_bound_stays_sparse():
         model[0].parametrizations.weight.original.copy_(torch.sign(torch.randn_like(model[0].weight)))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ops, "DENSE_FROM_DENSITY", ALWAYS)
+        patch.setattr(ops, "int8_products", lambda: False)
         layer = compile_network(model).layers[0]
         assert not layer.dense
         np.testing.assert_array_equal(layer.accumulators(x.numpy()), reference_accumulators(model[0], x))
+        sparse = compile_network(model).run(x)
+        patch.setattr(ops, "int8_products", lambda: True)  # int8 products sum exactly in int32: dense, same sums
+        program = compile_network(model)
+        assert program.layers[0].dense and program.layers[0].product_kind == "int8"
+        np.testing.assert_array_equal(program.run(x), sparse)
 
 
 def test_the_default_threshold_follows_density_and_stride():
     """Stride-1 layers from DENSE_FROM_DENSITY of their weights kept and DENSE_MIN_DEPTH products per output,
-    layers of stride 2 down the rows from DENSE_FROM_DENSITY_STRIDED, grouped ones never."""
+    layers of stride 2 down the rows from DENSE_FROM_DENSITY_STRIDED, grouped ones never (float32 products;
+    with int8 products stride-1 layers from INT8_FROM_DENSITY)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "int8_products", lambda: False)
+        float32_thresholds()
+        patch.setattr(ops, "int8_products", lambda: True)
+        for c_in, stride, sparsity in ((16, 1, 0.0), (16, 1, 0.6), (16, 2, 0.6), (16, 1, 0.9), (4, 1, 0.0)):
+            model, _ = compressed_layer(seed=0, c_in=c_in, c_out=8, k=3, stride=stride, padding=1, dilation=1,
+                                        groups=1, sparsity=sparsity, wbits=4, abits=8)
+            layer = compile_network(model).layers[0]
+            density = int(layer._kernel_weights()[0][-1]) / np.prod(layer.shape)
+            expected = density >= ops.DENSE_FROM_DENSITY_STRIDED if stride == 2 else \
+                density >= ops.INT8_FROM_DENSITY and np.prod(layer.shape[1:]) >= ops.DENSE_MIN_DEPTH
+            assert layer.dense == expected
+
+
+def float32_thresholds():
     cases = [(16, 1, 1, 0.0), (4, 1, 1, 0.0), (16, 1, 1, 0.6), (16, 2, 1, 0.6), (16, 2, 1, 0.95), (16, 1, 2, 0.0)]
     for c_in, stride, groups, sparsity in cases:
         model, _ = compressed_layer(seed=0, c_in=c_in, c_out=8, k=3, stride=stride, padding=1, dilation=1,

@@ -397,9 +397,10 @@ sparse_conv_serial = njit(cache=True, fastmath=True)(_sparse_conv)
 
 
 @njit(cache=True)
-def gather_columns(inp, in_sample, off, n0, count, rows, run, rowstep, cols):
-    """The columns of a matrix product (im2col) for samples n0 .. n0 + count - 1, as float32:
-    cols[(k * count + j) * rows * run + r * run + x] = inp[(n0 + j) * in_sample + off[k] + r * rowstep + x]
+def gather_columns(inp, in_sample, off, n0, count, rows, run, rowstep, cols, shift):
+    """The columns of a matrix product (im2col) for samples n0 .. n0 + count - 1, in cols' type (float32, or
+    int8 for int8 products with shift = 128):
+    cols[(k * count + j) * rows * run + r * run + x] = inp[(n0 + j) * in_sample + off[k] + r * rowstep + x] - shift
     for every weight position k (`off` as in `sparse_conv`), r < rows, x < run. With stride 1 down the rows
     a sample's output rows are one run (rows = 1, the columns between rows computed and never stored, as in
     `_tile_rows`'s plane mode), so that each (k, sample) is one contiguous converting copy."""
@@ -412,7 +413,7 @@ def gather_columns(inp, in_sample, off, n0, count, rows, run, rowstep, cols):
                 src = base + np.uint64(r * rowstep)
                 d = dst + np.uint64(r * run)
                 for x in range(np.uint64(run)):
-                    cols[d + x] = np.float32(inp[src + x])
+                    cols[d + x] = inp[src + x] - shift
 
 
 @njit(parallel=True, cache=True)

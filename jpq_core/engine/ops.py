@@ -10,8 +10,10 @@ itself as JSON plus named arrays (`describe`, `arrays`), which is all a program 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -120,17 +122,30 @@ class Conv:
 
     @property
     def dense(self) -> bool:
-        """Whether this layer runs as a matrix product (the dense path): a convolution without groups with sums
-        exact in float32 (integer layers whose accumulators are float32, see `_kernel_weights`; float layers)
-        that keeps at least DENSE_FROM_DENSITY_STRIDED of its weights if it has stride > 1 down the rows, else
-        at least DENSE_FROM_DENSITY of them and DENSE_MIN_DEPTH products per output (see their comments)."""
-        ptr, *_, val, _, _ = self._kernel_weights()
-        if self.groups != 1 or val.dtype != np.float32:
+        """Whether this layer runs as a matrix product (the dense path): a convolution without groups whose
+        products are exact (`product_kind`) that keeps at least DENSE_FROM_DENSITY_STRIDED of its weights if it
+        has stride > 1 down the rows, else at least DENSE_FROM_DENSITY of them (INT8_FROM_DENSITY with int8
+        products) and DENSE_MIN_DEPTH products per output (see their comments)."""
+        ptr = self._kernel_weights()[0]
+        kind = self.product_kind
+        if self.groups != 1 or kind is None:
             return False
         density = int(ptr[-1]) / math.prod(self.shape)
         if self.stride[0] > 1:
             return density >= DENSE_FROM_DENSITY_STRIDED
-        return density >= DENSE_FROM_DENSITY and math.prod(self.shape[1:]) >= DENSE_MIN_DEPTH
+        threshold = INT8_FROM_DENSITY if kind == "int8" else DENSE_FROM_DENSITY
+        return density >= threshold and math.prod(self.shape[1:]) >= DENSE_MIN_DEPTH
+
+    @property
+    def product_kind(self) -> str | None:
+        """How the dense path would compute this layer's accumulators: "int8" (exact int8 x int8 -> int32
+        products, `torch._int_mm`, where the CPU has VNNI dot products: integer layers whose weights fit int8),
+        "float32" (`torch.mm`, exact where every sum is below 2^24: float layers and integer layers with float32
+        accumulators, see `_kernel_weights`), or None."""
+        *_, val, _, _ = self._kernel_weights()
+        if self.integer and int8_products() and np.abs(val).max(initial=0) <= 127:
+            return "int8"
+        return "float32" if val.dtype == np.float32 else None
 
     def _dense_weights(self) -> np.ndarray:
         """The kept weights as a dense float32 (C_out, C_in * kh * kw) matrix, in `_kernel_weights`'s values."""
@@ -233,10 +248,10 @@ class Conv:
             args[_RESIDUAL] = res.reshape(n, -1, 1, 1) if self.linear else \
                 np.ascontiguousarray(res).reshape(n, self.shape[0], 1, -1) if self.pixelwise else res
         if products is not None:  # the dense path: accumulators by matrix products, then the kernel's epilogue
-            inp, in_sample, off, count, rows, run, rowstep, cols, weights, columns, chunks = products
+            inp, in_sample, off, count, rows, run, rowstep, cols, shift, product, weights, columns, chunks = products
             for n0, acc in chunks:
-                kernels.gather_columns(inp, in_sample, off, n0, count, rows, run, rowstep, cols)
-                torch.mm(weights, columns, out=acc)
+                kernels.gather_columns(inp, in_sample, off, n0, count, rows, run, rowstep, cols, shift)
+                product(weights, columns, out=acc)
         args[-1] = buffers.get(FRESH, True)
         kernel(*args)
         if args[_KEEP]:
@@ -298,7 +313,7 @@ class Conv:
         if self.dense and out_w0 < DENSE_BELOW_WIDTH:
             plane = False
             per_tile = out_h if serial else int(min(4, max(1, n * out_h // (4 * threads))))
-            products, acc, dense = self._products(buffers, g, n, out_h, out_w)
+            products, acc, dense, corr = self._products(buffers, g, n, out_h, out_w)
         elif plane:
             per_tile = max(1, min(out_h, PLANE_RUN // g["rowstride"]))
             if not serial:
@@ -325,9 +340,17 @@ class Conv:
         stride 1 down the rows a sample's rows are one run of pitch `rowstride` (the columns between rows
         computed, never stored); else each output row is a run of out_w. Chunks of at most DENSE_CHUNK_BYTES of
         columns keep them in the caches (a divisor of the batch, so that every chunk is alike).
-        Returns (products, accumulators (1, size), dense = (chunk, plane, pitch))."""
+        With int8 products (`product_kind`) the columns hold q_a - 128 as int8 and the accumulators are int32;
+        the kernel's corr then becomes (z_a - 128) * sum(k_w), so that acc - corr is the same exact integer.
+        Returns (products, accumulators (1, size), dense = (chunk, plane, pitch), corr for the kernel)."""
         weights = self._dense_weights()
         co, k = weights.shape
+        int8 = self.product_kind == "int8"
+        corr = self._kernel_weights()[5]
+        if int8:
+            shifted = np.round(self.act["zero"]) - INT8_SHIFT
+            corr = (shifted * weights.astype(np.float64).sum(1)).astype(corr.dtype)
+            weights = weights.astype(np.int8)
         c_total, kh, kw = self.shape[1:]
         ci, ky, kx = (a.astype(np.uint64) for a in np.unravel_index(np.arange(k), (c_total, kh, kw)))
         (_, s), (dh, d) = self.stride, self.dilation
@@ -341,18 +364,23 @@ class Conv:
             rows, run, pitch = out_h, out_w, out_w
             plane = out_h * out_w
         chunk = max([c for c in range(1, n + 1) if n % c == 0 and c * k * plane * 4 <= DENSE_CHUNK_BYTES] or [1])
-        cols = np.empty(k * chunk * plane, np.float32)
-        acc = np.empty((n // chunk, co, chunk * plane), np.float32)
+        cols = np.empty(k * chunk * plane, np.int8 if int8 else np.float32)
+        acc = np.empty((n // chunk, co, chunk * plane), np.int32 if int8 else np.float32)
         # normal tensors even in a caller's inference mode: an inference tensor cannot be written outside it
         with torch.inference_mode(False):
             columns = torch.from_numpy(cols).view(k, chunk * plane)
             chunks = [(i * chunk, torch.from_numpy(acc[i])) for i in range(n // chunk)]
             products = (buffers[id(self)][3], int(g["in_sample"]), off.astype(np.uint64), chunk, rows, run,
-                        int(g["rowstride"]), cols, torch.from_numpy(weights), columns, chunks)
-        return products, acc.reshape(1, -1), np.array([chunk, plane, pitch], np.int64)
+                        int(g["rowstride"]), cols, np.int16(INT8_SHIFT) if int8 else np.float32(0),
+                        torch._int_mm if int8 else torch.mm, torch.from_numpy(weights), columns, chunks)
+        return products, acc.reshape(1, -1), np.array([chunk, plane, pitch], np.int64), corr
 
 
 FLOAT_EXACT_LIMIT = 2**24  # float32 holds every integer below this exactly
+INT8_SHIFT = 128  # int8 products take q_a - 128 (q_a is uint8)
+# With int8 products a stride-1 layer keeping this much of its weights is faster dense (see docs/engine.md,
+# "Exact int8 products").
+INT8_FROM_DENSITY = 0.3
 # The dense path's crossovers, from ResNet-20 per layer, sparse against dense, 1 thread, batch 1 and 64, on this
 # AVX2 machine (docs/engine.md, "Dense path below the crossover"). Stride 1: at density 1 the dense path is
 # 20-55% faster at batch 64 and about even at batch 1, at density 0.5 the sparse kernel is as fast or faster.
@@ -374,6 +402,25 @@ _RESIDUAL, _OUT, _KEEP = 8, 19, 20  # positions in the kernel's arguments (kerne
 THREADS = "threads"  # key of the buffers dict: numba's thread count for this run (set by the program)
 FRESH = "fresh"  # key of the buffers dict: False when its arrays were filled by a complete earlier run
 _NO_FLOAT = np.zeros((1, 1, 1, 1), np.float32)  # stands for an absent float array in kernel calls
+
+
+@functools.lru_cache(maxsize=1)
+def int8_products() -> bool:
+    """Whether the dense path may use exact int8 products (`torch._int_mm`): on a CPU with VNNI dot products
+    (avx512_vnni or avx_vnni), where they ran 4-7x faster than float32 `torch.mm` on ResNet-20's shapes, and
+    only if a probe at the extremes (sums of 4,096 products of -128 x -128 and -128 x 127) comes out exact.
+    Without VNNI, PyTorch's CPU int8 product is a reference loop, 30-100x slower than float32 (measured on an
+    AVX2 machine): the float32 path is used there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    if "avx512_vnni" not in flags and "avx_vnni" not in flags:
+        return False
+    a = torch.full((16, 4096), -128, dtype=torch.int8)
+    b = torch.full((4096, 16), 127, dtype=torch.int8)
+    b[:, ::2] = -128
+    return bool((torch._int_mm(a, b).long() == a.long() @ b.long()).all())
 
 
 @dataclass
