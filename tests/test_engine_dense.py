@@ -30,6 +30,7 @@ def run_both(model, x, threads: int = 1):
             patch.setattr(ops, "DENSE_FROM_DENSITY_STRIDED", threshold)
             patch.setattr(ops, "INT8_FROM_DENSITY", threshold)
             patch.setattr(ops, "DENSE_MIN_DEPTH", 0)
+            patch.setattr(ops, "INT8_MIN_CHANNELS", 0)
             patch.setattr(ops, "DENSE_BELOW_WIDTH", 1 << 30)
             patch.setattr(ops, "int8_products", lambda: int8)
             program = compile_network(model)
@@ -161,7 +162,7 @@ def test_linear_layers_on_the_dense_path():
 
 def test_a_layer_over_the_exactness_bound_stays_sparse():
     """Sums that could pass 2^24 accumulate in int32 on the sparse path, whatever the threshold."""
-    model, x = compressed_layer(seed=1, c_in=64, c_out=4, k=3, stride=1, padding=1, dilation=1, groups=1,
+    model, x = compressed_layer(seed=1, c_in=64, c_out=8, k=3, stride=1, padding=1, dilation=1, groups=1,
                                 sparsity=0.0, wbits=8, abits=8)
     with torch.no_grad():  # every weight +-1: per-channel scales make every k_w +-127
         model[0].parametrizations.weight.original.copy_(torch.sign(torch.randn_like(model[0].weight)))
@@ -252,12 +253,21 @@ def test_a_program_prepared_in_inference_mode_runs_outside_it():
         np.testing.assert_array_equal(program.run(x), first)
 
 
-def test_wide_rows_stay_on_the_sparse_path():
-    """Layers of DENSE_BELOW_WIDTH output columns or more run the sparse kernel (measured faster on wide rows)."""
+@pytest.mark.parametrize("int8", [False, True])
+def test_wide_rows_stay_on_the_sparse_path_with_float32_products(int8):
+    """With float32 products, layers of DENSE_BELOW_WIDTH output columns or more run the sparse kernel
+    (measured faster on wide rows); with int8 products rows of any width go dense, but not a layer of fewer
+    than INT8_MIN_CHANNELS output channels."""
     model, _ = compressed_layer(seed=3, c_in=16, c_out=8, k=3, stride=1, padding=1, dilation=1, groups=1,
                                 sparsity=0.0, wbits=8, abits=8)
-    for width, dense in ((ops.DENSE_BELOW_WIDTH - 1, True), (ops.DENSE_BELOW_WIDTH, False)):
-        program = compile_network(model)
-        program.run(torch.randn(1, 16, 5, width))
-        assert [step[-1] is not None for key, step in program._buffers.items()
-                if isinstance(key, tuple) and key[1] == "step"] == [dense]
+    narrow, _ = compressed_layer(seed=3, c_in=16, c_out=ops.INT8_MIN_CHANNELS - 1, k=3, stride=1, padding=1,
+                                 dilation=1, groups=1, sparsity=0.0, wbits=8, abits=8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "int8_products", lambda: int8)
+        cases = ((model, ops.DENSE_BELOW_WIDTH - 1, True), (model, ops.DENSE_BELOW_WIDTH, int8),
+                 (narrow, ops.DENSE_BELOW_WIDTH - 1, not int8))
+        for net, width, dense in cases:
+            program = compile_network(net)
+            program.run(torch.randn(1, 16, 5, width))
+            assert [step[-1] is not None for key, step in program._buffers.items()
+                    if isinstance(key, tuple) and key[1] == "step"] == [dense]

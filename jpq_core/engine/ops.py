@@ -125,10 +125,11 @@ class Conv:
         """Whether this layer runs as a matrix product (the dense path): a convolution without groups whose
         products are exact (`product_kind`) that keeps at least DENSE_FROM_DENSITY_STRIDED of its weights if it
         has stride > 1 down the rows, else at least DENSE_FROM_DENSITY of them (INT8_FROM_DENSITY with int8
-        products) and DENSE_MIN_DEPTH products per output (see their comments)."""
+        products, and INT8_MIN_CHANNELS output channels) and DENSE_MIN_DEPTH products per output (see their
+        comments)."""
         ptr = self._kernel_weights()[0]
         kind = self.product_kind
-        if self.groups != 1 or kind is None:
+        if self.groups != 1 or kind is None or (kind == "int8" and self.shape[0] < INT8_MIN_CHANNELS):
             return False
         density = int(ptr[-1]) / math.prod(self.shape)
         if self.stride[0] > 1:
@@ -310,7 +311,7 @@ class Conv:
         # fit PLANE_RUN accumulators, split further only to give each thread about four tiles.
         plane = self.stride[0] == 1 and out_h > 1 and out_w < PLANE_BELOW_WIDTH
         products, dense = None, np.zeros(3, np.int64)
-        if self.dense and out_w0 < DENSE_BELOW_WIDTH:
+        if self.dense and (out_w0 < DENSE_BELOW_WIDTH or self.product_kind == "int8"):
             plane = False
             per_tile = out_h if serial else int(min(4, max(1, n * out_h // (4 * threads))))
             products, acc, dense, corr = self._products(buffers, g, n, out_h, out_w)
@@ -381,6 +382,10 @@ INT8_SHIFT = 128  # int8 products take q_a - 128 (q_a is uint8)
 # With int8 products a stride-1 layer keeping this much of its weights is faster dense (see docs/engine.md,
 # "Exact int8 products").
 INT8_FROM_DENSITY = 0.3
+# With int8 products rows of any width go dense (stereo at 0%: 195 -> 78 ms; DENSE_BELOW_WIDTH is for float32
+# products), but not a layer of few output channels: a product of one row (stereo's refine.4, one output
+# channel) was 6x slower than its sparse kernel.
+INT8_MIN_CHANNELS = 8
 # The dense path's crossovers, from ResNet-20 per layer, sparse against dense, 1 thread, batch 1 and 64, on this
 # AVX2 machine (docs/engine.md, "Dense path below the crossover"). Stride 1: at density 1 the dense path is
 # 20-55% faster at batch 64 and about even at batch 1, at density 0.5 the sparse kernel is as fast or faster.
