@@ -82,7 +82,7 @@ def _emit_quantized(acc, a0, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h,
     acc[a0:a0 + w] into dest (stride 1 or 2) like `_emit`, straight from the accumulators: `mul`, `bias` and `rmul`
     fold the layer's output scale, the residual's scale and the consumer's quantizer (1 / scale, zero point),
     and `low` = the zero point folds a ReLU in. `phases`: the column phases of every destination of the layer,
-    1 or 2, known when compiled (a loop per case in one function ran 3x slower, see `_tile_direct_stride1`), or 0: this
+    1 or 2, known when compiled (a loop per case in one function ran 3x slower, see `_tile_rows`), or 0: this
     dest's own."""
     if n >= dest.shape[0]:
         return
@@ -309,7 +309,7 @@ def _tile_rows(epilogue, t, args):
                 _emit(y, out_w, dest_b, n, c, oy, place_b[0], place_b[1], place_b[3], mb, sb, zb, qb, scratch, pairs)
 
 
-# `_tile_rows` compiled once per epilogue, each a function of its own: with the three in one function the row
+# `_tile_rows` compiled once per epilogue, each a function of its own: with the epilogues in one function the row
 # loops ran 3-4x slower (LLVM merged near-identical loops and kept fewer values in registers); a call per tile
 # costs little. `args`: the layer's arguments, as `_sparse_conv` packs them.
 @njit(cache=True, fastmath=True)
