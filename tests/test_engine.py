@@ -290,7 +290,10 @@ def test_whole_stereo_net_matches_reference(sparsity):
         assert out.shape == ref.shape == (1, h, w)
         diff = np.abs(out - ref)
         assert diff.mean() < 0.02 and np.quantile(diff, 0.99) < 0.25  # pixels of disparity
-        np.testing.assert_array_equal(compile_network(net).run(left, right), out)  # a new program, new buffers
+        # A new program, new buffers: the same disparities. To float rounding, not bit for bit: on one CI
+        # machine 16 of 7,500 pixels differed by one float32 ulp (cause not found; not seen here on AVX-512
+        # or AVX2 code). A stale or unwritten buffer is off by far more.
+        np.testing.assert_allclose(compile_network(net).run(left, right), out, rtol=1e-6, atol=1e-5)
 
 
 def test_concurrent_runs_do_not_share_buffers(resnet):
