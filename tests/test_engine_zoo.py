@@ -271,24 +271,69 @@ def test_calibration_names_the_layers_an_eval_forward_never_runs(task):
 
 
 def test_the_zoo_check_reports_a_wrong_engine_and_an_unforeseen_error(task, monkeypatch):
-    """The zoo check can fail: an engine 1% off is a mismatch (PyTorch's own one-ulp sensitivity is ~1e-6
-    here), and an exception it did not foresee becomes an error record instead of escaping."""
+    """The zoo check can fail: an engine whose classifier is 1% off is a mismatch, and the layer-by-layer
+    comparison names that layer (PyTorch's own one-ulp sensitivity is ~1e-6 here); an exception it did not
+    foresee becomes an error record instead of escaping."""
     import jpq_core.engine.zoo as zoo
+    from jpq_core.engine.ops import Conv
 
-    class OnePercentOff:
-        def __init__(self, program):
-            self.program, self.layers = program, program.layers
+    right = Conv.run
 
-        def run(self, x):
-            return self.program.run(x) * 1.01
+    def one_percent_off_at_the_classifier(self, env, buffers):
+        right(self, env, buffers)
+        if self.name == "classifier.1":
+            env[self.output] = env[self.output] * np.float32(1.01)
 
-    monkeypatch.setattr(zoo, "compile_network", lambda net: OnePercentOff(compile_network(net)))
+    monkeypatch.setattr(Conv, "run", one_percent_off_at_the_classifier)
     record = zoo.check_model("mnasnet0_5", task, quantized=False)
     assert record.outcome == zoo.MISMATCH and record.reason.startswith("float at 0%"), record
     assert record.max_error == pytest.approx(0.01, rel=0.01) and record.noise < 1e-4
+    assert record.layer == "classifier.1" and record.layer_error > 10, record
+    monkeypatch.setattr(Conv, "run", right)
     monkeypatch.setattr(zoo, "smallest_input", lambda *args: 1 / 0)
     record = zoo.check_model("mnasnet0_5", task)
     assert record.outcome == zoo.ERROR and record.reason == "ZeroDivisionError: division by zero"
+
+
+def test_layer_by_layer_feeds_each_op_pytorch_s_input_and_compares_its_output(task):
+    """What settles a whole-network comparison that rounding defeats: every op of a compressed MobileNet-V3,
+    fed PyTorch's own values of its inputs, gives PyTorch's value of the node it computes within tolerance."""
+    from jpq_core.engine.zoo import layer_by_layer
+
+    model = load_network("tv:mobilenet_v3_small", None, task.num_classes)
+    net = compressed(model, task, 0.9)
+    layer, ratio, compared = layer_by_layer(net, task.test_x[:8])
+    assert compared >= len(compile_network(net).layers)  # every conv and linear layer, and glue
+    assert 0 <= ratio <= 1, (layer, ratio)
+
+
+def test_the_tie_bound_is_one_input_step_through_the_weights_where_the_input_sat_on_a_tie(task):
+    """A quantized input exactly between two steps may round either way in PyTorch and in the engine: the
+    allowed difference is one step of it through the layer's |weights| at the outputs that read it, and
+    nothing elsewhere."""
+    from jpq_core.engine.lowering import lower
+    from jpq_core.engine.ops import Conv
+    from jpq_core.engine.packing import decode
+    from jpq_core.engine.zoo import tie_bound
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, task.num_classes))
+    conv = next(op for op in lower(compressed(model, task, 0.5), fused=False)[0] if isinstance(op, Conv))
+    s, z = conv.act["scale"], conv.act["zero"]
+    codes = np.full((1, 3, 6, 6), 7.0)
+    codes[0, 1, 2, 3] = 7.5  # on a tie
+    bound = tie_bound(conv, [((codes - z) * s).astype(np.float32)])
+    assert bound.shape == (1, 4, 6, 6) and bound.max() > 0
+    pos, vals = decode(conv.encoding, conv.values, conv.index, conv.bits, int(np.prod(conv.shape)), conv.entries)
+    weights = np.zeros(int(np.prod(conv.shape)), np.float32)
+    weights[pos] = np.abs(vals)
+    weights = weights.reshape(conv.shape) * np.abs(conv.scale).reshape(-1, 1, 1, 1)
+    # output (y, x) reads input (2, 3) through kernel tap (2 - y + 1, 3 - x + 1)
+    for y in range(6):
+        for x in range(6):
+            ky, kx = 2 - y + 1, 3 - x + 1
+            expected = s * weights[:, 1, ky, kx] if 0 <= ky < 3 and 0 <= kx < 3 else np.zeros(4)
+            np.testing.assert_allclose(bound[0, :, y, x], expected, rtol=1e-5, atol=1e-12)
 
 
 def test_an_engine_run_leaves_pytorch_s_thread_count_alone(root):

@@ -360,6 +360,8 @@ class Lowering:
         self.slots = 0
         self.concat_parts: dict[int, list[int]] = {}  # slot of a channel concatenation -> its pieces
         self.flattened: dict[int, int] = {}  # slot of flatten(x, 1) -> slot of x
+        self.root = model
+        self.origins: dict[int, str] = {}  # slot -> name of the node of model's own traced graph that it holds
 
     def new_slot(self) -> int:
         self.slots += 1
@@ -464,6 +466,10 @@ class Lowering:
         out = self.materialized(values[result])
         if not isinstance(out, int):
             raise JPQError(f"{label}'s forward returns a shape, not a tensor.")
+        if module is self.root:
+            for node, value in values.items():
+                if isinstance(value, int):
+                    self.origins.setdefault(value, node.name)
         return out
 
     def _chains(self, gm, mods, real, sole_user) -> dict:
@@ -987,14 +993,19 @@ def link(ops: list) -> None:
         op.consumers = [ops[t[0]] for t in op.targets or []] if hasattr(op, "targets") else []
 
 
-def lower(model: nn.Module):
-    """(ops, number of inputs, output slot, number of slots) of `model` in eval mode."""
+def lower(model: nn.Module, fused: bool = True):
+    """(ops, number of inputs, output slot, number of slots, origins) of `model` in eval mode. `origins` maps
+    a slot to the node of the model's traced graph whose value it holds (none for StereoNet, lowered by
+    hand). `fused=False` leaves every op reading and writing float tensors in its slots, no producer writing
+    a consumer's input buffer: what a layer-by-layer comparison with PyTorch feeds and reads
+    (`zoo.layer_by_layer`)."""
     if model.training:
         raise JPQError("compile the network in eval mode (model.eval()): batch norm must use its running statistics.")
     lowering = Lowering(model)
     with torch.no_grad():
         n_inputs, output = lowering.network(model)
-    ops = unused_glue_removed(lowering.ops, output)
-    ops = fuse(residuals_folded(scales_folded(ops, output), output), output)
+    ops = residuals_folded(scales_folded(unused_glue_removed(lowering.ops, output), output), output)
+    if fused:
+        ops = fuse(ops, output)
     link(ops)
-    return ops, n_inputs, output, lowering.slots
+    return ops, n_inputs, output, lowering.slots, lowering.origins

@@ -179,7 +179,7 @@ def compile_network(model: torch.nn.Module, example_inputs: tuple | None = None)
     from torch.nn.utils import parametrize
 
     with parametrize.cached():  # lowering reads each compressed weight several times: quantize it once
-        ops, n_inputs, output, slots = lower(model)
+        ops, n_inputs, output, slots, _ = lower(model)
     program = Program(ops, n_inputs, output, slots)
     if example_inputs is not None:
         from jpq_core.layers import prunable_layers
