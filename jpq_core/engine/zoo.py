@@ -262,7 +262,7 @@ def _mismatch(record: ZooRecord, why: str, net: nn.Module, x: torch.Tensor, out:
     within = record.layer_error <= 1.0
     record.outcome = MATCHED_PER_LAYER if within else MISMATCH
     record.reason = (f"{why}; fed PyTorch's input, each of {compared} ops is within its tolerance (worst {record.layer}: "
-                     f"{record.layer_error:.2f} of it)" if within else
+                     f"{record.layer_error:.1e} of it)" if within else
                      f"{why}; fed PyTorch's input, op {record.layer} is off by {record.layer_error:.1f} times its tolerance")
     record.reason += f"; PyTorch itself moves by {record.noise:.1e} for a one-ulp input change"
 
