@@ -10,14 +10,14 @@
   downstream, the same top-1 on 90% of the samples).
 
 Models the engine cannot compile are *skipped* with the op that stopped them (the engine's `JPQError`
-names it); models over a parameter budget are skipped before they are built (counted on the meta device);
-a network that 90% pruning silences (no batch norm to re-estimate: SqueezeNet) is *silenced*. A failed
-whole-network comparison is settled layer by layer (`layer_by_layer`): every engine op fed PyTorch's own
-input to it must give PyTorch's output to float rounding, except where a quantized input sat on a rounding
-tie, by at most one quantization step of that input through the layer's weights: *matched per layer* (the
-whole network's difference is rounding amplified downstream), else a *mismatch* naming the op. Any other
-exception becomes an "error" record with its class and message, never escapes. The table of the whole zoo is in
-docs/engine.md ("The torchvision zoo"), made by scripts/zoo_check.py.
+names it); models over a parameter budget are skipped before they are built (counted on the meta device).
+A failed whole-network comparison, or a network that 90% pruning silences (no batch norm to re-estimate:
+SqueezeNet; its output is quantization noise), is settled layer by layer (`layer_by_layer`): every engine
+op fed PyTorch's own input to it must give PyTorch's output to float rounding, except where a quantized
+input sat on a rounding tie, by at most one quantization step of that input through the layer's weights:
+*matched per layer* (the whole network's difference is rounding amplified downstream), else a *mismatch*
+naming the op. Any other exception becomes an "error" record with its class and message, never escapes.
+The table of the whole zoo is in docs/engine.md ("The torchvision zoo"), made by scripts/zoo_check.py.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ import torch.nn.functional as F
 from jpq_core.engine.program import compile_network
 from jpq_core.errors import JPQError
 
-MATCHED, MATCHED_PER_LAYER, SKIPPED_OP, SKIPPED_SIZE, SILENCED, MISMATCH, ERROR = (
-    "matched", "matched per layer", "skipped (op)", "skipped (size)", "silenced", "mismatch", "error")
-OUTCOMES = (MATCHED, MATCHED_PER_LAYER, SKIPPED_OP, SKIPPED_SIZE, SILENCED, MISMATCH, ERROR)
+MATCHED, MATCHED_PER_LAYER, SKIPPED_OP, SKIPPED_SIZE, MISMATCH, ERROR = (
+    "matched", "matched per layer", "skipped (op)", "skipped (size)", "mismatch", "error")
+OUTCOMES = (MATCHED, MATCHED_PER_LAYER, SKIPPED_OP, SKIPPED_SIZE, MISMATCH, ERROR)
 SIZES = (32, 64, 75, 96, 128, 160, 224)  # input sizes tried, smallest first (inception_v3 needs 75)
 MAX_PARAMS = 30_000_000  # the check's budget: larger models are counted, not built (28M: about 20 s each)
 SPARSITY = 0.9
 FLOAT_RTOL = 1e-4
-LIVE_SIGNAL = 1e-3  # an output scale under this: pruning silenced the network, nothing left to compare
+LIVE_SIGNAL = 1e-3  # an output scale under this: pruning silenced the network, compared layer by layer only
 # x / s + z this close to a rounding tie (k + 1/2) may round either way in float32 (|x / s + z| <= 255 is
 # computed to about 3e-5): PyTorch's fake quantizer and the engine may pick different steps there.
 TIE = 1e-4
@@ -239,9 +239,9 @@ def _check(record: ZooRecord, task, max_params: int, sparsity: float, quantized:
             return
         out, ref = _run(program, net, x)
         scale = float(np.abs(ref).max())
-        if scale <= LIVE_SIGNAL:  # no batch norm to re-estimate (SqueezeNet): nothing left to compare
-            record.outcome = SILENCED
-            record.reason = f"float at 0% matched; {sparsity:.0%} pruning silences the random network (outputs up to {scale:.0e})"
+        if scale <= LIVE_SIGNAL:  # no batch norm to re-estimate (SqueezeNet): the output is quantization noise
+            _mismatch(record, f"{sparsity:.0%} w8/a8: pruning silences the random network (outputs up to {scale:.0e})",
+                      net, x, out, ref)
             return
         record.max_error = max(record.max_error, relative_error(out, ref))
         if (why := quantized_mismatch(out, ref)) is not None:
