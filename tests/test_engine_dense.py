@@ -96,14 +96,20 @@ layer_shapes = st.fixed_dictionaries({
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=layer_shapes, wbits=st.sampled_from([2, 4, 8, None]), relu=st.booleans())
+@given(shape=layer_shapes, wbits=st.sampled_from([2, 4, 8, None]), relu=st.booleans(),
+       budget=st.sampled_from([1 << 20, 1, 500, 2000]))
 @example(shape=dict(seed=1, c_in=6, c_out=8, k=3, stride=2, padding=1, dilation=1, groups=1, sparsity=0.0), wbits=8,
-         relu=True)
-def test_dense_layer_matches_the_sparse_path_and_the_reference(shape, wbits, relu):
+         relu=True, budget=1 << 20)
+@example(shape=dict(seed=2, c_in=6, c_out=8, k=3, stride=1, padding=1, dilation=1, groups=1, sparsity=0.0), wbits=8,
+         relu=True, budget=2000)
+def test_dense_layer_matches_the_sparse_path_and_the_reference(shape, wbits, relu, budget):
     """Integer layers: the same accumulators, exactly those of the reference, and the same outputs bit for bit
-    (the same epilogue). Float layers: the products sum in another order, so within float rounding."""
+    (the same epilogue). Float layers: the products sum in another order, so within float rounding. Small
+    column budgets cut a sample into segments of output rows (the last one overlapping the one before)."""
     model, x = compressed_layer(**shape, wbits=wbits, abits=8 if wbits else None, relu=relu)
-    sparse, dense, program = run_both(model, x)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "DENSE_CHUNK_BYTES", budget)
+        sparse, dense, program = run_both(model, x)
     if wbits:
         np.testing.assert_array_equal(dense, sparse)
         layer = program.layers[0]

@@ -238,10 +238,11 @@ def _tile_rows(epilogue, t, args):
     widths of classifiers a row is one or two vectors, and one long run per kept weight is 1.5-3.5x faster
     than a short run per row. Otherwise each row is its own run.
 
-    With dense = (chunk, plane, pitch), chunk > 0, the accumulators were computed before the call by a
-    matrix product (the dense path below the crossover, `gather_columns`): acc_buf is one row holding, per
-    chunk of `chunk` samples, C_out x chunk planes of `plane` elements, output row oy at oy * pitch; only the
-    epilogue runs here."""
+    With dense = (chunk, plane, pitch, rows, segments), chunk > 0, the accumulators were computed before the
+    call by matrix products (the dense path below the crossover, `gather_columns`): acc_buf is one row holding,
+    per chunk of `chunk` samples and per segment of `rows` output rows (`segments` of them per sample; the last
+    one ends at the last row, overlapping the one before), C_out x chunk planes of `plane` elements, output
+    row oy at (oy - first row of its segment) * pitch; only the epilogue runs here."""
     (inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
      rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a, dest_b,
      place_b, mb, sb, zb, qb, low_b, fresh, dense) = args
@@ -267,14 +268,13 @@ def _tile_rows(epilogue, t, args):
         k1 = ptr[c + 1]
         if k0 == k1 and not has_res and not fresh:
             continue
-        first = 0
-        if chunk > 0:
-            first = (((n // chunk) * c_out + c) * chunk + n % chunk) * dense[1]
-        elif plane:
+        if chunk == 0 and plane:
             _accumulate(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1)
         for oy in range(oy0, oy1):
             if chunk > 0:
-                a0 = np.uint64(first + oy * dense[2])
+                segment = min(oy // dense[3], dense[4] - 1)
+                a0 = np.uint64(((((n // chunk) * dense[4] + segment) * c_out + c) * chunk + n % chunk) * dense[1]
+                               + (oy - min(segment * dense[3], out_h - dense[3])) * dense[2])
             elif plane:
                 a0 = np.uint64((oy - oy0) * rowstride)
             else:
@@ -397,17 +397,18 @@ sparse_conv_serial = njit(cache=True, fastmath=True)(_sparse_conv)
 
 
 @njit(cache=True)
-def gather_columns(inp, in_sample, off, n0, count, rows, run, rowstep, cols, shift):
+def gather_columns(inp, in_sample, start, off, n0, count, rows, run, rowstep, cols, shift):
     """The columns of a matrix product (im2col) for samples n0 .. n0 + count - 1, in cols' type (float32, or
     int8 for int8 products with shift = 128):
-    cols[(k * count + j) * rows * run + r * run + x] = inp[(n0 + j) * in_sample + off[k] + r * rowstep + x] - shift
-    for every weight position k (`off` as in `sparse_conv`), r < rows, x < run. With stride 1 down the rows
-    a sample's output rows are one run (rows = 1, the columns between rows computed and never stored, as in
-    `_tile_rows`'s plane mode), so that each (k, sample) is one contiguous converting copy."""
+    cols[(k * count + j) * rows * run + r * run + x] = inp[(n0 + j) * in_sample + start + off[k] + r * rowstep + x] - shift
+    for every weight position k (`off` as in `sparse_conv`), r < rows, x < run; `start` is where the segment
+    of output rows begins. With stride 1 down the rows a segment's output rows are one run (rows = 1, the
+    columns between rows computed and never stored, as in `_tile_rows`'s plane mode), so that each
+    (k, sample) is one contiguous converting copy."""
     per = np.uint64(rows * run)
     for k in range(off.shape[0]):
         for j in range(count):
-            base = np.uint64((n0 + j) * in_sample) + off[k]
+            base = np.uint64((n0 + j) * in_sample) + start + off[k]
             dst = np.uint64(k * count + j) * per
             for r in range(rows):
                 src = base + np.uint64(r * rowstep)

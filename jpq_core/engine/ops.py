@@ -250,8 +250,8 @@ class Conv:
                 np.ascontiguousarray(res).reshape(n, self.shape[0], 1, -1) if self.pixelwise else res
         if products is not None:  # the dense path: accumulators by matrix products, then the kernel's epilogue
             inp, in_sample, off, count, rows, run, rowstep, cols, shift, product, weights, columns, chunks = products
-            for n0, acc in chunks:
-                kernels.gather_columns(inp, in_sample, off, n0, count, rows, run, rowstep, cols, shift)
+            for n0, start, acc in chunks:
+                kernels.gather_columns(inp, in_sample, start, off, n0, count, rows, run, rowstep, cols, shift)
                 product(weights, columns, out=acc)
         args[-1] = buffers.get(FRESH, True)
         kernel(*args)
@@ -310,7 +310,7 @@ class Conv:
         # Narrow maps (classifiers) accumulate several rows as one run (see kernels._tile_rows), as many as
         # fit PLANE_RUN accumulators, split further only to give each thread about four tiles.
         plane = self.stride[0] == 1 and out_h > 1 and out_w < PLANE_BELOW_WIDTH
-        products, dense = None, np.zeros(3, np.int64)
+        products, dense = None, np.zeros(5, np.int64)
         if self.dense and (out_w0 < DENSE_BELOW_WIDTH or self.product_kind == "int8"):
             plane = False
             per_tile = out_h if serial else int(min(4, max(1, n * out_h // (4 * threads))))
@@ -340,10 +340,13 @@ class Conv:
         chunk * plane) into the accumulators, laid out as `kernels._tile_rows` reads them with `dense`. With
         stride 1 down the rows a sample's rows are one run of pitch `rowstride` (the columns between rows
         computed, never stored); else each output row is a run of out_w. Chunks of at most DENSE_CHUNK_BYTES of
-        columns keep them in the caches (a divisor of the batch, so that every chunk is alike).
+        columns keep them in the caches (a divisor of the batch, so that every chunk is alike); one sample
+        larger than that is cut into segments of output rows that fit, all of the same size (the last one
+        ends at the last row, overlapping the one before).
         With int8 products (`product_kind`) the columns hold q_a - 128 as int8 and the accumulators are int32;
         the kernel's corr then becomes (z_a - 128) * sum(k_w), so that acc - corr is the same exact integer.
-        Returns (products, accumulators (1, size), dense = (chunk, plane, pitch), corr for the kernel)."""
+        Returns (products, accumulators (1, size), dense = (chunk, plane, pitch, rows per segment, segments),
+        corr for the kernel)."""
         weights = self._dense_weights()
         co, k = weights.shape
         int8 = self.product_kind == "int8"
@@ -356,25 +359,33 @@ class Conv:
         ci, ky, kx = (a.astype(np.uint64) for a in np.unravel_index(np.arange(k), (c_total, kh, kw)))
         (_, s), (dh, d) = self.stride, self.dilation
         off = ((((kx * d) % s) * c_total + ci) * g["hp"] + ky * dh) * g["wq"] + (kx * d) // s
+        itemsize = 1 if int8 else 4
+        pitch = g["rowstride"] if self.stride[0] == 1 else out_w
+        sample_plane = (out_h - 1) * pitch + out_w if self.stride[0] == 1 else out_h * out_w
+        chunk = max([c for c in range(1, n + 1) if n % c == 0 and c * k * sample_plane * 4 <= DENSE_CHUNK_BYTES] or [1])
+        rows_per_segment = out_h if chunk > 1 else int(min(out_h, max(1, DENSE_CHUNK_BYTES // (k * pitch * itemsize))))
+        segments = -(-out_h // rows_per_segment)
         if self.stride[0] == 1:
             # whole vectors: BLAS is 10-30% slower on widths like 78 or 286 than on 80 or 288 (measured);
-            # the extra columns read into the next sample or the buffer's slack and are never stored
-            rows, run, pitch = 1, -(-((out_h - 1) * g["rowstride"] + out_w) // kernels.VECTOR) * kernels.VECTOR, g["rowstride"]
+            # the extra columns read into the next rows, the next sample or the buffer's slack, never stored
+            rows, run = 1, -(-((rows_per_segment - 1) * pitch + out_w) // kernels.VECTOR) * kernels.VECTOR
             plane = run
         else:
-            rows, run, pitch = out_h, out_w, out_w
-            plane = out_h * out_w
-        chunk = max([c for c in range(1, n + 1) if n % c == 0 and c * k * plane * 4 <= DENSE_CHUNK_BYTES] or [1])
+            rows, run = rows_per_segment, out_w
+            plane = rows_per_segment * out_w
         cols = np.empty(k * chunk * plane, np.int8 if int8 else np.float32)
-        acc = np.empty((n // chunk, co, chunk * plane), np.int32 if int8 else np.float32)
+        acc = np.empty((n // chunk * segments, co, chunk * plane), np.int32 if int8 else np.float32)
+        starts = [min(s * rows_per_segment, out_h - rows_per_segment) * g["rowstride"] for s in range(segments)]
         # normal tensors even in a caller's inference mode: an inference tensor cannot be written outside it
         with torch.inference_mode(False):
             columns = torch.from_numpy(cols).view(k, chunk * plane)
-            chunks = [(i * chunk, torch.from_numpy(acc[i])) for i in range(n // chunk)]
+            chunks = [(i * chunk, np.uint64(start), torch.from_numpy(acc[i * segments + s]))
+                      for i in range(n // chunk) for s, start in enumerate(starts)]
             products = (buffers[id(self)][3], int(g["in_sample"]), off.astype(np.uint64), chunk, rows, run,
                         int(g["rowstride"]), cols, np.int16(INT8_SHIFT) if int8 else np.float32(0),
                         torch._int_mm if int8 else torch.mm, torch.from_numpy(weights), columns, chunks)
-        return products, acc.reshape(1, -1), np.array([chunk, plane, pitch], np.int64), corr
+        return (products, acc.reshape(1, -1), np.array([chunk, plane, pitch, rows_per_segment, segments], np.int64),
+                corr)
 
 
 FLOAT_EXACT_LIMIT = 2**24  # float32 holds every integer below this exactly
