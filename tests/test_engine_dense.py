@@ -121,6 +121,22 @@ def test_dense_layer_matches_the_sparse_path_and_the_reference(shape, wbits, rel
     assert np.all(np.abs(dense - ref) <= 1e-4 * np.abs(ref).max() + 1e-6)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("budget", [1, 20_000, 1 << 20])
+def test_segments_of_rows_on_two_threads(stride, budget):
+    """A layer large enough for the parallel kernel, its samples cut into segments of output rows (each
+    product followed by the epilogue of its tiles, the last segment overlapping the one before): the
+    sparse path's outputs bit for bit."""
+    model, _ = compressed_layer(seed=3, c_in=6, c_out=8, k=3, stride=stride, padding=1, dilation=1, groups=1,
+                                sparsity=0.0, wbits=8, abits=8)
+    x = torch.randn(2, 6, 67 * stride, 83) * 2 + 0.5  # 67 output rows: 16 segments of 4 and one overlapping
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "DENSE_CHUNK_BYTES", budget)
+        patch.setattr(ops, "SERIAL_OUTPUTS", 1000)
+        sparse, dense, _ = run_both(model, x, threads=2)
+    np.testing.assert_array_equal(dense, sparse)
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000), c=st.sampled_from([3, 8]), k=st.sampled_from([(3, 3), (1, 3), (3, 1), (3, 5)]),
        dilation=st.sampled_from([1, 2]), batch=st.sampled_from([1, 3, 4]), sparsity=st.sampled_from([0.0, 0.5]),

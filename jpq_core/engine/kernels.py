@@ -238,11 +238,10 @@ def _tile_rows(epilogue, t, args):
     widths of classifiers a row is one or two vectors, and one long run per kept weight is 1.5-3.5x faster
     than a short run per row. Otherwise each row is its own run.
 
-    With dense = (chunk, plane, pitch, rows, segments), chunk > 0, the accumulators were computed before the
-    call by matrix products (the dense path below the crossover, `gather_columns`): acc_buf is one row holding,
-    per chunk of `chunk` samples and per segment of `rows` output rows (`segments` of them per sample; the last
-    one ends at the last row, overlapping the one before), C_out x chunk planes of `plane` elements, output
-    row oy at (oy - first row of its segment) * pitch; only the epilogue runs here."""
+    With dense = (chunk, plane, pitch, n0, row0, t0, t1), chunk > 0, the accumulators were computed before
+    the call by one matrix product (the dense path below the crossover, `gather_columns`) for samples n0 ..
+    n0 + chunk - 1 from output row row0 on: acc_buf is one row holding C_out x chunk planes of `plane`
+    elements, output row oy at (oy - row0) * pitch; only the epilogue runs here, on tiles t0 .. t1 - 1."""
     (inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
      rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a, dest_b,
      place_b, mb, sb, zb, qb, low_b, fresh, dense) = args
@@ -272,9 +271,7 @@ def _tile_rows(epilogue, t, args):
             _accumulate(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1)
         for oy in range(oy0, oy1):
             if chunk > 0:
-                segment = min(oy // dense[3], dense[4] - 1)
-                a0 = np.uint64(((((n // chunk) * dense[4] + segment) * c_out + c) * chunk + n % chunk) * dense[1]
-                               + (oy - min(segment * dense[3], out_h - dense[3])) * dense[2])
+                a0 = np.uint64((c * chunk + n - dense[3]) * dense[1] + (oy - dense[4]) * dense[2])
             elif plane:
                 a0 = np.uint64((oy - oy0) * rowstride)
             else:
@@ -349,7 +346,8 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     float output is kept and every destination is quantized, y is never formed: the epilogue goes from the
     accumulators to the stored bytes in one pass (`_emit_quantized`).
 
-    With dense[0] > 0 the accumulators are already in acc_buf (see `_tile_rows`) and only the epilogue runs.
+    With dense[0] > 0 the accumulators of tiles dense[5] .. dense[6] - 1 are already in acc_buf (see
+    `_tile_rows`) and only their epilogue runs.
 
     A channel without kept weights and without residual is the constant act(bias[c]): it is stored only
     when the output arrays are `fresh` (new this run); arrays reused from an earlier run of the same
@@ -377,7 +375,9 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     args = (inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
             rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a, dest_b,
             place_b, mb, sb, zb, qb, low_b, fresh, dense)
-    for t in prange(tiles):
+    t0, t1 = (dense[5], dense[6]) if dense[0] > 0 else (0, tiles)
+    for i in prange(t1 - t0):
+        t = t0 + i
         if direct and phases == 1:
             _tile_direct_stride1(t, args)
         elif direct and phases == 2:

@@ -249,12 +249,18 @@ class Conv:
             args[_RESIDUAL] = res.reshape(n, -1, 1, 1) if self.linear else \
                 np.ascontiguousarray(res).reshape(n, self.shape[0], 1, -1) if self.pixelwise else res
         if products is not None:  # the dense path: accumulators by matrix products, then the kernel's epilogue
-            inp, in_sample, off, count, rows, run, rowstep, cols, shift, product, weights, columns, chunks = products
-            for n0, start, acc in chunks:
-                kernels.gather_columns(inp, in_sample, start, off, n0, count, rows, run, rowstep, cols, shift)
+            inp, in_sample, off, count, rows, run, rowstep, cols, shift, product, weights, columns, acc, pieces = products
+            args[-1] = buffers.get(FRESH, True)
+            dense = args[-2]
+            for n0, row0, t0, t1 in pieces:  # a product, then its epilogue while the accumulators are in cache
+                kernels.gather_columns(inp, in_sample, np.uint64(row0 * rowstep), off, n0, count, rows, run, rowstep,
+                                       cols, shift)
                 product(weights, columns, out=acc)
-        args[-1] = buffers.get(FRESH, True)
-        kernel(*args)
+                dense[3:] = n0, row0, t0, t1
+                kernel(*args)
+        else:
+            args[-1] = buffers.get(FRESH, True)
+            kernel(*args)
         if args[_KEEP]:
             env[self.output] = args[_OUT].reshape(out_dims)
 
@@ -310,11 +316,11 @@ class Conv:
         # Narrow maps (classifiers) accumulate several rows as one run (see kernels._tile_rows), as many as
         # fit PLANE_RUN accumulators, split further only to give each thread about four tiles.
         plane = self.stride[0] == 1 and out_h > 1 and out_w < PLANE_BELOW_WIDTH
-        products, dense = None, np.zeros(5, np.int64)
+        products, dense = None, np.zeros(7, np.int64)
         if self.dense and (out_w0 < DENSE_BELOW_WIDTH or self.product_kind == "int8"):
             plane = False
             per_tile = out_h if serial else int(min(4, max(1, n * out_h // (4 * threads))))
-            products, acc, dense, corr = self._products(buffers, g, n, out_h, out_w)
+            products, acc, dense, corr, per_tile = self._products(buffers, g, n, out_h, out_w, per_tile)
         elif plane:
             per_tile = max(1, min(out_h, PLANE_RUN // g["rowstride"]))
             if not serial:
@@ -334,19 +340,20 @@ class Conv:
                          dense, True], products)
         return buffers[key]
 
-    def _products(self, buffers: dict, g: dict, n: int, out_h: int, out_w: int) -> tuple:
-        """The dense path's matrix products for this input size: per chunk of samples, the im2col columns of the
-        padded input (`kernels.gather_columns`, float32) and one product weights (C_out x K) @ columns (K x
-        chunk * plane) into the accumulators, laid out as `kernels._tile_rows` reads them with `dense`. With
-        stride 1 down the rows a sample's rows are one run of pitch `rowstride` (the columns between rows
-        computed, never stored); else each output row is a run of out_w. Chunks of at most DENSE_CHUNK_BYTES of
-        columns keep them in the caches (a divisor of the batch, so that every chunk is alike); one sample
-        larger than that is cut into segments of output rows that fit, all of the same size (the last one
-        ends at the last row, overlapping the one before).
+    def _products(self, buffers: dict, g: dict, n: int, out_h: int, out_w: int, per_tile: int) -> tuple:
+        """The dense path's matrix products for this input size: per piece (a chunk of samples, or a segment of
+        one sample's output rows), the im2col columns of the padded input (`kernels.gather_columns`) and one
+        product weights (C_out x K) @ columns (K x chunk * plane) into the accumulators, laid out as
+        `kernels._tile_rows` reads them with `dense`; the kernel's epilogue then runs on that piece's tiles
+        while its accumulators are in cache. With stride 1 down the rows a sample's rows are one run of pitch
+        `rowstride` (the columns between rows computed, never stored); else each output row is a run of
+        out_w. A piece holds at most DENSE_CHUNK_BYTES of columns: as many samples as fit (a divisor of the
+        batch, so that every chunk is alike), or, for a sample larger than that, segments of output rows that
+        fit, all of one size (the last one ends at the last row, overlapping the one before), each a whole
+        number of tiles of `per_tile` rows.
         With int8 products (`product_kind`) the columns hold q_a - 128 as int8 and the accumulators are int32;
         the kernel's corr then becomes (z_a - 128) * sum(k_w), so that acc - corr is the same exact integer.
-        Returns (products, accumulators (1, size), dense = (chunk, plane, pitch, rows per segment, segments),
-        corr for the kernel)."""
+        Returns (products, accumulators (1, size), dense for the kernel, corr for the kernel, rows per tile)."""
         weights = self._dense_weights()
         co, k = weights.shape
         int8 = self.product_kind == "int8"
@@ -359,12 +366,18 @@ class Conv:
         ci, ky, kx = (a.astype(np.uint64) for a in np.unravel_index(np.arange(k), (c_total, kh, kw)))
         (_, s), (dh, d) = self.stride, self.dilation
         off = ((((kx * d) % s) * c_total + ci) * g["hp"] + ky * dh) * g["wq"] + (kx * d) // s
-        itemsize = 1 if int8 else 4
         pitch = g["rowstride"] if self.stride[0] == 1 else out_w
         sample_plane = (out_h - 1) * pitch + out_w if self.stride[0] == 1 else out_h * out_w
         chunk = max([c for c in range(1, n + 1) if n % c == 0 and c * k * sample_plane * 4 <= DENSE_CHUNK_BYTES] or [1])
-        rows_per_segment = out_h if chunk > 1 else int(min(out_h, max(1, DENSE_CHUNK_BYTES // (k * pitch * itemsize))))
+        fit = DENSE_CHUNK_BYTES // (k * pitch * (1 if int8 else 4))  # output rows whose columns fit
+        if chunk > 1 or fit >= out_h:
+            rows_per_segment = out_h
+        elif per_tile >= out_h:  # one thread: a segment is a tile
+            rows_per_segment = per_tile = max(1, fit)
+        else:
+            rows_per_segment = min(out_h, max(1, fit // per_tile) * per_tile)
         segments = -(-out_h // rows_per_segment)
+        tiles_per_sample = -(-out_h // per_tile)
         if self.stride[0] == 1:
             # whole vectors: BLAS is 10-30% slower on widths like 78 or 286 than on 80 or 288 (measured);
             # the extra columns read into the next rows, the next sample or the buffer's slack, never stored
@@ -373,19 +386,28 @@ class Conv:
         else:
             rows, run = rows_per_segment, out_w
             plane = rows_per_segment * out_w
-        cols = np.empty(k * chunk * plane, np.int8 if int8 else np.float32)
-        acc = np.empty((n // chunk * segments, co, chunk * plane), np.int32 if int8 else np.float32)
-        starts = [min(s * rows_per_segment, out_h - rows_per_segment) * g["rowstride"] for s in range(segments)]
+        # int8 products of a depth that is not a multiple of 4 (VNNI's dot products take 4 bytes) get zero rows
+        depth = -(-k // 4) * 4 if int8 else k
+        if depth != k:
+            weights = np.pad(weights, ((0, 0), (0, depth - k)))
+        cols = np.empty(depth * chunk * plane, np.int8 if int8 else np.float32)
+        cols[k * chunk * plane:] = 0  # the padded rows (gather_columns writes the first k)
+        acc = np.empty((co, chunk * plane), np.int32 if int8 else np.float32)
+        pieces = []  # (first sample, first row, first tile, end tile)
+        for n0 in range(0, n, chunk):
+            for seg in range(segments):
+                last = seg == segments - 1
+                row0 = out_h - rows_per_segment if last else seg * rows_per_segment
+                t0 = n0 * tiles_per_sample + seg * rows_per_segment // per_tile
+                t1 = (n0 + chunk) * tiles_per_sample if last else t0 + rows_per_segment // per_tile
+                pieces.append((n0, row0, t0, t1))
         # normal tensors even in a caller's inference mode: an inference tensor cannot be written outside it
         with torch.inference_mode(False):
-            columns = torch.from_numpy(cols).view(k, chunk * plane)
-            chunks = [(i * chunk, np.uint64(start), torch.from_numpy(acc[i * segments + s]))
-                      for i in range(n // chunk) for s, start in enumerate(starts)]
             products = (buffers[id(self)][3], int(g["in_sample"]), off.astype(np.uint64), chunk, rows, run,
                         int(g["rowstride"]), cols, np.int16(INT8_SHIFT) if int8 else np.float32(0),
-                        torch._int_mm if int8 else torch.mm, torch.from_numpy(weights), columns, chunks)
-        return (products, acc.reshape(1, -1), np.array([chunk, plane, pitch, rows_per_segment, segments], np.int64),
-                corr)
+                        torch._int_mm if int8 else torch.mm, torch.from_numpy(weights),
+                        torch.from_numpy(cols).view(depth, chunk * plane), torch.from_numpy(acc), pieces)
+        return products, acc.reshape(1, -1), np.array([chunk, plane, pitch, 0, 0, 0, 0], np.int64), corr, per_tile
 
 
 FLOAT_EXACT_LIMIT = 2**24  # float32 holds every integer below this exactly
