@@ -248,9 +248,9 @@ class Conv:
                                "the engine adds residuals of the output's shape only.")
             args[_RESIDUAL] = res.reshape(n, -1, 1, 1) if self.linear else \
                 np.ascontiguousarray(res).reshape(n, self.shape[0], 1, -1) if self.pixelwise else res
+        args[-1] = buffers.get(FRESH, True)
         if products is not None:  # the dense path: accumulators by matrix products, then the kernel's epilogue
             inp, in_sample, off, count, rows, run, rowstep, cols, shift, product, weights, columns, acc, pieces = products
-            args[-1] = buffers.get(FRESH, True)
             dense = args[-2]
             for n0, row0, t0, t1 in pieces:  # a product, then its epilogue while the accumulators are in cache
                 kernels.gather_columns(inp, in_sample, np.uint64(row0 * rowstep), off, n0, count, rows, run, rowstep,
@@ -259,7 +259,6 @@ class Conv:
                 dense[3:] = n0, row0, t0, t1
                 kernel(*args)
         else:
-            args[-1] = buffers.get(FRESH, True)
             kernel(*args)
         if args[_KEEP]:
             env[self.output] = args[_OUT].reshape(out_dims)

@@ -228,7 +228,7 @@ def _check(record: ZooRecord, task, max_params: int, sparsity: float, quantized:
     out, ref = _run(program, model, x)
     record.max_error = relative_error(out, ref)
     if (why := float_mismatch(out, ref)) is not None:
-        _mismatch(record, f"float at 0%: {why}", model, x, out, ref)
+        _settle_layer_by_layer(record, f"float at 0%: {why}", model, x, out, ref)
         return
     if quantized:
         net = compressed(model, data, sparsity)
@@ -240,17 +240,17 @@ def _check(record: ZooRecord, task, max_params: int, sparsity: float, quantized:
         out, ref = _run(program, net, x)
         scale = float(np.abs(ref).max())
         if scale <= LIVE_SIGNAL:  # no batch norm to re-estimate (SqueezeNet): the output is quantization noise
-            _mismatch(record, f"{sparsity:.0%} w8/a8: pruning silences the random network (outputs up to {scale:.0e})",
+            _settle_layer_by_layer(record, f"{sparsity:.0%} w8/a8: pruning silences the random network (outputs up to {scale:.0e})",
                       net, x, out, ref)
             return
         record.max_error = max(record.max_error, relative_error(out, ref))
         if (why := quantized_mismatch(out, ref)) is not None:
-            _mismatch(record, f"{sparsity:.0%} w8/a8: {why}", net, x, out, ref)
+            _settle_layer_by_layer(record, f"{sparsity:.0%} w8/a8: {why}", net, x, out, ref)
             return
     record.outcome = MATCHED
 
 
-def _mismatch(record: ZooRecord, why: str, net: nn.Module, x: torch.Tensor, out: np.ndarray, ref: np.ndarray) -> None:
+def _settle_layer_by_layer(record: ZooRecord, why: str, net: nn.Module, x: torch.Tensor, out: np.ndarray, ref: np.ndarray) -> None:
     """Settle a failed whole-network comparison layer by layer (`layer_by_layer`): MATCHED_PER_LAYER when
     every op is within its tolerance (at 90% w8/a8 a rounding step taken the other way on a tie is amplified
     downstream), else a MISMATCH naming the op. PyTorch's own sensitivity is recorded beside it: how far its
@@ -276,7 +276,7 @@ def layer_by_layer(net: nn.Module, x: torch.Tensor) -> tuple[str, float, int]:
     from jpq_core.engine.lowering import lower, trace
     from jpq_core.engine.ops import THREADS, Conv
 
-    ops, n_inputs, _, slots, origins = lower(net, fused=False)
+    ops, _, _, slots, origins = lower(net, fused=False)
     values = _node_values(trace(net, type(net).__name__), x)
     forced = {}
     for slot, name in origins.items():
