@@ -368,7 +368,8 @@ def _bench_live(args) -> int:
     if args.recovery != "none":
         from jpq_core.recovery_bench import benchmark
 
-        result["recovery"] = benchmark(args.network, args.recovery, args.threads, args.repeats, progress=None if args.json else
+        result["recovery"] = benchmark(args.network, args.recovery, args.threads, args.repeats,
+                                       samples=args.recovery_samples, progress=None if args.json else
                                        lambda r: print(f"recovery {r['method']} at sparsity {r['sparsity']:.2f} w{r['wbits']}: "
                                                        f"{r['seconds']:.2f} s ({r['ratio']:.1f} forward passes of {r['forward_s']:.2f} s)", file=sys.stderr))
     print(json.dumps(result, indent=None if args.json else 2))
@@ -505,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine: sparse integer engine vs PyTorch; live: seconds per slider change in the app")
     p.add_argument("--criterion", default="taylor", help="live: the criterion whose scores are cached")
     p.add_argument("--recovery", default="none", help="live: also time one-shot recovery with this method (e.g. lsq+bn)")
+    p.add_argument("--recovery-samples", type=int, help="live: calibration samples for that recovery (default: 8 stereo "
+                   "crops, 512 training images)")
     p.add_argument("--network", default="stereo", help=network_help)
     p.add_argument("--model", help=model_help)
     p.add_argument("--checkpoint", help="your own weights instead of the shipped ones")

@@ -17,26 +17,28 @@ from jpq_core.tasks import make_task
 
 
 def benchmark(network: str = "stereo", methods: str = "lsq+bn", threads: int = 1, repeats: int = 5,
-              sparsities=(0.8, 0.9, 0.95), wbits: int = 4, progress=None) -> dict:
+              sparsities=(0.8, 0.9, 0.95), wbits: int = 4, samples: int | None = None, progress=None) -> dict:
     """Seconds of `apply` on the magnitude-pruned, quantized (w`wbits`/a8) network at each sparsity: the median
     of `repeats` runs on fresh copies, after one warm-up run that renders the calibration data and fills the
     dense-target cache (its time is reported apart as first_s: the app pays it once per network). Beside it,
     timed in turns with it so that load from other processes hits both alike, the baseline: one plain forward
     pass of the same compressed network over the same calibration samples (forward_s); `ratio` = seconds /
-    forward_s, what recovery costs in forward passes, comparable across machines and loads."""
+    forward_s, what recovery costs in forward passes, comparable across machines and loads. `samples`:
+    calibration samples (default per task, DEFAULT_SAMPLES)."""
     torch.set_num_threads(threads)
     model, task = load_network(network).eval(), make_task(network)
     spec = check_methods(methods)
-    inputs = calibration_inputs(task, DEFAULT_SAMPLES[task.name])
+    samples = samples or DEFAULT_SAMPLES[task.name]
+    inputs = calibration_inputs(task, samples)
     rows = []
     for sparsity in sparsities:
         base = magnitude_compressed(model, task, sparsity, wbits)
         first = time.perf_counter()
-        apply(copy.deepcopy(base), model, task, spec)
+        apply(copy.deepcopy(base), model, task, spec, samples)
         first = time.perf_counter() - first
         seconds, forward = [], []
         for _ in range(repeats):
-            seconds.append(apply(copy.deepcopy(base), model, task, spec)["seconds"])
+            seconds.append(apply(copy.deepcopy(base), model, task, spec, samples)["seconds"])
             start = time.perf_counter()
             with torch.no_grad():
                 base(*inputs)
@@ -47,6 +49,6 @@ def benchmark(network: str = "stereo", methods: str = "lsq+bn", threads: int = 1
         rows.append(row)
         if progress:
             progress(row)
-    return {"network": network, "threads": threads, "repeats": repeats, "runs": rows,
+    return {"network": network, "threads": threads, "repeats": repeats, "samples": samples, "runs": rows,
             "load_average": os.getloadavg()[0], "median_s": float(np.median([r["seconds"] for r in rows])),
             "target_s": 5.0 if network == "stereo" else None}
