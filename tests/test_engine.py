@@ -146,7 +146,7 @@ def test_layers_whose_sums_could_pass_2_to_the_24_accumulate_in_int32():
         with torch.no_grad():  # every weight +-1: per-channel scales make every k_w +-127
             model[0].parametrizations.weight.original.copy_(torch.sign(torch.randn_like(model[0].weight)))
         layer = compile_network(model).layers[0]
-        assert layer._kernel_weights()[4].dtype == accumulator
+        assert layer._kernel_weights()[1].dtype == accumulator
         np.testing.assert_array_equal(layer.accumulators(x.numpy()), reference_accumulators(model[0], x))
 
 

@@ -86,19 +86,28 @@ class Conv:
         return sum(a.nbytes for a in self.arrays().values())
 
     # --- execution -----------------------------------------------------------------------------------
+    def _decoded(self):
+        """The kept weights as (output channel, absolute input channel, ky, kx, value), each output channel's
+        row ordered as its offsets will be: by (column phase, c_in, ky, kx). Decoded from storage at each call,
+        not kept: the positions are needed only to lay out offsets for a new input size and the dense path's
+        matrix, and kept for every weight they cost more than the weights (RegNet-Y-128GF: 38 GB)."""
+        co, ci_g, kh, kw = self.shape
+        size = co * ci_g * kh * kw
+        pos, vals = packing.decode(self.encoding, self.values, self.index, self.bits, size, self.entries)
+        c, ci, ky, kx = np.unravel_index(pos, self.shape)
+        del pos
+        ci = ci + (c // (co // self.groups)) * ci_g  # absolute input channel for grouped convolutions
+        phase = (kx * self.dilation[1]) % self.stride[1]
+        if phase.any():  # rows ordered by (column phase, c_in, ky, kx); decoded positions are (c_in, ky, kx)
+            order = np.lexsort((kx, ky, ci, phase, c))
+            c, ci, ky, kx, vals = c[order], ci[order], ky[order], kx[order], vals[order]
+        return c, ci, ky, kx, vals
+
     def _kernel_weights(self):
-        """CSR over output channels, each row ordered as its offsets will be: (ptr, c_in, ky, kx, val, corr)."""
+        """CSR over output channels in `_decoded`'s order, as the kernels take it: (ptr, val, corr, mul)."""
         if self._csr is None:
-            co, ci_g, kh, kw = self.shape
-            size = co * ci_g * kh * kw
-            pos, vals = packing.decode(self.encoding, self.values, self.index, self.bits, size, self.entries)
-            c, ci, ky, kx = np.unravel_index(pos, self.shape)
-            ci = ci + (c // (co // self.groups)) * ci_g  # absolute input channel for grouped convolutions
-            phase = (kx * self.dilation[1]) % self.stride[1]
-            if phase.any():  # rows ordered by (column phase, c_in, ky, kx); decoded positions are (c_in, ky, kx)
-                order = np.lexsort((kx, ky, ci, phase, c))
-                c, ci, ky, kx = c[order], ci[order], ky[order], kx[order]
-                vals = vals[order]
+            co = self.shape[0]
+            c, _, _, _, vals = self._decoded()
             ptr = np.zeros(co + 1, np.uint64)
             ptr[1:] = np.cumsum(np.bincount(c, minlength=co))
             if self.integer:
@@ -117,7 +126,7 @@ class Conv:
                 val = vals.astype(np.float32)
                 corr = np.zeros(co, np.float32)
                 mul = self.scale
-            self._csr = (ptr, ci, ky, kx, val, corr, mul)
+            self._csr = (ptr, val, corr, mul)
         return self._csr
 
     @property
@@ -143,18 +152,18 @@ class Conv:
         products, `torch._int_mm`, where the CPU has VNNI dot products: integer layers whose weights fit int8),
         "float32" (`torch.mm`, exact where every sum is below 2^24: float layers and integer layers with float32
         accumulators, see `_kernel_weights`), or None."""
-        *_, val, _, _ = self._kernel_weights()
+        _, val, _, _ = self._kernel_weights()
         if self.integer and int8_products() and np.abs(val).max(initial=0) <= 127:
             return "int8"
         return "float32" if val.dtype == np.float32 else None
 
     def _dense_weights(self) -> np.ndarray:
         """The kept weights as a dense float32 (C_out, C_in * kh * kw) matrix, in `_kernel_weights`'s values."""
-        ptr, ci, ky, kx, val, _, _ = self._kernel_weights()
+        val = self._kernel_weights()[1]
+        c, ci, ky, kx, _ = self._decoded()
         co, ci_g, kh, kw = self.shape
         weights = np.zeros((co, ci_g * kh * kw), np.float32)
-        rows = np.repeat(np.arange(co), np.diff(ptr.astype(np.int64)))
-        weights[rows, (ci * kh + ky) * kw + kx] = val
+        weights[c, (ci * kh + ky) * kw + kx] = val
         return weights
 
     @property
@@ -176,7 +185,7 @@ class Conv:
             out_h, out_w = (hp - dh * (kh - 1) - 1) // sh + 1, (wtot - d * (kw - 1) - 1) // s + 1
             if out_h < 1 or out_w < 1:
                 raise JPQError(f"layer {self.name!r}: input {h}x{w} is too small for its kernel; use a larger input.")
-            ptr, ci, ky, kx, *_ = self._kernel_weights()
+            _, ci, ky, kx, _ = self._decoded()
             c_total = self.groups * self.shape[1]
             off = (((kx * d) % s * c_total + ci) * hp + ky * dh) * wq + (kx * d) // s
             self._geometry[(h, w)] = dict(hp=hp, wq=wq, out_h=out_h, out_w=out_w, off=off.astype(np.uint64),
@@ -188,9 +197,9 @@ class Conv:
         the layer run with mul = 1, bias = 0 and nothing fused (exact while |sum| < 2^24, float32 output)."""
         if not self.integer:
             raise JPQError(f"layer {self.name!r} runs on the float path; it has no integer accumulators.")
-        ptr, ci, ky, kx, val, corr, mul = self._kernel_weights()
+        ptr, val, corr, mul = self._kernel_weights()
         plain = copy.copy(self)
-        plain._csr = (ptr, ci, ky, kx, val, corr, np.ones_like(mul))
+        plain._csr = (ptr, val, corr, np.ones_like(mul))
         plain.bias = np.zeros_like(self.bias)
         plain.inputs, plain.output, plain.residual, plain.slope = [0], 1, None, 1.0
         plain.targets, plain.keep, plain.fused, plain.consumers = None, True, None, []
@@ -309,7 +318,7 @@ class Conv:
         g = self.geometry(h, w)
         unused = np.zeros((1, 1, 1, 1, 1), dests[0][0].dtype if dests else np.uint8)
         dests += [(unused, np.zeros(4, np.float32), np.zeros(4, np.int64))] * (2 - len(dests))
-        ptr, _, _, _, val, corr, mul = self._kernel_weights()
+        ptr, val, corr, mul = self._kernel_weights()
         threads = numba.get_num_threads()
         serial = threads == 1 or n * co * out_h * out_w < SERIAL_OUTPUTS
         # Narrow maps (classifiers) accumulate several rows as one run (see kernels._tile_rows), as many as
@@ -356,7 +365,7 @@ class Conv:
         weights = self._dense_weights()
         co, k = weights.shape
         int8 = self.product_kind == "int8"
-        corr = self._kernel_weights()[5]
+        corr = self._kernel_weights()[2]
         if int8:
             shifted = np.round(self.act["zero"]) - INT8_SHIFT
             corr = (shifted * weights.astype(np.float64).sum(1)).astype(corr.dtype)

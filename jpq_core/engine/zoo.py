@@ -231,6 +231,7 @@ def _check(record: ZooRecord, task, max_params: int, sparsity: float, quantized:
         _settle_layer_by_layer(record, f"float at 0%: {why}", model, x, out, ref)
         return
     if quantized:
+        del program  # the float program holds every weight again: free it before the compressed copy is built
         net = compressed(model, data, sparsity)
         program = compile_network(net)
         on_float = [layer.name for layer in program.layers if not layer.integer]
