@@ -150,6 +150,27 @@ def test_layers_whose_sums_could_pass_2_to_the_24_accumulate_in_int32():
         np.testing.assert_array_equal(layer.accumulators(x.numpy()), reference_accumulators(model[0], x))
 
 
+def test_a_compiled_layer_keeps_about_its_weights_bytes_not_their_decoded_positions():
+    """A program holds each weight packed, decoded (4 bytes) and its input offset (8 bytes), plus the dense
+    path's matrix: about 20 bytes a weight. Decoded positions kept beside them (4 x int64) made it 60 and
+    put 640M-parameter models past a 24 GB machine."""
+    import tracemalloc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1, bias=False)).eval()  # 589,824 weights, float, 0% pruned
+    x = torch.randn(1, 256, 6, 6).numpy()
+    compile_network(model).run(x)  # imports and kernel compilation, which are not the program's
+    tracemalloc.start()
+    try:
+        program = compile_network(model)
+        program.run(x)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held / model[0].weight.numel() < 28
+    np.testing.assert_allclose(program.run(x), model(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
 @settings(max_examples=15, deadline=None)
 @given(shape=layer_shapes, bits=st.sampled_from([(None, None), (8, None), (None, 8), (16, 8), (8, 12)]))
 def test_float_layer_matches_reference(shape, bits):
