@@ -95,12 +95,32 @@ def _emit_quantized(acc, a0, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h,
                 v += rmul * res[un, uc, uy, x]
             dest[un, 0, ud, ur, shift + x] = min(max(np.rint(v), low), qmax)
         return
+    _quantize_row(acc, a0, w, corr, mul, bias, low, qmax, res, n, c, oy, rmul, has_res, scratch)
+    _split_pairs(pairs, w, dest, n, c, oy, c0, pad_h, pad)
+
+
+@njit(inline="always")
+def _quantize_row(acc, a0, w, corr, mul, bias, low, qmax, res, n, c, oy, rmul, has_res, scratch):
+    """scratch[x] = `_emit_quantized`'s q of acc[a0 + x], for x < w."""
+    un, uc, uy = np.uint64(n), np.uint64(c), np.uint64(oy)
     for x in range(np.uint64(w)):
         v = np.float32(acc[a0 + x] - corr) * mul + bias
         if has_res:
             v += rmul * res[un, uc, uy, x]
         scratch[x] = np.uint8(min(max(np.rint(v), low), qmax))
-    _split_pairs(pairs, w, dest, n, c, oy, c0, pad_h, pad)
+
+
+@njit(inline="always")
+def _store_row(scratch, pairs, w, dest, n, c, oy, c0, pad_h, pad):
+    """Store the quantized row held in scratch (`_quantize_row`) into dest, stride 1 or 2, as `_emit` places it."""
+    if n >= dest.shape[0]:
+        return
+    if dest.shape[1] == 2:
+        _split_pairs(pairs, w, dest, n, c, oy, c0, pad_h, pad)
+        return
+    un, ud, ur, shift = np.uint64(n), np.uint64(c0 + c), np.uint64(oy + pad_h), np.uint64(pad)
+    for x in range(np.uint64(w)):
+        dest[un, 0, ud, ur, shift + x] = scratch[x]
 
 
 @njit(inline="always")
@@ -220,10 +240,12 @@ def _whole_vectors(count):
 
 
 # How a tile's rows leave the accumulators (chosen per layer call, see `_sparse_conv`): straight to quantized
-# bytes (`_emit_quantized`) of destinations that all have stride 1, all stride 2 or some of each; a float row and
-# one quantized stride-1 destination in one loop (`_emit_with_float`); or the float row y, then the float output
+# bytes (`_emit_quantized`) of destinations that all have stride 1, all stride 2 or some of each; for two
+# destinations with one quantizer (the two consumers of a ResNet's stage end), the bytes once, then placed in
+# each (`_quantize_row`, `_store_row`: two emits in one loop ran 4-6x slower than one); a float row and one
+# quantized stride-1 destination in one loop (`_emit_with_float`); or the float row y, then the float output
 # and up to two destinations of any store mode (`_emit`).
-DIRECT_STRIDE1, DIRECT_STRIDE2, DIRECT_MIXED, FUSED, GENERAL = range(5)
+DIRECT_STRIDE1, DIRECT_STRIDE2, DIRECT_MIXED, DIRECT_SHARED, FUSED, GENERAL = range(6)
 
 
 @njit(inline="always")
@@ -277,6 +299,12 @@ def _tile_rows(epilogue, t, args):
             else:
                 a0 = np.uint64(0)
                 _accumulate(acc, wv, inp, sample + np.uint64(oy * rowstride), off, val, k0, k1)
+            if epilogue == DIRECT_SHARED:
+                _quantize_row(acc, a0, out_w, cr, m / sa, b / sa + za, low_a, qa, res, n, c, oy, res_scale / sa, has_res,
+                              scratch)
+                _store_row(scratch, pairs, out_w, dest_a, n, c, oy, place_a[0], place_a[1], place_a[3])
+                _store_row(scratch, pairs, out_w, dest_b, n, c, oy, place_b[0], place_b[1], place_b[3])
+                continue
             if epilogue <= DIRECT_MIXED:
                 phases = 1 if epilogue == DIRECT_STRIDE1 else 2 if epilogue == DIRECT_STRIDE2 else 0
                 if place_a[2]:
@@ -325,6 +353,11 @@ def _tile_direct_mixed(t, args):
 
 
 @njit(cache=True, fastmath=True)
+def _tile_direct_shared(t, args):
+    _tile_rows(DIRECT_SHARED, t, args)
+
+
+@njit(cache=True, fastmath=True)
 def _tile_fused(t, args):
     _tile_rows(FUSED, t, args)
 
@@ -369,6 +402,7 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     low_b = zb if slope == 0 else np.float32(0.0)
     # One quantized stride-1 destination beside the float output: y, the output and the stored bytes in one loop.
     fused = not direct and place_a[2] and not place_b[2] and ma == 2 and dest_a.shape[1] == 1
+    shared = direct and place_a[2] and place_b[2] and sa == sb and za == zb and qa == qb and low_a == low_b
     phases = max(dest_a.shape[1] if place_a[2] else 0, dest_b.shape[1] if place_b[2] else 0)
     if place_a[2] and place_b[2] and dest_a.shape[1] != dest_b.shape[1]:
         phases = 0
@@ -378,7 +412,9 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     t0, t1 = (dense[5], dense[6]) if dense[0] > 0 else (0, tiles)
     for i in prange(t1 - t0):
         t = t0 + i
-        if direct and phases == 1:
+        if shared:
+            _tile_direct_shared(t, args)
+        elif direct and phases == 1:
             _tile_direct_stride1(t, args)
         elif direct and phases == 2:
             _tile_direct_stride2(t, args)
