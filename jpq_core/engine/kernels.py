@@ -111,19 +111,6 @@ def _quantize_row(acc, a0, w, corr, mul, bias, low, qmax, res, n, c, oy, rmul, h
 
 
 @njit(inline="always")
-def _store_row(scratch, pairs, w, dest, n, c, oy, c0, pad_h, pad):
-    """Store the quantized row held in scratch (`_quantize_row`) into dest, stride 1 or 2, as `_emit` places it."""
-    if n >= dest.shape[0]:
-        return
-    if dest.shape[1] == 2:
-        _split_pairs(pairs, w, dest, n, c, oy, c0, pad_h, pad)
-        return
-    un, ud, ur, shift = np.uint64(n), np.uint64(c0 + c), np.uint64(oy + pad_h), np.uint64(pad)
-    for x in range(np.uint64(w)):
-        dest[un, 0, ud, ur, shift + x] = scratch[x]
-
-
-@njit(inline="always")
 def _emit_with_float(acc, a0, w, corr, mul, bias, res, res_scale, has_res, slope, out, keep, dest, n, c, oy, c0, pad_h, pad,
                      scale, zero, qmax):
     """y = act((acc[a0 + x] - corr) * mul + bias [+ res_scale * res[n, c, oy, x]]) for one row, stored as float
@@ -241,8 +228,9 @@ def _whole_vectors(count):
 
 # How a tile's rows leave the accumulators (chosen per layer call, see `_sparse_conv`): straight to quantized
 # bytes (`_emit_quantized`) of destinations that all have stride 1, all stride 2 or some of each; for two
-# destinations with one quantizer (the two consumers of a ResNet's stage end), the bytes once, then placed in
-# each (`_quantize_row`, `_store_row`: two emits in one loop ran 4-6x slower than one); a float row and one
+# stride-2 destinations with one quantizer (the two consumers of a ResNet's stage end), the bytes once, then
+# split into each (two emits in one loop ran 4-6x slower than one, and so did a stride-1 store beside the
+# splits, even unused: it stays out of this variant); a float row and one
 # quantized stride-1 destination in one loop (`_emit_with_float`); or the float row y, then the float output
 # and up to two destinations of any store mode (`_emit`).
 DIRECT_STRIDE1, DIRECT_STRIDE2, DIRECT_MIXED, DIRECT_SHARED, FUSED, GENERAL = range(6)
@@ -302,8 +290,10 @@ def _tile_rows(epilogue, t, args):
             if epilogue == DIRECT_SHARED:
                 _quantize_row(acc, a0, out_w, cr, m / sa, b / sa + za, low_a, qa, res, n, c, oy, res_scale / sa, has_res,
                               scratch)
-                _store_row(scratch, pairs, out_w, dest_a, n, c, oy, place_a[0], place_a[1], place_a[3])
-                _store_row(scratch, pairs, out_w, dest_b, n, c, oy, place_b[0], place_b[1], place_b[3])
+                if n < dest_a.shape[0]:
+                    _split_pairs(pairs, out_w, dest_a, n, c, oy, place_a[0], place_a[1], place_a[3])
+                if n < dest_b.shape[0]:
+                    _split_pairs(pairs, out_w, dest_b, n, c, oy, place_b[0], place_b[1], place_b[3])
                 continue
             if epilogue <= DIRECT_MIXED:
                 phases = 1 if epilogue == DIRECT_STRIDE1 else 2 if epilogue == DIRECT_STRIDE2 else 0
@@ -402,8 +392,9 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     low_b = zb if slope == 0 else np.float32(0.0)
     # One quantized stride-1 destination beside the float output: y, the output and the stored bytes in one loop.
     fused = not direct and place_a[2] and not place_b[2] and ma == 2 and dest_a.shape[1] == 1
-    shared = direct and place_a[2] and place_b[2] and sa == sb and za == zb and qa == qb and low_a == low_b
     phases = max(dest_a.shape[1] if place_a[2] else 0, dest_b.shape[1] if place_b[2] else 0)
+    shared = (direct and place_a[2] and place_b[2] and dest_a.shape[1] == 2 and dest_b.shape[1] == 2
+              and sa == sb and za == zb and qa == qb and low_a == low_b)
     if place_a[2] and place_b[2] and dest_a.shape[1] != dest_b.shape[1]:
         phases = 0
     args = (inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
