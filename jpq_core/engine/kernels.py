@@ -230,9 +230,9 @@ def _whole_vectors(count):
 # bytes (`_emit_quantized`) of destinations that all have stride 1, all stride 2 or some of each; for two
 # stride-2 destinations with one quantizer (the two consumers of a ResNet's stage end), the bytes once, then
 # split into each (two emits in one loop ran 4-6x slower than one, and so did a stride-1 store beside the
-# splits, even unused: it stays out of this variant); a float row and one
-# quantized stride-1 destination in one loop (`_emit_with_float`); or the float row y, then the float output
-# and up to two destinations of any store mode (`_emit`).
+# splits, even unused: it stays out of this variant); a float row and one quantized stride-1 destination in
+# one loop (`_emit_with_float`); or the float row y, then the float output and up to two destinations of any
+# store mode (`_emit`).
 DIRECT_STRIDE1, DIRECT_STRIDE2, DIRECT_MIXED, DIRECT_SHARED, FUSED, GENERAL = range(6)
 
 
