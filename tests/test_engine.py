@@ -331,6 +331,51 @@ def test_concurrent_runs_do_not_share_buffers(resnet):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_batch_run_in_parts_gives_every_sample_its_whole_batch_output(resnet, monkeypatch, threads):
+    import jpq_core.engine.program as program_module
+
+    model, task = resnet
+    program = compile_network(magnitude_compressed(model, task, 0.9, 8, calibration_batches=1))
+    x = task.test_x[:24].numpy()
+    with numba_threads(threads):
+        monkeypatch.setattr(program_module, "MICRO_BATCH_BYTES", 1 << 40)
+        assert program.micro_batch([x]) == 24
+        whole = program.run(x)
+        monkeypatch.setattr(program_module, "MICRO_BATCH_BYTES", 2 * 4 * 16 * 32 * 32)  # 2 samples a thread
+        part = program.micro_batch([x])
+        assert program.samples_independent and part < 24 and 24 % part == 0
+        np.testing.assert_array_equal(program.run(x), whole)
+        np.testing.assert_array_equal(program.run(x[:7]), whole[:7])  # 7: no divisor near the part size
+
+
+class BatchMean(nn.Module):
+    """A network whose samples depend on each other: each feature map times its mean over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        return self.conv2(y * y.mean(0, keepdim=True))
+
+
+def test_a_network_that_mixes_samples_runs_its_batch_whole(monkeypatch):
+    import jpq_core.engine.program as program_module
+    from jpq_core.models import load_network
+
+    monkeypatch.setattr(program_module, "MICRO_BATCH_BYTES", 1)
+    model = BatchMean().eval()
+    x = torch.rand(12, 3, 10, 10, generator=torch.Generator().manual_seed(0))
+    program = compile_network(model)
+    assert not program.samples_independent and program.micro_batch([x.numpy()]) == 12
+    with torch.no_grad():
+        np.testing.assert_allclose(program.run(x), model(x).numpy(), rtol=1e-4, atol=1e-5)
+    # StereoNet's two views share its batch: not split either
+    assert not compile_network(load_network("stereo")).samples_independent
+
+
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 2), c=st.integers(1, 9), h=st.integers(2, 12), w=st.integers(2, 40), shifts=st.integers(1, 12),
        seed=st.integers(0, 10_000))

@@ -130,6 +130,12 @@ class Conv:
         return self._csr
 
     @property
+    def per_sample(self) -> bool:
+        """Whether each sample of the output depends on that sample of the input alone (see `Program.run`):
+        not for a layer that writes into a part of a consumer's batch (StereoNet's left view)."""
+        return all(parts == 1 for _, _, parts in self.targets or [])
+
+    @property
     def dense(self) -> bool:
         """Whether this layer runs as a matrix product (the dense path): a convolution without groups whose
         products are exact (`product_kind`) that keeps at least DENSE_FROM_DENSITY_STRIDED of its weights if it
@@ -491,6 +497,12 @@ class Glue:
 
     nbytes = 0
 
+    @property
+    def per_sample(self) -> bool:
+        """Whether each sample of the output depends on that sample of the inputs alone (see `Program.run`)."""
+        check = PER_SAMPLE.get(self.op)
+        return check is not None and bool(check(**self.params))
+
     def run(self, env: list, buffers: dict) -> None:
         xs = [env[i] for i in self.inputs]
         if self.consumers:
@@ -758,6 +770,32 @@ GLUE = {
     "add": _add, "mul": _mul, "scalar": _scalar, "concat": _concat, "flatten": _flatten, "affine": _affine,
     "mean": _mean, "activation": _activation, "pool": _pool, "resize": _resize,
     "constant": _constant, "layer_norm": _layer_norm, "permute": _permute, "reshape": _reshape, "split": _split,
+}
+
+
+def _after_batch(*axes) -> bool:
+    return all(isinstance(a, int) and a >= 1 for a in axes)
+
+
+def _always(**_) -> bool:
+    return True
+
+
+# Glue that computes each sample from that sample alone, by op, from its params: elementwise and spatial ops
+# always; ops with axes when no axis is the batch (axis 0; negative axes only where they count from a known
+# end: layer norm's trailing axes); a reshape whose first size is a batch size. Not here, so not per sample:
+# StereoNet's normalize_pad (the two views concatenated along the batch) and batch_part.
+PER_SAMPLE = {
+    **dict.fromkeys(("correlation", "soft_argmin", "upsample2x", "divide", "global_avg_pool", "channel", "relu",
+                     "add", "mul", "scalar", "affine", "activation", "pool", "resize"), _always),
+    "concat": lambda dim: _after_batch(dim),
+    "split": lambda dim, **_: _after_batch(dim),
+    "flatten": lambda start, end: _after_batch(start),
+    "mean": lambda dims, keepdim: _after_batch(*dims),
+    "permute": lambda axes: list(axes[:1]) == [0],
+    "reshape": lambda shape: len(shape) > 0 and isinstance(shape[0], list) and shape[0][0] == "dim" and shape[0][2] == 0,
+    "layer_norm": lambda axes, **_: all(isinstance(a, int) and a != 0 for a in axes),
+    "constant": lambda shape, **_: len(shape) <= 1 or shape[0] == 1,
 }
 
 
