@@ -242,11 +242,12 @@ def _tile_rows(epilogue, t, args):
     parallel unit, written as serial code that the parallel and the serial kernel both call. It addresses rows
     of shared arrays by full index, never as views (see `_emit`): views made two threads no faster than one.
 
-    With `plane` (stride 1 down the rows, so that row oy + 1 starts rowstride elements after row oy), a
-    channel's rows of the tile are accumulated as one run of (rows - 1) * rowstride + out_w elements, the
-    columns between one row's end and the next row's start computed and never stored: at the 8-32 pixel
-    widths of classifiers a row is one or two vectors, and one long run per kept weight is 1.5-3.5x faster
-    than a short run per row. Otherwise each row is its own run.
+    With `plane` (row oy + 1 reads rowstride elements after row oy, at any stride), a channel's rows of the
+    tile are accumulated as one run of (rows - 1) * rowstride + out_w elements, the columns between one row's
+    end and the next row's start computed and never stored: at the 8-32 pixel widths of classifiers a row is
+    one or two vectors, and one long run per kept weight is 1.5-3.5x faster than a short run per row. With
+    stride 2 down the rows about as many columns again lie between rows, and one run is still faster (ResNet-20's
+    stride-2 stage3.0.conv1 at 90%, batch 8: 0.28 -> 0.07 ms). Otherwise each row is its own run.
 
     With dense = (chunk, plane, pitch, n0, row0, t0, t1), chunk > 0, the accumulators were computed before
     the call by one matrix product (the dense path below the crossover, `gather_columns`) for samples n0 ..

@@ -329,7 +329,7 @@ class Conv:
         serial = threads == 1 or n * co * out_h * out_w < SERIAL_OUTPUTS
         # Narrow maps (classifiers) accumulate several rows as one run (see kernels._tile_rows), as many as
         # fit PLANE_RUN accumulators, split further only to give each thread about four tiles.
-        plane = self.stride[0] == 1 and out_h > 1 and out_w < PLANE_BELOW_WIDTH
+        plane = out_h > 1 and out_w < PLANE_BELOW_WIDTH
         products, dense = None, np.zeros(7, np.int64)
         if self.dense and (out_w0 < DENSE_BELOW_WIDTH or self.product_kind == "int8"):
             plane = False
