@@ -3,6 +3,7 @@
 import contextlib
 import json
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -333,20 +334,27 @@ def test_concurrent_runs_do_not_share_buffers(resnet):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_batch_run_in_parts_gives_every_sample_its_whole_batch_output(resnet, monkeypatch, threads):
+    """Parts of a batch run one after the other on one thread, and one per thread at a time on two, each with
+    its own buffers: every sample's output is the one the whole batch gives it, run after run."""
     import jpq_core.engine.program as program_module
 
     model, task = resnet
     program = compile_network(magnitude_compressed(model, task, 0.9, 8, calibration_batches=1))
     x = task.test_x[:24].numpy()
-    with numba_threads(threads):
+    with numba_threads(1):
         monkeypatch.setattr(program_module, "MICRO_BATCH_BYTES", 1 << 40)
         assert program.micro_batch([x]) == 24
         whole = program.run(x)
-        monkeypatch.setattr(program_module, "MICRO_BATCH_BYTES", 2 * 4 * 16 * 32 * 32)  # 2 samples a thread
-        part = program.micro_batch([x])
-        assert program.samples_independent and part < 24 and 24 % part == 0
-        np.testing.assert_array_equal(program.run(x), whole)
+    monkeypatch.setattr(program_module, "MICRO_BATCH_BYTES", 2 * 4 * 16 * 32 * 32)  # 2 samples a part
+    torch_threads = torch.get_num_threads()
+    with numba_threads(threads):
+        workers = numba.get_num_threads()
+        assert program.samples_independent and program.micro_batch([x]) == 2
+        for _ in range(2):
+            np.testing.assert_array_equal(program.run(x), whole)
         np.testing.assert_array_equal(program.run(x[:7]), whole[:7])  # 7: no divisor near the part size
+    assert torch.get_num_threads() == torch_threads
+    assert len(program._part_buffers) == (workers if workers > 1 else 0)  # a buffer set per worker
 
 
 class BatchMean(nn.Module):

@@ -37,8 +37,8 @@ def run_both(model, x, threads: int = 1):
             assert all(layer.dense == (threshold == ALWAYS) for layer in program.layers)
             assert all((layer.product_kind == "int8") == (int8 and layer.integer) for layer in program.layers)
             outputs.append(program.run(x))
-            ran_dense = [step[-1] is not None for key, step in program._buffers.items()
-                         if isinstance(key, tuple) and key[1] == "step"]
+            ran_dense = [step[-1] is not None for buffers in (program._buffers, *program._part_buffers)
+                         for key, step in buffers.items() if isinstance(key, tuple) and key[1] == "step"]
             assert ran_dense and all(r == (threshold == ALWAYS) for r in ran_dense)
             np.testing.assert_array_equal(program.run(x), outputs[-1])  # a second run, on reused buffers
             programs.append(program)

@@ -37,7 +37,8 @@ from numba.core.extending import intrinsic
 # Every kernel uses NumPy's error model: a float division by zero gives inf instead of raising, so numba puts
 # no zero check on the divisor inside loops. With the check, loops dividing by a runtime value (the quantized
 # stores' v / scale) ran scalar: ResNet-20's residual epilogue took 24 instead of 3 us per layer at batch 1.
-njit = functools.partial(numba.njit, error_model="numpy")
+# Without the GIL, so that the parts of a batch run on several Python threads at once (`Program.run`).
+njit = functools.partial(numba.njit, error_model="numpy", nogil=True)
 
 VECTOR = 16  # int32 lanes of an AVX-512 register: accumulator rows are computed in whole vectors
 

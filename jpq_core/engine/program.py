@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numba
@@ -47,10 +49,21 @@ _start_numba_threads()
 FORMAT = "jpq-engine/3"  # 3: stride, padding, dilation per direction; the general glue ops
 READABLE = ("jpq-engine/2", FORMAT)  # 2: producers write several consumers' inputs (targets, keep)
 # Batches of small images run in parts (`Program.micro_batch`): ResNet-20 at batch 64, one thread, in parts of
-# 8 samples (512 KiB of its first layer's output) 10-25% faster than whole (0% 23.6 -> 22.0 ms, 99% 13.9 -> 10.5
-# ms); torchvision's ResNet-18 (1.9 MB of weights at 90%) and MobileNet-V2 ran 2-5% slower in parts.
+# 8 samples (512 KiB of its first layer's output) took 0.92 / 0.82 / 0.80 / 0.73 of the whole batch's time at
+# 0 / 90 / 95 / 99% (interleaved in one process); torchvision's ResNet-18 (1.9 MB of weights at 90%) and
+# MobileNet-V2 ran 2-5% slower in parts.
 MICRO_BATCH_BYTES = 1 << 19
 MICRO_BATCH_MAX_WEIGHTS = 1 << 20
+SHAPES = "shapes"  # key of a buffers dict: the input shapes its arrays were made for
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_pool() -> ThreadPoolExecutor:
+    """Threads that run a batch's parts at once (`Program._run_parts`): as many as numba may use."""
+    return ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="jpq-engine-part")
+
+
+os.register_at_fork(after_in_child=_worker_pool.cache_clear)  # a forked child has none of the pool's threads
 
 
 class Program:
@@ -59,10 +72,12 @@ class Program:
         self.info = info or {}
         # Padded input buffers and float outputs, reused by the next run of the same input shapes: their
         # padding is written once, and large arrays are not allocated and faulted in again on every run.
-        # A run that finds them in use by another thread allocates its own.
+        # A run that finds them in use by another thread allocates its own. Parts of a batch that run at once
+        # (`run`) have a set each.
         self._buffers: dict = {}
-        self._shapes = None
         self._lock = threading.Lock()
+        self._part_buffers: list[dict] = []
+        self._parts_lock = threading.Lock()
 
     def _inputs(self, inputs) -> list[np.ndarray]:
         if len(inputs) != self.n_inputs:
@@ -75,46 +90,72 @@ class Program:
             arrays.append(np.ascontiguousarray(x, np.float32))
         return arrays
 
-    def _execute(self, arrays: list[np.ndarray], times: dict | None = None) -> np.ndarray:
+    def _execute(self, arrays: list[np.ndarray], times: dict | None = None, buffers: dict | None = None) -> np.ndarray:
+        """Run the ops on `arrays` with `buffers`, a dict this call uses alone (by default the program's own if
+        no other run holds them, else new ones); a copy of the output."""
+        if buffers is None:
+            mine = self._lock.acquire(blocking=False)
+            try:
+                return self._execute(arrays, times, self._buffers if mine else {})
+            finally:
+                if mine:
+                    self._lock.release()
         env = [None] * self.slots
         env[:self.n_inputs] = arrays
-        shapes = tuple(x.shape for x in env[:self.n_inputs])
-        mine = self._lock.acquire(blocking=False)
+        shapes = tuple(x.shape for x in arrays)
+        if buffers.get(SHAPES) != shapes:
+            buffers.clear()
+            buffers[SHAPES] = shapes
+        buffers[THREADS] = numba.get_num_threads()
         try:
-            if mine and shapes != self._shapes:
-                self._buffers, self._shapes = {}, shapes
-            buffers = self._buffers if mine else {}
-            buffers[THREADS] = numba.get_num_threads()
-            try:
-                for op in self.ops:
-                    start = time.perf_counter()
-                    op.run(env, buffers)
-                    if times is not None:
-                        times[op.name] += (time.perf_counter() - start) * 1e3
-            except BaseException:
-                self._shapes = None  # half-written buffers are not reused
-                raise
-            buffers[FRESH] = False
-            return np.array(env[self.output])  # a copy: the buffers are reused by the next run
-        finally:
-            if mine:
-                self._lock.release()
+            for op in self.ops:
+                start = time.perf_counter()
+                op.run(env, buffers)
+                if times is not None:
+                    times[op.name] += (time.perf_counter() - start) * 1e3
+        except BaseException:
+            buffers.clear()  # half-written buffers are not reused
+            raise
+        buffers[FRESH] = False
+        return np.array(env[self.output])  # a copy: the buffers are reused by the next run
 
     def run(self, *inputs) -> np.ndarray:
         """The network's output for `inputs` (N x C x H x W each), as a float32 numpy array. A batch may run
-        in parts (`micro_batch`); each sample's output is the same either way."""
+        in parts (`micro_batch`), with several threads one part per thread at a time (`_run_parts`); each
+        sample's output is the same either way."""
         arrays = self._inputs(inputs)
         n = arrays[0].shape[0]
         part = self.micro_batch(arrays)
         if part >= n:
             return self._execute(arrays)
-        out = None
-        for i in range(0, n, part):
-            y = self._execute([x[i:i + part] for x in arrays])
-            if out is None:
-                out = np.empty((n,) + y.shape[1:], y.dtype)
-            out[i:i + part] = y
-        return out
+        return self._run_parts([[x[i:i + part] for x in arrays] for i in range(0, n, part)])
+
+    def _run_parts(self, parts: list[list[np.ndarray]]) -> np.ndarray:
+        """The outputs of `parts`, concatenated. With T threads the parts run on T worker threads at once, each
+        kernel on its worker's thread alone, with a buffer set per worker: at a part's size one layer is too
+        little work to split across threads (ResNet-20, batch 16, 90%: two threads 6.8 ms against one
+        thread's 4.9 ms, every layer split). numba's thread count is per thread; PyTorch's (the dense path's
+        int8 products) is the process's, so it is 1 until the parts are done."""
+        workers = min(numba.get_num_threads(), len(parts))
+        if workers == 1 or not self._parts_lock.acquire(blocking=False):
+            return np.concatenate([self._execute(p) for p in parts])
+        try:
+            self._part_buffers += [{} for _ in range(workers - len(self._part_buffers))]
+            torch_threads = torch.get_num_threads()
+            try:
+                groups = [_worker_pool().submit(self._run_serially, parts[j::workers], self._part_buffers[j])
+                          for j in range(workers)]
+                outputs = [group.result() for group in groups]
+            finally:
+                torch.set_num_threads(torch_threads)
+        finally:
+            self._parts_lock.release()
+        return np.concatenate([outputs[i % workers][i // workers] for i in range(len(parts))])
+
+    def _run_serially(self, parts: list[list[np.ndarray]], buffers: dict) -> list[np.ndarray]:
+        numba.set_num_threads(1)
+        torch.set_num_threads(1)
+        return [self._execute(p, buffers=buffers) for p in parts]
 
     @functools.cached_property
     def samples_independent(self) -> bool:
@@ -125,17 +166,17 @@ class Program:
         """Samples per part when a batch of `arrays` runs in parts: depth first, so that a part's activations
         stay in cache from one layer to the next instead of streaming through memory, where the weights stay
         in cache beside them too (at most MICRO_BATCH_MAX_WEIGHTS). A part holds about MICRO_BATCH_BYTES of
-        the first layer's float output per thread; its size divides the batch (every part alike, so the
-        buffers of one part size are reused), else the batch runs whole."""
+        the first layer's float output, and with T threads at most 1 / T of the batch (a part per thread); its
+        size divides the batch (every part alike, so the buffers of one part size are reused), else the batch
+        runs whole."""
         n = arrays[0].shape[0]
-        layers = self.layers
-        if (n == 1 or not layers or not self.samples_independent or self.nbytes > MICRO_BATCH_MAX_WEIGHTS
+        if (n == 1 or not self.samples_independent or not self.layers or self.nbytes > MICRO_BATCH_MAX_WEIGHTS
                 or any(x.shape[0] != n for x in arrays)):
             return n
-        first = layers[0]
+        first = self.layers[0]
         h, w = arrays[0].shape[2:]
         per_sample = 4 * first.shape[0] * -(-h // first.stride[0]) * -(-w // first.stride[1])
-        target = max(1, MICRO_BATCH_BYTES * numba.get_num_threads() // per_sample)
+        target = max(1, min(MICRO_BATCH_BYTES // per_sample, n // numba.get_num_threads()))
         part = max(d for d in range(1, min(n, target) + 1) if n % d == 0)
         return part if 2 * part > target else n
 
