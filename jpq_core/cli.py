@@ -287,6 +287,9 @@ def cmd_bench(args) -> int:
                        allocation=args.allocation, progress=None if args.json else _print_bench_row)
     for peer, note in result.get("peer_notes", {}).items():
         print(f"note: {peer} was not timed: {note}", file=sys.stderr)
+    for t in result["targets"]:
+        print(f"target {t['sparsity']:.0%} w{t['wbits']}: engine {t['ratio']:.2f}x {t['against']} "
+              f"(at least {t['target']:g}x): {'met' if t['met'] else 'not met'}", file=sys.stderr)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

@@ -472,8 +472,9 @@ def test_program_file_errors(tmp_path):
         load_program(bad)
 
 
-def test_cli_bench_engine(capsys):
+def test_cli_bench_engine(capsys, monkeypatch):
     from jpq_core.cli import main
+    from jpq_core.engine import bench
 
     code = main(["bench", "engine", "--network", "resnet20", "--sparsities", "0.9", "--wbits", "8", "--repeats", "1",
                  "--no-torch-sparse", "--no-first-call", "--json"])
@@ -484,8 +485,35 @@ def test_cli_bench_engine(capsys):
     assert row["sparsity"] == 0.9 and row["wbits"] == 8
     assert row["speedup"] == pytest.approx(row["dense_ms"] / row["engine_ms"])
     assert "stage1.0.conv1" in row["layers_ms"]
+    assert result["targets"] == []  # ResNet-20's targets are against peers, which were not timed
+    monkeypatch.setitem(bench.TARGETS, "resnet20", ((0.9, "dense", 0.01),))
+    assert main(["bench", "engine", "--network", "resnet20", "--sparsities", "0.9", "--wbits", "8", "--repeats", "1",
+                 "--no-torch-sparse", "--no-first-call", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "target 90% w8: engine" in err and "x dense PyTorch (at least 0.01x): met" in err
     assert main(["bench", "engine", "--network", "resnet20", "--threads", "0"]) == 2
     assert "threads" in capsys.readouterr().err
+
+
+def test_the_benchmark_holds_its_rows_to_the_engine_targets():
+    """Each row against the fastest peer of the same row (ONNX Runtime fp32 or int8, whichever was faster) or
+    against dense PyTorch, as issue 21 sets them; rows at other sparsities and peer targets without peers are
+    left out."""
+    from jpq_core.engine.bench import target_report
+
+    rows = [{"sparsity": 0.0, "wbits": 8, "dense_ms": 3.0, "engine_ms": 1.0, "onnxruntime_ms": 0.9,
+             "onnxruntime_int8_ms": 0.6},
+            {"sparsity": 0.5, "wbits": 8, "dense_ms": 3.0, "engine_ms": 1.0, "onnxruntime_ms": 0.9},
+            {"sparsity": 0.9, "wbits": 4, "dense_ms": 3.0, "engine_ms": 0.5, "onnxruntime_ms": 0.9,
+             "onnxruntime_int8_ms": None}]
+    report = target_report({"network": "resnet20", "results": rows})
+    assert [(t["sparsity"], t["wbits"], t["against"], round(t["ratio"], 2), t["target"], t["met"]) for t in report] == [
+        (0.0, 8, "onnxruntime_int8", 0.6, 0.7, False), (0.9, 4, "onnxruntime", 1.8, 1.0, True)]
+    stereo = target_report({"network": "stereo", "results": [{"sparsity": 0.99, "wbits": 8, "dense_ms": 150.0,
+                                                               "engine_ms": 5.0}]})
+    assert stereo == [{"sparsity": 0.99, "wbits": 8, "against": "dense PyTorch", "ratio": 30.0, "target": 30.0,
+                       "met": True}]
+    assert target_report({"network": "tv:resnet18", "results": rows}) == []  # no targets for other networks
 
 
 def test_an_input_of_the_wrong_width_is_refused_after_a_good_run():

@@ -195,6 +195,10 @@ def test_bench_engine_peers(fake_deepsparse):
     assert row["onnxruntime_ms"] > 0 and row["onnxruntime_int8_ms"] > 0
     assert row["deepsparse_ms"] == 1.5
     assert result["peer_notes"] == {} and "onnxruntime" in result["peer_versions"]
+    fastest = min(row["onnxruntime_ms"], row["onnxruntime_int8_ms"], 1.5)
+    assert row["vs_fastest_peer"] == pytest.approx(fastest / row["engine_ms"])
+    [target] = result["targets"]  # ResNet-20 at 90%: at least 1.0x the fastest peer
+    assert target["ratio"] == pytest.approx(row["vs_fastest_peer"]) and target["met"] == (target["ratio"] >= 1.0)
 
 
 def test_bench_engine_without_onnxruntime_says_so(monkeypatch, capsys, fake_deepsparse):
@@ -210,6 +214,7 @@ def test_bench_engine_without_onnxruntime_says_so(monkeypatch, capsys, fake_deep
     assert row["engine_ms"] > 0 and row["onnxruntime_ms"] is None and row["onnxruntime_int8_ms"] is None
     assert "onnxruntime" in result["peer_notes"]["onnxruntime"]
     assert "note: onnxruntime was not timed" in captured.err
+    assert result["targets"] == [] and "target" not in captured.err  # nothing to hold the engine against
 
 
 def test_a_failing_deepsparse_interpreter_is_a_note(tmp_path, resnet20, digits_task):

@@ -169,6 +169,40 @@ def crossover(results: list[dict], wbits: int) -> float | None:
     return None
 
 
+# The engine's speed targets (issue 21), by network: (sparsity, against, at least), `against` the fastest peer
+# timed in the same run or dense PyTorch. Every weight width and batch is held to them.
+TARGETS = {
+    "stereo": ((0.0, "peer", 1.0), (0.9, "peer", 3.0), (0.95, "peer", 3.0), (0.99, "peer", 3.0), (0.99, "dense", 30.0)),
+    "resnet20": ((0.0, "peer", 0.7), (0.9, "peer", 1.0), (0.95, "peer", 1.0), (0.99, "peer", 1.0)),
+}
+
+
+def fastest_peer(row: dict) -> tuple[str, float] | None:
+    """(peer, ms) of the fastest peer timed in a benchmark row, or None."""
+    from jpq_core.engine.peers import PEERS
+
+    timed = [(peer, row[f"{peer}_ms"]) for peer in PEERS if row.get(f"{peer}_ms") is not None]
+    return min(timed, key=lambda t: t[1]) if timed else None
+
+
+def target_report(result: dict) -> list[dict]:
+    """The network's TARGETS against the rows of one benchmark run: per target and weight width, the ratio
+    (fastest peer's or dense PyTorch's time over the engine's, same run) and whether it is met. A peer target
+    without peers timed is left out; so is a sparsity the run did not measure."""
+    report = []
+    for sparsity, against, least in TARGETS.get(result["network"], ()):
+        for row in result["results"]:
+            if abs(row["sparsity"] - sparsity) > 1e-9:
+                continue
+            peer = fastest_peer(row) if against == "peer" else ("dense PyTorch", row["dense_ms"])
+            if peer is None:
+                continue
+            ratio = peer[1] / row["engine_ms"]
+            report.append({"sparsity": sparsity, "wbits": row["wbits"], "against": peer[0], "ratio": ratio,
+                           "target": least, "met": ratio >= least})
+    return report
+
+
 def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch: int = 1, threads: int = 1,
               repeats: int = 5, torch_sparse: bool = True, height: int | None = None, width: int | None = None,
               checkpoint=None, first_call: bool = True, progress=None, peers: bool = False,
@@ -215,15 +249,19 @@ def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch
                    "layers_ms": program.profile(*inputs, repeats=3)}
             if peers:
                 row.update({f"{peer}_ms": med.get(peer) for peer in PEERS if peer != "deepsparse" or deepsparse_python})
+                fastest = fastest_peer(row)
+                row["vs_fastest_peer"] = fastest[1] / row["engine_ms"] if fastest else None
             results.append(row)
             if progress:
                 progress(row)
-    return {"network": network, "threads": threads, "batch": batch, "input": [list(x.shape) for x in inputs],
-            "allocation": allocation,
-            "repeats": repeats, "results": results, "crossover": {str(b): crossover(results, b) for b in wbits},
-            **({"peer_notes": peer_notes, "peer_versions": versions()} if peers else {}),
-            # a user factory is loaded in this process only: a new one cannot build it
-            "first_call_s": first_call_seconds(network, threads) if first_call and is_shipped_or_zoo(network) else None}
+    result = {"network": network, "threads": threads, "batch": batch, "input": [list(x.shape) for x in inputs],
+              "allocation": allocation,
+              "repeats": repeats, "results": results, "crossover": {str(b): crossover(results, b) for b in wbits},
+              **({"peer_notes": peer_notes, "peer_versions": versions()} if peers else {}),
+              # a user factory is loaded in this process only: a new one cannot build it
+              "first_call_s": first_call_seconds(network, threads) if first_call and is_shipped_or_zoo(network) else None}
+    result["targets"] = target_report(result)
+    return result
 
 
 def is_shipped_or_zoo(network: str) -> bool:
@@ -269,12 +307,13 @@ def markdown_table(result: dict) -> str:
         return "-" if value is None else f"{value:.3g}" if value < 10 else f"{value:.1f}"
 
     head = ["sparsity", "w bits", "dense PyTorch ms", "PyTorch sparse ms", "engine ms", *[label for _, label in peers],
-            "speedup vs dense", "packed KiB", "cost model KiB"]
+            "speedup vs dense", *(["vs fastest peer"] if peers else []), "packed KiB", "cost model KiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
         model = f"{r['cost_model_bytes'] / 1024:.1f}" if r.get("cost_model_bytes") is not None else "-"
         cells = [f"{r['measured_sparsity'] * 100:.1f}%", str(r["wbits"]), ms(r["dense_ms"]), ms(r.get("torch_sparse_ms")),
                  ms(r["engine_ms"]), *[ms(r.get(key)) for key, _ in peers], f"{r['speedup']:.2f}x",
+                 *([f"{r['vs_fastest_peer']:.2f}x" if r.get("vs_fastest_peer") else "-"] if peers else []),
                  f"{r['program_bytes'] / 1024:.1f}", model]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
