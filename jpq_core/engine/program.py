@@ -50,8 +50,9 @@ FORMAT = "jpq-engine/3"  # 3: stride, padding, dilation per direction; the gener
 READABLE = ("jpq-engine/2", FORMAT)  # 2: producers write several consumers' inputs (targets, keep)
 # Batches of small images run in parts (`Program.micro_batch`): ResNet-20 at batch 64, one thread, in parts of
 # 8 samples (512 KiB of its first layer's output) took 0.92 / 0.82 / 0.80 / 0.73 of the whole batch's time at
-# 0 / 90 / 95 / 99% (interleaved in one process); torchvision's ResNet-18 (1.9 MB of weights at 90%) and
-# MobileNet-V2 ran 2-5% slower in parts.
+# 0 / 90 / 95 / 99% (interleaved in one process); torchvision's ResNet-18 (1.9 MB of weights at 90%) ran 2-5%
+# slower in parts, hence the weight cap; under it, MobileNet-V2 (90%, 99%) and ResNet-18 (99%) at batch 64 still
+# took 1.02x their whole batch's time on one thread (two threads run parts at once, see `_run_parts`).
 MICRO_BATCH_BYTES = 1 << 19
 MICRO_BATCH_MAX_WEIGHTS = 1 << 20
 SHAPES = "shapes"  # key of a buffers dict: the input shapes its arrays were made for
