@@ -355,6 +355,12 @@ def test_a_batch_run_in_parts_gives_every_sample_its_whole_batch_output(resnet, 
         np.testing.assert_array_equal(program.run(x[:7]), whole[:7])  # 7: no divisor near the part size
     assert torch.get_num_threads() == torch_threads
     assert len(program._part_buffers) == (workers if workers > 1 else 0)  # a buffer set per worker
+    # the per-layer profile times the same parts, one after the other
+    sizes, execute = [], program._execute
+    monkeypatch.setattr(program, "_execute", lambda arrays, *rest: sizes.append(len(arrays[0])) or execute(arrays, *rest))
+    with numba_threads(threads):
+        profile = program.profile(x)
+    assert sizes == [2] * 12 and {layer.name for layer in program.layers} <= profile.keys()
 
 
 class BatchMean(nn.Module):

@@ -94,13 +94,16 @@ class Program:
     def _execute(self, arrays: list[np.ndarray], times: dict | None = None, buffers: dict | None = None) -> np.ndarray:
         """Run the ops on `arrays` with `buffers`, a dict this call uses alone (by default the program's own if
         no other run holds them, else new ones); a copy of the output."""
-        if buffers is None:
-            mine = self._lock.acquire(blocking=False)
-            try:
-                return self._execute(arrays, times, self._buffers if mine else {})
-            finally:
-                if mine:
-                    self._lock.release()
+        if buffers is not None:
+            return self._run_ops(arrays, times, buffers)
+        mine = self._lock.acquire(blocking=False)
+        try:
+            return self._run_ops(arrays, times, self._buffers if mine else {})
+        finally:
+            if mine:
+                self._lock.release()
+
+    def _run_ops(self, arrays: list[np.ndarray], times: dict | None, buffers: dict) -> np.ndarray:
         env = [None] * self.slots
         env[:self.n_inputs] = arrays
         shapes = tuple(x.shape for x in arrays)
@@ -182,12 +185,18 @@ class Program:
         return part if 2 * part > target else n
 
     def profile(self, *inputs, repeats: int = 1) -> dict[str, float]:
-        """Milliseconds per layer (glue ops by their role), median over `repeats` runs."""
+        """Milliseconds per layer (glue ops by their role), median over `repeats` runs. A batch that `run` splits
+        is timed in the same parts, one after the other, summed per layer (with several threads `run` takes
+        them at once, so there the sum exceeds its time)."""
         times = defaultdict(list)
         arrays = self._inputs(inputs)
+        n = arrays[0].shape[0]
+        part = self.micro_batch(arrays)
+        parts = [[x[i:i + part] for x in arrays] for i in range(0, n, part)]
         for _ in range(repeats):
             run = defaultdict(float)
-            self._execute(arrays, run)
+            for piece in parts:
+                self._execute(piece, run)
             for k, v in run.items():
                 times[k].append(v)
         return {k: float(np.median(v)) for k, v in times.items()}
