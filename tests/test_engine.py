@@ -353,6 +353,9 @@ def test_a_batch_run_in_parts_gives_every_sample_its_whole_batch_output(resnet, 
         for _ in range(2):
             np.testing.assert_array_equal(program.run(x), whole)
         np.testing.assert_array_equal(program.run(x[:7]), whole[:7])  # 7: no divisor near the part size
+        with pytest.raises(JPQError, match="expects 3 input channels"):  # every part fails: one error, and then
+            program.run(np.zeros((24, 4, 32, 32), np.float32))
+        np.testing.assert_array_equal(program.run(x), whole)  # the next run is whole again
     assert torch.get_num_threads() == torch_threads
     assert len(program._part_buffers) == (workers if workers > 1 else 0)  # a buffer set per worker
     # the per-layer profile times the same parts, one after the other

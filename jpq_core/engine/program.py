@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numba
@@ -149,6 +149,7 @@ class Program:
             try:
                 groups = [_worker_pool().submit(self._run_serially, parts[j::workers], self._part_buffers[j])
                           for j in range(workers)]
+                wait(groups)  # all of them, also when one fails: the buffer sets are free again after
                 outputs = [group.result() for group in groups]
             finally:
                 torch.set_num_threads(torch_threads)
