@@ -128,11 +128,13 @@ class Program:
         in parts (`micro_batch`), with several threads one part per thread at a time (`_run_parts`); each
         sample's output is the same either way."""
         arrays = self._inputs(inputs)
-        n = arrays[0].shape[0]
-        part = self.micro_batch(arrays)
-        if part >= n:
-            return self._execute(arrays)
-        return self._run_parts([[x[i:i + part] for x in arrays] for i in range(0, n, part)])
+        parts = self._parts(arrays)
+        return self._execute(arrays) if len(parts) == 1 else self._run_parts(parts)
+
+    def _parts(self, arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """The batch as `run` takes it: in parts of `micro_batch` samples (one part when it runs whole)."""
+        n, part = arrays[0].shape[0], self.micro_batch(arrays)
+        return [arrays] if part >= n else [[x[i:i + part] for x in arrays] for i in range(0, n, part)]
 
     def _run_parts(self, parts: list[list[np.ndarray]]) -> np.ndarray:
         """The outputs of `parts`, concatenated. With T threads the parts run on T worker threads at once, each
@@ -175,10 +177,10 @@ class Program:
         size divides the batch (every part alike, so the buffers of one part size are reused), else the batch
         runs whole."""
         n = arrays[0].shape[0]
-        if (n == 1 or not self.samples_independent or not self.layers or self.nbytes > MICRO_BATCH_MAX_WEIGHTS
+        first = next((op for op in self.ops if isinstance(op, Conv)), None)
+        if (n == 1 or first is None or not self.samples_independent or self.nbytes > MICRO_BATCH_MAX_WEIGHTS
                 or any(x.shape[0] != n for x in arrays)):
             return n
-        first = self.layers[0]
         h, w = arrays[0].shape[2:]
         per_sample = 4 * first.shape[0] * -(-h // first.stride[0]) * -(-w // first.stride[1])
         target = max(1, min(MICRO_BATCH_BYTES // per_sample, n // numba.get_num_threads()))
@@ -190,10 +192,7 @@ class Program:
         is timed in the same parts, one after the other, summed per layer (with several threads `run` takes
         them at once, so there the sum exceeds its time)."""
         times = defaultdict(list)
-        arrays = self._inputs(inputs)
-        n = arrays[0].shape[0]
-        part = self.micro_batch(arrays)
-        parts = [[x[i:i + part] for x in arrays] for i in range(0, n, part)]
+        parts = self._parts(self._inputs(inputs))
         for _ in range(repeats):
             run = defaultdict(float)
             for piece in parts:
