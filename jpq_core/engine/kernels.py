@@ -446,8 +446,7 @@ def gather_columns(inp, in_sample, start, off, n0, count, rows, run, rowstep, co
                     cols[d + x] = inp[src + x] - shift
 
 
-@njit(parallel=True, cache=True)
-def pad_input(x, out, c0, pad_h, pad, mode, scale, zero, qmax):
+def _pad_input(x, out, c0, pad_h, pad, mode, scale, zero, qmax):
     """Write x (N, C, H, W) float32 into channels c0.. of out (N, S, C_total, H_pad, W_phase): padded by
     `pad_h` rows and `pad` columns, column phase p of stride S at out[:, p], each value through `_store(mode)`. The padding holds
     what 0.0 stores as: z for quantized (uint8) inputs, 0 otherwise. The producer of an input that has
@@ -491,6 +490,12 @@ def pad_input(x, out, c0, pad_h, pad, mode, scale, zero, qmax):
                 for j in range(np.uint64(j_lo), np.uint64(j_hi)):
                     out[un, up, ud, ur, j] = _store(x[un, uc, uy, first + (j - np.uint64(j_lo)) * step], mode, scale,
                                                     zero, qmax)
+
+
+pad_input = njit(parallel=True, cache=True)(_pad_input)
+# Without threads, for one thread or a small input: a parallel region costs 2-3 us to start, as much as
+# storing ResNet-20's 3 x 32 x 32 input or its classifier's 64 features.
+pad_input_serial = njit(cache=True)(_pad_input)
 
 
 @njit(parallel=True, cache=True)

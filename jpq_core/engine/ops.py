@@ -251,18 +251,18 @@ class Conv:
         step = buffers.get(key)
         if step is None:
             step = buffers[key] = self._prepare(xs, buffers, n, h, w)
-        kernel, args, buf, store, fill, out_dims, products = step
+        kernel, args, buf, store, fill, out_dims, output, residual, products = step
         for slot, c0 in fill:  # inputs that no producer wrote here directly
             x = env[slot]
-            kernels.pad_input(np.ascontiguousarray(x.reshape(n, -1, 1, 1) if self.linear else x, np.float32), buf, c0,
-                              *self.padding, *store)
-        if self.residual is not None:
-            res = env[self.residual]
-            if res.size != math.prod(out_dims):
+            pad = kernels.pad_input_serial if kernel is kernels.sparse_conv_serial else kernels.pad_input
+            pad(np.ascontiguousarray(x.reshape(n, -1, 1, 1) if self.linear else x, np.float32), buf, c0, *self.padding,
+                *store)
+        if residual is not None:
+            res, (size, shape) = env[self.residual], residual
+            if res.size != size:
                 raise JPQError(f"layer {self.name!r}: its residual has shape {res.shape}, its output {out_dims}; "
                                "the engine adds residuals of the output's shape only.")
-            args[_RESIDUAL] = res.reshape(n, -1, 1, 1) if self.linear else \
-                np.ascontiguousarray(res).reshape(n, self.shape[0], 1, -1) if self.pixelwise else res
+            args[_RESIDUAL] = res if shape is None else np.ascontiguousarray(res).reshape(shape)
         args[-1] = buffers.get(FRESH, True)
         if products is not None:  # the dense path: accumulators by matrix products, then the kernel's epilogue
             inp, in_sample, off, count, rows, run, rowstep, cols, shift, product, weights, columns, acc, pieces = products
@@ -275,14 +275,15 @@ class Conv:
                 kernel(*args)
         else:
             kernel(*args)
-        if args[_KEEP]:
-            env[self.output] = args[_OUT].reshape(out_dims)
+        if output is not None:
+            env[self.output] = output
 
     def _prepare(self, xs: list, buffers: dict, n: int, h: int, w: int) -> tuple:
         """What a run of this input size needs, made once per buffers dict (so that a run costs little Python,
         which at ResNet-20's batch 1 is a third of the time): the kernel and its arguments, the padded input
         buffer, how inputs are stored into it ((mode, scale, zero, qmax) and [(slot, first channel)] of the inputs
-        to store), and the output's shape."""
+        to store), the output's shape, the float output as the program sees it (or None where it is not kept),
+        the residual's size and the shape the kernel takes it in (None: as it is), and the dense path's products."""
         fused = self.fused or [0] * len(self.inputs)
         widths = iter(x.reshape(n, -1).shape[1] if self.linear else x.shape[1] for x in xs)
         fill, c0 = [], 0
@@ -298,8 +299,11 @@ class Conv:
         buf = self.input_buffer(buffers, n, h, w)
         co, out_h, out_w = self.shape[0], g["out_h"], g["out_w"]
         kernel, args, products = self.kernel_args(buffers, n, out_h, out_w)
-        return (kernel, args, buf, self.store_params(), fill, (n, co) if self.linear else (n, co, out_h, out_w),
-                products)
+        out_dims = (n, co) if self.linear else (n, co, out_h, out_w)
+        output = args[_OUT].reshape(out_dims) if args[_KEEP] else None
+        residual = None if self.residual is None else (math.prod(out_dims), (n, co, 1, 1) if self.linear else
+                                                       (n, co, 1, -1) if self.pixelwise else None)
+        return kernel, args, buf, self.store_params(), fill, out_dims, output, residual, products
 
     def kernel_args(self, buffers: dict, n: int, out_h: int, out_w: int) -> tuple:
         """(kernel, arguments, products) of the convolution for this input size (the residual, slot 8, and
