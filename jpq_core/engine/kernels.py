@@ -359,9 +359,9 @@ def _tile_general(t, args):
     _tile_rows(GENERAL, t, args)
 
 
-def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope,
-                n_batch, out_h, out_w, rowstride, rows_per_tile, plane, acc_buf, out, keep,
-                dest_a, store_a, place_a, dest_b, store_b, place_b, dense, fresh):
+def _sparse_conv(inp, in_sample, index, val, corr, scale_bias, res, res_scale, has_res, slope,
+                 n_batch, out_h, out_w, rowstride, rows_per_tile, plane, acc_buf, out, keep, dest_a, dest_b, stores,
+                 places, fresh):
     """y[n, c, oy, ox] = act((acc - corr[c]) * mul[c] + bias[c] + res_scale * res[n, c, oy, ox]),
     acc = sum_k val[k] * inp[n * in_sample + off[k] + oy * rowstride + ox], act(y) = y if y > 0 else slope * y.
 
@@ -371,6 +371,10 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     float output is kept and every destination is quantized, y is never formed: the epilogue goes from the
     accumulators to the stored bytes in one pass (`_emit_quantized`).
 
+    The small arrays arrive packed, since numba's dispatch costs about 55 ns per array argument (a tenth of
+    ResNet-20's time at batch 1 went to 29 arguments per layer): index = ptr (C_out + 1, the CSR row starts)
+    then off; scale_bias = (mul, bias); stores = (store_a, store_b); places = place_a, place_b, dense.
+
     With dense[0] > 0 the accumulators of tiles dense[5] .. dense[6] - 1 are already in acc_buf (see
     `_tile_rows`) and only their epilogue runs.
 
@@ -378,6 +382,11 @@ def _sparse_conv(inp, in_sample, ptr, off, val, corr, mul, bias, res, res_scale,
     when the output arrays are `fresh` (new this run); arrays reused from an earlier run of the same
     program and input size already hold it.
     """
+    c_out = scale_bias.shape[1]
+    ptr, off = index[:c_out + 1], index[c_out + 1:]
+    mul, bias = scale_bias[0], scale_bias[1]
+    store_a, store_b = stores[0], stores[1]
+    place_a, place_b, dense = places[0:4], places[4:8], places[8:]
     # Tiles of rows_per_tile rows never cross samples. Accumulator runs are whole vectors (no scalar
     # remainder in the hot loops); the extra columns read into the next row or the input's slack and are
     # never stored.

@@ -194,7 +194,10 @@ class Conv:
             _, ci, ky, kx, _ = self._decoded()
             c_total = self.groups * self.shape[1]
             off = (((kx * d) % s * c_total + ci) * hp + ky * dh) * wq + (kx * d) // s
-            self._geometry[(h, w)] = dict(hp=hp, wq=wq, out_h=out_h, out_w=out_w, off=off.astype(np.uint64),
+            # the kernel takes ptr and off as one array (see kernels._sparse_conv); off is a view of it
+            ptr = self._kernel_weights()[0]
+            index = np.concatenate([ptr, off.astype(np.uint64)])
+            self._geometry[(h, w)] = dict(hp=hp, wq=wq, out_h=out_h, out_w=out_w, index=index, off=index[ptr.size:],
                                           in_sample=s * c_total * hp * wq, rowstride=sh * wq, c_total=c_total)
         return self._geometry[(h, w)]
 
@@ -266,7 +269,7 @@ class Conv:
         args[-1] = buffers.get(FRESH, True)
         if products is not None:  # the dense path: accumulators by matrix products, then the kernel's epilogue
             inp, in_sample, off, count, rows, run, rowstep, cols, shift, product, weights, columns, acc, pieces = products
-            dense = args[-2]
+            dense = args[_PLACES][8:]  # the kernel's `dense`, packed after place_a and place_b
             for n0, row0, t0, t1 in pieces:  # a product, then its epilogue while the accumulators are in cache
                 kernels.gather_columns(inp, in_sample, np.uint64(row0 * rowstep), off, n0, count, rows, run, rowstep,
                                        cols, shift)
@@ -306,7 +309,7 @@ class Conv:
         return kernel, args, buf, self.store_params(), fill, out_dims, output, residual, products
 
     def kernel_args(self, buffers: dict, n: int, out_h: int, out_w: int) -> tuple:
-        """(kernel, arguments, products) of the convolution for this input size (the residual, slot 8, and
+        """(kernel, arguments, products) of the convolution for this input size (the residual, slot 6, and
         `fresh`, the last, are set per run): made once per buffers dict, so that a run costs little Python
         (ResNet-20 at batch 1). Layers of fewer than SERIAL_OUTPUTS outputs, or one thread, run without a
         parallel region. `products` is None, or for a `dense` layer what computes its accumulators before the
@@ -351,11 +354,13 @@ class Conv:
             tiles = n * -(-out_h // per_tile)
             acc = np.empty((tiles, -(-run // kernels.VECTOR) * kernels.VECTOR),
                            np.float32 if val.dtype == np.float32 else np.int32)
+        (dest_a, store_a, place_a), (dest_b, store_b, place_b) = dests
         buffers[key] = (kernels.sparse_conv_serial if serial else kernels.sparse_conv,
-                        [buffers[id(self)][3], np.uint64(g["in_sample"]), ptr, g["off"], val, corr, mul, self.bias,
-                         _NO_FLOAT, np.float32(self.res_scale), self.residual is not None, np.float32(self.slope),
-                         n, out_h, out_w, np.uint64(g["rowstride"]), per_tile, plane, acc, out, keep, *dests[0], *dests[1],
-                         dense, True], products)
+                        [buffers[id(self)][3], np.uint64(g["in_sample"]), g["index"], val, corr,
+                         np.stack([mul, self.bias]).astype(np.float32), _NO_FLOAT, np.float32(self.res_scale),
+                         self.residual is not None, np.float32(self.slope), n, out_h, out_w, np.uint64(g["rowstride"]),
+                         per_tile, plane, acc, out, keep, dest_a, dest_b, np.stack([store_a, store_b]),
+                         np.concatenate([place_a, place_b, dense]), True], products)
         return buffers[key]
 
     def _products(self, buffers: dict, g: dict, n: int, out_h: int, out_w: int, per_tile: int) -> tuple:
@@ -454,7 +459,7 @@ DENSE_CHUNK_BYTES = 1 << 20  # im2col columns per matrix product, at most (one s
 SERIAL_OUTPUTS = 1 << 16  # below this many outputs a layer is not split across threads
 PLANE_BELOW_WIDTH = 128  # output rows narrower than this are accumulated several rows at a time
 PLANE_RUN = 2048  # accumulators of one such run (8 KB of float32, in L1 with the input rows it reads)
-_RESIDUAL, _OUT, _KEEP = 8, 19, 20  # positions in the kernel's arguments (kernels.sparse_conv)
+_RESIDUAL, _OUT, _KEEP, _PLACES = 6, 17, 18, 22  # positions in the kernel's arguments (kernels.sparse_conv)
 THREADS = "threads"  # key of the buffers dict: numba's thread count for this run (set by the program)
 FRESH = "fresh"  # key of the buffers dict: False when its arrays were filled by a complete earlier run
 _NO_FLOAT = np.zeros((1, 1, 1, 1), np.float32)  # stands for an absent float array in kernel calls
