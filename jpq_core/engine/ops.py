@@ -245,11 +245,7 @@ class Conv:
 
     def run(self, env: list, buffers: dict) -> None:
         xs = [env[i] for i, f in zip(self.inputs, self.fused or [0] * len(self.inputs)) if not f]
-        if xs:
-            n, h, w = xs[0].shape[0], xs[0].shape[-2] if xs[0].ndim == 4 else 1, xs[0].shape[-1] if xs[0].ndim == 4 else 1
-        else:
-            buf, h, w, _ = buffers[id(self)]
-            n = buf.shape[0]
+        n, h, w = _run_size(self, env, buffers, xs)
         key = (id(self), "step", n, h, w, buffers.get(THREADS) or numba.get_num_threads())
         step = buffers.get(key)
         if step is None:
@@ -280,6 +276,29 @@ class Conv:
             kernel(*args)
         if output is not None:
             env[self.output] = output
+
+    def planned(self, env: list, buffers: dict):
+        """This layer's call as a later run of the same buffers can make it without `run`'s Python (see
+        `Program._run_plan`): (compiled entry point, its arguments, residual slot or None, the residual array
+        bound, output slot, float output or None), or None where a run needs `run` (inputs it stores itself,
+        the dense path's products). Made after a complete run, whose arguments it copies with `fresh` False;
+        the entry point skips numba's dispatch (about 0.5 us per call: type checks of 24 arguments), so it
+        is taken for exactly the arguments' types and only while the residual is the array bound here."""
+        n, h, w = _run_size(self, env, buffers)
+        step = buffers.get((id(self), "step", n, h, w, buffers.get(THREADS) or numba.get_num_threads()))
+        if step is None:
+            return None
+        kernel, args, _, _, fill, _, output, residual, products = step
+        if fill or products is not None:
+            return None
+        args = list(args)
+        args[-1] = False
+        try:
+            entry = kernel.overloads[tuple(kernel.typeof_pyval(a) for a in args)].entry_point
+        except KeyError:  # not compiled for exactly these types: numba's dispatch finds what is
+            entry = kernel
+        bound = env[self.residual] if residual is not None else None
+        return entry, tuple(args), self.residual if residual is not None else None, bound, self.output, output
 
     def _prepare(self, xs: list, buffers: dict, n: int, h: int, w: int) -> tuple:
         """What a run of this input size needs, made once per buffers dict (so that a run costs little Python,
@@ -459,6 +478,18 @@ DENSE_CHUNK_BYTES = 1 << 20  # im2col columns per matrix product, at most (one s
 SERIAL_OUTPUTS = 1 << 16  # below this many outputs a layer is not split across threads
 PLANE_BELOW_WIDTH = 128  # output rows narrower than this are accumulated several rows at a time
 PLANE_RUN = 2048  # accumulators of one such run (8 KB of float32, in L1 with the input rows it reads)
+def _run_size(conv: Conv, env: list, buffers: dict, xs: list | None = None) -> tuple[int, int, int]:
+    """(batch, height, width) of a conv's input in this run: of its first input that no producer stores into
+    its buffer, else of the buffer."""
+    if xs is None:
+        xs = [env[i] for i, f in zip(conv.inputs, conv.fused or [0] * len(conv.inputs)) if not f]
+    if xs:
+        x = xs[0]
+        return x.shape[0], x.shape[-2] if x.ndim == 4 else 1, x.shape[-1] if x.ndim == 4 else 1
+    buf, h, w, _ = buffers[id(conv)]
+    return buf.shape[0], h, w
+
+
 _RESIDUAL, _OUT, _KEEP, _PLACES = 6, 17, 18, 22  # positions in the kernel's arguments (kernels.sparse_conv)
 THREADS = "threads"  # key of the buffers dict: numba's thread count for this run (set by the program)
 FRESH = "fresh"  # key of the buffers dict: False when its arrays were filled by a complete earlier run
