@@ -278,27 +278,49 @@ class Conv:
             env[self.output] = output
 
     def planned(self, env: list, buffers: dict):
-        """This layer's call as a later run of the same buffers can make it without `run`'s Python (see
-        `Program._run_plan`): (compiled entry point, its arguments, residual slot or None, the residual array
-        bound, output slot, float output or None), or None where a run needs `run` (inputs it stores itself,
-        the dense path's products). Made after a complete run, whose arguments it copies with `fresh` False;
-        the entry point skips numba's dispatch (about 0.5 us per call: type checks of 24 arguments), so it
-        is taken for exactly the arguments' types and only while the residual is the array bound here."""
+        """This layer's work as a later run of the same buffers can do it without `run`'s Python (see
+        `Program._run_plan`): (a call without arguments, residual slot or None, the residual array bound,
+        output slot, float output or None), or None where a run needs `run` (an input it stores itself). Made
+        after a complete run, whose arguments it copies with `fresh` False. It calls the kernels' compiled
+        entry points, which skip numba's dispatch (about 0.5 us per call: type checks of 24 arguments), so it
+        holds only for exactly these arguments' types, and only while the residual is the array bound here."""
         n, h, w = _run_size(self, env, buffers)
         step = buffers.get((id(self), "step", n, h, w, buffers.get(THREADS) or numba.get_num_threads()))
-        if step is None:
+        if step is None or step[4]:  # not run with these buffers, or inputs to store first
             return None
-        kernel, args, _, _, fill, _, output, residual, products = step
-        if fill or products is not None:
-            return None
+        kernel, args, _, _, _, _, output, residual, products = step
         args = list(args)
         args[-1] = False
-        try:
-            entry = kernel.overloads[tuple(kernel.typeof_pyval(a) for a in args)].entry_point
-        except KeyError:  # not compiled for exactly these types: numba's dispatch finds what is
-            entry = kernel
+        call = functools.partial(_entry_point(kernel, args), *args)
+        if products is not None:
+            call = self._planned_products(products, call)
         bound = env[self.residual] if residual is not None else None
-        return entry, tuple(args), self.residual if residual is not None else None, bound, self.output, output
+        return call, self.residual if residual is not None else None, bound, self.output, output
+
+    @staticmethod
+    def _planned_products(products: tuple, epilogue):
+        """The dense path's pieces (see `run`) as one call: for each, its columns, product and `epilogue`."""
+        inp, in_sample, off, count, rows, run, rowstep, cols, shift, product, weights, columns, acc, pieces = products
+        gathers = []
+        for n0, row0, _, _ in pieces:
+            gather_args = [inp, in_sample, np.uint64(row0 * rowstep), off, n0, count, rows, run, rowstep, cols, shift]
+            gathers.append(functools.partial(_entry_point(kernels.gather_columns, gather_args), *gather_args))
+        dense = epilogue.args[_PLACES][8:]
+        if len(pieces) == 1:
+            dense[3:] = pieces[0]
+
+            def call():
+                gathers[0]()
+                product(weights, columns, out=acc)
+                epilogue()
+        else:
+            def call():
+                for gather, piece in zip(gathers, pieces):
+                    gather()
+                    product(weights, columns, out=acc)
+                    dense[3:] = piece
+                    epilogue()
+        return call
 
     def _prepare(self, xs: list, buffers: dict, n: int, h: int, w: int) -> tuple:
         """What a run of this input size needs, made once per buffers dict (so that a run costs little Python,
@@ -478,6 +500,15 @@ DENSE_CHUNK_BYTES = 1 << 20  # im2col columns per matrix product, at most (one s
 SERIAL_OUTPUTS = 1 << 16  # below this many outputs a layer is not split across threads
 PLANE_BELOW_WIDTH = 128  # output rows narrower than this are accumulated several rows at a time
 PLANE_RUN = 2048  # accumulators of one such run (8 KB of float32, in L1 with the input rows it reads)
+def _entry_point(kernel, args: list):
+    """The compiled function of numba dispatcher `kernel` for exactly `args`' types, called without numba's type
+    checks; the dispatcher itself where it has none compiled for them."""
+    try:
+        return kernel.overloads[tuple(kernel.typeof_pyval(a) for a in args)].entry_point
+    except KeyError:
+        return kernel
+
+
 def _run_size(conv: Conv, env: list, buffers: dict, xs: list | None = None) -> tuple[int, int, int]:
     """(batch, height, width) of a conv's input in this run: of its first input that no producer stores into
     its buffer, else of the buffer."""

@@ -138,9 +138,9 @@ class Program:
         ResNet-20's batch 1 the Python around each kernel call and numba's dispatch were a fifth of the run."""
         for op, step in zip(self.ops, plan):
             if step is not None:
-                entry, args, res_slot, bound, out_slot, output = step
+                call, res_slot, bound, out_slot, output = step
                 if res_slot is None or env[res_slot] is bound:
-                    entry(*args)
+                    call()
                     if output is not None:
                         env[out_slot] = output
                     continue  # else its residual is another array this time: the usual way
