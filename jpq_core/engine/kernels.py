@@ -635,6 +635,7 @@ def _exp(x):
 def soft_argmin(logits, factor, out):
     """out[n, 0, y, x] = factor * sum_d d * softmax_d(logits[n, :, y, x]) (Kendall et al. 2017)."""
     n_batch, shifts, h, w = logits.shape
+    logits, out = _borrowed(logits), _borrowed(out)  # row views per shift (see `_borrowed`)
     for job in prange(n_batch * h):
         n = job // h
         y = job % h
@@ -678,6 +679,7 @@ def upsample2x(x, out):
         a, b, l = _source(ox, w)
         x0[ox], x1[ox], lx[ox] = a, b, l
     one = np.float32(1.0)
+    x, out = _borrowed(x), _borrowed(out)  # row views per output row (see `_borrowed`)
     for job in prange(n_batch * c_in * ho):
         n = job // (c_in * ho)
         c = (job // ho) % c_in
@@ -743,6 +745,7 @@ def resize(x, y0, y1, ly, x0, x1, lx, out):
     n_batch, c_in = x.shape[0], x.shape[1]
     ho, wo = out.shape[2], out.shape[3]
     one = np.float32(1.0)
+    x, out = _borrowed(x), _borrowed(out)  # row views per output row (see `_borrowed`)
     for job in prange(n_batch * c_in * ho):
         n = job // (c_in * ho)
         c = (job // ho) % c_in
