@@ -41,6 +41,7 @@ from numba.np.arrayobj import make_array, populate_array
 # Without the GIL, so that the parts of a batch run on several Python threads at once (`Program.run`).
 njit = functools.partial(numba.njit, error_model="numpy", nogil=True)
 
+
 @intrinsic
 def _borrowed(typingctx, array):
     """`array` without its reference count: the same data, shape and strides, no meminfo. Every jitted call that

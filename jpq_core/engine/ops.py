@@ -500,6 +500,12 @@ DENSE_CHUNK_BYTES = 1 << 20  # im2col columns per matrix product, at most (one s
 SERIAL_OUTPUTS = 1 << 16  # below this many outputs a layer is not split across threads
 PLANE_BELOW_WIDTH = 128  # output rows narrower than this are accumulated several rows at a time
 PLANE_RUN = 2048  # accumulators of one such run (8 KB of float32, in L1 with the input rows it reads)
+_RESIDUAL, _OUT, _KEEP, _PLACES = 6, 17, 18, 22  # positions in the kernel's arguments (kernels.sparse_conv)
+THREADS = "threads"  # key of the buffers dict: numba's thread count for this run (set by the program)
+FRESH = "fresh"  # key of the buffers dict: False when its arrays were filled by a complete earlier run
+_NO_FLOAT = np.zeros((1, 1, 1, 1), np.float32)  # stands for an absent float array in kernel calls
+
+
 def _entry_point(kernel, args: list):
     """The compiled function of numba dispatcher `kernel` for exactly `args`' types, called without numba's type
     checks; the dispatcher itself where it has none compiled for them."""
@@ -519,12 +525,6 @@ def _run_size(conv: Conv, env: list, buffers: dict, xs: list | None = None) -> t
         return x.shape[0], x.shape[-2] if x.ndim == 4 else 1, x.shape[-1] if x.ndim == 4 else 1
     buf, h, w, _ = buffers[id(conv)]
     return buf.shape[0], h, w
-
-
-_RESIDUAL, _OUT, _KEEP, _PLACES = 6, 17, 18, 22  # positions in the kernel's arguments (kernels.sparse_conv)
-THREADS = "threads"  # key of the buffers dict: numba's thread count for this run (set by the program)
-FRESH = "fresh"  # key of the buffers dict: False when its arrays were filled by a complete earlier run
-_NO_FLOAT = np.zeros((1, 1, 1, 1), np.float32)  # stands for an absent float array in kernel calls
 
 
 @functools.lru_cache(maxsize=1)
