@@ -293,3 +293,27 @@ def test_wide_rows_stay_on_the_sparse_path_with_float32_products(int8):
             program.run(torch.randn(1, 16, 5, width))
             assert [step[-1] is not None for key, step in program._buffers.items()
                     if isinstance(key, tuple) and key[1] == "step"] == [dense]
+
+
+@pytest.mark.parametrize("threshold", [ALWAYS, NEVER])
+def test_a_conv_written_as_one_run_leaves_its_consumers_padding(threshold):
+    """A 3x3 conv feeding another (rows as far apart in its accumulators as in the consumer's padded input)
+    stores each channel's rows as one run, padding columns between them included, then sets those back: after
+    runs on both paths the consumer's padding still holds its zero point everywhere."""
+    shape = dict(seed=3, c_in=8, c_out=16, k=3, stride=1, padding=1, dilation=1, groups=1, sparsity=0.3)
+    model = layer_then_same_padding_conv(shape, 8)
+    x = torch.randn(2, 8, 9, 11) * 2 + 0.5
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("DENSE_FROM_DENSITY", "DENSE_FROM_DENSITY_STRIDED", "INT8_FROM_DENSITY"):
+            patch.setattr(ops, name, threshold)
+        patch.setattr(ops, "DENSE_MIN_DEPTH", 0)
+        program = compile_network(model)
+        for _ in range(3):
+            program.run(x)
+    consumer = program.layers[1]
+    padded = program._buffers[id(consumer)][0]
+    zero = consumer.store_params()[2]
+    border = np.ones(padded.shape[-2:], bool)
+    border[1:-1, 1:-1] = False
+    assert (padded[..., border] == zero).all()
+    assert (padded[..., ~border] != zero).any()

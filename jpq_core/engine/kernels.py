@@ -108,7 +108,9 @@ def _emit_quantized(acc, a0, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h,
     if phases == 1 or (phases == 0 and dest.shape[1] == 1):
         ud, shift = np.uint64(c0 + c), np.uint64(pad)
         for x in range(np.uint64(w)):
-            v = np.float32(acc[a0 + x] - corr) * mul + bias
+            # an int32 accumulator becomes float32 before the subtraction (int32 - float32 is float64 in numba:
+            # twice the conversions); the same value while |acc| < 2^24, as every float path here assumes
+            v = (np.float32(acc[a0 + x]) - corr) * mul + bias
             if has_res:
                 v += rmul * res[un, uc, uy, x]
             dest[un, 0, ud, ur, shift + x] = min(max(np.rint(v), low), qmax)
@@ -118,11 +120,30 @@ def _emit_quantized(acc, a0, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h,
 
 
 @njit(inline="always")
+def _emit_run(acc, a0, w, rows, pitch, corr, mul, bias, low, qmax, dest, n, c, oy, c0, pad_h, pad, pad_value):
+    """`_emit_quantized` for `rows` rows of a stride-1 dest whose rows lie `pitch` apart, as in acc: one loop over
+    the run from row oy's first column to the last row's last, then the padding columns between the rows
+    (which the loop wrote) set back to pad_value. At classifier widths a loop per row cost more than its work."""
+    if n >= dest.shape[0]:
+        return
+    flat = dest.reshape(-1)
+    row0 = ((np.uint64(n) * np.uint64(dest.shape[2]) + np.uint64(c0 + c)) * np.uint64(dest.shape[3])
+            + np.uint64(oy + pad_h)) * np.uint64(pitch) + np.uint64(pad)
+    for x in range(np.uint64((rows - 1) * pitch + w)):
+        v = (np.float32(acc[a0 + x]) - corr) * mul + bias
+        flat[row0 + x] = min(max(np.rint(v), low), qmax)
+    fill = np.uint8(pad_value)
+    for r in range(rows - 1):
+        for x in range(w, pitch):
+            flat[row0 + np.uint64(r * pitch + x)] = fill
+
+
+@njit(inline="always")
 def _quantize_row(acc, a0, w, corr, mul, bias, low, qmax, res, n, c, oy, rmul, has_res, scratch):
     """scratch[x] = `_emit_quantized`'s q of acc[a0 + x], for x < w."""
     un, uc, uy = np.uint64(n), np.uint64(c), np.uint64(oy)
     for x in range(np.uint64(w)):
-        v = np.float32(acc[a0 + x] - corr) * mul + bias
+        v = (np.float32(acc[a0 + x]) - corr) * mul + bias
         if has_res:
             v += rmul * res[un, uc, uy, x]
         scratch[x] = np.uint8(min(max(np.rint(v), low), qmax))
@@ -139,7 +160,7 @@ def _emit_with_float(acc, a0, w, corr, mul, bias, res, res_scale, has_res, slope
     un, uc, uy = np.uint64(n), np.uint64(c), np.uint64(oy)
     ud, ur, shift = np.uint64(c0 + c), np.uint64(oy + pad_h), np.uint64(pad)
     for x in range(np.uint64(w)):
-        v = np.float32(acc[a0 + x] - corr) * mul + bias
+        v = (np.float32(acc[a0 + x]) - corr) * mul + bias
         if has_res:
             v += res_scale * res[un, uc, uy, x]
         y = v if v > 0 else v * slope
@@ -288,6 +309,11 @@ def _tile_rows(epilogue, t, args):
     sample = np.uint64(n * in_sample)
     run = _whole_vectors(np.uint64((oy1 - oy0 - 1) * rowstride) + w)
     un = np.uint64(n)
+    pitch = dense[2] if chunk > 0 else rowstride
+    # A channel's rows of the tile as one run where the accumulators' rows lie as far apart as the stride-1
+    # destinations' (a 3x3 convolution feeding another): see `_emit_run`.
+    as_run = (epilogue == DIRECT_STRIDE1 and not has_res and (chunk > 0 or plane)
+              and (not place_a[2] or pitch == dest_a.shape[4]) and (not place_b[2] or pitch == dest_b.shape[4]))
     for c in range(c_out):
         m = mul[c]
         b = bias[c]
@@ -298,6 +324,15 @@ def _tile_rows(epilogue, t, args):
             continue
         if chunk == 0 and plane:
             _accumulate(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1)
+        if as_run:
+            a0 = np.uint64((c * chunk + n - dense[3]) * dense[1] + (oy0 - dense[4]) * dense[2]) if chunk > 0 else np.uint64(0)
+            if place_a[2]:
+                _emit_run(acc, a0, out_w, oy1 - oy0, pitch, cr, m / sa, b / sa + za, low_a, qa, dest_a, n, c, oy0, place_a[0],
+                          place_a[1], place_a[3], za)
+            if place_b[2]:
+                _emit_run(acc, a0, out_w, oy1 - oy0, pitch, cr, m / sb, b / sb + zb, low_b, qb, dest_b, n, c, oy0, place_b[0],
+                          place_b[1], place_b[3], zb)
+            continue
         for oy in range(oy0, oy1):
             if chunk > 0:
                 a0 = np.uint64((c * chunk + n - dense[3]) * dense[1] + (oy - dense[4]) * dense[2])
@@ -330,7 +365,7 @@ def _tile_rows(epilogue, t, args):
                                      place_a[0], place_a[1], place_a[3], sa, za, qa)
                 continue
             for x in range(w):  # the case inside the loop: see `_emit_with_float`
-                v = np.float32(acc[a0 + x] - cr) * m + b
+                v = (np.float32(acc[a0 + x]) - cr) * m + b
                 if has_res:
                     v += res_scale * res[un, uc, uy, x]
                 y[x] = v if v > 0 else v * slope
@@ -695,8 +730,7 @@ def upsample2x(x, out):
             orow[ox] = (one - ly) * top + ly * bottom
 
 
-@njit(parallel=True, cache=True, fastmath=True)
-def global_avg_pool(x, out):
+def _global_avg_pool(x, out):
     """out[n, c, 0, 0] = mean over (y, x) of x[n, c]."""
     n_batch, c_in, h, w = x.shape
     for job in prange(n_batch * c_in):
@@ -707,6 +741,11 @@ def global_avg_pool(x, out):
             for j in range(w):
                 s += x[n, c, y, j]
         out[n, c, 0, 0] = s / np.float32(h * w)
+
+
+global_avg_pool = njit(parallel=True, cache=True, fastmath=True)(_global_avg_pool)
+# without threads, for small inputs (a classifier's last map at batch 1), where a parallel region costs more
+global_avg_pool_serial = njit(cache=True, fastmath=True)(_global_avg_pool)
 
 
 @njit(parallel=True, cache=True)

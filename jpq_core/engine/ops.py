@@ -280,22 +280,35 @@ class Conv:
     def planned(self, env: list, buffers: dict):
         """This layer's work as a later run of the same buffers can do it without `run`'s Python (see
         `Program._run_plan`): (a call without arguments, residual slot or None, the residual array bound,
-        output slot, float output or None), or None where a run needs `run` (an input it stores itself). Made
-        after a complete run, whose arguments it copies with `fresh` False. It calls the kernels' compiled
-        entry points, which skip numba's dispatch (about 0.5 us per call: type checks of 24 arguments), so it
-        holds only for exactly these arguments' types, and only while the residual is the array bound here."""
+        output slot, float output or None, the inputs it stores itself as ((slot, store), ...), each store
+        taking that slot's array), or None where it has not run with these buffers. Made after a complete run,
+        whose arguments it copies with `fresh` False. It calls the kernels' compiled entry points, which skip
+        numba's dispatch (about 0.5 us per call: type checks of 24 arguments), so it holds only for exactly
+        these arguments' types, and only while the residual is the array bound here."""
         n, h, w = _run_size(self, env, buffers)
         step = buffers.get((id(self), "step", n, h, w, buffers.get(THREADS) or numba.get_num_threads()))
-        if step is None or step[4]:  # not run with these buffers, or inputs to store first
+        if step is None:
             return None
-        kernel, args, _, _, _, _, output, residual, products = step
+        kernel, args, buf, store, fill, _, output, residual, products = step
         args = list(args)
         args[-1] = False
         call = functools.partial(_entry_point(kernel, args), *args)
         if products is not None:
             call = self._planned_products(products, call)
         bound = env[self.residual] if residual is not None else None
-        return call, self.residual if residual is not None else None, bound, self.output, output
+        pad = kernels.pad_input_serial if kernel is kernels.sparse_conv_serial else kernels.pad_input
+        stores = tuple((slot, self._planned_store(pad, env[slot], n, buf, c0, store)) for slot, c0 in fill)
+        return call, self.residual if residual is not None else None, bound, self.output, output, stores
+
+    def _planned_store(self, pad, x, n: int, buf, c0: int, store: tuple):
+        """`run`'s store of an input x into this layer's buffer as one function of x, for arrays of x's type."""
+        rest = [buf, c0, *self.padding, *store]
+        shape = (n, -1, 1, 1) if self.linear else x.shape
+        entry = _entry_point(pad, [np.ascontiguousarray(x.reshape(shape), np.float32), *rest])
+
+        def store_input(x):
+            entry(np.ascontiguousarray(x.reshape(shape), np.float32), *rest)
+        return store_input
 
     @staticmethod
     def _planned_products(products: tuple, epilogue):
@@ -644,7 +657,8 @@ def _divide(xs, divisor):
 def _global_avg_pool(xs):
     x = np.ascontiguousarray(xs[0])
     out = np.empty((x.shape[0], x.shape[1], 1, 1), np.float32)
-    kernels.global_avg_pool(x, out)
+    serial = numba.get_num_threads() == 1 or x.size < SERIAL_OUTPUTS
+    (kernels.global_avg_pool_serial if serial else kernels.global_avg_pool)(x, out)
     return out
 
 

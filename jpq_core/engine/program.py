@@ -138,8 +138,10 @@ class Program:
         ResNet-20's batch 1 the Python around each kernel call and numba's dispatch were a fifth of the run."""
         for op, step in zip(self.ops, plan):
             if step is not None:
-                call, res_slot, bound, out_slot, output = step
+                call, res_slot, bound, out_slot, output, stores = step
                 if res_slot is None or env[res_slot] is bound:
+                    for slot, store in stores:
+                        store(env[slot])
                     call()
                     if output is not None:
                         env[out_slot] = output
