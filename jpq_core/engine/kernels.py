@@ -491,6 +491,16 @@ sparse_conv_serial = njit(cache=True, fastmath=True)(_sparse_conv)
 
 
 @njit(cache=True)
+def sparse_convs_serial(calls):
+    """sparse_conv_serial on each argument tuple of `calls` (a numba typed list), in order: consecutive layers
+    as one call from Python (`Program._run_plan`), which unboxes a list once instead of 24 arguments a layer."""
+    for i in range(len(calls)):
+        a = calls[i]
+        sparse_conv_serial(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13],
+                           a[14], a[15], a[16], a[17], a[18], a[19], a[20], a[21], a[22], a[23])
+
+
+@njit(cache=True)
 def gather_columns(inp, in_sample, start, off, n0, count, rows, run, rowstep, cols, shift):
     """The columns of a matrix product (im2col) for samples n0 .. n0 + count - 1, in cols' type (float32, or
     int8 for int8 products with shift = 128):

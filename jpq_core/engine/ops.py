@@ -14,6 +14,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numba
 import numpy as np
@@ -24,6 +25,16 @@ from jpq_core.errors import JPQError
 
 INTEGER_WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 INTEGER_ACTIVATION_BITS = (4, 5, 6, 7, 8)
+
+
+class Planned(NamedTuple):
+    """A conv's work in a planned run (`Conv.planned`, `Program._run_plan`)."""
+
+    call: Callable[[], None]
+    residual: tuple  # (slot, the array bound) where it adds a residual: it holds only while that slot has that array
+    output: tuple  # (slot, float output) where it keeps one
+    stores: tuple  # ((slot, store), ...): the inputs it stores itself, each store taking that slot's array
+    serial_args: tuple | None  # `kernels.sparse_conv_serial`'s arguments where `call` is that kernel alone
 
 
 @dataclass
@@ -277,11 +288,9 @@ class Conv:
         if output is not None:
             env[self.output] = output
 
-    def planned(self, env: list, buffers: dict):
+    def planned(self, env: list, buffers: dict) -> Planned | None:
         """This layer's work as a later run of the same buffers can do it without `run`'s Python (see
-        `Program._run_plan`): (a call without arguments, residual slot or None, the residual array bound,
-        output slot, float output or None, the inputs it stores itself as ((slot, store), ...), each store
-        taking that slot's array), or None where it has not run with these buffers. Made after a complete run,
+        `Program._run_plan`), or None where it has not run with these buffers. Made after a complete run,
         whose arguments it copies with `fresh` False. It calls the kernels' compiled entry points, which skip
         numba's dispatch (about 0.5 us per call: type checks of 24 arguments), so it holds only for exactly
         these arguments' types, and only while the residual is the array bound here."""
@@ -292,19 +301,20 @@ class Conv:
         kernel, args, buf, store, fill, _, output, residual, products = step
         args = list(args)
         args[-1] = False
-        call = functools.partial(_entry_point(kernel, args), *args)
+        call = functools.partial(entry_point(kernel, args), *args)
         if products is not None:
             call = self._planned_products(products, call)
-        bound = env[self.residual] if residual is not None else None
         pad = kernels.pad_input_serial if kernel is kernels.sparse_conv_serial else kernels.pad_input
         stores = tuple((slot, self._planned_store(pad, env[slot], n, buf, c0, store)) for slot, c0 in fill)
-        return call, self.residual if residual is not None else None, bound, self.output, output, stores
+        alone = products is None and kernel is kernels.sparse_conv_serial
+        return Planned(call, (self.residual, env[self.residual]) if residual is not None else (),
+                       (self.output, output) if output is not None else (), stores, tuple(args) if alone else None)
 
     def _planned_store(self, pad, x, n: int, buf, c0: int, store: tuple):
         """`run`'s store of an input x into this layer's buffer as one function of x, for arrays of x's type."""
         rest = [buf, c0, *self.padding, *store]
         shape = (n, -1, 1, 1) if self.linear else x.shape
-        entry = _entry_point(pad, [np.ascontiguousarray(x.reshape(shape), np.float32), *rest])
+        entry = entry_point(pad, [np.ascontiguousarray(x.reshape(shape), np.float32), *rest])
 
         def store_input(x):
             entry(np.ascontiguousarray(x.reshape(shape), np.float32), *rest)
@@ -317,7 +327,7 @@ class Conv:
         gathers = []
         for n0, row0, _, _ in pieces:
             gather_args = [inp, in_sample, np.uint64(row0 * rowstep), off, n0, count, rows, run, rowstep, cols, shift]
-            gathers.append(functools.partial(_entry_point(kernels.gather_columns, gather_args), *gather_args))
+            gathers.append(functools.partial(entry_point(kernels.gather_columns, gather_args), *gather_args))
         dense = epilogue.args[_PLACES][8:]
         if len(pieces) == 1:
             dense[3:] = pieces[0]
@@ -519,7 +529,7 @@ FRESH = "fresh"  # key of the buffers dict: False when its arrays were filled by
 _NO_FLOAT = np.zeros((1, 1, 1, 1), np.float32)  # stands for an absent float array in kernel calls
 
 
-def _entry_point(kernel, args: list):
+def entry_point(kernel, args: list):
     """The compiled function of numba dispatcher `kernel` for exactly `args`' types, called without numba's type
     checks; the dispatcher itself where it has none compiled for them."""
     try:

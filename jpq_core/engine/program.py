@@ -26,7 +26,8 @@ import torch
 
 from jpq_core.checkpoints import atomic_write
 from jpq_core.engine.lowering import link, lower
-from jpq_core.engine.ops import FRESH, THREADS, Conv, op_from
+from jpq_core.engine import kernels
+from jpq_core.engine.ops import FRESH, THREADS, Conv, entry_point, op_from
 from jpq_core.errors import JPQError
 from jpq_core.untrusted import decoding
 
@@ -120,8 +121,7 @@ class Program:
                 for op in self.ops:
                     op.run(env, buffers)
                 if buffers.get(FRESH) is False:  # a complete run over buffers that an earlier one filled
-                    buffers[PLAN, buffers[THREADS]] = [op.planned(env, buffers) if isinstance(op, Conv) else None
-                                                       for op in self.ops]
+                    buffers[PLAN, buffers[THREADS]] = self._plan(env, buffers)
             else:
                 for op in self.ops:
                     start = time.perf_counter()
@@ -133,20 +133,65 @@ class Program:
         buffers[FRESH] = False
         return np.array(env[self.output])  # a copy: the buffers are reused by the next run
 
+    def _plan(self, env: list, buffers: dict) -> list:
+        """How later runs with `buffers` make the ops' calls: [(ops, (call, residuals, outputs, stores) or None)],
+        the convs' planned calls (`Conv.planned`), where consecutive convs that call `kernels.sparse_conv_serial`
+        alone with arguments of one type make one call of `kernels.sparse_convs_serial` (at ResNet-20's batch 1
+        unboxing 24 arguments a layer cost 4% of a run). `residuals` are the (slot, array) a call holds for; a
+        residual that a planned conv's kept output is always holds (the same array every run), so only others
+        are checked, and a conv with one stays alone."""
+        planned = [op.planned(env, buffers) if isinstance(op, Conv) else None for op in self.ops]
+        kept = {id(step.output[1]) for step in planned if step is not None and step.output}
+        plan, group = [], []
+
+        def close_group():
+            if len(group) == 1:
+                op, step, _ = group[0]
+                plan.append(([op], (step.call, (), (step.output,) if step.output else (), ())))
+            elif group:
+                calls = numba.typed.List([step.serial_args for _, step, _ in group])
+                kernel = kernels.sparse_convs_serial
+                kernel.compile((kernel.typeof_pyval(calls),))
+                plan.append(([op for op, _, _ in group], (functools.partial(entry_point(kernel, [calls]), calls), (),
+                                                         tuple(step.output for _, step, _ in group if step.output), ())))
+            group.clear()
+
+        for op, step in zip(self.ops, planned):
+            stable = step is not None and (not step.residual or id(step.residual[1]) in kept)
+            if stable and step.serial_args is not None and not step.stores:
+                types = tuple(numba.typeof(a) for a in step.serial_args)
+                if group and types != group[0][2]:
+                    close_group()
+                group.append((op, step, types))
+                continue
+            close_group()
+            if step is None:
+                plan.append(([op], None))
+            else:
+                residuals = () if stable else (step.residual,)
+                plan.append(([op], (step.call, residuals, (step.output,) if step.output else (), step.stores)))
+        close_group()
+        return plan
+
     def _run_plan(self, plan: list, env: list, buffers: dict) -> None:
-        """The ops with `plan`: a conv's planned call (`Conv.planned`), or where there is none the op's `run`. At
-        ResNet-20's batch 1 the Python around each kernel call and numba's dispatch were a fifth of the run."""
-        for op, step in zip(self.ops, plan):
+        """The ops with `plan` (`_plan`): a planned call, or where there is none, or a residual is another array
+        this time, the ops' `run`. At ResNet-20's batch 1 the Python around each kernel call and numba's
+        dispatch were a fifth of the run."""
+        for ops, step in plan:
             if step is not None:
-                call, res_slot, bound, out_slot, output, stores = step
-                if res_slot is None or env[res_slot] is bound:
+                call, residuals, outputs, stores = step
+                for slot, bound in residuals:
+                    if env[slot] is not bound:
+                        break
+                else:
                     for slot, store in stores:
                         store(env[slot])
                     call()
-                    if output is not None:
-                        env[out_slot] = output
-                    continue  # else its residual is another array this time: the usual way
-            op.run(env, buffers)
+                    for slot, output in outputs:
+                        env[slot] = output
+                    continue
+            for op in ops:
+                op.run(env, buffers)
 
     def run(self, *inputs) -> np.ndarray:
         """The network's output for `inputs` (N x C x H x W each), as a float32 numpy array. A batch may run
