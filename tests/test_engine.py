@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import time
 
 import numba
 import numpy as np
@@ -523,6 +524,22 @@ def test_the_benchmark_holds_its_rows_to_the_engine_targets():
     assert stereo == [{"sparsity": 0.99, "wbits": 8, "against": "dense PyTorch", "ratio": 30.0, "target": 30.0,
                        "met": True}]
     assert target_report({"network": "tv:resnet18", "results": rows}) == []  # no targets for other networks
+
+
+def test_interleaved_timing_sizes_its_measurements_after_a_slow_second_call(monkeypatch):
+    """An engine program makes its plan on its second run (slow once, see `Program._plan`): the calls per
+    measurement follow the faster of the second and third calls, not the second alone."""
+    from jpq_core.engine import bench
+
+    monkeypatch.setattr(bench, "MIN_MEASURE_MS", 20.0)
+    calls = []
+
+    def planning_once():
+        calls.append(None)
+        time.sleep(0.05 if len(calls) == 2 else 0.001)
+
+    bench.time_interleaved({"engine": planning_once}, repeats=2)
+    assert len(calls) >= 3 + 2 * 5  # warm-up and timing calls, then at least 5 calls a measurement
 
 
 def test_an_input_of_the_wrong_width_is_refused_after_a_good_run():

@@ -151,7 +151,10 @@ def time_interleaved(runs: dict, repeats: int) -> dict[str, float]:
     calls = {}
     for k, fn in runs.items():
         fn()
-        calls[k] = max(1, int(MIN_MEASURE_MS / max(_time(fn), 1e-3)))
+        ms = _time(fn)
+        if ms < MIN_MEASURE_MS:  # an engine program makes its plan on its second run (`Program._plan`)
+            ms = min(ms, _time(fn))
+        calls[k] = max(1, int(MIN_MEASURE_MS / max(ms, 1e-3)))
     times = {k: [] for k in runs}
     for _ in range(repeats):
         for k, fn in runs.items():

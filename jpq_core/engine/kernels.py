@@ -32,6 +32,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
+from numba.typed import List
 from numba.core.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
 
@@ -488,6 +489,21 @@ sparse_conv = njit(parallel=True, cache=True, fastmath=True)(_sparse_conv)
 # The same kernel without threads: for small layers (ResNet-20 at batch 1), where starting a parallel
 # region costs more than the layer itself.
 sparse_conv_serial = njit(cache=True, fastmath=True)(_sparse_conv)
+
+
+@njit(cache=True)
+def conv_calls(first):
+    """A numba typed list of `sparse_convs_serial`'s argument tuples, holding `first` (more: `add_conv_call`).
+    Made in compiled code, which numba caches on disk: a typed list made from Python compiled its own code
+    for each item type in every process (0.3 s)."""
+    calls = List()
+    calls.append(first)
+    return calls
+
+
+@njit(cache=True)
+def add_conv_call(calls, args):
+    calls.append(args)
 
 
 @njit(cache=True)

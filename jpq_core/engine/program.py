@@ -149,7 +149,9 @@ class Program:
                 op, step, _ = group[0]
                 plan.append(([op], (step.call, (), (step.output,) if step.output else (), ())))
             elif group:
-                calls = numba.typed.List([step.serial_args for _, step, _ in group])
+                calls = kernels.conv_calls(group[0][1].serial_args)
+                for _, step, _ in group[1:]:
+                    kernels.add_conv_call(calls, step.serial_args)
                 kernel = kernels.sparse_convs_serial
                 kernel.compile((kernel.typeof_pyval(calls),))
                 plan.append(([op for op, _, _ in group], (functools.partial(entry_point(kernel, [calls]), calls), (),
