@@ -32,9 +32,9 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
-from numba.typed import List
 from numba.core.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
+from numba.typed import List
 
 # Every kernel uses NumPy's error model: a float division by zero gives inf instead of raising, so numba puts
 # no zero check on the divisor inside loops. With the check, loops dividing by a runtime value (the quantized
@@ -326,13 +326,15 @@ def _tile_rows(epilogue, t, args):
         if chunk == 0 and plane:
             _accumulate(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1)
         if as_run:
-            a0 = np.uint64((c * chunk + n - dense[3]) * dense[1] + (oy0 - dense[4]) * dense[2]) if chunk > 0 else np.uint64(0)
+            a0 = np.uint64(0)
+            if chunk > 0:
+                a0 = np.uint64((c * chunk + n - dense[3]) * dense[1] + (oy0 - dense[4]) * dense[2])
             if place_a[2]:
-                _emit_run(acc, a0, out_w, oy1 - oy0, pitch, cr, m / sa, b / sa + za, low_a, qa, dest_a, n, c, oy0, place_a[0],
-                          place_a[1], place_a[3], za)
+                _emit_run(acc, a0, out_w, oy1 - oy0, pitch, cr, m / sa, b / sa + za, low_a, qa, dest_a, n, c, oy0,
+                          place_a[0], place_a[1], place_a[3], za)
             if place_b[2]:
-                _emit_run(acc, a0, out_w, oy1 - oy0, pitch, cr, m / sb, b / sb + zb, low_b, qb, dest_b, n, c, oy0, place_b[0],
-                          place_b[1], place_b[3], zb)
+                _emit_run(acc, a0, out_w, oy1 - oy0, pitch, cr, m / sb, b / sb + zb, low_b, qb, dest_b, n, c, oy0,
+                          place_b[0], place_b[1], place_b[3], zb)
             continue
         for oy in range(oy0, oy1):
             if chunk > 0:
