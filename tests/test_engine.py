@@ -152,6 +152,25 @@ def test_layers_whose_sums_could_pass_2_to_the_24_accumulate_in_int32():
         np.testing.assert_array_equal(layer.accumulators(x.numpy()), reference_accumulators(model[0], x))
 
 
+def test_kernels_use_512_bit_vectors_where_the_cpu_has_avx512():
+    """On an AVX-512 CPU that LLVM tunes for 256-bit vectors (Intel's) the kernels compile without that
+    preference; elsewhere numba's own features stand. And in this process (pytest imports every test module
+    first) numba's code generator was made after the engine set them, as a user's process makes it."""
+    import os
+
+    from llvmlite import binding
+    from llvmlite.binding.targets import FeatureMap
+    from numba.core.registry import cpu_target
+
+    from jpq_core.engine import kernels
+
+    avx512 = FeatureMap({"avx2": True, "avx512f": True, "avx512vnni": True})
+    assert kernels.wide_vector_features(avx512) == "+avx2,+avx512f,+avx512vnni,-prefer-256-bit"
+    assert kernels.wide_vector_features(FeatureMap({"avx2": True, "avx512f": False})) is None
+    if binding.get_host_cpu_features().get("avx512f") and "NUMBA_CPU_FEATURES" not in os.environ and numba.config.ENABLE_AVX:
+        assert cpu_target.target_context.codegen()._tm_features.endswith(",-prefer-256-bit")
+
+
 def test_a_compiled_layer_keeps_about_its_weights_bytes_not_their_decoded_positions():
     """A program holds each weight packed, decoded (4 bytes) and its input offset (8 bytes), plus the dense
     path's matrix: about 20 bytes a weight. Decoded positions kept beside them (4 x int64) made it 60 and
