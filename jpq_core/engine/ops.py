@@ -32,7 +32,7 @@ class Planned(NamedTuple):
 
     call: Callable[[], None]
     residual: tuple  # (slot, the array bound) where it adds a residual: it holds only while that slot has that array
-    output: tuple  # (slot, float output) where it keeps one
+    outputs: tuple  # ((slot, float output),) where it keeps one, else ()
     stores: tuple  # ((slot, store), ...): the inputs it stores itself, each store taking that slot's array
     serial_args: tuple | None  # `kernels.sparse_conv_serial`'s arguments where `call` is that kernel alone
 
@@ -308,7 +308,7 @@ class Conv:
         stores = tuple((slot, self._planned_store(pad, env[slot], n, buf, c0, store)) for slot, c0 in fill)
         alone = products is None and kernel is kernels.sparse_conv_serial
         return Planned(call, (self.residual, env[self.residual]) if residual is not None else (),
-                       (self.output, output) if output is not None else (), stores, tuple(args) if alone else None)
+                       ((self.output, output),) if output is not None else (), stores, tuple(args) if alone else None)
 
     def _planned_store(self, pad, x, n: int, buf, c0: int, store: tuple):
         """`run`'s store of an input x into this layer's buffer as one function of x, for arrays of x's type."""

@@ -141,13 +141,13 @@ class Program:
         residual that a planned conv's kept output is always holds (the same array every run), so only others
         are checked, and a conv with one stays alone."""
         planned = [op.planned(env, buffers) if isinstance(op, Conv) else None for op in self.ops]
-        kept = {id(step.output[1]) for step in planned if step is not None and step.output}
+        kept = {id(array) for step in planned if step is not None for _, array in step.outputs}
         plan, group = [], []
 
         def close_group():
             if len(group) == 1:
                 op, step, _ = group[0]
-                plan.append(([op], (step.call, (), (step.output,) if step.output else (), ())))
+                plan.append(([op], (step.call, (), step.outputs, ())))
             elif group:
                 calls = kernels.conv_calls(group[0][1].serial_args)
                 for _, step, _ in group[1:]:
@@ -155,7 +155,7 @@ class Program:
                 kernel = kernels.sparse_convs_serial
                 kernel.compile((kernel.typeof_pyval(calls),))
                 plan.append(([op for op, _, _ in group], (functools.partial(entry_point(kernel, [calls]), calls), (),
-                                                         tuple(step.output for _, step, _ in group if step.output), ())))
+                                                         tuple(out for _, step, _ in group for out in step.outputs), ())))
             group.clear()
 
         for op, step in zip(self.ops, planned):
@@ -171,7 +171,7 @@ class Program:
                 plan.append(([op], None))
             else:
                 residuals = () if stable else (step.residual,)
-                plan.append(([op], (step.call, residuals, (step.output,) if step.output else (), step.stores)))
+                plan.append(([op], (step.call, residuals, step.outputs, step.stores)))
         close_group()
         return plan
 
