@@ -199,6 +199,11 @@ def test_bench_engine_peers(fake_deepsparse):
     assert row["vs_fastest_peer"] == pytest.approx(fastest / row["engine_ms"])
     [target] = result["targets"]  # ResNet-20 at 90%: at least 1.0x the fastest peer
     assert target["ratio"] == pytest.approx(row["vs_fastest_peer"]) and target["met"] == (target["ratio"] >= 1.0)
+    machine = result["machine"]  # what the times depend on besides the code, for reading them on another machine
+    assert machine["cpu"] and machine["cores"] >= 1
+    assert set(machine["vector"]) <= {"avx2", "avx512f", "avx512_vnni", "avx_vnni"}
+    assert machine["wide_vectors"] == ("avx512f" in machine["vector"] and "NUMBA_CPU_FEATURES" not in os.environ
+                                       and "NUMBA_CPU_NAME" not in os.environ)
 
 
 def test_bench_engine_without_onnxruntime_says_so(monkeypatch, capsys, fake_deepsparse):

@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -29,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jpq_core.layers import prunable_layers
+from jpq_core.engine.ops import int8_products
 from jpq_core.engine.program import compile_network, memory_report
 from jpq_core.errors import JPQError
 
@@ -258,13 +261,31 @@ def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch
             if progress:
                 progress(row)
     result = {"network": network, "threads": threads, "batch": batch, "input": [list(x.shape) for x in inputs],
-              "allocation": allocation,
+              "allocation": allocation, "machine": machine(),
               "repeats": repeats, "results": results, "crossover": {str(b): crossover(results, b) for b in wbits},
               **({"peer_notes": peer_notes, "peer_versions": versions()} if peers else {}),
               # a user factory is loaded in this process only: a new one cannot build it
               "first_call_s": first_call_seconds(network, threads) if first_call and is_shipped_or_zoo(network) else None}
     result["targets"] = target_report(result)
     return result
+
+
+def machine() -> dict:
+    """What a run's times depend on beyond the code: the CPU's model and cores, the vector instructions the
+    kernels use (AVX2, AVX-512, VNNI dot products), whether numba compiles them for 512-bit vectors
+    (`kernels.wide_vector_features`) and whether the dense path has exact int8 products. The same code ran
+    1.5-2.5x apart on this project's machines, and its ratios to the peers moved too."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = set(cpuinfo.split())
+    return {"cpu": model, "cores": os.cpu_count(),
+            "vector": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags],
+            "wide_vectors": bool(numba.config.CPU_FEATURES) and numba.config.CPU_FEATURES.endswith("-prefer-256-bit"),
+            "int8_products": int8_products()}
 
 
 def is_shipped_or_zoo(network: str) -> bool:
