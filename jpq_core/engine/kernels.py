@@ -47,8 +47,8 @@ def wide_vector_features(host_features) -> str | None:
 
 # Set before numba makes its code generator (the first compiled function or dispatcher of the process: hence
 # before `numba.typed` below); a process that compiled numba code earlier keeps LLVM's default, as does one
-# whose user chose the features (NUMBA_CPU_FEATURES).
-if numba.config.CPU_FEATURES is None:
+# whose user chose the CPU or its features (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES: say, for a portable cache).
+if numba.config.CPU_FEATURES is None and numba.config.CPU_NAME is None:
     numba.config.CPU_FEATURES = wide_vector_features(llvm.get_host_cpu_features())
 
 from numba import prange, types  # noqa: E402 (after the features: see above)
