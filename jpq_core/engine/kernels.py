@@ -35,11 +35,12 @@ from llvmlite import ir
 
 
 def wide_vector_features(host_features) -> str | None:
-    """The CPU features numba compiles for where they differ from the host's own: on an AVX-512 CPU that LLVM
-    tunes for 256-bit vectors (Intel's, such as Ice Lake; `prefer-256-bit`), the host's features without that
-    preference, so that the kernels' loops use 512-bit registers. None elsewhere (AVX2 only, or no such
-    preference). Measured on an Ice Lake Xeon, pinned A/B runs, one thread: ResNet-20 at batch 1 8-13% faster
-    at 90-99% (0% within 3%), at batch 64 10-20%; the stereo network no slower (docs/engine.md)."""
+    """The CPU features numba compiles for where they differ from the host's own: on an AVX-512 CPU, the host's
+    features without LLVM's `prefer-256-bit` tuning, so that the kernels' loops use 512-bit registers also where
+    LLVM would choose 256-bit ones (Intel's, such as Ice Lake; on AMD's Zen 4 the kernels already used 512-bit
+    ones). None without AVX-512. Measured on a Xeon that LLVM takes for Ice Lake, pinned A/B runs, one thread:
+    ResNet-20 at batch 1 8-13% faster at 90-99% (0% within 3%), at batch 64 10-20%; stereo no slower
+    (docs/engine.md)."""
     if not host_features.get("avx512f") or not numba.config.ENABLE_AVX:
         return None
     return host_features.flatten() + ",-prefer-256-bit"
