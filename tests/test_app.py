@@ -155,6 +155,7 @@ def test_engine_page_times_the_live_configuration_against_pytorch(root):
     packed_share = float(metrics["Packed program"].delta.split("%")[0]) / 100
     assert 0.95 < packed_share < 1.3  # measured size near the cost model (folded biases are extra)
     assert at.get("download_button")
+    assert any("cores;" in c.value and "Measured now, on this machine" in c.value for c in at.caption)
 
 
 def test_engine_page_shows_onnx_runtime_when_asked(root):

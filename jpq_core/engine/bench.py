@@ -288,6 +288,16 @@ def machine() -> dict:
             "int8_products": int8_products()}
 
 
+def describe_machine(machine: dict) -> str:
+    """`machine()` in words, e.g. "Intel(R) Xeon(R) Processor @ 2.60GHz, 2 cores; AVX-512 VNNI, 512-bit vectors,
+    int8 products"."""
+    vector = set(machine["vector"])
+    isa = ("AVX-512" if "avx512f" in vector else "AVX2" if "avx2" in vector else "no AVX2") + (
+        " VNNI" if {"avx512_vnni", "avx_vnni"} & vector else "")
+    extras = [isa] + ["512-bit vectors"] * machine["wide_vectors"] + ["int8 products"] * machine["int8_products"]
+    return f"{machine['cpu']}, {machine['cores']} cores; {', '.join(extras)}"
+
+
 def is_shipped_or_zoo(network: str) -> bool:
     from jpq_core.models import USER
 
