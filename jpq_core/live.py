@@ -507,7 +507,8 @@ def engine_comparison(result: LiveResult, inputs: tuple, threads: int, repeats: 
     import numba
 
     from jpq_core.engine import compile_network
-    from jpq_core.engine.bench import CALIBRATION_BATCHES, machine, plain_copy, time_interleaved, torch_sparse_copy
+    from jpq_core.engine.bench import (CALIBRATION_BATCHES, describe_machine, machine, plain_copy, time_interleaved,
+                                       torch_sparse_copy)
     from jpq_core.engine.peers import peer_runs
     from jpq_core.engine.program import memory_report
 
@@ -533,7 +534,8 @@ def engine_comparison(result: LiveResult, inputs: tuple, threads: int, repeats: 
             "speedup": medians["dense"] / medians["engine"], "torch_sparse_speedup": medians["dense"] / medians["torch_sparse"],
             "max_abs_diff": float(np.abs(engine_out - reference).max()), "output_scale": scale,
             "layers_ms": program.profile(*inputs, repeats=3), "layers": program.summary(), "memory": memory_report(program),
-            "program": program, "machine": machine(), **({"peer_notes": peer_notes} if peers_task is not None else {})}
+            "program": program, "machine": describe_machine(machine()),
+            **({"peer_notes": peer_notes} if peers_task is not None else {})}
 
 
 # Slider changes the interaction benchmark replays: sparsity up, then bits down, as a user explores.

@@ -10,7 +10,6 @@ import plotly.express as px
 import streamlit as st
 
 from app_support.ui import ensure_scores, live_network, live_result, show_error, sidebar_config, untrained_notice
-from jpq_core.engine.bench import describe_machine
 from jpq_core.errors import JPQError
 from jpq_core.live import engine_comparison, engine_inputs
 
@@ -79,7 +78,7 @@ if peer_columns:
 for peer, note in run.get("peer_notes", {}).items():
     st.info(f"{peer} was not timed: {note}")
 st.caption(f"{run['threads']} thread(s); compiled in {run['compile_s']:.2f} s. Measured now, on this machine "
-           f"({describe_machine(run['machine'])}), while other sessions may be using it: the ratios come from the same "
+           f"({run['machine']}), while other sessions may be using it: the ratios come from the same "
            "interleaved runs, and differ between machines.")
 
 left, right = st.columns(2)

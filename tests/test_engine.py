@@ -153,8 +153,8 @@ def test_layers_whose_sums_could_pass_2_to_the_24_accumulate_in_int32():
 
 
 def test_kernels_use_512_bit_vectors_where_the_cpu_has_avx512():
-    """On an AVX-512 CPU that LLVM tunes for 256-bit vectors (Intel's) the kernels compile without that
-    preference; elsewhere numba's own features stand. And in this process (pytest imports every test module
+    """On an AVX-512 CPU the kernels compile without LLVM's preference for 256-bit vectors (which it has for
+    Intel's); elsewhere numba's own features stand. And in this process (pytest imports every test module
     first) numba's code generator was made after the engine set them, as a user's process makes it."""
     import os
 
