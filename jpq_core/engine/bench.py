@@ -22,7 +22,6 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -31,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jpq_core.layers import prunable_layers
-from jpq_core.engine.ops import int8_products
+from jpq_core.engine.ops import cpuinfo, int8_products
 from jpq_core.engine.program import compile_network, memory_report
 from jpq_core.errors import JPQError
 
@@ -275,13 +274,10 @@ def machine() -> dict:
     kernels use (AVX2, AVX-512, VNNI dot products), whether numba compiles them for 512-bit vectors
     (`kernels.wide_vector_features`) and whether the dense path has exact int8 products. The same code ran
     1.5-2.5x apart on this project's machines, and its ratios to the peers moved too."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+    text = cpuinfo()
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
                  platform.processor() or platform.machine())
-    flags = set(cpuinfo.split())
+    flags = set(text.split())
     return {"cpu": model, "cores": os.cpu_count(),
             "vector": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags],
             "wide_vectors": bool(numba.config.CPU_FEATURES) and numba.config.CPU_FEATURES.endswith("-prefer-256-bit"),

@@ -551,16 +551,23 @@ def _run_size(conv: Conv, env: list, buffers: dict, xs: list | None = None) -> t
 
 
 @functools.lru_cache(maxsize=1)
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text ("" where there is none): the CPU's model and flags, which decide the dense path's
+    products here and which the benchmark records (`bench.machine`)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+@functools.lru_cache(maxsize=1)
 def int8_products() -> bool:
     """Whether the dense path may use exact int8 products (`torch._int_mm`): on a CPU with VNNI dot products
     (avx512_vnni or avx_vnni), where they ran 4-7x faster than float32 `torch.mm` on ResNet-20's shapes, and
     only if a probe at the extremes (sums of 4,096 products of -128 x -128 and -128 x 127) comes out exact.
     Without VNNI, PyTorch's CPU int8 product is a reference loop, 30-100x slower than float32 (measured on an
     AVX2 machine): the float32 path is used there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+    flags = cpuinfo().split()
     if "avx512_vnni" not in flags and "avx_vnni" not in flags:
         return False
     a = torch.full((16, 4096), -128, dtype=torch.int8)
