@@ -303,7 +303,8 @@ def test_a_conv_written_as_one_run_leaves_its_consumers_padding(threshold):
     shape = dict(seed=3, c_in=8, c_out=16, k=3, stride=1, padding=1, dilation=1, groups=1, sparsity=0.3)
     model = layer_then_same_padding_conv(shape, 8)
     x = torch.randn(2, 8, 9, 11) * 2 + 0.5
-    with pytest.MonkeyPatch.context() as patch:
+    # one thread: the batch runs whole, in the program's own buffers (on more it runs in parts, each with its own)
+    with pytest.MonkeyPatch.context() as patch, numba_threads(1):
         for name in ("DENSE_FROM_DENSITY", "DENSE_FROM_DENSITY_STRIDED", "INT8_FROM_DENSITY"):
             patch.setattr(ops, name, threshold)
         patch.setattr(ops, "DENSE_MIN_DEPTH", 0)
