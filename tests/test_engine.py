@@ -324,6 +324,8 @@ def test_whole_stereo_net_matches_reference(sparsity):
     program = compile_network(net)
     empty = sum(int((np.diff(layer._kernel_weights()[0].astype(np.int64)) == 0).sum()) for layer in program.layers)
     assert (empty > 0) == (sparsity == 0.99)
+    # residual layers' channels without weights over constant residual channels are stored once too
+    assert any(layer.residual is not None and layer.steady.any() for layer in program.layers) == (sparsity == 0.99)
     g = torch.Generator().manual_seed(0)
     for h, w in [(60, 125), (60, 125), (37, 70), (60, 125)]:
         left, right = torch.rand(1, 3, h, w, generator=g), torch.rand(1, 3, h, w, generator=g)
@@ -421,14 +423,25 @@ def test_glue_kernels_match_pytorch(n, c, h, w, shifts, seed):
     import torch.nn.functional as F
 
     from jpq_core.engine import kernels
+    from jpq_core.engine.constants import correlation_arguments
     from jpq_core.models.stereo import correlation_volume, soft_argmin
 
     rng = np.random.default_rng(seed)
     left, right = (rng.standard_normal((n, c, h, w)).astype(np.float32) for _ in range(2))
     out = np.full((n, shifts, h, w), np.nan, np.float32)
-    kernels.correlation(left, right, shifts, out)
+    kernels.correlation(left, right, shifts, np.arange(c, dtype=np.int64), np.float32(0.0), out)
     ref = correlation_volume(torch.from_numpy(left), torch.from_numpy(right), shifts).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    # channels of one value each (a layer's channels without weights): summed once, not correlated
+    fixed = rng.random(c) < 0.5
+    values = np.where(fixed, rng.standard_normal(c), np.nan).astype(np.float32)
+    left[:, fixed] = right[:, fixed] = values[fixed, None, None]
+    out = np.full((n, shifts, h, w), np.nan, np.float32)
+    arguments = correlation_arguments(values, values)
+    assert list(arguments["channels"]) == list(np.flatnonzero(~fixed))
+    kernels.correlation(left, right, shifts, arguments["channels"], arguments["constant"], out)
+    ref = correlation_volume(torch.from_numpy(left), torch.from_numpy(right), shifts).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     logits = (rng.standard_normal((n, shifts, h, w)) * 20).astype(np.float32)
     out = np.empty((n, 1, h, w), np.float32)
     kernels.soft_argmin(logits, np.float32(4.0), out)

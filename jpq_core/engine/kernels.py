@@ -314,7 +314,7 @@ def _tile_rows(epilogue, t, args):
     the call by one matrix product (the dense path below the crossover, `gather_columns`) for samples n0 ..
     n0 + chunk - 1 from output row row0 on: acc_buf is one row holding C_out x chunk planes of `plane`
     elements, output row oy at (oy - row0) * pitch; only the epilogue runs here, on tiles t0 .. t1 - 1."""
-    (inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
+    (inp, in_sample, rowstride, ptr, steady, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
      rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a, dest_b,
      place_b, mb, sb, zb, qb, low_b, fresh, dense) = args
     c_out = ptr.shape[0] - 1
@@ -342,7 +342,7 @@ def _tile_rows(epilogue, t, args):
         cr = corr[c]
         k0 = ptr[c]
         k1 = ptr[c + 1]
-        if k0 == k1 and not has_res and not fresh:
+        if steady[c] and not fresh:
             continue
         if chunk == 0 and plane:
             _accumulate(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1)
@@ -448,22 +448,22 @@ def _sparse_conv(inp, in_sample, index, val, corr, scale_bias, res, res_scale, h
     accumulators to the stored bytes in one pass (`_emit_quantized`).
 
     The small arrays arrive packed, since numba's dispatch costs about 55 ns per array argument (a tenth of
-    ResNet-20's time at batch 1 went to 29 arguments per layer): index = ptr (C_out + 1, the CSR row starts)
-    then off; scale_bias = (mul, bias); stores = (store_a, store_b); places = place_a, place_b, dense.
+    ResNet-20's time at batch 1 went to 29 arguments per layer): index (below); scale_bias = (mul, bias);
+    stores = (store_a, store_b); places = place_a, place_b, dense.
 
     With dense[0] > 0 the accumulators of tiles dense[5] .. dense[6] - 1 are already in acc_buf (see
     `_tile_rows`) and only their epilogue runs.
 
-    A channel without kept weights and without residual is the constant act(bias[c]): it is stored only
-    when the output arrays are `fresh` (new this run); arrays reused from an earlier run of the same
-    program and input size already hold it.
+    index = ptr (C_out + 1, the CSR row starts), steady (C_out: 1 where no input changes the channel, see
+    `constants`), off. A steady channel is stored only when the output arrays are `fresh` (new this run);
+    arrays reused from an earlier run of the same program and input size already hold it.
     """
     c_out = scale_bias.shape[1]
     inp, val, corr, res, acc_buf, out = (_borrowed(inp), _borrowed(val), _borrowed(corr), _borrowed(res),
                                          _borrowed(acc_buf), _borrowed(out))
     dest_a, dest_b, index, scale_bias, places = (_borrowed(dest_a), _borrowed(dest_b), _borrowed(index),
                                                  _borrowed(scale_bias), _borrowed(places))
-    ptr, off = index[:c_out + 1], index[c_out + 1:]
+    ptr, steady, off = index[:c_out + 1], index[c_out + 1:2 * c_out + 1], index[2 * c_out + 1:]
     mul, bias = scale_bias[0], scale_bias[1]
     store_a, store_b = stores[0], stores[1]
     place_a, place_b, dense = places[0:4], places[4:8], places[8:]
@@ -488,7 +488,7 @@ def _sparse_conv(inp, in_sample, index, val, corr, scale_bias, res, res_scale, h
               and sa == sb and za == zb and qa == qb and low_a == low_b)
     if place_a[2] and place_b[2] and dest_a.shape[1] != dest_b.shape[1]:
         phases = 0
-    args = (inp, in_sample, rowstride, ptr, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
+    args = (inp, in_sample, rowstride, ptr, steady, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
             rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a, dest_b,
             place_b, mb, sb, zb, qb, low_b, fresh, dense)
     t0, t1 = (dense[5], dense[6]) if dense[0] > 0 else (0, tiles)
@@ -635,17 +635,19 @@ def normalize_into(x, mean, std, h_out, w_out, dest, n0, c0, pad_h, pad, mode, s
 
 
 @njit(inline="always")
-def _correlate_channels(left, right, n, c, y, shift, count, acc):
-    """acc[x] += sum over channels c..c+3 of left[n, ., y, x + shift] * right[n, ., y, x], x < count."""
-    l0, l1, l2, l3 = left[n, c, y], left[n, c + 1, y], left[n, c + 2, y], left[n, c + 3, y]
-    r0, r1, r2, r3 = right[n, c, y], right[n, c + 1, y], right[n, c + 2, y], right[n, c + 3, y]
+def _correlate_channels(left, right, n, c0, c1, c2, c3, y, shift, count, acc):
+    """acc[x] += sum over channels c0..c3 of left[n, c, y, x + shift] * right[n, c, y, x], x < count."""
+    l0, l1, l2, l3 = left[n, c0, y], left[n, c1, y], left[n, c2, y], left[n, c3, y]
+    r0, r1, r2, r3 = right[n, c0, y], right[n, c1, y], right[n, c2, y], right[n, c3, y]
     for x in range(count):
         acc[x] += (l0[x + shift] * r0[x] + l1[x + shift] * r1[x]) + (l2[x + shift] * r2[x] + l3[x + shift] * r3[x])
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def correlation(left, right, shifts, out):
-    """out[n, d, y, x] = mean_c left[n, c, y, x] * right[n, c, y, x - d]; 0 where x < d (DispNetC).
+def correlation(left, right, shifts, channels, constant, out):
+    """out[n, d, y, x] = mean_c left[n, c, y, x] * right[n, c, y, x - d]; 0 where x < d (DispNetC), where the
+    channels not in `channels` hold one value each on both sides, whose products sum to `constant`
+    (`constants.correlation_arguments`; all channels and 0 where none is known constant).
 
     Per image row: four channels at a time, all shifts (so the eight channel rows stay in L1 while the
     shifts' accumulator rows, 24 x 200 floats, do too), each pass in whole vectors (a multiple of VECTOR
@@ -655,30 +657,30 @@ def correlation(left, right, shifts, out):
     n_batch, c_in, h, w = left.shape
     inv = np.float32(1.0) / np.float32(c_in)
     d_max = min(shifts, w)
+    count = channels.shape[0]
     left, right, out = _borrowed(left), _borrowed(right), _borrowed(out)  # row views per shift: see `_borrowed`
     for job in prange(n_batch * h):
         n = job // h
         y = job % h
-        acc = np.zeros((d_max, w + VECTOR), np.float32)
+        acc = np.full((d_max, w + VECTOR), constant, np.float32)
         exact = n == n_batch - 1 and y == h - 1
-        c = 0
-        while c + 4 <= c_in:
+        i = 0
+        while i + 4 <= count:
+            c0, c1, c2, c3 = channels[i], channels[i + 1], channels[i + 2], channels[i + 3]
             for d in range(d_max):
                 span = np.uint64(w - d)
-                if exact:
-                    _correlate_channels(left, right, n, c, y, np.uint64(d), span, acc[d])
-                else:
-                    _correlate_channels(left, right, n, c, y, np.uint64(d),
-                                        (span + np.uint64(VECTOR - 1)) & ~np.uint64(VECTOR - 1), acc[d])
-            c += 4
-        while c < c_in:
-            l0, r0 = left[n, c, y], right[n, c, y]
+                if not exact:
+                    span = (span + np.uint64(VECTOR - 1)) & ~np.uint64(VECTOR - 1)
+                _correlate_channels(left, right, n, c0, c1, c2, c3, y, np.uint64(d), span, acc[d])
+            i += 4
+        while i < count:
+            l0, r0 = left[n, channels[i], y], right[n, channels[i], y]
             for d in range(d_max):
                 a = acc[d]
                 shift = np.uint64(d)
                 for x in range(np.uint64(w - d)):
                     a[x] += l0[x + shift] * r0[x]
-            c += 1
+            i += 1
         for d in range(d_max):
             orow = out[n, d, y]
             a = acc[d]

@@ -50,6 +50,7 @@ import torch.nn as nn
 
 from jpq_core.compressed import raw_weight, transform
 from jpq_core.engine import packing
+from jpq_core.engine.constants import mark_constant_channels
 from jpq_core.engine.ops import INTEGER_ACTIVATION_BITS, INTEGER_WEIGHT_BITS, INTO, SHAPE_ARITHMETIC, Conv, Glue
 from jpq_core.errors import JPQError
 from jpq_core.models.stereo import INPUT_MEAN, INPUT_STD, StereoNet
@@ -988,9 +989,11 @@ def unused_glue_removed(ops: list, output: int) -> list:
 
 
 def link(ops: list) -> None:
-    """Resolve each producer's `targets` to the consuming op objects (after lowering or loading)."""
+    """Resolve each producer's `targets` to the consuming op objects and mark the channels that no input changes
+    (`constants`), after lowering or loading."""
     for op in ops:
         op.consumers = [ops[t[0]] for t in op.targets or []] if hasattr(op, "targets") else []
+    mark_constant_channels(ops)
 
 
 def lower(model: nn.Module, fused: bool = True):

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 import torch
 
-from jpq_core.engine import kernels, packing
+from jpq_core.engine import constants, kernels, packing
 from jpq_core.errors import JPQError
 
 INTEGER_WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -74,6 +74,7 @@ class Conv:
     fused: list | None = None  # per input: its channels if its producer writes it here directly, else 0
     kind = "conv"
     consumers: list = field(default_factory=list, repr=False)
+    steady: np.ndarray | None = field(default=None, repr=False)  # see `steady_channels`
     _csr: tuple | None = field(default=None, repr=False)
     _geometry: dict = field(default_factory=dict, repr=False)
 
@@ -140,6 +141,14 @@ class Conv:
             self._csr = (ptr, val, corr, mul)
         return self._csr
 
+    def steady_channels(self) -> np.ndarray:
+        """Per output channel, whether no input changes its values (no kept weight, and no residual or a constant
+        residual channel: `constants`): the kernel stores it only into new buffers. Set for the whole program by
+        `constants.mark_constant_channels`; alone, a layer knows its residual's channels not constant."""
+        if self.steady is None:
+            self.steady = ~np.isnan(constants.conv_constants(self, None))
+        return self.steady
+
     @property
     def per_sample(self) -> bool:
         """Whether each sample of the output depends on that sample of the input alone (see `Program.run`):
@@ -205,10 +214,10 @@ class Conv:
             _, ci, ky, kx, _ = self._decoded()
             c_total = self.groups * self.shape[1]
             off = (((kx * d) % s * c_total + ci) * hp + ky * dh) * wq + (kx * d) // s
-            # the kernel takes ptr and off as one array (see kernels._sparse_conv); off is a view of it
+            # the kernel takes ptr, the steady channels and off as one array (see kernels._sparse_conv)
             ptr = self._kernel_weights()[0]
-            index = np.concatenate([ptr, off.astype(np.uint64)])
-            self._geometry[(h, w)] = dict(hp=hp, wq=wq, out_h=out_h, out_w=out_w, index=index, off=index[ptr.size:],
+            index = np.concatenate([ptr, self.steady_channels().astype(np.uint64), off.astype(np.uint64)])
+            self._geometry[(h, w)] = dict(hp=hp, wq=wq, out_h=out_h, out_w=out_w, index=index,
                                           in_sample=s * c_total * hp * wq, rowstride=sh * wq, c_total=c_total)
         return self._geometry[(h, w)]
 
@@ -588,6 +597,7 @@ class Glue:
     targets: list | None = None  # [[op index, channel offset, 1]]: a conv whose padded input this op writes
     kind = "glue"
     consumers: list = field(default_factory=list, repr=False)
+    derived: dict = field(default_factory=dict, repr=False)  # arguments known from the weights (`constants`)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "name": self.name, "op": self.op, "inputs": self.inputs, "output": self.output,
@@ -610,7 +620,7 @@ class Glue:
             INTO[self.op](xs, self.consumers[0], self.targets[0][1], buffers, **self.params)
             env[self.output] = None
         else:
-            env[self.output] = GLUE[self.op](xs, **self.params)
+            env[self.output] = GLUE[self.op](xs, **self.params, **self.derived)
 
 
 def _normalize_pad(xs, mean, std, multiple):
@@ -644,10 +654,14 @@ def _batch_part(xs, part, parts):
     return xs[0][part * n:(part + 1) * n]
 
 
-def _correlation(xs, shifts):
+def _correlation(xs, shifts, channels=None, constant=0.0):
+    """StereoNet's cost volume; `channels` and `constant` skip the feature maps' constant channels
+    (`constants.correlation_arguments`)."""
     left, right = (np.ascontiguousarray(x) for x in xs)
     out = np.empty((left.shape[0], shifts, left.shape[2], left.shape[3]), np.float32)
-    kernels.correlation(left, right, shifts, out)
+    if channels is None:
+        channels = np.arange(left.shape[1], dtype=np.int64)
+    kernels.correlation(left, right, shifts, channels, np.float32(constant), out)
     return out
 
 
