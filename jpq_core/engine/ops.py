@@ -444,8 +444,8 @@ class Conv:
         while its accumulators are in cache. With stride 1 down the rows a sample's rows are one run of pitch
         `rowstride` (the columns between rows computed, never stored); else each output row is a run of
         out_w. A piece holds at most DENSE_CHUNK_BYTES of columns: as many samples as fit (a divisor of the
-        batch, so that every chunk is alike), or, for a sample larger than that, segments of output rows that
-        fit, all of one size (the last one ends at the last row, overlapping the one before), each a whole
+        batch, so that every chunk is alike), or, for a sample larger than that, segments of output rows whose
+        columns and accumulators fit, all of one size (the last one ends at the last row, overlapping the one before), each a whole
         number of tiles of `per_tile` rows.
         With int8 products (`product_kind`) the columns hold q_a - 128 as int8 and the accumulators are int32;
         the kernel's corr then becomes (z_a - 128) * sum(k_w), so that acc - corr is the same exact integer.
@@ -465,7 +465,10 @@ class Conv:
         pitch = g["rowstride"] if self.stride[0] == 1 else out_w
         sample_plane = (out_h - 1) * pitch + out_w if self.stride[0] == 1 else out_h * out_w
         chunk = max([c for c in range(1, n + 1) if n % c == 0 and c * k * sample_plane * 4 <= DENSE_CHUNK_BYTES] or [1])
-        fit = DENSE_CHUNK_BYTES // (k * pitch * (1 if int8 else 4))  # output rows whose columns fit
+        # Output rows whose columns and accumulators fit: the epilogue reads the accumulators back, from L2 only
+        # if they stay there (stereo's first conv, 28 int8 columns and 24 int32 accumulators per pixel, whole
+        # layer: 3.9-4.0 ms with segments of 1 MB of columns, 3.4-3.5 with 1 MB of both, 3.3-3.7 with 0.25-2 MB).
+        fit = DENSE_CHUNK_BYTES // (pitch * (k * (1 if int8 else 4) + co * 4))
         if chunk > 1 or fit >= out_h:
             rows_per_segment = out_h
         elif per_tile >= out_h:  # one thread: a segment is a tile
