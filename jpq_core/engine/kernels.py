@@ -337,9 +337,9 @@ def _tile_rows(epilogue, t, args):
     the call by one matrix product (the dense path below the crossover, `gather_columns`) for samples n0 ..
     n0 + chunk - 1 from output row row0 on: acc_buf is one row holding C_out x chunk planes of `plane`
     elements, output row oy at (oy - row0) * pitch; only the epilogue runs here, on tiles t0 .. t1 - 1."""
-    (inp, in_sample, rowstride, ptr, steady, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
-     rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a, dest_b,
-     place_b, mb, sb, zb, qb, low_b, fresh, dense) = args
+    (inp, in_sample, rowstride, ptr, steady, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h,
+     out_w, rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a,
+     dest_b, place_b, mb, sb, zb, qb, low_b, fresh, dense) = args
     c_out = ptr.shape[0] - 1
     chunk = dense[0]
     w = np.uint64(out_w)
@@ -511,9 +511,9 @@ def _sparse_conv(inp, in_sample, index, val, corr, scale_bias, res, res_scale, h
               and sa == sb and za == zb and qa == qb and low_a == low_b)
     if place_a[2] and place_b[2] and dest_a.shape[1] != dest_b.shape[1]:
         phases = 0
-    args = (inp, in_sample, rowstride, ptr, steady, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h, out_w,
-            rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a, dest_b,
-            place_b, mb, sb, zb, qb, low_b, fresh, dense)
+    args = (inp, in_sample, rowstride, ptr, steady, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h,
+            out_w, rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a,
+            dest_b, place_b, mb, sb, zb, qb, low_b, fresh, dense)
     t0, t1 = (dense[5], dense[6]) if dense[0] > 0 else (0, tiles)
     for i in prange(t1 - t0):
         t = t0 + i

@@ -445,8 +445,8 @@ class Conv:
         `rowstride` (the columns between rows computed, never stored); else each output row is a run of
         out_w. A piece holds at most DENSE_CHUNK_BYTES of columns: as many samples as fit (a divisor of the
         batch, so that every chunk is alike), or, for a sample larger than that, segments of output rows whose
-        columns and accumulators fit, all of one size (the last one ends at the last row, overlapping the one before), each a whole
-        number of tiles of `per_tile` rows.
+        columns and accumulators fit, all of one size (the last one ends at the last row, overlapping the one
+        before), each a whole number of tiles of `per_tile` rows.
         With int8 products (`product_kind`) the columns hold q_a - 128 as int8 and the accumulators are int32;
         the kernel's corr then becomes (z_a - 128) * sum(k_w), so that acc - corr is the same exact integer.
         Returns (products, accumulators (1, size), dense for the kernel, corr for the kernel, rows per tile)."""
