@@ -127,6 +127,55 @@ def layer_then_same_padding_conv(shape: dict, wbits) -> nn.Sequential:
     return model.eval()
 
 
+class _TwoStrideConsumers(nn.Module):
+    """A layer read by a stride-1 and a stride-2 convolution (StereoNet's half-resolution features, which feed the
+    refinement and the next stage); both outputs, flattened and concatenated."""
+
+    def __init__(self, first: nn.Sequential, channels: int):
+        super().__init__()
+        self.first = first
+        self.same = nn.Conv2d(channels, 4, 3, 1, 1, bias=False)
+        self.down = nn.Conv2d(channels, 4, 3, 2, 1, bias=False)
+
+    def forward(self, x):
+        a = self.first(x)
+        return torch.cat([torch.relu(self.same(a)).flatten(1), torch.relu(self.down(a)).flatten(1)], 1)
+
+
+@pytest.mark.parametrize("one_quantizer", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_layer_read_at_stride_1_and_2_stores_both_inputs(one_quantizer, threads):
+    """The producer quantizes its rows once where both consumers' quantizers are the same (a variant of its own,
+    kernels.DIRECT_SHARED_MIXED), else once per consumer; either way each consumer reads the codes PyTorch's
+    fake-quantized reference computes."""
+    first, x = compressed_layer(seed=5, c_in=4, c_out=6, k=3, stride=1, padding=1, dilation=1, groups=1,
+                                sparsity=0.5, wbits=8, abits=8)
+    model = _TwoStrideConsumers(first, 6)
+    torch.manual_seed(6)
+    masks = {name: torch.rand_like(getattr(model, name).weight) >= 0.5 for name in ("same", "down")}
+    attach(model, {"first.0": model.first[0].weight.detach() != 0, **masks}, 8)
+    add_activation_quantizers(model, 8)
+    model.eval()
+    model(x)
+    for layer in (model.first[0], model.same, model.down):
+        layer.input_quantizer.finish_calibration()
+    if not one_quantizer:
+        model.down.input_quantizer.hi.mul_(1.5)
+    same_scale = [uniform_params(torch.stack([layer.input_quantizer.lo, layer.input_quantizer.hi]), 8, False, False)[0]
+                  for layer in (model.same, model.down)]
+    assert torch.equal(*same_scale) == one_quantizer
+    x = torch.randn(3, 4, 13, 37) * 2 + 0.5
+    with torch.no_grad():
+        ref = model(x).numpy()
+    with numba_threads(threads):
+        program = compile_network(model)
+        for _ in range(2):  # a second run reuses the buffers
+            out = program.run(x)
+            # one code step of the consumers' inputs moves an output by about a weight times that step
+            assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+            assert np.abs(out - ref).mean() <= 1e-3 * np.abs(ref).max()
+
+
 @contextlib.contextmanager
 def numba_threads(count: int):
     import numba
@@ -419,6 +468,9 @@ def test_a_network_that_mixes_samples_runs_its_batch_whole(monkeypatch):
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 2), c=st.integers(1, 9), h=st.integers(2, 12), w=st.integers(2, 40), shifts=st.integers(1, 12),
        seed=st.integers(0, 10_000))
+# several correlation jobs (kernels.CORRELATION_RUN) per sample, the last of one row, and shifts up to the width
+@example(n=2, c=9, h=39, w=20, shifts=12, seed=1)
+@example(n=1, c=6, h=30, w=37, shifts=40, seed=2)
 def test_glue_kernels_match_pytorch(n, c, h, w, shifts, seed):
     import torch.nn.functional as F
 

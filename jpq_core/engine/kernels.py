@@ -151,6 +151,16 @@ def _emit_quantized(acc, a0, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h,
 
 
 @njit(inline="always")
+def _copy_row(scratch, w, dest, n, c, oy, c0, pad_h, pad):
+    """Store the quantized row scratch[:w] into a stride-1 dest (see `_emit`)."""
+    if n >= dest.shape[0]:
+        return
+    un, ud, ur, shift = np.uint64(n), np.uint64(c0 + c), np.uint64(oy + pad_h), np.uint64(pad)
+    for x in range(np.uint64(w)):
+        dest[un, 0, ud, ur, shift + x] = scratch[x]
+
+
+@njit(inline="always")
 def _emit_run(acc, a0, w, rows, pitch, corr, mul, bias, low, qmax, dest, n, c, oy, c0, pad_h, pad, pad_value):
     """`_emit_quantized` for `rows` rows of a stride-1 dest whose rows lie `pitch` apart, as in acc: one loop over
     the run from row oy's first column to the last row's last, then the padding columns between the rows
@@ -323,10 +333,12 @@ def _whole_vectors(count):
 # bytes (`_emit_quantized`) of destinations that all have stride 1, all stride 2 or some of each; for two
 # stride-2 destinations with one quantizer (the two consumers of a ResNet's stage end), the bytes once, then
 # split into each (two emits in one loop ran 4-6x slower than one, and so did a stride-1 store beside the
-# splits, even unused: it stays out of this variant); a float row and one quantized stride-1 destination in
-# one loop (`_emit_with_float`); or the float row y, then the float output and up to two destinations of any
-# store mode (`_emit`).
-DIRECT_STRIDE1, DIRECT_STRIDE2, DIRECT_MIXED, DIRECT_SHARED, FUSED, GENERAL = range(6)
+# splits, even unused: it stays out of this variant); for a stride-1 and a stride-2 destination with one
+# quantizer (stereo's half-resolution features, read by the stride-2 conv and the refinement), the bytes once,
+# copied into one and split into the other, in a variant of its own; a float row and one quantized stride-1
+# destination in one loop (`_emit_with_float`); or the float row y, then the float output and up to two
+# destinations of any store mode (`_emit`).
+DIRECT_STRIDE1, DIRECT_STRIDE2, DIRECT_MIXED, DIRECT_SHARED, DIRECT_SHARED_MIXED, FUSED, GENERAL = range(7)
 
 
 @njit(inline="always")
@@ -408,6 +420,13 @@ def _tile_rows(epilogue, t, args):
                 if n < dest_b.shape[0]:
                     _split_pairs(pairs, out_w, dest_b, n, c, oy, place_b[0], place_b[1], place_b[3])
                 continue
+            if epilogue == DIRECT_SHARED_MIXED:  # dest_a has stride 1, dest_b stride 2 (see `_sparse_conv`)
+                _quantize_row(acc, a0, out_w, cr, m / sa, b / sa + za, low_a, qa, res, n, c, oy, res_scale / sa, has_res,
+                              scratch)
+                _copy_row(scratch, out_w, dest_a, n, c, oy, place_a[0], place_a[1], place_a[3])
+                if n < dest_b.shape[0]:
+                    _split_pairs(pairs, out_w, dest_b, n, c, oy, place_b[0], place_b[1], place_b[3])
+                continue
             if epilogue <= DIRECT_MIXED:
                 phases = 1 if epilogue == DIRECT_STRIDE1 else 2 if epilogue == DIRECT_STRIDE2 else 0
                 if place_a[2]:
@@ -460,6 +479,11 @@ def _tile_direct_mixed(t, args):
 @njit(cache=True, fastmath=True)
 def _tile_direct_shared(t, args):
     _tile_rows(DIRECT_SHARED, t, args)
+
+
+@njit(cache=True, fastmath=True)
+def _tile_direct_shared_mixed(t, args):
+    _tile_rows(DIRECT_SHARED_MIXED, t, args)
 
 
 @njit(cache=True, fastmath=True)
@@ -525,6 +549,10 @@ def _sparse_conv(inp, in_sample, index, val, corr, scale_bias, res, res_scale, h
               and sa == sb and za == zb and qa == qb and low_a == low_b)
     if place_a[2] and place_b[2] and dest_a.shape[1] != dest_b.shape[1]:
         phases = 0
+    shared_mixed = (direct and phases == 0 and place_a[2] and place_b[2] and sa == sb and za == zb and qa == qb
+                    and low_a == low_b)
+    if shared_mixed and dest_a.shape[1] == 2:  # the variant takes the stride-1 destination as dest_a
+        dest_a, place_a, dest_b, place_b = dest_b, place_b, dest_a, place_a
     args = (inp, in_sample, rowstride, ptr, steady, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h,
             out_w, rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a,
             dest_b, place_b, mb, sb, zb, qb, low_b, fresh, dense)
@@ -533,6 +561,8 @@ def _sparse_conv(inp, in_sample, index, val, corr, scale_bias, res, res_scale, h
         t = t0 + i
         if shared:
             _tile_direct_shared(t, args)
+        elif shared_mixed:
+            _tile_direct_shared_mixed(t, args)
         elif direct and phases == 1:
             _tile_direct_stride1(t, args)
         elif direct and phases == 2:
@@ -671,13 +701,37 @@ def normalize_into(x, mean, std, h_out, w_out, dest, n0, c0, pad_h, pad, mode, s
         _emit(row, w_out, dest, n0 + n, c, r, c0, pad_h, pad, mode, scale, zero, qmax, scratch, scratch.view(np.uint16))
 
 
+# Accumulators per shift in one correlation job (as many image rows as fit): stereo's quarter-resolution rows of
+# 186 columns go four to a job; 1.5 ms for its 24 shifts against 2.2 with a row per job (one thread, alone).
+CORRELATION_RUN = 768
+
+
 @njit(inline="always")
-def _correlate_channels(left, right, n, c0, c1, c2, c3, y, shift, count, acc):
-    """acc[x] += sum over channels c0..c3 of left[n, c, y, x + shift] * right[n, c, y, x], x < count."""
-    l0, l1, l2, l3 = left[n, c0, y], left[n, c1, y], left[n, c2, y], left[n, c3, y]
-    r0, r1, r2, r3 = right[n, c0, y], right[n, c1, y], right[n, c2, y], right[n, c3, y]
+def _correlate_channels(left, right, n, c0, c1, c2, c3, p0, shift, count, acc):
+    """acc[x] += sum over channels c0..c3 of left[n, c, p0 + x + shift] * right[n, c, p0 + x], x < count
+    (left, right: (N, C, H * W))."""
+    l0, l1, l2, l3 = left[n, c0], left[n, c1], left[n, c2], left[n, c3]
+    r0, r1, r2, r3 = right[n, c0], right[n, c1], right[n, c2], right[n, c3]
+    s = p0 + shift
     for x in range(count):
-        acc[x] += (l0[x + shift] * r0[x] + l1[x + shift] * r1[x]) + (l2[x + shift] * r2[x] + l3[x + shift] * r3[x])
+        acc[x] += ((l0[s + x] * r0[p0 + x] + l1[s + x] * r1[p0 + x])
+                   + (l2[s + x] * r2[p0 + x] + l3[s + x] * r3[p0 + x]))
+
+
+@njit(inline="always")
+def _correlate_four_shifts(left, right, n, c0, c1, c2, c3, p0, shift, count, a0, a1, a2, a3):
+    """`_correlate_channels` for shifts shift .. shift + 3 into a0 .. a3 in one loop, which loads each right
+    vector once for the four."""
+    l0, l1, l2, l3 = left[n, c0], left[n, c1], left[n, c2], left[n, c3]
+    r0, r1, r2, r3 = right[n, c0], right[n, c1], right[n, c2], right[n, c3]
+    s0 = p0 + shift
+    s1, s2, s3 = s0 + np.uint64(1), s0 + np.uint64(2), s0 + np.uint64(3)
+    for x in range(count):
+        q0, q1, q2, q3 = r0[p0 + x], r1[p0 + x], r2[p0 + x], r3[p0 + x]
+        a0[x] += (l0[s0 + x] * q0 + l1[s0 + x] * q1) + (l2[s0 + x] * q2 + l3[s0 + x] * q3)
+        a1[x] += (l0[s1 + x] * q0 + l1[s1 + x] * q1) + (l2[s1 + x] * q2 + l3[s1 + x] * q3)
+        a2[x] += (l0[s2 + x] * q0 + l1[s2 + x] * q1) + (l2[s2 + x] * q2 + l3[s2 + x] * q3)
+        a3[x] += (l0[s3 + x] * q0 + l1[s3 + x] * q1) + (l2[s3 + x] * q2 + l3[s3 + x] * q3)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -686,48 +740,62 @@ def correlation(left, right, shifts, channels, constant, out):
     channels not in `channels` hold one value each on both sides, whose products sum to `constant`
     (`constants.correlation_arguments`; all channels and 0 where none is known constant).
 
-    Per image row: four channels at a time, all shifts (so the eight channel rows stay in L1 while the
-    shifts' accumulator rows, 24 x 200 floats, do too), each pass in whole vectors (a multiple of VECTOR
-    the compiler can see: no scalar remainder). The extra lanes read into the next row and are never
-    stored; the arrays' very last row has nothing after it and is computed exactly. 35-40% faster than
-    shifts outside and channels inside, at 1/4 Middlebury size."""
+    A job is a few image rows (CORRELATION_RUN accumulators per shift) taken as one flat run per shift: the
+    columns whose shifted reads cross into the next row are computed and never stored. Per job four channels at
+    a time, four shifts per loop (`_correlate_four_shifts`), each pass in whole vectors (a multiple of VECTOR the
+    compiler can see: no scalar remainder); the extra lanes read on into the array and are never stored. A job
+    whose reads could pass the array's end is computed exactly, a shift at a time."""
     n_batch, c_in, h, w = left.shape
     inv = np.float32(1.0) / np.float32(c_in)
     d_max = min(shifts, w)
     count = channels.shape[0]
-    left, right, out = _borrowed(left), _borrowed(right), _borrowed(out)  # row views per shift: see `_borrowed`
-    for job in prange(n_batch * h):
-        n = job // h
-        y = job % h
-        own_acc = np.full((d_max, w + VECTOR), constant, np.float32)
-        acc = _borrowed(own_acc)  # its rows go to an inlined call per shift: see `_tile_rows`
-        exact = n == n_batch - 1 and y == h - 1
+    left = _borrowed(left.reshape(n_batch, c_in, h * w))  # channel planes as flat runs (see `_borrowed`)
+    right = _borrowed(right.reshape(n_batch, c_in, h * w))
+    out = _borrowed(out)
+    rows = max(1, CORRELATION_RUN // w)
+    jobs_per_sample = (h + rows - 1) // rows
+    for job in prange(n_batch * jobs_per_sample):
+        n = job // jobs_per_sample
+        y0 = (job % jobs_per_sample) * rows
+        job_rows = min(rows, h - y0)
+        length = job_rows * w
+        own_acc = np.full((d_max, length + VECTOR), constant, np.float32)
+        acc = _borrowed(own_acc)  # its rows go to inlined calls: see `_tile_rows`
+        exact = n == n_batch - 1 and (y0 + job_rows) * w + VECTOR + 4 > h * w
+        p0 = np.uint64(y0 * w)
         i = 0
         while i + 4 <= count:
             c0, c1, c2, c3 = channels[i], channels[i + 1], channels[i + 2], channels[i + 3]
-            for d in range(d_max):
-                span = np.uint64(w - d)
-                if not exact:
-                    span = (span + np.uint64(VECTOR - 1)) & ~np.uint64(VECTOR - 1)
-                _correlate_channels(left, right, n, c0, c1, c2, c3, y, np.uint64(d), span, acc[d])
+            d = 0
+            while not exact and d + 4 <= d_max:
+                span = _whole_vectors(np.uint64(length - d))
+                _correlate_four_shifts(left, right, n, c0, c1, c2, c3, p0, np.uint64(d), span, acc[d], acc[d + 1],
+                                       acc[d + 2], acc[d + 3])
+                d += 4
+            for d in range(d, d_max):
+                span = np.uint64(length - d) if exact else _whole_vectors(np.uint64(length - d))
+                _correlate_channels(left, right, n, c0, c1, c2, c3, p0, np.uint64(d), span, acc[d])
             i += 4
         while i < count:
-            l0, r0 = left[n, channels[i], y], right[n, channels[i], y]
+            l0, r0 = left[n, channels[i]], right[n, channels[i]]
             for d in range(d_max):
                 a = acc[d]
-                shift = np.uint64(d)
-                for x in range(np.uint64(w - d)):
-                    a[x] += l0[x + shift] * r0[x]
+                shift = p0 + np.uint64(d)
+                for x in range(np.uint64(length - d)):
+                    a[x] += l0[shift + x] * r0[p0 + x]
             i += 1
         for d in range(d_max):
-            orow = out[n, d, y]
             a = acc[d]
-            for x in range(d):
-                orow[x] = 0.0
-            for x in range(w - d):
-                orow[x + d] = a[x] * inv
+            for r in range(job_rows):
+                orow = out[n, d, y0 + r]
+                for x in range(d):
+                    orow[x] = 0.0
+                first = np.uint64(r * w)
+                for x in range(np.uint64(w - d)):
+                    orow[np.uint64(d) + x] = a[first + x] * inv
         for d in range(w, shifts):
-            out[n, d, y, :] = 0.0
+            for r in range(job_rows):
+                out[n, d, y0 + r, :] = 0.0
         _alive(own_acc)
 
 
