@@ -71,8 +71,9 @@ def kernel_signature(program) -> frozenset:
     for op in program.ops:
         if hasattr(op, "_kernel_weights"):
             _, val, corr, mul = op._kernel_weights()  # decoded once per op; run() reuses it
-            signature.add((type(op).__name__, op.integer, str(val.dtype), str(corr.dtype), op.residual is not None,
-                           op.fused is not None, op.slope != 1.0, tuple(c.integer for c in op.consumers)))
+            signature.add((type(op).__name__, op.integer, str(val.dtype), str(corr.dtype), op.quad_weights,
+                           op.residual is not None, op.fused is not None, op.slope != 1.0,
+                           tuple(c.integer for c in op.consumers)))
         else:
             signature.add((type(op).__name__, getattr(op, "op", None), op.targets is not None))
     return frozenset(signature)

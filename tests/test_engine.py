@@ -176,6 +176,50 @@ def test_a_layer_read_at_stride_1_and_2_stores_both_inputs(one_quantizer, thread
             assert np.abs(out - ref).mean() <= 1e-3 * np.abs(ref).max()
 
 
+def test_quads_take_each_channels_weights_within_four_bytes_of_the_first():
+    """A quad starts at a kept weight's offset and takes the channel's next weights below it + 4, their int8
+    codes as bytes (byte i for offset + i, zero where a tap is pruned); channels keep their own quads."""
+    from jpq_core.engine.quads import group_weights
+
+    ptr = np.array([0, 7, 7, 10], np.uint64)
+    off = np.array([0, 1, 2, 5, 9, 10, 14, 3, 4, 6], np.uint64)
+    val = np.array([1, -2, 3, 4, -128, 127, 5, 6, 7, -1], np.float32)
+    gptr, goff, quad = group_weights(ptr, off, val)
+    np.testing.assert_array_equal(gptr, [0, 4, 4, 5])
+    np.testing.assert_array_equal(goff, [0, 5, 9, 14, 3])
+    as_bytes = quad.view(np.int8).reshape(-1, 4)  # little-endian: byte i of each uint32
+    np.testing.assert_array_equal(as_bytes, [[1, -2, 3, 0], [4, 0, 0, 0], [-128, 127, 0, 0], [5, 0, 0, 0],
+                                             [6, 7, 0, -1]])
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=layer_shapes, height=st.integers(1, 24), width=st.integers(1, 80), wbits=st.sampled_from([2, 4, 8]))
+@example(shape=dict(seed=7, c_in=6, c_out=8, k=3, stride=1, padding=2, dilation=2, groups=1, sparsity=0.9),
+         height=20, width=70, wbits=8)  # dilated, rows one at a time (stereo's refinement)
+@example(shape=dict(seed=8, c_in=4, c_out=8, k=3, stride=2, padding=1, dilation=1, groups=1, sparsity=0.5),
+         height=16, width=16, wbits=8)  # stride 2, several rows as one run (ResNet's stage starts)
+def test_quad_weights_give_the_accumulators_of_one_product_per_weight(shape, height, width, wbits):
+    """Where the CPU has VNNI the sparse kernel takes kept weights in quads (one dot product for up to four taps
+    of a kernel row, `quads`): the accumulators are exactly the reference's, and the outputs exactly those of
+    one product per weight, for rows one at a time and several rows as one run."""
+    from jpq_core.engine import ops, quads
+
+    model, _ = compressed_layer(**shape, wbits=wbits, abits=8)
+    x = torch.randn(2, shape["c_in"], height + 2 * shape["dilation"] * (shape["k"] - 1) + 1, width + 3) * 2 + 0.5
+    quad_program = compile_network(model)
+    layer = quad_program.layers[0]
+    if not quads.native():
+        assert not layer.quad_weights
+        pytest.skip("this CPU has no AVX-512 VNNI/VBMI: every product takes one weight")
+    assert layer.quad_weights
+    np.testing.assert_array_equal(layer.accumulators(x.numpy()), reference_accumulators(model[0], x))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "QUADS", False)
+        per_weight = compile_network(model)
+        assert not per_weight.layers[0].quad_weights
+        np.testing.assert_array_equal(quad_program.run(x), per_weight.run(x))
+
+
 @contextlib.contextmanager
 def numba_threads(count: int):
     import numba

@@ -53,9 +53,11 @@ if numba.config.CPU_FEATURES is None and numba.config.CPU_NAME is None:
     numba.config.CPU_FEATURES = wide_vector_features(llvm.get_host_cpu_features())
 
 from numba import prange, types  # noqa: E402 (after the features: see above)
-from numba.core.extending import intrinsic
+from numba.core.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 from numba.typed import List
+
+from jpq_core.engine import quads  # noqa: E402 (after the features: see above)
 
 # Every kernel uses NumPy's error model: a float division by zero gives inf instead of raising, so numba puts
 # no zero check on the divisor inside loops. With the check, loops dividing by a runtime value (the quantized
@@ -323,6 +325,29 @@ def _accumulate(acc, length, inp, base, off, val, k0, k1):
         k += np.uint64(8)
 
 
+def _accumulate_kept(acc, length, inp, base, off, val, k0, k1):
+    """The accumulators over kept weights k0 .. k1 - 1: where val holds groups of four weights (uint32, see
+    `quads`), one dot product per group (`quads.accumulate_groups`), else one product per weight (`_accumulate`).
+    Chosen when numba compiles, by val's type: a CPU without VNNI never compiles the groups' kernels."""
+    raise NotImplementedError("called from compiled kernels only")
+
+
+def _accumulate_quads(acc, length, inp, base, off, val, k0, k1):
+    quads.accumulate_groups(acc, length, inp, base, off, val, k0, k1)
+
+
+def _accumulate_weights(acc, length, inp, base, off, val, k0, k1):
+    _accumulate(acc, length, inp, base, off, val, k0, k1)
+
+
+# Compiled as a function of its own, which LLVM inlines: inlined in numba's IR, the chosen function's loops
+# raised numba's NumbaIRAssumptionWarning (a variable out of scope) at every compile.
+@overload(_accumulate_kept, jit_options={"fastmath": True, "error_model": "numpy", "nogil": True})
+def _accumulate_kept_by_type(acc, length, inp, base, off, val, k0, k1):
+    quad_weights = isinstance(val, types.Array) and val.dtype == types.uint32
+    return _accumulate_quads if quad_weights else _accumulate_weights
+
+
 @njit(inline="always")
 def _whole_vectors(count):
     """count rounded up to a multiple of VECTOR, in a form the compiler sees as one (no scalar remainder)."""
@@ -392,7 +417,7 @@ def _tile_rows(epilogue, t, args):
         if steady[c] and not fresh:
             continue
         if chunk == 0 and plane:
-            _accumulate(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1)
+            _accumulate_kept(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1)
         if as_run:
             a0 = np.uint64(0)
             if chunk > 0:
@@ -411,7 +436,7 @@ def _tile_rows(epilogue, t, args):
                 a0 = np.uint64((oy - oy0) * rowstride)
             else:
                 a0 = np.uint64(0)
-                _accumulate(acc, wv, inp, sample + np.uint64(oy * rowstride), off, val, k0, k1)
+                _accumulate_kept(acc, wv, inp, sample + np.uint64(oy * rowstride), off, val, k0, k1)
             if epilogue == DIRECT_SHARED:
                 _quantize_row(acc, a0, out_w, cr, m / sa, b / sa + za, low_a, qa, res, n, c, oy, res_scale / sa, has_res,
                               scratch)
@@ -458,40 +483,46 @@ def _tile_rows(epilogue, t, args):
     _alive(own_scratch)
 
 
+# The convolution's float arithmetic may contract a multiply and an add into an FMA, but not reassociate or take
+# reciprocals: with those, two compilations of one epilogue (say, for int32 and float32 accumulators) rounded a few
+# outputs differently, and a stored code could move by one step depending on the product kind.
+CONV_MATH = {"nnan", "ninf", "nsz", "contract"}
+
+
 # `_tile_rows` compiled once per epilogue, each a function of its own: with the epilogues in one function the row
 # loops ran 3-4x slower (LLVM merged near-identical loops and kept fewer values in registers); a call per tile
 # costs little. `args`: the layer's arguments, as `_sparse_conv` packs them.
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=CONV_MATH)
 def _tile_direct_stride1(t, args):
     _tile_rows(DIRECT_STRIDE1, t, args)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=CONV_MATH)
 def _tile_direct_stride2(t, args):
     _tile_rows(DIRECT_STRIDE2, t, args)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=CONV_MATH)
 def _tile_direct_mixed(t, args):
     _tile_rows(DIRECT_MIXED, t, args)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=CONV_MATH)
 def _tile_direct_shared(t, args):
     _tile_rows(DIRECT_SHARED, t, args)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=CONV_MATH)
 def _tile_direct_shared_mixed(t, args):
     _tile_rows(DIRECT_SHARED_MIXED, t, args)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=CONV_MATH)
 def _tile_fused(t, args):
     _tile_rows(FUSED, t, args)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=CONV_MATH)
 def _tile_general(t, args):
     _tile_rows(GENERAL, t, args)
 
@@ -575,10 +606,10 @@ def _sparse_conv(inp, in_sample, index, val, corr, scale_bias, res, res_scale, h
             _tile_general(t, args)
 
 
-sparse_conv = njit(parallel=True, cache=True, fastmath=True)(_sparse_conv)
+sparse_conv = njit(parallel=True, cache=True, fastmath=CONV_MATH)(_sparse_conv)
 # The same kernel without threads: for small layers (ResNet-20 at batch 1), where starting a parallel
 # region costs more than the layer itself.
-sparse_conv_serial = njit(cache=True, fastmath=True)(_sparse_conv)
+sparse_conv_serial = njit(cache=True, fastmath=CONV_MATH)(_sparse_conv)
 
 
 @njit(cache=True)

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 import torch
 
-from jpq_core.engine import constants, kernels, packing
+from jpq_core.engine import constants, kernels, packing, quads
 from jpq_core.errors import JPQError
 
 INTEGER_WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -193,6 +193,16 @@ class Conv:
         return weights
 
     @property
+    def quad_weights(self) -> bool:
+        """Whether the sparse kernel takes this layer's kept weights in quads (groups of up to four, one VNNI dot
+        product each, `quads`): integer layers whose weights fit int8, where numba compiles for VNNI and QUADS is
+        on. Their accumulators are then int32."""
+        if not (self.integer and QUADS and quads.native()):
+            return False
+        val = self._kernel_weights()[1]
+        return val.size == 0 or (val.min() >= -128 and val.max() <= 127)
+
+    @property
     def pixelwise(self) -> bool:
         """Whether this is a 1x1 convolution of stride 1 without padding, whose direct writes (if any) go to
         unpadded stride-1 inputs: then it runs as one row of H * W pixels per sample (the same memory). The
@@ -214,10 +224,13 @@ class Conv:
             _, ci, ky, kx, _ = self._decoded()
             c_total = self.groups * self.shape[1]
             off = (((kx * d) % s * c_total + ci) * hp + ky * dh) * wq + (kx * d) // s
+            ptr, val = self._kernel_weights()[:2]
+            off, weight_quads = off.astype(np.uint64), None
+            if self.quad_weights:  # the kernel then takes the quads' ptr and offsets, and the quads for val
+                ptr, off, weight_quads = quads.group_weights(ptr, off, val)
             # the kernel takes ptr, the steady channels and off as one array (see kernels._sparse_conv)
-            ptr = self._kernel_weights()[0]
-            index = np.concatenate([ptr, self.steady_channels().astype(np.uint64), off.astype(np.uint64)])
-            self._geometry[(h, w)] = dict(hp=hp, wq=wq, out_h=out_h, out_w=out_w, index=index,
+            index = np.concatenate([ptr, self.steady_channels().astype(np.uint64), off])
+            self._geometry[(h, w)] = dict(hp=hp, wq=wq, out_h=out_h, out_w=out_w, index=index, quads=weight_quads,
                                           in_sample=s * c_total * hp * wq, rowstride=sh * wq, c_total=c_total)
         return self._geometry[(h, w)]
 
@@ -251,8 +264,10 @@ class Conv:
         if id(self) not in buffers or buffers[id(self)][0].shape != shape:
             mode, scale, zero, _ = self.store_params()
             pad = zero if mode == 2 else 0
-            # VECTOR columns of slack: the kernel computes whole vectors past a row's end (see sparse_conv)
-            flat = np.full(math.prod(shape) + kernels.VECTOR, pad, np.uint8 if self.integer else np.float32)
+            # Slack: the kernel computes whole vectors past a row's end (see sparse_conv), by groups of weights
+            # from 32-byte loads (`quads`)
+            flat = np.full(math.prod(shape) + kernels.VECTOR + quads.READ_BEYOND, pad,
+                           np.uint8 if self.integer else np.float32)
             buffers[id(self)] = (flat[:math.prod(shape)].reshape(shape), h, w, flat)
         return buffers[id(self)][0]
 
@@ -424,6 +439,7 @@ class Conv:
             per_tile = int(min(4, max(1, n * out_h // (4 * threads))))
             run = out_w
         if products is None:
+            val = val if g["quads"] is None else g["quads"]
             tiles = n * -(-out_h // per_tile)
             acc = np.empty((tiles, -(-run // kernels.VECTOR) * kernels.VECTOR),
                            np.float32 if val.dtype == np.float32 else np.int32)
@@ -514,6 +530,7 @@ INT8_SHIFT = 128  # int8 products take q_a - 128 (q_a is uint8)
 # With int8 products a stride-1 layer keeping this much of its weights is faster dense (see docs/engine.md,
 # "Exact int8 products").
 INT8_FROM_DENSITY = 0.3
+QUADS = True  # whether `Conv.quad_weights` may hold (off: one product per weight, for comparisons)
 # With int8 products rows of any width go dense (stereo at 0%: 195 -> 78 ms; DENSE_BELOW_WIDTH is for float32
 # products), but not a layer of few output channels: a product of one row (stereo's refine.4, one output
 # channel) was 6x slower than its sparse kernel.
