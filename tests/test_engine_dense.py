@@ -29,6 +29,8 @@ def run_both(model, x, threads: int = 1):
             patch.setattr(ops, "DENSE_FROM_DENSITY", threshold)
             patch.setattr(ops, "DENSE_FROM_DENSITY_STRIDED", threshold)
             patch.setattr(ops, "INT8_FROM_DENSITY", threshold)
+            patch.setattr(ops, "QUAD_FROM_DENSITY", threshold)
+            patch.setattr(ops, "QUAD_FROM_DENSITY_STRIDED", threshold)
             patch.setattr(ops, "DENSE_MIN_DEPTH", 0)
             patch.setattr(ops, "INT8_MIN_CHANNELS", 0)
             patch.setattr(ops, "DENSE_BELOW_WIDTH", 1 << 30)
@@ -204,18 +206,22 @@ def test_a_layer_over_the_exactness_bound_stays_sparse():
 def test_the_default_threshold_follows_density_and_stride():
     """Stride-1 layers from DENSE_FROM_DENSITY of their weights kept and DENSE_MIN_DEPTH products per output,
     layers of stride 2 down the rows from DENSE_FROM_DENSITY_STRIDED, grouped ones never (float32 products;
-    with int8 products stride-1 layers from INT8_FROM_DENSITY)."""
+    with int8 products stride-1 layers from INT8_FROM_DENSITY; with quads too from QUAD_FROM_DENSITY and
+    QUAD_FROM_DENSITY_STRIDED)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ops, "int8_products", lambda: False)
         float32_thresholds()
         patch.setattr(ops, "int8_products", lambda: True)
-        for c_in, stride, sparsity in ((16, 1, 0.0), (16, 1, 0.6), (16, 2, 0.6), (16, 1, 0.9), (4, 1, 0.0)):
+        for c_in, stride, sparsity in ((16, 1, 0.0), (16, 1, 0.6), (16, 2, 0.2), (16, 2, 0.6), (16, 1, 0.9), (4, 1, 0.0)):
             model, _ = compressed_layer(seed=0, c_in=c_in, c_out=8, k=3, stride=stride, padding=1, dilation=1,
                                         groups=1, sparsity=sparsity, wbits=4, abits=8)
             layer = compile_network(model).layers[0]
             density = int(layer._kernel_weights()[0][-1]) / np.prod(layer.shape)
-            expected = density >= ops.DENSE_FROM_DENSITY_STRIDED if stride == 2 else \
-                density >= ops.INT8_FROM_DENSITY and np.prod(layer.shape[1:]) >= ops.DENSE_MIN_DEPTH
+            quad = layer.quad_weights  # where the CPU has VNNI and VBMI: the sparse kernel's quads
+            strided, plain = ((ops.QUAD_FROM_DENSITY_STRIDED, ops.QUAD_FROM_DENSITY) if quad else
+                              (ops.DENSE_FROM_DENSITY_STRIDED, ops.INT8_FROM_DENSITY))
+            expected = density >= strided if stride == 2 else \
+                density >= plain and np.prod(layer.shape[1:]) >= ops.DENSE_MIN_DEPTH
             assert layer.dense == expected
 
 
@@ -305,7 +311,8 @@ def test_a_conv_written_as_one_run_leaves_its_consumers_padding(threshold):
     x = torch.randn(2, 8, 9, 11) * 2 + 0.5
     # one thread: the batch runs whole, in the program's own buffers (on more it runs in parts, each with its own)
     with pytest.MonkeyPatch.context() as patch, numba_threads(1):
-        for name in ("DENSE_FROM_DENSITY", "DENSE_FROM_DENSITY_STRIDED", "INT8_FROM_DENSITY"):
+        for name in ("DENSE_FROM_DENSITY", "DENSE_FROM_DENSITY_STRIDED", "INT8_FROM_DENSITY", "QUAD_FROM_DENSITY",
+                     "QUAD_FROM_DENSITY_STRIDED"):
             patch.setattr(ops, name, threshold)
         patch.setattr(ops, "DENSE_MIN_DEPTH", 0)
         program = compile_network(model)

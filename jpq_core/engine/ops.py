@@ -159,7 +159,8 @@ class Conv:
     def dense(self) -> bool:
         """Whether this layer runs as a matrix product (the dense path): a convolution without groups whose
         products are exact (`product_kind`) that keeps at least DENSE_FROM_DENSITY_STRIDED of its weights if it
-        has stride > 1 down the rows, else at least DENSE_FROM_DENSITY of them (INT8_FROM_DENSITY with int8
+        has stride > 1 down the rows (QUAD_FROM_DENSITY_STRIDED with int8 products and `quad_weights`), else at
+        least DENSE_FROM_DENSITY of them (INT8_FROM_DENSITY with int8 products, QUAD_FROM_DENSITY with quads too;
         products, and INT8_MIN_CHANNELS output channels) and DENSE_MIN_DEPTH products per output (see their
         comments)."""
         ptr = self._kernel_weights()[0]
@@ -167,9 +168,10 @@ class Conv:
         if self.groups != 1 or kind is None or (kind == "int8" and self.shape[0] < INT8_MIN_CHANNELS):
             return False
         density = int(ptr[-1]) / math.prod(self.shape)
+        quad = kind == "int8" and self.quad_weights  # the sparse kernel is faster with quads: a later crossover
         if self.stride[0] > 1:
-            return density >= DENSE_FROM_DENSITY_STRIDED
-        threshold = INT8_FROM_DENSITY if kind == "int8" else DENSE_FROM_DENSITY
+            return density >= (QUAD_FROM_DENSITY_STRIDED if quad else DENSE_FROM_DENSITY_STRIDED)
+        threshold = (QUAD_FROM_DENSITY if quad else INT8_FROM_DENSITY) if kind == "int8" else DENSE_FROM_DENSITY
         return density >= threshold and math.prod(self.shape[1:]) >= DENSE_MIN_DEPTH
 
     @property
@@ -531,6 +533,12 @@ INT8_SHIFT = 128  # int8 products take q_a - 128 (q_a is uint8)
 # "Exact int8 products").
 INT8_FROM_DENSITY = 0.3
 QUADS = True  # whether `Conv.quad_weights` may hold (off: one product per weight, for comparisons)
+# With quads the sparse kernel is faster (`quads`), and the crossovers move up. ResNet-20, one thread, the whole
+# network at 0.3 / 0.2 -> 0.45 / 0.7 (Intel Xeon, VNNI): 90% 0.62 -> 0.49 ms at batch 1, 35.6 -> 30.4 at batch 64;
+# 95% 0.45 -> 0.40 and 29.9 -> 24.8 (docs/engine.md, "Kept weights in quads"). Dense layers stay dense (0%:
+# 0.73 ms with the dense path, 0.82 without).
+QUAD_FROM_DENSITY = 0.45
+QUAD_FROM_DENSITY_STRIDED = 0.7
 # With int8 products rows of any width go dense (stereo at 0%: 195 -> 78 ms; DENSE_BELOW_WIDTH is for float32
 # products), but not a layer of few output channels: a product of one row (stereo's refine.4, one output
 # channel) was 6x slower than its sparse kernel.
