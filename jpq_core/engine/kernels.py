@@ -485,7 +485,8 @@ def _tile_rows(epilogue, t, args):
 
 # The convolution's float arithmetic may contract a multiply and an add into an FMA, but not reassociate or take
 # reciprocals: with those, two compilations of one epilogue (say, for int32 and float32 accumulators) rounded a few
-# outputs differently, and a stored code could move by one step depending on the product kind.
+# outputs differently, and a stored code could move by one step depending on the product kind. The accumulation
+# (`_accumulate_kept`, compiled on its own) keeps every fast-math flag: its sums are exact in any order.
 CONV_MATH = {"nnan", "ninf", "nsz", "contract"}
 
 
