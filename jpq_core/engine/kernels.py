@@ -326,9 +326,9 @@ def _accumulate(acc, length, inp, base, off, val, k0, k1):
 
 
 def _accumulate_kept(acc, length, inp, base, off, val, k0, k1):
-    """The accumulators over kept weights k0 .. k1 - 1: where val holds groups of four weights (uint32, see
-    `quads`), one dot product per group (`quads.accumulate_groups`), else one product per weight (`_accumulate`).
-    Chosen when numba compiles, by val's type: a CPU without VNNI never compiles the groups' kernels."""
+    """The accumulators over kept weights k0 .. k1 - 1: where val holds quads (uint32 of four weight bytes, see
+    `quads`), one dot product per quad (`quads.accumulate_groups`), else one product per weight (`_accumulate`).
+    Chosen when numba compiles, by val's type: a CPU without VNNI and VBMI gets no quads, so never compiles them."""
     raise NotImplementedError("called from compiled kernels only")
 
 

@@ -160,9 +160,8 @@ class Conv:
         """Whether this layer runs as a matrix product (the dense path): a convolution without groups whose
         products are exact (`product_kind`) that keeps at least DENSE_FROM_DENSITY_STRIDED of its weights if it
         has stride > 1 down the rows (QUAD_FROM_DENSITY_STRIDED with int8 products and `quad_weights`), else at
-        least DENSE_FROM_DENSITY of them (INT8_FROM_DENSITY with int8 products, QUAD_FROM_DENSITY with quads too;
-        products, and INT8_MIN_CHANNELS output channels) and DENSE_MIN_DEPTH products per output (see their
-        comments)."""
+        least DENSE_FROM_DENSITY of them (INT8_FROM_DENSITY with int8 products, QUAD_FROM_DENSITY with quads too,
+        and INT8_MIN_CHANNELS output channels) and DENSE_MIN_DEPTH products per output (see their comments)."""
         ptr = self._kernel_weights()[0]
         kind = self.product_kind
         if self.groups != 1 or kind is None or (kind == "int8" and self.shape[0] < INT8_MIN_CHANNELS):

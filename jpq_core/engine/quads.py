@@ -12,9 +12,9 @@ input window (lane j holding q_a[.. + j .. + j + 3], one `vpermb` of a 32-byte l
 bytes broadcast. The input bytes go in as they are stored (no widening), and a group of two kept taps costs no
 more than one of one. Sums are exact int32, as the integer path's accumulators (`ops.Conv._kernel_weights`).
 
-Where the CPU numba compiles for lacks VNNI or VBMI the same functions compile to plain vector arithmetic (right
-but slow); `native()` tells the engine whether to use groups at all. Imported by `kernels`, after it has set the
-CPU features numba compiles for.
+Only for a CPU with AVX-512 VNNI and VBMI (`native()`): the engine makes quads nowhere else, so these kernels are
+never compiled there (`kernels._accumulate_kept` picks them by the weights' type). Imported by `kernels`, after it
+has set the CPU features numba compiles for.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ njit = functools.partial(numba.njit, error_model="numpy", nogil=True)
 _I8, _I32 = ir.IntType(8), ir.IntType(32)
 _LANES = ir.VectorType(_I32, 16)  # one AVX-512 register of int32 accumulators
 _LOAD = ir.VectorType(_I8, 32)  # the input bytes a window needs (19 of them) in one 32-byte load
-_BYTES = ir.VectorType(_I8, 64)
 # Window byte 4j + i = input byte j + i: lane j sees the four inputs of output pixel j.
 _WINDOW = ir.Constant(ir.VectorType(_I32, 64), [j + i for j in range(16) for i in range(4)])
 _SPLAT = ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
@@ -51,16 +50,9 @@ def native() -> bool:
 
 
 def _dot(builder, total, window, weights):
-    """total + per lane j: sum_i u8(window[4j + i]) * s8(weights[4j + i])."""
-    if native():
-        fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", fnty=ir.FunctionType(_LANES, [_LANES] * 3))
-        return builder.call(fn, [total, builder.bitcast(window, _LANES), weights])
-    wide = ir.VectorType(_I32, 64)
-    products = builder.mul(builder.zext(window, wide), builder.sext(builder.bitcast(weights, _BYTES), wide))
-    for i in range(4):
-        lanes = ir.Constant(ir.VectorType(_I32, 16), [4 * j + i for j in range(16)])
-        total = builder.add(total, builder.shuffle_vector(products, ir.Constant(wide, None), lanes))
-    return total
+    """total + per lane j: sum_i u8(window[4j + i]) * s8(weights[4j + i]) (`vpdpbusd`)."""
+    fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", fnty=ir.FunctionType(_LANES, [_LANES] * 3))
+    return builder.call(fn, [total, builder.bitcast(window, _LANES), weights])
 
 
 def _group_pass(count: int, first: bool):
