@@ -57,7 +57,7 @@ from numba.core.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 from numba.typed import List
 
-from jpq_core.engine import quads  # noqa: E402 (after the features: see above)
+from jpq_core.engine import chunks, quads  # noqa: E402 (after the features: see above)
 
 # Every kernel uses NumPy's error model: a float division by zero gives inf instead of raising, so numba puts
 # no zero check on the divisor inside loops. With the check, loops dividing by a runtime value (the quantized
@@ -91,6 +91,13 @@ def _alive(typingctx, array):
 
 
 VECTOR = 16  # int32 lanes of an AVX-512 register: accumulator rows are computed in whole vectors
+CHUNKED_ROWS = chunks.native()  # epilogue rows in masked 16-lane chunks (`chunks`), read when numba compiles
+
+# The convolution's float arithmetic may contract a multiply and an add into an FMA, but not reassociate or take
+# reciprocals: with those, two compilations of one epilogue (say, for int32 and float32 accumulators) rounded a few
+# outputs differently, and a stored code could move by one step depending on the product kind. The accumulation
+# (`_accumulate_kept`, compiled on its own) keeps every fast-math flag: its sums are exact in any order.
+CONV_MATH = {"nnan", "ninf", "nsz", "contract"}
 
 
 @njit(inline="always")
@@ -102,6 +109,99 @@ def _store(v, mode, scale, zero, qmax):
     if mode == 1:
         return scale * (q - zero)
     return q
+
+
+@njit(inline="always")
+def _offset4(array, i, j, k):
+    """The flat index of array[i, j, k, 0] (a C-contiguous 4-d array)."""
+    return ((np.uint64(i) * np.uint64(array.shape[1]) + np.uint64(j)) * np.uint64(array.shape[2])
+            + np.uint64(k)) * np.uint64(array.shape[3])
+
+
+@njit(inline="always")
+def _offset5(array, i, j, k, m):
+    """The flat index of array[i, j, k, m, 0] (a C-contiguous 5-d array)."""
+    return (((np.uint64(i) * np.uint64(array.shape[1]) + np.uint64(j)) * np.uint64(array.shape[2]) + np.uint64(k))
+            * np.uint64(array.shape[3]) + np.uint64(m)) * np.uint64(array.shape[4])
+
+
+def _quantized_row(acc, a0, length, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dest, d0):
+    """dest.flat[d0 + x] = min(max(rint(v), low), qmax) with v = (acc[a0 + x] - corr) * mul + bias
+    (+ rmul * res.flat[r0 + x] where has_res) for x < length. In 16-lane masked chunks (`chunks`) where numba
+    compiles for AVX-512 and the arithmetic is float32 (`_by_chunks`), else one loop; chosen when compiled."""
+    raise NotImplementedError("called from compiled kernels only")
+
+
+def _quantized_row_loop(acc, a0, length, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dest, d0):
+    flat_res, flat_dest = res.reshape(-1), dest.reshape(-1)
+    for x in range(np.uint64(length)):
+        # an int32 accumulator becomes float32 before the subtraction (int32 - float32 is float64 in numba:
+        # twice the conversions); the same value while |acc| < 2^24, as every float path here assumes
+        v = (np.float32(acc[a0 + x]) - corr) * mul + bias
+        if has_res:
+            v += rmul * flat_res[r0 + x]
+        flat_dest[d0 + x] = min(max(np.rint(v), low), qmax)
+
+
+def _quantized_row_chunks(acc, a0, length, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dest, d0):
+    end = np.uint64(length)
+    for x in range(np.uint64(0), end, np.uint64(chunks.LANES)):
+        chunks.quantized_chunk(acc, a0 + x, min(np.uint64(chunks.LANES), end - x), corr, mul, bias, res, r0 + x, rmul,
+                               has_res, low, qmax, dest, d0 + x)
+
+
+def _float_and_quantized_row(acc, a0, w, corr, mul, bias, res, r0, res_scale, has_res, slope, out, o0, keep, dest, d0,
+                             scale, zero, qmax):
+    """y = act((acc[a0 + x] - corr) * mul + bias (+ res_scale * res.flat[r0 + x] where has_res)), act(v) = v if
+    v > 0 else slope * v, into out.flat[o0 + x] where keep and, quantized (`_store` mode 2), into
+    dest.flat[d0 + x], for x < w: in chunks or one loop, as `_quantized_row`."""
+    raise NotImplementedError("called from compiled kernels only")
+
+
+def _float_and_quantized_row_loop(acc, a0, w, corr, mul, bias, res, r0, res_scale, has_res, slope, out, o0, keep, dest,
+                                  d0, scale, zero, qmax):
+    flat_res, flat_out, flat_dest = res.reshape(-1), out.reshape(-1), dest.reshape(-1)
+    for x in range(np.uint64(w)):
+        v = (np.float32(acc[a0 + x]) - corr) * mul + bias
+        if has_res:
+            v += res_scale * flat_res[r0 + x]
+        y = v if v > 0 else v * slope
+        if keep:
+            flat_out[o0 + x] = y
+        flat_dest[d0 + x] = min(max(np.rint(y / scale) + zero, np.float32(0.0)), qmax)
+
+
+def _float_and_quantized_row_chunks(acc, a0, w, corr, mul, bias, res, r0, res_scale, has_res, slope, out, o0, keep,
+                                    dest, d0, scale, zero, qmax):
+    end = np.uint64(w)
+    for x in range(np.uint64(0), end, np.uint64(chunks.LANES)):
+        chunks.float_and_quantized_chunk(acc, a0 + x, min(np.uint64(chunks.LANES), end - x), corr, mul, bias, res,
+                                         r0 + x, res_scale, has_res, slope, out, o0 + x, keep, dest, d0 + x, scale,
+                                         zero, qmax)
+
+
+def _by_chunks(acc, *scalars) -> bool:
+    """Whether a row goes in chunks: AVX-512, and float32 arithmetic as the loop has it (float32 scalars, an
+    int32 or float32 accumulator; an int32 corr makes numba's loop compute in float64)."""
+    return (CHUNKED_ROWS and acc.dtype in (types.int32, types.float32)
+            and all(s == types.float32 for s in scalars))
+
+
+# The rows' functions compiled on their own, like `_accumulate_kept` (LLVM inlines them), with the tile
+# functions' float math (`CONV_MATH`): the loops and the chunks round alike.
+_ROW_OPTIONS = {"fastmath": CONV_MATH, "error_model": "numpy", "nogil": True}
+
+
+@overload(_quantized_row, jit_options=_ROW_OPTIONS)
+def _quantized_row_by_type(acc, a0, length, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dest, d0):
+    return _quantized_row_chunks if _by_chunks(acc, corr, mul, bias, low, qmax, rmul) else _quantized_row_loop
+
+
+@overload(_float_and_quantized_row, jit_options=_ROW_OPTIONS)
+def _float_and_quantized_row_by_type(acc, a0, w, corr, mul, bias, res, r0, res_scale, has_res, slope, out, o0, keep,
+                                     dest, d0, scale, zero, qmax):
+    chunked = _by_chunks(acc, corr, mul, bias, res_scale, slope, scale, zero, qmax)
+    return _float_and_quantized_row_chunks if chunked else _float_and_quantized_row_loop
 
 
 @njit(inline="always")
@@ -139,14 +239,8 @@ def _emit_quantized(acc, a0, w, corr, mul, bias, low, dest, n, c, oy, c0, pad_h,
         return
     un, uc, uy, ur = np.uint64(n), np.uint64(c), np.uint64(oy), np.uint64(oy + pad_h)
     if phases == 1 or (phases == 0 and dest.shape[1] == 1):
-        ud, shift = np.uint64(c0 + c), np.uint64(pad)
-        for x in range(np.uint64(w)):
-            # an int32 accumulator becomes float32 before the subtraction (int32 - float32 is float64 in numba:
-            # twice the conversions); the same value while |acc| < 2^24, as every float path here assumes
-            v = (np.float32(acc[a0 + x]) - corr) * mul + bias
-            if has_res:
-                v += rmul * res[un, uc, uy, x]
-            dest[un, 0, ud, ur, shift + x] = min(max(np.rint(v), low), qmax)
+        _quantized_row(acc, a0, w, corr, mul, bias, low, qmax, res, _offset4(res, un, uc, uy), rmul, has_res, dest,
+                       _offset5(dest, un, 0, c0 + c, ur) + np.uint64(pad))
         return
     _quantize_row(acc, a0, w, corr, mul, bias, low, qmax, res, n, c, oy, rmul, has_res, scratch)
     _split_pairs(pairs, w, dest, n, c, oy, c0, pad_h, pad)
@@ -172,7 +266,7 @@ def _emit_run(acc, a0, w, rows, pitch, corr, mul, bias, low, qmax, dest, n, c, o
     flat = dest.reshape(-1)
     row0 = ((np.uint64(n) * np.uint64(dest.shape[2]) + np.uint64(c0 + c)) * np.uint64(dest.shape[3])
             + np.uint64(oy + pad_h)) * np.uint64(pitch) + np.uint64(pad)
-    for x in range(np.uint64((rows - 1) * pitch + w)):
+    for x in range(np.uint64((rows - 1) * pitch + w)):  # long runs: a loop (in chunks, as fast or slower)
         v = (np.float32(acc[a0 + x]) - corr) * mul + bias
         flat[row0 + x] = min(max(np.rint(v), low), qmax)
     fill = np.uint8(pad_value)
@@ -183,7 +277,8 @@ def _emit_run(acc, a0, w, rows, pitch, corr, mul, bias, low, qmax, dest, n, c, o
 
 @njit(inline="always")
 def _quantize_row(acc, a0, w, corr, mul, bias, low, qmax, res, n, c, oy, rmul, has_res, scratch):
-    """scratch[x] = `_emit_quantized`'s q of acc[a0 + x], for x < w."""
+    """scratch[x] = `_emit_quantized`'s q of acc[a0 + x], for x < w. A loop, not chunks: `_split_pairs` reads the
+    bytes back as pairs, and loads from masked stores wait for them to retire (the stage ends 27% slower)."""
     un, uc, uy = np.uint64(n), np.uint64(c), np.uint64(oy)
     for x in range(np.uint64(w)):
         v = (np.float32(acc[a0 + x]) - corr) * mul + bias
@@ -196,20 +291,15 @@ def _quantize_row(acc, a0, w, corr, mul, bias, low, qmax, res, n, c, oy, rmul, h
 def _emit_with_float(acc, a0, w, corr, mul, bias, res, res_scale, has_res, slope, out, keep, dest, n, c, oy, c0, pad_h, pad,
                      scale, zero, qmax):
     """y = act((acc[a0 + x] - corr) * mul + bias [+ res_scale * res[n, c, oy, x]]) for one row, stored as float
-    into out (when `keep`) and quantized (`_store` mode 2) into a stride-1 dest, in one loop: at classifier
-    widths a row's loops are short, and three of them (y, out, dest) cost three times the loop overhead.
-    One loop with the (row-invariant) cases inside, not a loop per case: LLVM merged the near-identical
-    loops of the cases into one that did not vectorise (ResNet-20's residual layers 3x slower)."""
+    into out (when `keep`) and quantized (`_store` mode 2) into a stride-1 dest, in one pass
+    (`_float_and_quantized_row`): at classifier widths a row's loops are short, and three of them (y, out, dest)
+    cost three times the loop overhead. One loop with the (row-invariant) cases inside, not a loop per case:
+    LLVM merged the near-identical loops of the cases into one that did not vectorise (ResNet-20's residual
+    layers 3x slower)."""
     un, uc, uy = np.uint64(n), np.uint64(c), np.uint64(oy)
-    ud, ur, shift = np.uint64(c0 + c), np.uint64(oy + pad_h), np.uint64(pad)
-    for x in range(np.uint64(w)):
-        v = (np.float32(acc[a0 + x]) - corr) * mul + bias
-        if has_res:
-            v += res_scale * res[un, uc, uy, x]
-        y = v if v > 0 else v * slope
-        if keep:
-            out[un, uc, uy, x] = y
-        dest[un, 0, ud, ur, shift + x] = min(max(np.rint(y / scale) + zero, np.float32(0.0)), qmax)
+    _float_and_quantized_row(acc, a0, w, corr, mul, bias, res, _offset4(res, un, uc, uy), res_scale, has_res, slope,
+                             out, _offset4(out, un, uc, uy), keep, dest,
+                             _offset5(dest, un, 0, c0 + c, oy + pad_h) + np.uint64(pad), scale, zero, qmax)
 
 
 @njit(inline="always")
@@ -481,13 +571,6 @@ def _tile_rows(epilogue, t, args):
                 _emit(y, out_w, dest_b, n, c, oy, place_b[0], place_b[1], place_b[3], mb, sb, zb, qb, scratch, pairs)
     _alive(own_y)
     _alive(own_scratch)
-
-
-# The convolution's float arithmetic may contract a multiply and an add into an FMA, but not reassociate or take
-# reciprocals: with those, two compilations of one epilogue (say, for int32 and float32 accumulators) rounded a few
-# outputs differently, and a stored code could move by one step depending on the product kind. The accumulation
-# (`_accumulate_kept`, compiled on its own) keeps every fast-math flag: its sums are exact in any order.
-CONV_MATH = {"nnan", "ninf", "nsz", "contract"}
 
 
 # `_tile_rows` compiled once per epilogue, each a function of its own: with the epilogues in one function the row
