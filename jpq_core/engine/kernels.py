@@ -187,8 +187,8 @@ def _by_chunks(acc, *scalars) -> bool:
             and all(s == types.float32 for s in scalars))
 
 
-# The rows' functions compiled on their own, like `_accumulate_kept` (LLVM inlines them), with the tile
-# functions' float math (`CONV_MATH`): the loops and the chunks round alike.
+# The rows' functions are compiled on their own, like `_accumulate_kept`, with the tile functions' float math
+# (`CONV_MATH`), so that the loops and the chunks round alike.
 _ROW_OPTIONS = {"fastmath": CONV_MATH, "error_model": "numpy", "nogil": True}
 
 
@@ -266,7 +266,7 @@ def _emit_run(acc, a0, w, rows, pitch, corr, mul, bias, low, qmax, dest, n, c, o
     flat = dest.reshape(-1)
     row0 = ((np.uint64(n) * np.uint64(dest.shape[2]) + np.uint64(c0 + c)) * np.uint64(dest.shape[3])
             + np.uint64(oy + pad_h)) * np.uint64(pitch) + np.uint64(pad)
-    for x in range(np.uint64((rows - 1) * pitch + w)):  # long runs: a loop (in chunks, as fast or slower)
+    for x in range(np.uint64((rows - 1) * pitch + w)):  # a loop: runs this long were no faster in chunks
         v = (np.float32(acc[a0 + x]) - corr) * mul + bias
         flat[row0 + x] = min(max(np.rint(v), low), qmax)
     fill = np.uint8(pad_value)
