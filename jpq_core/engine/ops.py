@@ -297,7 +297,8 @@ class Conv:
             if res.size != size:
                 raise JPQError(f"layer {self.name!r}: its residual has shape {res.shape}, its output {out_dims}; "
                                "the engine adds residuals of the output's shape only.")
-            args[_RESIDUAL] = np.ascontiguousarray(res) if shape is None else np.ascontiguousarray(res).reshape(shape)
+            res = np.ascontiguousarray(res)  # the kernel addresses its rows by flat offsets
+            args[_RESIDUAL] = res if shape is None else res.reshape(shape)
         args[-1] = buffers.get(FRESH, True)
         if products is not None:  # the dense path: accumulators by matrix products, then the kernel's epilogue
             inp, in_sample, off, count, rows, run, rowstep, cols, shift, product, weights, columns, acc, pieces = products
