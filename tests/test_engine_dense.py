@@ -20,12 +20,15 @@ ALWAYS, NEVER = 0.0, 1.01  # thresholds that put every eligible layer on the den
 
 
 def run_both(model, x, threads: int = 1):
-    """(sparse outputs, dense outputs, the dense program) of `model` on x. The dense path runs twice, with
-    float32 products and with int8 products (forced on whatever the CPU; exact either way, fast only with
-    VNNI): both must give the same outputs bit for bit."""
+    """(sparse outputs, dense outputs, the dense program) of `model` on x. The dense path runs three times, with
+    float32 products and with int8 ones (forced on whatever the CPU; exact either way, fast only with VNNI), by
+    gathered columns and by the direct kernel (`ops.DIRECT`: where the CPU has VNNI and VBMI): all must give the
+    same outputs bit for bit."""
     outputs, programs = [], []
-    for threshold, int8 in ((NEVER, False), (ALWAYS, False), (ALWAYS, True)):
+    for threshold, int8, by_groups in ((NEVER, False, True), (ALWAYS, False, True), (ALWAYS, True, False),
+                                       (ALWAYS, True, True)):
         with pytest.MonkeyPatch.context() as patch, numba_threads(threads):
+            patch.setattr(ops, "DIRECT", by_groups)
             patch.setattr(ops, "DENSE_FROM_DENSITY", threshold)
             patch.setattr(ops, "DENSE_FROM_DENSITY_STRIDED", threshold)
             patch.setattr(ops, "INT8_FROM_DENSITY", threshold)
@@ -45,6 +48,7 @@ def run_both(model, x, threads: int = 1):
             np.testing.assert_array_equal(program.run(x), outputs[-1])  # a second run, on reused buffers
             programs.append(program)
     np.testing.assert_array_equal(outputs[2], outputs[1])
+    np.testing.assert_array_equal(outputs[3], outputs[1])
     return outputs[0], outputs[1], programs[1]
 
 

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 import torch
 
-from jpq_core.engine import constants, kernels, packing, quads
+from jpq_core.engine import constants, direct, kernels, packing, quads
 from jpq_core.errors import JPQError
 
 INTEGER_WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -300,14 +300,11 @@ class Conv:
             res = np.ascontiguousarray(res)  # the kernel addresses its rows by flat offsets
             args[_RESIDUAL] = res if shape is None else res.reshape(shape)
         args[-1] = buffers.get(FRESH, True)
-        if products is not None:  # the dense path: accumulators by matrix products, then the kernel's epilogue
-            inp, in_sample, off, count, rows, run, rowstep, cols, shift, product, weights, columns, acc, pieces = products
+        if products is not None:  # the dense path: accumulators piece by piece, then the kernel's epilogue
             dense = args[_PLACES][8:]  # the kernel's `dense`, packed after place_a and place_b
-            for n0, row0, t0, t1 in pieces:  # a product, then its epilogue while the accumulators are in cache
-                kernels.gather_columns(inp, in_sample, np.uint64(row0 * rowstep), off, n0, count, rows, run, rowstep,
-                                       cols, shift)
-                product(weights, columns, out=acc)
-                dense[3:] = n0, row0, t0, t1
+            for accumulate, piece in zip(products.calls(), products.pieces):  # epilogue while they are in cache
+                accumulate()
+                dense[3:] = piece
                 kernel(*args)
         else:
             kernel(*args)
@@ -347,26 +344,21 @@ class Conv:
         return store_input
 
     @staticmethod
-    def _planned_products(products: tuple, epilogue):
-        """The dense path's pieces (see `run`) as one call: for each, its columns, product and `epilogue`."""
-        inp, in_sample, off, count, rows, run, rowstep, cols, shift, product, weights, columns, acc, pieces = products
-        gathers = []
-        for n0, row0, _, _ in pieces:
-            gather_args = [inp, in_sample, np.uint64(row0 * rowstep), off, n0, count, rows, run, rowstep, cols, shift]
-            gathers.append(functools.partial(entry_point(kernels.gather_columns, gather_args), *gather_args))
+    def _planned_products(products: DenseProducts, epilogue):
+        """The dense path's pieces (see `run`) as one call: for each, its accumulators and `epilogue`."""
+        calls = products.calls(compiled=True)
         dense = epilogue.args[_PLACES][8:]
-        if len(pieces) == 1:
-            dense[3:] = pieces[0]
+        if len(calls) == 1:
+            dense[3:] = products.pieces[0]
+            accumulate = calls[0]
 
             def call():
-                gathers[0]()
-                product(weights, columns, out=acc)
+                accumulate()
                 epilogue()
         else:
             def call():
-                for gather, piece in zip(gathers, pieces):
-                    gather()
-                    product(weights, columns, out=acc)
+                for accumulate, piece in zip(calls, products.pieces):
+                    accumulate()
                     dense[3:] = piece
                     epilogue()
         return call
@@ -455,31 +447,34 @@ class Conv:
         return buffers[key]
 
     def _products(self, buffers: dict, g: dict, n: int, out_h: int, out_w: int, per_tile: int) -> tuple:
-        """The dense path's matrix products for this input size: per piece (a chunk of samples, or a segment of
-        one sample's output rows), the im2col columns of the padded input (`kernels.gather_columns`) and one
-        product weights (C_out x K) @ columns (K x chunk * plane) into the accumulators, laid out as
-        `kernels._tile_rows` reads them with `dense`; the kernel's epilogue then runs on that piece's tiles
-        while its accumulators are in cache. With stride 1 down the rows a sample's rows are one run of pitch
-        `rowstride` (the columns between rows computed, never stored); else each output row is a run of
-        out_w. A piece holds at most DENSE_CHUNK_BYTES of columns: as many samples as fit (a divisor of the
+        """The dense path's accumulators for this input size: per piece (a chunk of samples, or a segment of one
+        sample's output rows) weights (C_out x K) @ columns (K x chunk * plane), where the columns are the padded
+        input's im2col, laid out as `kernels._tile_rows` reads them with `dense`; the kernel's epilogue then runs
+        on that piece's tiles while its accumulators are in cache. With stride 1 down the rows a sample's rows are
+        one run of pitch `rowstride` (the columns between rows computed, never stored); else each output row is a
+        run of out_w. A piece holds at most DENSE_CHUNK_BYTES of columns: as many samples as fit (a divisor of the
         batch, so that every chunk is alike), or, for a sample larger than that, segments of output rows whose
         columns and accumulators fit, all of one size (the last one ends at the last row, overlapping the one
         before), each a whole number of tiles of `per_tile` rows.
-        With int8 products (`product_kind`) the columns hold q_a - 128 as int8 and the accumulators are int32;
-        the kernel's corr then becomes (z_a - 128) * sum(k_w), so that acc - corr is the same exact integer.
-        Returns (products, accumulators (1, size), dense for the kernel, corr for the kernel, rows per tile)."""
+        How: where `direct_groups` packs the taps, int32 accumulators straight from the input (`direct`);
+        else with int8 products (`product_kind`) the columns (`kernels.gather_columns`) hold q_a - 128 as int8,
+        the accumulators are int32 from `torch._int_mm`, and the kernel's corr becomes (z_a - 128) * sum(k_w), so
+        that acc - corr is the same exact integer; else float32 columns and `torch.mm`.
+        Returns (DenseProducts, accumulators (1, size), dense for the kernel, corr for the kernel, rows per tile)."""
         weights = self._dense_weights()
         co, k = weights.shape
         int8 = self.product_kind == "int8"
         corr = self._kernel_weights()[2]
-        if int8:
-            shifted = np.round(self.act["zero"]) - INT8_SHIFT
-            corr = (shifted * weights.astype(np.float64).sum(1)).astype(corr.dtype)
-            weights = weights.astype(np.int8)
         c_total, kh, kw = self.shape[1:]
         ci, ky, kx = (a.astype(np.uint64) for a in np.unravel_index(np.arange(k), (c_total, kh, kw)))
         (_, s), (dh, d) = self.stride, self.dilation
         off = ((((kx * d) % s) * c_total + ci) * g["hp"] + ky * dh) * g["wq"] + (kx * d) // s
+        groups = self.direct_groups(off, weights)
+        if int8 and groups is None:
+            shifted = np.round(self.act["zero"]) - INT8_SHIFT
+            corr = (shifted * weights.astype(np.float64).sum(1)).astype(corr.dtype)
+        if int8:
+            weights = weights.astype(np.int8)
         pitch = g["rowstride"] if self.stride[0] == 1 else out_w
         sample_plane = (out_h - 1) * pitch + out_w if self.stride[0] == 1 else out_h * out_w
         chunk = max([c for c in range(1, n + 1) if n % c == 0 and c * k * sample_plane * 4 <= DENSE_CHUNK_BYTES] or [1])
@@ -503,13 +498,6 @@ class Conv:
         else:
             rows, run = rows_per_segment, out_w
             plane = rows_per_segment * out_w
-        # int8 products of a depth that is not a multiple of 4 (VNNI's dot products take 4 bytes) get zero rows
-        depth = -(-k // 4) * 4 if int8 else k
-        if depth != k:
-            weights = np.pad(weights, ((0, 0), (0, depth - k)))
-        cols = np.empty(depth * chunk * plane, np.int8 if int8 else np.float32)
-        cols[k * chunk * plane:] = 0  # the padded rows (gather_columns writes the first k)
-        acc = np.empty((co, chunk * plane), np.int32 if int8 else np.float32)
         pieces = []  # (first sample, first row, first tile, end tile)
         for n0 in range(0, n, chunk):
             for seg in range(segments):
@@ -518,13 +506,66 @@ class Conv:
                 t0 = n0 * tiles_per_sample + seg * rows_per_segment // per_tile
                 t1 = (n0 + chunk) * tiles_per_sample if last else t0 + rows_per_segment // per_tile
                 pieces.append((n0, row0, t0, t1))
-        # normal tensors even in a caller's inference mode: an inference tensor cannot be written outside it
-        with torch.inference_mode(False):
-            products = (buffers[id(self)][3], int(g["in_sample"]), off.astype(np.uint64), chunk, rows, run,
-                        int(g["rowstride"]), cols, np.int16(INT8_SHIFT) if int8 else np.float32(0),
-                        torch._int_mm if int8 else torch.mm, torch.from_numpy(weights),
-                        torch.from_numpy(cols).view(depth, chunk * plane), torch.from_numpy(acc), pieces)
+        inp, in_sample, rowstride = buffers[id(self)][3], int(g["in_sample"]), int(g["rowstride"])
+        if groups is not None:
+            # rows for the last block's padded channels, which the direct kernel computes too
+            flat = np.empty(-(-co // direct.CHANNELS) * direct.CHANNELS * chunk * plane, np.int32)
+            acc = flat[:co * chunk * plane].reshape(co, chunk * plane)
+            args = [[inp, in_sample, np.uint64(row0 * rowstride), groups.segments, groups.index, groups.weights, n0,
+                     chunk, rows, run, rowstride, flat, np.uint64(chunk * plane)] for n0, row0, _, _ in pieces]
+            products = DenseProducts(pieces, direct.accumulate, args)
+        else:
+            # int8 products of a depth that is not a multiple of 4 (VNNI's dot products take 4 bytes) get zero rows
+            depth = -(-k // 4) * 4 if int8 else k
+            if depth != k:
+                weights = np.pad(weights, ((0, 0), (0, depth - k)))
+            cols = np.empty(depth * chunk * plane, np.int8 if int8 else np.float32)
+            cols[k * chunk * plane:] = 0  # the padded rows (gather_columns writes the first k)
+            acc = np.empty((co, chunk * plane), np.int32 if int8 else np.float32)
+            shift = np.int16(INT8_SHIFT) if int8 else np.float32(0)
+            args = [[inp, in_sample, np.uint64(row0 * rowstride), off.astype(np.uint64), n0, chunk, rows, run,
+                     rowstride, cols, shift] for n0, row0, _, _ in pieces]
+            # normal tensors even in a caller's inference mode: an inference tensor cannot be written outside it
+            with torch.inference_mode(False):
+                product = functools.partial(torch._int_mm if int8 else torch.mm, torch.from_numpy(weights),
+                                            torch.from_numpy(cols).view(depth, chunk * plane),
+                                            out=torch.from_numpy(acc))
+            products = DenseProducts(pieces, kernels.gather_columns, args, product)
         return products, acc.reshape(1, -1), np.array([chunk, plane, pitch, 0, 0, 0, 0], np.int64), corr, per_tile
+
+    def direct_groups(self, off: np.ndarray, weights: np.ndarray) -> direct.Groups | None:
+        """The taps of this layer's dense weights (C_out x K, at input offsets `off`) in groups for the direct
+        kernel (`direct`), or None where it does not run it: without int8 products, AVX-512 VNNI and VBMI, or
+        DIRECT, or where the groups would leave more than a quarter of their dot products unused."""
+        if not (DIRECT and self.product_kind == "int8" and quads.native()):
+            return None
+        groups = direct.group_taps(off, weights.astype(np.int8))
+        return groups if groups.fill >= DIRECT_MIN_FILL else None
+
+
+class DenseProducts(NamedTuple):
+    """A dense layer's accumulators, piece by piece (see `Conv._products`): `accumulate` (a numba kernel) with
+    each piece's arguments, then `product` (a matrix product of the columns `accumulate` gathered) if any."""
+
+    pieces: list  # (first sample, first output row, first tile, end tile) of each piece
+    accumulate: Callable
+    args: list  # `accumulate`'s arguments per piece
+    product: Callable | None = None
+
+    def calls(self, compiled: bool = False) -> list[Callable]:
+        """One function per piece computing its accumulators; with `compiled`, through the kernel's compiled
+        entry point (see `entry_point`: for a run that has compiled it already)."""
+        def call(args):
+            accumulate = functools.partial(entry_point(self.accumulate, args) if compiled else self.accumulate, *args)
+            if self.product is None:
+                return accumulate
+            product = self.product
+
+            def gather_then_multiply():
+                accumulate()
+                product()
+            return gather_then_multiply
+        return [call(args) for args in self.args]
 
 
 FLOAT_EXACT_LIMIT = 2**24  # float32 holds every integer below this exactly
@@ -532,6 +573,8 @@ INT8_SHIFT = 128  # int8 products take q_a - 128 (q_a is uint8)
 # With int8 products a stride-1 layer keeping this much of its weights is faster dense (see docs/engine.md,
 # "Exact int8 products").
 INT8_FROM_DENSITY = 0.3
+DIRECT = True  # whether dense int8 layers may run `direct` (off: gathered columns and torch._int_mm, for comparisons)
+DIRECT_MIN_FILL = 0.75  # taps per group / 4 below which a layer's direct groups waste too much (1x1 convs: 0.5)
 QUADS = True  # whether `Conv.quad_weights` may hold (off: one product per weight, for comparisons)
 # With quads the sparse kernel is faster (`quads`), and the crossovers move up. ResNet-20, one thread, the whole
 # network at 0.3 / 0.2 -> 0.45 / 0.7 (Intel Xeon, VNNI): 90% 0.62 -> 0.49 ms at batch 1, 35.6 -> 30.4 at batch 64;

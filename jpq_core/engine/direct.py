@@ -1,0 +1,188 @@
+"""Dense int8 convolution straight from the padded input: VNNI dot products over windows of taps, no im2col.
+
+The dense path's accumulators are acc[c, x] = sum_k w[c, k] * q_a[base + off[k] + x] over every weight position
+k (`ops.Conv._products`; `off` as in `kernels.sparse_conv`, x along a run of output pixels). A matrix product
+needs the columns q_a[base + off[k] + x] copied out first (im2col) and, on ResNet-20's shapes, runs
+`torch._int_mm` well below what the CPU's dot products can do. Here the taps are taken four at a time, as
+VNNI's `vpdpbusd` takes them: four u8 x s8 products summed into each int32 lane.
+
+A **group** is four consecutive taps whose offsets lie in at most two 32-byte **segments** (taps of a 3x3
+kernel's row and the next row's first, or all three rows of a narrow map). For 16 output pixels the group's
+window holds in lane j the four input bytes q_a[base + off[k_i] + x + j], i < 4: one `vpermi2b` (AVX-512 VBMI)
+picks them from the two segments' 32-byte loads by the group's byte index. Then for each output channel c
+
+    acc[c, x .. x + 15] += vpdpbusd(window, broadcast(w[c, k_0..k_3]))
+
+with the group's four weight bytes of channel c (zero for a tap a short group lacks). A 3x3 kernel's nine taps
+per input channel fill groups completely (against three of four bytes in `quads`' row groups). One block of
+`CHANNELS` output channels x `PIXELS` x 16 pixels keeps its 24 accumulators in registers over all groups, each
+window used by 8 channels and each weight broadcast by 3 windows: 17 loads per 24 dot products, which the two
+load ports sustain. Exact int32 sums, the same integers as the product's.
+
+Only where numba compiles for AVX-512 VNNI and VBMI (`quads.native()`); the engine packs groups nowhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core.extending import intrinsic
+from numba.np.arrayobj import make_array
+
+from jpq_core.engine import quads
+
+njit = functools.partial(numba.njit, error_model="numpy", nogil=True)
+
+CHANNELS = 8  # output channels per block (the weights are padded to a multiple of this)
+PIXELS = 3  # 16-pixel vectors per block; the rest of a run in blocks of one vector
+SPAN = 16  # a tap joins a segment up to this many bytes after its start (its 16 lanes then lie in a 32-byte load)
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_LANES = ir.VectorType(_I32, 16)
+_BYTES, _HALF = ir.VectorType(_I8, 64), ir.VectorType(_I8, 32)
+_ZERO_HALF = ir.Constant(_HALF, [0] * 32)
+_WIDEN = ir.Constant(ir.VectorType(_I32, 64), list(range(32)) + [32] * 32)  # a 32-byte load, then zeros
+_SPLAT = ir.Constant(_LANES, [0] * 16)
+_U = np.uint64
+
+
+class Groups(NamedTuple):
+    """A dense layer's taps in groups of four (see the module docstring)."""
+
+    segments: np.ndarray  # uint64 (groups * 2): where each group's two segments start, relative to the run
+    index: np.ndarray  # uint8 (groups * 64): window byte 4j + i = segment table byte index[.., 4j + i]
+    weights: np.ndarray  # uint32 (blocks, groups, CHANNELS): channel c's four weight bytes of each group
+    fill: float  # taps per group / 4: how much of each dot product is used
+
+
+def group_taps(off: np.ndarray, weights: np.ndarray) -> Groups:
+    """The taps at offsets `off` (in the order given) of the dense int8 `weights` (C_out, taps) in groups: each
+    group takes the next taps while it has fewer than four and each lies at most SPAN bytes after the start of one
+    of its (at most two) segments."""
+    groups = []  # [segment starts, [(tap, segment, shift)]]
+    for k, o in enumerate(int(o) for o in off):
+        if groups and len(groups[-1][1]) < 4:
+            starts, taps = groups[-1]
+            segment = next((s for s, start in enumerate(starts) if 0 <= o - start <= SPAN), None)
+            if segment is None and len(starts) < 2:
+                starts.append(o)
+                segment = 1
+            if segment is not None:
+                taps.append((k, segment, o - starts[segment]))
+                continue
+        groups.append([[o], [(k, 0, 0)]])
+    count, c_out = len(groups), weights.shape[0]
+    blocks = -(-c_out // CHANNELS)
+    segments = np.zeros((count, 2), np.uint64)
+    index = np.zeros((count, 16, 4), np.uint8)
+    packed = np.zeros((blocks * CHANNELS, count, 4), np.uint8)
+    lanes = np.arange(16)
+    for g, (starts, taps) in enumerate(groups):
+        segments[g] = starts[0], starts[-1]
+        for i, (k, segment, shift) in enumerate(taps):
+            index[g, :, i] = 64 * segment + shift + lanes  # the second segment's table starts at byte 64
+            packed[:c_out, g, i] = weights[:, k].view(np.uint8)
+    packed = packed.view(np.uint32)[..., 0].reshape(blocks, CHANNELS, count).transpose(0, 2, 1)
+    return Groups(segments.reshape(-1), index.reshape(-1), np.ascontiguousarray(packed).reshape(-1),
+                  len(off) / (4 * max(count, 1)))
+
+
+def _block(pixels: int):
+    """An intrinsic (acc, a0, pitch, inp, base, segments, index, weights, w0, groups, lanes): for the CHANNELS
+    channels c and 16 * pixels pixels x from a0, acc[a0 + c * pitch + x] = the sum over the groups of their dot
+    products (int32; window from inp[base + segment start ..], weights from weights[w0 + g * CHANNELS + c]). One
+    loop over the groups with the accumulators in registers, stored at its end; with one vector (pixels = 1) its
+    first `lanes` elements only (a masked store: a row's end, followed by other rows computed before it)."""
+    @intrinsic
+    def block(typingctx, acc, a0, pitch, inp, base, segments, index, weights, w0, groups, lanes):
+        def codegen(context, builder, signature, args):
+            data = [make_array(signature.args[i])(context, builder, args[i]).data if i in (0, 3, 5, 6, 7) else None
+                    for i in range(len(args))]
+            acc_data, inp_data, seg_data, index_data, weight_data = (data[i] for i in (0, 3, 5, 6, 7))
+            a0, pitch, base, w0, count = args[1], args[2], args[4], args[8], args[9]
+            permute = builder.module.declare_intrinsic("llvm.x86.avx512.vpermi2var.qi.512",
+                                                       fnty=ir.FunctionType(_BYTES, [_BYTES] * 3))
+            entry, loop, done = builder.block, builder.append_basic_block("groups"), builder.append_basic_block("stored")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            g = builder.phi(_I64)
+            g.add_incoming(ir.Constant(_I64, 0), entry)
+            totals = [builder.phi(_LANES) for _ in range(CHANNELS * pixels)]
+            for total in totals:
+                total.add_incoming(ir.Constant(_LANES, [0] * 16), entry)
+            at = builder.gep(index_data, [builder.mul(g, ir.Constant(_I64, 64))])
+            index = builder.load(builder.bitcast(at, _BYTES.as_pointer()), align=1)
+            starts = [builder.add(base, builder.load(builder.gep(seg_data, [builder.add(builder.shl(g, ir.Constant(
+                _I64, 1)), ir.Constant(_I64, s))]))) for s in range(2)]
+            windows = []
+            for p in range(pixels):
+                tables = []
+                for start in starts:
+                    at = builder.gep(inp_data, [builder.add(start, ir.Constant(_I64, 16 * p))])
+                    loaded = builder.load(builder.bitcast(at, _HALF.as_pointer()), align=1)
+                    tables.append(builder.shuffle_vector(loaded, _ZERO_HALF, _WIDEN))
+                windows.append(builder.call(permute, [tables[0], index, tables[1]]))
+            first = builder.add(w0, builder.mul(g, ir.Constant(_I64, CHANNELS)))
+            new = []
+            for c in range(CHANNELS):
+                four = builder.load(builder.gep(weight_data, [builder.add(first, ir.Constant(_I64, c))]))
+                one = builder.insert_element(ir.Constant(_LANES, None), four, ir.Constant(_I32, 0))
+                broadcast = builder.shuffle_vector(one, ir.Constant(_LANES, None), _SPLAT)
+                new += [quads._dot(builder, totals[c * pixels + p], windows[p], broadcast) for p in range(pixels)]
+            following = builder.add(g, ir.Constant(_I64, 1))
+            g.add_incoming(following, loop)
+            for total, value in zip(totals, new):
+                total.add_incoming(value, loop)
+            builder.cbranch(builder.icmp_unsigned("<", following, count), loop, done)
+            builder.position_at_end(done)
+            lane_count = builder.trunc(args[10], _I32)
+            mask = builder.icmp_unsigned("<", ir.Constant(_LANES, list(range(16))), builder.shuffle_vector(
+                builder.insert_element(ir.Constant(_LANES, None), lane_count, ir.Constant(_I32, 0)),
+                ir.Constant(_LANES, None), _SPLAT))
+            store = builder.module.declare_intrinsic("llvm.masked.store.v16i32.p0", fnty=ir.FunctionType(
+                ir.VoidType(), [_LANES, _LANES.as_pointer(), _I32, mask.type]))
+            for c in range(CHANNELS):
+                row = builder.add(a0, builder.mul(pitch, ir.Constant(_I64, c)))
+                for p in range(pixels):
+                    at = builder.bitcast(builder.gep(acc_data, [builder.add(row, ir.Constant(_I64, 16 * p))]),
+                                         _LANES.as_pointer())
+                    if pixels == 1:
+                        builder.call(store, [new[c], at, ir.Constant(_I32, 4), mask])
+                    else:
+                        builder.store(new[c * pixels + p], at, align=4)
+            return context.get_dummy_value()
+        return types.none(acc, a0, pitch, inp, base, segments, index, weights, w0, groups, lanes), codegen
+    return block
+
+
+_wide_block, _one_block = _block(PIXELS), _block(1)
+
+
+@njit
+def accumulate(inp, in_sample, start, segments, index, weights, n0, count, rows, run, rowstep, acc, pitch):
+    """acc[c * pitch + (j * rows + r) * run + x] = sum_k w[c, k] * inp[(n0 + j) * in_sample + start + r * rowstep
+    + off[k] + x] for every block of CHANNELS channels c (`group_taps`), samples j < count, rows r < rows and x
+    below `run`: what `kernels.gather_columns` and a product compute, for int32 accumulators of u8 inputs.
+    Reads as far as the quads' loads (`quads.READ_BEYOND`) past a row's whole vectors; acc needs rows for the
+    padded channels of the last block."""
+    groups = _U(index.shape[0] // 64)
+    end = _U(run)
+    wide = _U(16 * PIXELS)
+    for block in range(_U(0), _U(weights.shape[0]) // (groups * _U(CHANNELS))):
+        w0 = block * groups * _U(CHANNELS)
+        for j in range(count):
+            for r in range(rows):
+                base = _U(n0 + j) * _U(in_sample) + start + _U(r) * _U(rowstep)
+                a0 = block * _U(CHANNELS) * pitch + _U((j * rows + r) * run)
+                x = _U(0)
+                while x + wide <= end:
+                    _wide_block(acc, a0 + x, pitch, inp, base + x, segments, index, weights, w0, groups, _U(16))
+                    x += wide
+                while x < end:
+                    _one_block(acc, a0 + x, pitch, inp, base + x, segments, index, weights, w0, groups,
+                               min(_U(16), end - x))
+                    x += _U(16)
