@@ -34,6 +34,8 @@ def run_both(model, x, threads: int = 1):
             patch.setattr(ops, "INT8_FROM_DENSITY", threshold)
             patch.setattr(ops, "QUAD_FROM_DENSITY", threshold)
             patch.setattr(ops, "QUAD_FROM_DENSITY_STRIDED", threshold)
+            patch.setattr(ops, "DIRECT_FROM_DENSITY", threshold)
+            patch.setattr(ops, "DIRECT_FROM_DENSITY_STRIDED", threshold)
             patch.setattr(ops, "DENSE_MIN_DEPTH", 0)
             patch.setattr(ops, "INT8_MIN_CHANNELS", 0)
             patch.setattr(ops, "DENSE_BELOW_WIDTH", 1 << 30)
@@ -211,17 +213,25 @@ def test_the_default_threshold_follows_density_and_stride():
     """Stride-1 layers from DENSE_FROM_DENSITY of their weights kept and DENSE_MIN_DEPTH products per output,
     layers of stride 2 down the rows from DENSE_FROM_DENSITY_STRIDED, grouped ones never (float32 products;
     with int8 products stride-1 layers from INT8_FROM_DENSITY; with quads too from QUAD_FROM_DENSITY and
-    QUAD_FROM_DENSITY_STRIDED)."""
+    QUAD_FROM_DENSITY_STRIDED; where the direct kernel's groups fill (3x3 kernels, not 1x1 ones) from
+    DIRECT_FROM_DENSITY and DIRECT_FROM_DENSITY_STRIDED at any depth)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ops, "int8_products", lambda: False)
         float32_thresholds()
         patch.setattr(ops, "int8_products", lambda: True)
-        for c_in, stride, sparsity in ((16, 1, 0.0), (16, 1, 0.6), (16, 2, 0.2), (16, 2, 0.6), (16, 1, 0.9), (4, 1, 0.0)):
-            model, _ = compressed_layer(seed=0, c_in=c_in, c_out=8, k=3, stride=stride, padding=1, dilation=1,
+        cases = ((16, 1, 0.0, 3), (16, 1, 0.6, 3), (16, 1, 0.75, 3), (16, 2, 0.1, 3), (16, 2, 0.6, 3),
+                 (16, 2, 0.9, 3), (16, 1, 0.9, 3), (4, 1, 0.0, 3), (16, 1, 0.0, 1), (16, 2, 0.6, 1))
+        for c_in, stride, sparsity, k in cases:
+            model, _ = compressed_layer(seed=0, c_in=c_in, c_out=8, k=k, stride=stride, padding=k // 2, dilation=1,
                                         groups=1, sparsity=sparsity, wbits=4, abits=8)
             layer = compile_network(model).layers[0]
             density = int(layer._kernel_weights()[0][-1]) / np.prod(layer.shape)
             quad = layer.quad_weights  # where the CPU has VNNI and VBMI: the sparse kernel's quads
+            assert layer.by_groups == (quad and k == 3)
+            if layer.by_groups:
+                assert layer.dense == (density >= (ops.DIRECT_FROM_DENSITY_STRIDED if stride == 2 else
+                                                   ops.DIRECT_FROM_DENSITY))
+                continue
             strided, plain = ((ops.QUAD_FROM_DENSITY_STRIDED, ops.QUAD_FROM_DENSITY) if quad else
                               (ops.DENSE_FROM_DENSITY_STRIDED, ops.INT8_FROM_DENSITY))
             expected = density >= strided if stride == 2 else \
@@ -260,8 +270,9 @@ def test_whole_resnet20_on_the_dense_path_matches_reference(resnet, sparsity):
     net = magnitude_compressed(model, task, sparsity, 8, calibration_batches=1)
     x = task.test_x[:16]
     program = compile_network(net)
-    if sparsity == 0.0:  # all but the first conv (27 products per output) and fc (64)
-        assert [layer.name for layer in program.layers if not layer.dense] == ["stem.0", "fc"]
+    if sparsity == 0.0:  # all but fc (64 products per output) and, unless the direct kernel runs it, the first conv (27)
+        stem = [] if program.layers[0].by_groups else ["stem.0"]
+        assert [layer.name for layer in program.layers if not layer.dense] == stem + ["fc"]
     with torch.no_grad():
         ref = net(x).numpy()
     out = program.run(x)

@@ -34,12 +34,12 @@ from numba import types
 from numba.core.extending import intrinsic
 from numba.np.arrayobj import make_array
 
-from jpq_core.engine import quads
+from jpq_core.engine import kernels, quads  # noqa: F401 (kernels first: it sets the CPU features numba compiles for)
 
 njit = functools.partial(numba.njit, error_model="numpy", nogil=True)
 
 CHANNELS = 8  # output channels per block (the weights are padded to a multiple of this)
-PIXELS = 3  # 16-pixel vectors per block; the rest of a run in blocks of one vector
+PIXELS = 3  # 16-pixel vectors per block; the rest of a run (1-47 pixels) in one block of 1-3 vectors
 SPAN = 16  # a tap joins a segment up to this many bytes after its start (its 16 lanes then lie in a 32-byte load)
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 _LANES = ir.VectorType(_I32, 16)
@@ -95,8 +95,8 @@ def _block(pixels: int):
     """An intrinsic (acc, a0, pitch, inp, base, segments, index, weights, w0, groups, lanes): for the CHANNELS
     channels c and 16 * pixels pixels x from a0, acc[a0 + c * pitch + x] = the sum over the groups of their dot
     products (int32; window from inp[base + segment start ..], weights from weights[w0 + g * CHANNELS + c]). One
-    loop over the groups with the accumulators in registers, stored at its end; with one vector (pixels = 1) its
-    first `lanes` elements only (a masked store: a row's end, followed by other rows computed before it)."""
+    loop over the groups with the accumulators in registers, stored at its end, of the last vector its first
+    `lanes` elements only (a masked store: a row's end, followed by other rows computed before it)."""
     @intrinsic
     def block(typingctx, acc, a0, pitch, inp, base, segments, index, weights, w0, groups, lanes):
         def codegen(context, builder, signature, args):
@@ -150,8 +150,8 @@ def _block(pixels: int):
                 for p in range(pixels):
                     at = builder.bitcast(builder.gep(acc_data, [builder.add(row, ir.Constant(_I64, 16 * p))]),
                                          _LANES.as_pointer())
-                    if pixels == 1:
-                        builder.call(store, [new[c], at, ir.Constant(_I32, 4), mask])
+                    if p == pixels - 1:
+                        builder.call(store, [new[c * pixels + p], at, ir.Constant(_I32, 4), mask])
                     else:
                         builder.store(new[c * pixels + p], at, align=4)
             return context.get_dummy_value()
@@ -159,7 +159,7 @@ def _block(pixels: int):
     return block
 
 
-_wide_block, _one_block = _block(PIXELS), _block(1)
+_one_vector, _two_vectors, _three_vectors = _block(1), _block(2), _block(3)  # PIXELS = 3
 
 
 @njit
@@ -180,9 +180,14 @@ def accumulate(inp, in_sample, start, segments, index, weights, n0, count, rows,
                 a0 = block * _U(CHANNELS) * pitch + _U((j * rows + r) * run)
                 x = _U(0)
                 while x + wide <= end:
-                    _wide_block(acc, a0 + x, pitch, inp, base + x, segments, index, weights, w0, groups, _U(16))
+                    _three_vectors(acc, a0 + x, pitch, inp, base + x, segments, index, weights, w0, groups, _U(16))
                     x += wide
-                while x < end:
-                    _one_block(acc, a0 + x, pitch, inp, base + x, segments, index, weights, w0, groups,
-                               min(_U(16), end - x))
-                    x += _U(16)
+                if x < end:  # the rest, 1-47 elements, as one block of 1-3 vectors
+                    rest = (end - x + _U(15)) // _U(16)
+                    lanes = end - x - (rest - _U(1)) * _U(16)
+                    if rest == _U(1):
+                        _one_vector(acc, a0 + x, pitch, inp, base + x, segments, index, weights, w0, groups, lanes)
+                    elif rest == _U(2):
+                        _two_vectors(acc, a0 + x, pitch, inp, base + x, segments, index, weights, w0, groups, lanes)
+                    else:
+                        _three_vectors(acc, a0 + x, pitch, inp, base + x, segments, index, weights, w0, groups, lanes)

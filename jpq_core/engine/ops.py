@@ -161,13 +161,16 @@ class Conv:
         products are exact (`product_kind`) that keeps at least DENSE_FROM_DENSITY_STRIDED of its weights if it
         has stride > 1 down the rows (QUAD_FROM_DENSITY_STRIDED with int8 products and `quad_weights`), else at
         least DENSE_FROM_DENSITY of them (INT8_FROM_DENSITY with int8 products, QUAD_FROM_DENSITY with quads too,
-        and INT8_MIN_CHANNELS output channels) and DENSE_MIN_DEPTH products per output (see their comments)."""
+        and INT8_MIN_CHANNELS output channels) and DENSE_MIN_DEPTH products per output (see their comments); where
+        the direct kernel would run it (`by_groups`), DIRECT_FROM_DENSITY(_STRIDED) of them."""
         ptr = self._kernel_weights()[0]
         kind = self.product_kind
         if self.groups != 1 or kind is None or (kind == "int8" and self.shape[0] < INT8_MIN_CHANNELS):
             return False
         density = int(ptr[-1]) / math.prod(self.shape)
         quad = kind == "int8" and self.quad_weights  # the sparse kernel is faster with quads: a later crossover
+        if quad and self.by_groups:  # and the direct kernel faster than a product: an earlier one
+            return density >= (DIRECT_FROM_DENSITY_STRIDED if self.stride[0] > 1 else DIRECT_FROM_DENSITY)
         if self.stride[0] > 1:
             return density >= (QUAD_FROM_DENSITY_STRIDED if quad else DENSE_FROM_DENSITY_STRIDED)
         threshold = (QUAD_FROM_DENSITY if quad else INT8_FROM_DENSITY) if kind == "int8" else DENSE_FROM_DENSITY
@@ -183,6 +186,22 @@ class Conv:
         if self.integer and int8_products() and np.abs(val).max(initial=0) <= 127:
             return "int8"
         return "float32" if val.dtype == np.float32 else None
+
+    def tap_offsets(self, hp: int, wq: int) -> np.ndarray:
+        """The input offset (as `geometry`'s) of every weight position (c_in, ky, kx), kept or not, in that order,
+        for a padded input of hp rows of wq columns per phase."""
+        c_total, kh, kw = self.shape[1:]
+        ci, ky, kx = (a.astype(np.uint64) for a in np.unravel_index(np.arange(c_total * kh * kw), (c_total, kh, kw)))
+        (_, s), (dh, d) = self.stride, self.dilation
+        return ((((kx * d) % s) * c_total + ci) * hp + ky * dh) * wq + (kx * d) // s
+
+    @property
+    def by_groups(self) -> bool:
+        """Whether the dense path would compute this layer by `direct`'s groups (see `direct_groups`), judged on
+        a wide input, whose kernel rows lie too far apart to share a segment (narrow maps fill groups better)."""
+        if not hasattr(self, "_by_groups"):
+            self._by_groups = self.direct_groups(self.tap_offsets(1 << 12, 1 << 12), self._dense_weights()) is not None
+        return self._by_groups
 
     def _dense_weights(self) -> np.ndarray:
         """The kept weights as a dense float32 (C_out, C_in * kh * kw) matrix, in `_kernel_weights`'s values."""
@@ -465,10 +484,7 @@ class Conv:
         co, k = weights.shape
         int8 = self.product_kind == "int8"
         corr = self._kernel_weights()[2]
-        c_total, kh, kw = self.shape[1:]
-        ci, ky, kx = (a.astype(np.uint64) for a in np.unravel_index(np.arange(k), (c_total, kh, kw)))
-        (_, s), (dh, d) = self.stride, self.dilation
-        off = ((((kx * d) % s) * c_total + ci) * g["hp"] + ky * dh) * g["wq"] + (kx * d) // s
+        off = self.tap_offsets(g["hp"], g["wq"])
         groups = self.direct_groups(off, weights)
         if int8 and groups is None:
             shifted = np.round(self.act["zero"]) - INT8_SHIFT
@@ -575,6 +591,8 @@ INT8_SHIFT = 128  # int8 products take q_a - 128 (q_a is uint8)
 INT8_FROM_DENSITY = 0.3
 DIRECT = True  # whether dense int8 layers may run `direct` (off: gathered columns and torch._int_mm, for comparisons)
 DIRECT_MIN_FILL = 0.75  # taps per group / 4 below which a layer's direct groups waste too much (1x1 convs: 0.5)
+DIRECT_FROM_DENSITY = 0.3
+DIRECT_FROM_DENSITY_STRIDED = 0.15
 QUADS = True  # whether `Conv.quad_weights` may hold (off: one product per weight, for comparisons)
 # With quads the sparse kernel is faster (`quads`), and the crossovers move up. ResNet-20, one thread, the whole
 # network at 0.3 / 0.2 -> 0.45 / 0.7 (Intel Xeon, VNNI): 90% 0.62 -> 0.49 ms at batch 1, 35.6 -> 30.4 at batch 64;
