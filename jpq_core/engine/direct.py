@@ -92,18 +92,20 @@ def group_taps(off: np.ndarray, weights: np.ndarray) -> Groups:
 
 
 def _block(pixels: int):
-    """An intrinsic (acc, a0, pitch, inp, base, segments, index, weights, w0, groups, lanes): for the CHANNELS
-    channels c and 16 * pixels pixels x from a0, acc[a0 + c * pitch + x] = the sum over the groups of their dot
-    products (int32; window from inp[base + segment start ..], weights from weights[w0 + g * CHANNELS + c]). One
-    loop over the groups with the accumulators in registers, stored at its end, of the last vector its first
-    `lanes` elements only (a masked store: a row's end, followed by other rows computed before it)."""
+    """An intrinsic (acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
+    last_lanes): for the CHANNELS channels c and vectors p < pixels of 16 pixels x,
+    acc[a0 + c * pitch + p * out_step + x] = the sum over the groups of their dot products (int32; the windows of
+    vector p from inp[base + p * in_step + segment start ..], weights from weights[w0 + g * CHANNELS + c]). One
+    loop over the groups with the accumulators in registers, stored at its end: of each vector its first `lanes`
+    elements, of the last one its first `last_lanes` (masked stores: a row's end, followed by rows computed
+    before it). Vectors along a row have steps of 16; rows of at most 16 pixels go one per vector."""
     @intrinsic
-    def block(typingctx, acc, a0, pitch, inp, base, segments, index, weights, w0, groups, lanes):
+    def block(typingctx, acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
+              last_lanes):
         def codegen(context, builder, signature, args):
-            data = [make_array(signature.args[i])(context, builder, args[i]).data if i in (0, 3, 5, 6, 7) else None
-                    for i in range(len(args))]
-            acc_data, inp_data, seg_data, index_data, weight_data = (data[i] for i in (0, 3, 5, 6, 7))
-            a0, pitch, base, w0, count = args[1], args[2], args[4], args[8], args[9]
+            acc_data, inp_data, seg_data, index_data, weight_data = (
+                make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 4, 7, 8, 9))
+            a0, out_step, pitch, base, in_step, w0, count = (args[i] for i in (1, 2, 3, 5, 6, 10, 11))
             permute = builder.module.declare_intrinsic("llvm.x86.avx512.vpermi2var.qi.512",
                                                        fnty=ir.FunctionType(_BYTES, [_BYTES] * 3))
             entry, loop, done = builder.block, builder.append_basic_block("groups"), builder.append_basic_block("stored")
@@ -122,7 +124,7 @@ def _block(pixels: int):
             for p in range(pixels):
                 tables = []
                 for start in starts:
-                    at = builder.gep(inp_data, [builder.add(start, ir.Constant(_I64, 16 * p))])
+                    at = builder.gep(inp_data, [builder.add(start, builder.mul(in_step, ir.Constant(_I64, p)))])
                     loaded = builder.load(builder.bitcast(at, _HALF.as_pointer()), align=1)
                     tables.append(builder.shuffle_vector(loaded, _ZERO_HALF, _WIDEN))
                 windows.append(builder.call(permute, [tables[0], index, tables[1]]))
@@ -139,24 +141,26 @@ def _block(pixels: int):
                 total.add_incoming(value, loop)
             builder.cbranch(builder.icmp_unsigned("<", following, count), loop, done)
             builder.position_at_end(done)
-            lane_count = builder.trunc(args[10], _I32)
-            mask = builder.icmp_unsigned("<", ir.Constant(_LANES, list(range(16))), builder.shuffle_vector(
-                builder.insert_element(ir.Constant(_LANES, None), lane_count, ir.Constant(_I32, 0)),
-                ir.Constant(_LANES, None), _SPLAT))
+            masks = [_first_lanes(builder, args[12]), _first_lanes(builder, args[13])]
             store = builder.module.declare_intrinsic("llvm.masked.store.v16i32.p0", fnty=ir.FunctionType(
-                ir.VoidType(), [_LANES, _LANES.as_pointer(), _I32, mask.type]))
+                ir.VoidType(), [_LANES, _LANES.as_pointer(), _I32, masks[0].type]))
             for c in range(CHANNELS):
                 row = builder.add(a0, builder.mul(pitch, ir.Constant(_I64, c)))
                 for p in range(pixels):
-                    at = builder.bitcast(builder.gep(acc_data, [builder.add(row, ir.Constant(_I64, 16 * p))]),
-                                         _LANES.as_pointer())
-                    if p == pixels - 1:
-                        builder.call(store, [new[c * pixels + p], at, ir.Constant(_I32, 4), mask])
-                    else:
-                        builder.store(new[c * pixels + p], at, align=4)
+                    at = builder.gep(acc_data, [builder.add(row, builder.mul(out_step, ir.Constant(_I64, p)))])
+                    builder.call(store, [new[c * pixels + p], builder.bitcast(at, _LANES.as_pointer()),
+                                         ir.Constant(_I32, 4), masks[p == pixels - 1]])
             return context.get_dummy_value()
-        return types.none(acc, a0, pitch, inp, base, segments, index, weights, w0, groups, lanes), codegen
+        return (types.none(acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
+                           last_lanes), codegen)
     return block
+
+
+def _first_lanes(builder, count):
+    """The mask of lanes below `count` (an int64) of a 16-lane vector."""
+    one = builder.insert_element(ir.Constant(_LANES, None), builder.trunc(count, _I32), ir.Constant(_I32, 0))
+    return builder.icmp_unsigned("<", ir.Constant(_LANES, list(range(16))),
+                                 builder.shuffle_vector(one, ir.Constant(_LANES, None), _SPLAT))
 
 
 _one_vector, _two_vectors, _three_vectors = _block(1), _block(2), _block(3)  # PIXELS = 3
@@ -170,24 +174,43 @@ def accumulate(inp, in_sample, start, segments, index, weights, n0, count, rows,
     Reads as far as the quads' loads (`quads.READ_BEYOND`) past a row's whole vectors; acc needs rows for the
     padded channels of the last block."""
     groups = _U(index.shape[0] // 64)
-    end = _U(run)
-    wide = _U(16 * PIXELS)
+    end, full, wide = _U(run), _U(16), _U(16 * PIXELS)
+    row_step = _U(rowstep)
     for block in range(_U(0), _U(weights.shape[0]) // (groups * _U(CHANNELS))):
         w0 = block * groups * _U(CHANNELS)
         for j in range(count):
+            sample = _U(n0 + j) * _U(in_sample) + start
+            a_sample = block * _U(CHANNELS) * pitch + _U(j * rows) * end
+            if rows > 1 and end <= full:  # short rows (stride 2): a vector per row, three rows per block
+                r = 0
+                while r + PIXELS <= rows:
+                    _three_vectors(acc, a_sample + _U(r) * end, end, pitch, inp, sample + _U(r) * row_step, row_step,
+                                   segments, index, weights, w0, groups, end, end)
+                    r += PIXELS
+                if r + 2 == rows:
+                    _two_vectors(acc, a_sample + _U(r) * end, end, pitch, inp, sample + _U(r) * row_step, row_step,
+                                 segments, index, weights, w0, groups, end, end)
+                elif r + 1 == rows:
+                    _one_vector(acc, a_sample + _U(r) * end, end, pitch, inp, sample + _U(r) * row_step, row_step,
+                                segments, index, weights, w0, groups, end, end)
+                continue
             for r in range(rows):
-                base = _U(n0 + j) * _U(in_sample) + start + _U(r) * _U(rowstep)
-                a0 = block * _U(CHANNELS) * pitch + _U((j * rows + r) * run)
+                base = sample + _U(r) * row_step
+                a0 = a_sample + _U(r) * end
                 x = _U(0)
                 while x + wide <= end:
-                    _three_vectors(acc, a0 + x, pitch, inp, base + x, segments, index, weights, w0, groups, _U(16))
+                    _three_vectors(acc, a0 + x, full, pitch, inp, base + x, full, segments, index, weights, w0,
+                                   groups, full, full)
                     x += wide
                 if x < end:  # the rest, 1-47 elements, as one block of 1-3 vectors
                     rest = (end - x + _U(15)) // _U(16)
                     lanes = end - x - (rest - _U(1)) * _U(16)
                     if rest == _U(1):
-                        _one_vector(acc, a0 + x, pitch, inp, base + x, segments, index, weights, w0, groups, lanes)
+                        _one_vector(acc, a0 + x, full, pitch, inp, base + x, full, segments, index, weights, w0,
+                                    groups, full, lanes)
                     elif rest == _U(2):
-                        _two_vectors(acc, a0 + x, pitch, inp, base + x, segments, index, weights, w0, groups, lanes)
+                        _two_vectors(acc, a0 + x, full, pitch, inp, base + x, full, segments, index, weights, w0,
+                                     groups, full, lanes)
                     else:
-                        _three_vectors(acc, a0 + x, pitch, inp, base + x, segments, index, weights, w0, groups, lanes)
+                        _three_vectors(acc, a0 + x, full, pitch, inp, base + x, full, segments, index, weights, w0,
+                                       groups, full, lanes)
