@@ -166,6 +166,21 @@ def _first_lanes(builder, count):
 _one_vector, _two_vectors, _three_vectors = _block(1), _block(2), _block(3)  # PIXELS = 3
 
 
+@njit(inline="always")
+def _vectors(count, acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
+             last_lanes):
+    """One block of `count` (1 to PIXELS) vectors (see `_block`)."""
+    if count == 3:
+        _three_vectors(acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
+                       last_lanes)
+    elif count == 2:
+        _two_vectors(acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
+                     last_lanes)
+    else:
+        _one_vector(acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
+                    last_lanes)
+
+
 @njit
 def accumulate(inp, in_sample, start, segments, index, weights, n0, count, rows, run, rowstep, acc, pitch):
     """acc[c * pitch + (j * rows + r) * run + x] = sum_k w[c, k] * inp[(n0 + j) * in_sample + start + r * rowstep
@@ -174,43 +189,28 @@ def accumulate(inp, in_sample, start, segments, index, weights, n0, count, rows,
     Reads as far as the quads' loads (`quads.READ_BEYOND`) past a row's whole vectors; acc needs rows for the
     padded channels of the last block."""
     groups = _U(index.shape[0] // 64)
-    end, full, wide = _U(run), _U(16), _U(16 * PIXELS)
+    end, full, most = _U(run), _U(16), _U(PIXELS)
     row_step = _U(rowstep)
     for block in range(_U(0), _U(weights.shape[0]) // (groups * _U(CHANNELS))):
         w0 = block * groups * _U(CHANNELS)
         for j in range(count):
             sample = _U(n0 + j) * _U(in_sample) + start
             a_sample = block * _U(CHANNELS) * pitch + _U(j * rows) * end
-            if rows > 1 and end <= full:  # short rows (stride 2): a vector per row, three rows per block
-                r = 0
-                while r + PIXELS <= rows:
-                    _three_vectors(acc, a_sample + _U(r) * end, end, pitch, inp, sample + _U(r) * row_step, row_step,
-                                   segments, index, weights, w0, groups, end, end)
-                    r += PIXELS
-                if r + 2 == rows:
-                    _two_vectors(acc, a_sample + _U(r) * end, end, pitch, inp, sample + _U(r) * row_step, row_step,
-                                 segments, index, weights, w0, groups, end, end)
-                elif r + 1 == rows:
-                    _one_vector(acc, a_sample + _U(r) * end, end, pitch, inp, sample + _U(r) * row_step, row_step,
-                                segments, index, weights, w0, groups, end, end)
+            if rows > 1 and end <= full:  # short rows (stride 2): a vector per row, PIXELS rows per block
+                r = _U(0)
+                while r < _U(rows):
+                    vectors = min(most, _U(rows) - r)
+                    _vectors(vectors, acc, a_sample + r * end, end, pitch, inp, sample + r * row_step, row_step,
+                             segments, index, weights, w0, groups, end, end)
+                    r += vectors
                 continue
             for r in range(rows):
                 base = sample + _U(r) * row_step
                 a0 = a_sample + _U(r) * end
                 x = _U(0)
-                while x + wide <= end:
-                    _three_vectors(acc, a0 + x, full, pitch, inp, base + x, full, segments, index, weights, w0,
-                                   groups, full, full)
-                    x += wide
-                if x < end:  # the rest, 1-47 elements, as one block of 1-3 vectors
-                    rest = (end - x + _U(15)) // _U(16)
-                    lanes = end - x - (rest - _U(1)) * _U(16)
-                    if rest == _U(1):
-                        _one_vector(acc, a0 + x, full, pitch, inp, base + x, full, segments, index, weights, w0,
-                                    groups, full, lanes)
-                    elif rest == _U(2):
-                        _two_vectors(acc, a0 + x, full, pitch, inp, base + x, full, segments, index, weights, w0,
-                                     groups, full, lanes)
-                    else:
-                        _three_vectors(acc, a0 + x, full, pitch, inp, base + x, full, segments, index, weights, w0,
-                                       groups, full, lanes)
+                while x < end:  # blocks of PIXELS vectors, the rest (1-47 elements) as one of 1-3, its last masked
+                    vectors = min(most, (end - x + _U(15)) // full)
+                    last = min(full, end - x - (vectors - _U(1)) * full)
+                    _vectors(vectors, acc, a0 + x, full, pitch, inp, base + x, full, segments, index, weights, w0,
+                             groups, full, last)
+                    x += vectors * full
