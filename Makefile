@@ -21,7 +21,7 @@ app: $(STAMP)
 	$(PY) -m app_support.serve --server.port $(PORT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 clean-venv:
 	rm -rf $(VENV)
