@@ -108,16 +108,15 @@ class _Chunk:
         merged.add_incoming(with_res, res_block)
         return merged
 
-    def store_bytes(self, q, low, array: str, offset: str, rounded: bool = True):
-        """rint(min(max(q, low), qmax)) as bytes into array at offset (low and qmax whole numbers in 0..255). An
-        unrounded q is rounded after the clamp, by the conversion (`kernels._byte`: the same values)."""
+    def store_bytes(self, q, low, array: str, offset: str):
+        """rint(min(max(q, low), qmax)) as bytes into array at offset (low and qmax whole numbers in 0..255): rounded
+        after the clamp, by the conversion (`kernels._byte`)."""
         b = self.builder
         low = _splat(b, low)
         q = b.select(b.fcmp_ordered(">", q, low, flags=_MATH), q, low)
         qmax = self.splat("qmax")
         q = b.select(b.fcmp_ordered("<", q, qmax, flags=_MATH), q, qmax)
-        if not rounded:
-            q = _call(b, "llvm.rint.v16f32", _vector(_F32), [q])
+        q = _call(b, "llvm.rint.v16f32", _vector(_F32), [q])
         _store(b, b.trunc(b.fptosi(q, _vector(_I32)), _vector(_I8)), self.pointer(array, offset), self.mask)
 
 
@@ -135,7 +134,7 @@ def quantized_chunk(typingctx, acc, a, count, corr, mul, bias, res, r, rmul, has
     v = (acc[a + x] - corr) * mul + bias (+ rmul * res[r + x] where has_res): `kernels._emit_quantized`'s store."""
     def codegen(context, builder, signature, args):
         chunk = _Chunk(context, builder, signature, args, _QUANTIZED)
-        chunk.store_bytes(chunk.affine(), chunk.values["low"], "dest", "d", rounded=False)
+        chunk.store_bytes(chunk.affine(), chunk.values["low"], "dest", "d")
         return context.get_dummy_value()
     if not _contiguous(acc, res, dest):
         return None
