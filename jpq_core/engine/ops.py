@@ -195,13 +195,11 @@ class Conv:
         (_, s), (dh, d) = self.stride, self.dilation
         return ((((kx * d) % s) * c_total + ci) * hp + ky * dh) * wq + (kx * d) // s
 
-    @property
+    @functools.cached_property
     def by_groups(self) -> bool:
         """Whether the dense path would compute this layer by `direct`'s groups (see `direct_groups`), judged on
         a wide input, whose kernel rows lie too far apart to share a segment (narrow maps fill groups better)."""
-        if not hasattr(self, "_by_groups"):
-            self._by_groups = self.direct_groups(self.tap_offsets(1 << 12, 1 << 12), self._dense_weights()) is not None
-        return self._by_groups
+        return self.direct_groups(self.tap_offsets(1 << 12, 1 << 12), self._dense_weights()) is not None
 
     def _dense_weights(self) -> np.ndarray:
         """The kept weights as a dense float32 (C_out, C_in * kh * kw) matrix, in `_kernel_weights`'s values."""
@@ -591,6 +589,8 @@ INT8_SHIFT = 128  # int8 products take q_a - 128 (q_a is uint8)
 INT8_FROM_DENSITY = 0.3
 DIRECT = True  # whether dense int8 layers may run `direct` (off: gathered columns and torch._int_mm, for comparisons)
 DIRECT_MIN_FILL = 0.75  # taps per group / 4 below which a layer's direct groups waste too much (1x1 convs: 0.5)
+# Layers the direct kernel runs (`by_groups`) are faster dense from this much kept (ResNet-20, one thread, after
+# 0.45 / 0.7: 90% 0.50 -> 0.47 ms at batch 1, 31.1 -> 27.9 at batch 64; docs/engine.md, session 20).
 DIRECT_FROM_DENSITY = 0.3
 DIRECT_FROM_DENSITY_STRIDED = 0.15
 QUADS = True  # whether `Conv.quad_weights` may hold (off: one product per weight, for comparisons)
