@@ -215,20 +215,39 @@ def _by_chunks(acc, *scalars) -> bool:
             and all(s == types.float32 for s in scalars))
 
 
-# The rows' functions are compiled on their own, like `_accumulate_kept`, with the tile functions' float math
-# (`CONV_MATH`), so that the loops and the chunks round alike.
+# The rows' functions compile with the tile functions' float math (`CONV_MATH`), so that the loops and the
+# chunks round alike. The chunks are inlined in numba's IR: as a function of their own each row was a call of
+# 50 pushed arguments and four reference counts (atomic), on AMD's Zen 4 ~30 ns a row, 2.5-3x the arithmetic of
+# ResNet-20's 32-pixel rows (docs/engine.md, session 23).
 _ROW_OPTIONS = {"fastmath": CONV_MATH, "error_model": "numpy", "nogil": True}
 
 
-@overload(_quantized_row, jit_options=_ROW_OPTIONS)
+def _quantized_row_chunked(acc, a0, length, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dest, d0) -> bool:
+    return _by_chunks(acc, corr, mul, bias, low, qmax, rmul)
+
+
+def _float_and_quantized_row_chunked(acc, a0, w, corr, mul, bias, res, r0, res_scale, has_res, slope, out, o0, keep,
+                                     dest, d0, scale, zero, qmax) -> bool:
+    return _by_chunks(acc, corr, mul, bias, res_scale, slope, scale, zero, qmax)
+
+
+def _inline_if(predicate):
+    """numba's inlining choice for an overload: in its IR where `predicate(*argument types)` holds (the chunks and
+    quads inline cleanly; the loops, inlined, raise numba's NumbaIRAssumptionWarning at every compile)."""
+    return lambda expr, caller, callee: predicate(*callee.signature.args)
+
+
+@overload(_quantized_row, jit_options=_ROW_OPTIONS, inline=_inline_if(_quantized_row_chunked))
 def _quantized_row_by_type(acc, a0, length, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dest, d0):
-    return _quantized_row_chunks if _by_chunks(acc, corr, mul, bias, low, qmax, rmul) else _quantized_row_loop
+    chunked = _quantized_row_chunked(acc, a0, length, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dest, d0)
+    return _quantized_row_chunks if chunked else _quantized_row_loop
 
 
-@overload(_float_and_quantized_row, jit_options=_ROW_OPTIONS)
+@overload(_float_and_quantized_row, jit_options=_ROW_OPTIONS, inline=_inline_if(_float_and_quantized_row_chunked))
 def _float_and_quantized_row_by_type(acc, a0, w, corr, mul, bias, res, r0, res_scale, has_res, slope, out, o0, keep,
                                      dest, d0, scale, zero, qmax):
-    chunked = _by_chunks(acc, corr, mul, bias, res_scale, slope, scale, zero, qmax)
+    chunked = _float_and_quantized_row_chunked(acc, a0, w, corr, mul, bias, res, r0, res_scale, has_res, slope, out, o0,
+                                               keep, dest, d0, scale, zero, qmax)
     return _float_and_quantized_row_chunks if chunked else _float_and_quantized_row_loop
 
 
@@ -459,11 +478,17 @@ def _accumulate_weights(acc, length, inp, base, off, val, k0, k1):
     _accumulate(acc, length, inp, base, off, val, k0, k1)
 
 
-# Compiled as a function of its own, which LLVM inlines: inlined in numba's IR, the chosen function's loops
-# raised numba's NumbaIRAssumptionWarning (a variable out of scope) at every compile.
-@overload(_accumulate_kept, jit_options={"fastmath": True, "error_model": "numpy", "nogil": True})
+def _quad_weights(acc, length, inp, base, off, val, k0, k1) -> bool:
+    return isinstance(val, types.Array) and val.dtype == types.uint32
+
+
+# The quads inlined in numba's IR (a call per channel or row costs its arguments and reference counts, see
+# `_ROW_OPTIONS`); one product per weight compiled as a function of its own: inlined, its loops raise numba's
+# NumbaIRAssumptionWarning (a variable out of scope) at every compile.
+@overload(_accumulate_kept, jit_options={"fastmath": True, "error_model": "numpy", "nogil": True},
+          inline=_inline_if(_quad_weights))
 def _accumulate_kept_by_type(acc, length, inp, base, off, val, k0, k1):
-    quad_weights = isinstance(val, types.Array) and val.dtype == types.uint32
+    quad_weights = _quad_weights(acc, length, inp, base, off, val, k0, k1)
     return _accumulate_quads if quad_weights else _accumulate_weights
 
 

@@ -92,8 +92,8 @@ def accumulate_groups(acc, length, inp, base, off, quad, k0, k1):
     """acc[x] = sum_{k0 <= g < k1} sum_i byte_i(quad[g]) * inp[base + off[g] + i + x] for x < length (a
     multiple of 16), in passes like `kernels._accumulate`'s: the (k1 - k0) % 4 odd groups set the accumulators,
     then four groups where eight would leave four, then eight per pass."""
-    k = k0 + (k1 - k0) % _U(4)
-    if k == k0 + _U(1):
+    k = k0 + (k1 - k0) % _U(4)  # each name assigned once: inlined in numba's IR (`kernels._accumulate_kept`),
+    if k == k0 + _U(1):  # a name assigned again raises numba's NumbaIRAssumptionWarning at every compile
         o0, q0 = base + off[k0], quad[k0]
         for x in range(_U(0), length, _STEP):
             _set1(acc, x, inp, (o0 + x,), (q0,))
@@ -109,21 +109,20 @@ def accumulate_groups(acc, length, inp, base, off, quad, k0, k1):
     else:
         for x in range(length):
             acc[x] = 0
-    if (k1 - k) % _U(8) == _U(4):
+    four = (k1 - k) % _U(8)  # 0 or 4
+    if four == _U(4):
         o0, o1, o2, o3 = base + off[k], base + off[k + _U(1)], base + off[k + _U(2)], base + off[k + _U(3)]
         q0, q1, q2, q3 = quad[k], quad[k + _U(1)], quad[k + _U(2)], quad[k + _U(3)]
         for x in range(_U(0), length, _STEP):
             _add4(acc, x, inp, (o0 + x, o1 + x, o2 + x, o3 + x), (q0, q1, q2, q3))
-        k += _U(4)
-    while k < k1:
-        o0, o1, o2, o3 = base + off[k], base + off[k + _U(1)], base + off[k + _U(2)], base + off[k + _U(3)]
-        o4, o5, o6, o7 = base + off[k + _U(4)], base + off[k + _U(5)], base + off[k + _U(6)], base + off[k + _U(7)]
-        q0, q1, q2, q3 = quad[k], quad[k + _U(1)], quad[k + _U(2)], quad[k + _U(3)]
-        q4, q5, q6, q7 = quad[k + _U(4)], quad[k + _U(5)], quad[k + _U(6)], quad[k + _U(7)]
+    for g in range(k + four, k1, _U(8)):
+        o0, o1, o2, o3 = base + off[g], base + off[g + _U(1)], base + off[g + _U(2)], base + off[g + _U(3)]
+        o4, o5, o6, o7 = base + off[g + _U(4)], base + off[g + _U(5)], base + off[g + _U(6)], base + off[g + _U(7)]
+        q0, q1, q2, q3 = quad[g], quad[g + _U(1)], quad[g + _U(2)], quad[g + _U(3)]
+        q4, q5, q6, q7 = quad[g + _U(4)], quad[g + _U(5)], quad[g + _U(6)], quad[g + _U(7)]
         for x in range(_U(0), length, _STEP):
             _add8(acc, x, inp, (o0 + x, o1 + x, o2 + x, o3 + x, o4 + x, o5 + x, o6 + x, o7 + x),
                   (q0, q1, q2, q3, q4, q5, q6, q7))
-        k += _U(8)
 
 
 @njit(cache=True)
