@@ -7,6 +7,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config):
+    # numba's pedantic check warns, at every compile, where a function inlined in its IR assigns a name in two
+    # blocks (`jpq_core.engine.kernels._inline_if`); users would see it, so a run with a cold cache fails on it
+    config.addinivalue_line("filterwarnings", "error::numba.core.errors.NumbaIRAssumptionWarning")
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
