@@ -61,3 +61,42 @@ def test_float_and_quantized_rows_in_chunks_equal_the_loop(length, offset, seed,
         outputs[kind] = (out, dest)
     np.testing.assert_array_equal(outputs["chunks"][0], outputs["loop"][0])
     np.testing.assert_array_equal(outputs["chunks"][1], outputs["loop"][1])
+
+
+shared = _jit(kernels._shared_row_chunks)
+
+
+def _expected_row(q: np.ndarray, dest: np.ndarray, n: int, channel: int, row: int, pad: int) -> None:
+    """q stored as the scratch-row loops store it: padded column x + pad of a stride-1 or stride-2 input, column
+    phase (x + pad) % 2 of the latter."""
+    stride = dest.shape[1]
+    for x, value in enumerate(q):
+        column = x + pad
+        dest[n, column % stride, channel, row, column // stride] = value
+
+
+@settings(max_examples=80, deadline=None)
+@given(strides=st.tuples(st.sampled_from([0, 1, 2]), st.sampled_from([1, 2])), pads=st.tuples(st.integers(0, 1),
+       st.integers(0, 1)), past_batch=st.booleans(), **rows)
+def test_stage_end_rows_in_chunks_equal_the_loop(length, offset, seed, has_res, int_acc, strides, pads, past_batch):
+    """A row quantized once and stored into two destinations (`kernels._shared_row`): each stride-1 or stride-2
+    (0: inactive), the second one's batch part ending before the sample (`past_batch`), against the loop's
+    bytes laid out by hand; nothing else written."""
+    acc, (corr, mul, bias), res = _arrays(seed, length, offset, int_acc)
+    low, qmax, rmul = np.float32(3.0), np.float32(255.0), np.float32(0.37)
+    n, c, oy, c0 = 1, 2, 1, 1
+    r0 = np.uint64(res[1, 2, 3].ctypes.data - res.ctypes.data) // np.uint64(4)
+    q = np.zeros((1, 1, 1, 1, length), np.uint8)
+    quantized["loop"](acc, np.uint64(offset), length, corr, mul, bias, low, qmax, res, r0, rmul, has_res, q, np.uint64(0))
+    dests, expected, places = [], [], []
+    for stride, pad, part in zip(strides, pads, (2, 1 if past_batch else 2)):
+        shape = (part, max(stride, 1), 4, oy + pad + 2, -(-(length + 2 * pad) // max(stride, 1)) + 1)
+        dests.append(np.full(shape, 7, np.uint8))
+        expected.append(dests[-1].copy())
+        places.append(np.array([c0, pad, stride > 0, pad], np.int64))
+        if stride > 0 and n < part:
+            _expected_row(q.reshape(-1), expected[-1], n, c0 + c, oy + pad, pad)
+    shared(acc, np.uint64(offset), length, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dests[0], places[0],
+           dests[1], places[1], n, c, oy)
+    np.testing.assert_array_equal(dests[0], expected[0])
+    np.testing.assert_array_equal(dests[1], expected[1])

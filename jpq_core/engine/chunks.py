@@ -108,16 +108,37 @@ class _Chunk:
         merged.add_incoming(with_res, res_block)
         return merged
 
-    def store_bytes(self, q, low, array: str, offset: str):
-        """rint(min(max(q, low), qmax)) as bytes into array at offset (low and qmax whole numbers in 0..255): rounded
-        after the clamp, by the conversion (`kernels._byte`)."""
+    def as_bytes(self, q, low):
+        """rint(min(max(q, low), qmax)) as bytes (low and qmax whole numbers in 0..255): rounded after the clamp,
+        by the conversion (`kernels._byte`)."""
         b = self.builder
         low = _splat(b, low)
         q = b.select(b.fcmp_ordered(">", q, low, flags=_MATH), q, low)
         qmax = self.splat("qmax")
         q = b.select(b.fcmp_ordered("<", q, qmax, flags=_MATH), q, qmax)
         q = _call(b, "llvm.rint.v16f32", _vector(_F32), [q])
-        _store(b, b.trunc(b.fptosi(q, _vector(_I32)), _vector(_I8)), self.pointer(array, offset), self.mask)
+        return b.trunc(b.fptosi(q, _vector(_I32)), _vector(_I8))
+
+    def store_bytes(self, q, low, array: str, offset: str):
+        """`as_bytes(q, low)` into array at offset."""
+        _store(self.builder, self.as_bytes(q, low), self.pointer(array, offset), self.mask)
+
+    def store_phases(self, q, array: str, even: str, odd: str):
+        """The even lanes of the bytes q at array[even + x / 2], the odd ones at array[odd + (x - 1) / 2]: a row
+        split into the two column phases of a stride-2 input, straight from the register."""
+        b = self.builder
+        half = ir.VectorType(_I32, _LANES // 2)
+        lanes = b.trunc(self.values["count"], _I32) if self.values["count"].type.width > 32 else self.values["count"]
+        for first, offset in ((0, even), (1, odd)):
+            picked = b.shuffle_vector(q, ir.Constant(q.type, None),
+                                      ir.Constant(half, list(range(first, _LANES, 2))))
+            # lanes x = 2i + first below count: i < (count - first + 1) / 2
+            kept = b.lshr(b.add(lanes, ir.Constant(_I32, 1 - first)), ir.Constant(_I32, 1))
+            one = b.insert_element(ir.Constant(half, None), kept, ir.Constant(_I32, 0))
+            mask = b.icmp_unsigned("<", ir.Constant(half, list(range(_LANES // 2))),
+                                   b.shuffle_vector(one, ir.Constant(half, None), ir.Constant(half, [0] * (_LANES // 2))))
+            _call(b, "llvm.masked.store.v8i8.p0", ir.VoidType(),
+                  [picked, self.pointer(array, offset), ir.Constant(_I32, 1), mask])
 
 
 def _contiguous(*arrays) -> bool:
@@ -165,3 +186,28 @@ def float_and_quantized_chunk(typingctx, acc, a, count, corr, mul, bias, res, r,
         return None
     return (types.none(acc, a, count, corr, mul, bias, res, r, rmul, has_res, slope, out, o, keep, dest, d, scale,
                        zero, qmax), codegen)
+
+
+_SHARED = "acc a count corr mul bias res r rmul has_res low qmax dest_a mode_a even_a odd_a dest_b mode_b even_b odd_b"
+
+
+@intrinsic
+def shared_chunk(typingctx, acc, a, count, corr, mul, bias, res, r, rmul, has_res, low, qmax, dest_a, mode_a, even_a,
+                 odd_a, dest_b, mode_b, even_b, odd_b):
+    """For lanes x < count (at most 16) of a chunk that starts at an even column: the bytes of `quantized_chunk`,
+    computed once, into two destinations (one quantizer), each by its mode: 0 none, 1 dest[even + x] (a stride-1
+    input), 2 `store_phases` (a stride-2 input): `kernels._shared_row`."""
+    def codegen(context, builder, signature, args):
+        chunk = _Chunk(context, builder, signature, args, _SHARED)
+        q = chunk.as_bytes(chunk.affine(), chunk.values["low"])
+        for dest, mode, even, odd in (("dest_a", "mode_a", "even_a", "odd_a"), ("dest_b", "mode_b", "even_b", "odd_b")):
+            value = chunk.values[mode]
+            with builder.if_then(builder.icmp_unsigned("==", value, ir.Constant(value.type, 1))):
+                _store(builder, q, chunk.pointer(dest, even), chunk.mask)
+            with builder.if_then(builder.icmp_unsigned("==", value, ir.Constant(value.type, 2))):
+                chunk.store_phases(q, dest, even, odd)
+        return context.get_dummy_value()
+    if not _contiguous(acc, res, dest_a, dest_b):
+        return None
+    return (types.none(acc, a, count, corr, mul, bias, res, r, rmul, has_res, low, qmax, dest_a, mode_a, even_a, odd_a,
+                       dest_b, mode_b, even_b, odd_b), codegen)
