@@ -92,7 +92,7 @@ def test_integer_layer_matches_reference(shape, wbits, abits):
 @example(shape=dict(seed=3, c_in=4, c_out=8, k=3, stride=1, padding=1, dilation=1, groups=1, sparsity=0.5),
          height=12, width=30, wbits=8)  # a 3x3 chain, as in ResNets
 def test_rows_accumulated_as_one_run_match_rows_one_by_one(shape, height, width, wbits):
-    """Narrow maps accumulate a tile's rows as one run (kernels._conv_tile's plane mode); the result is exactly
+    """A tile's rows accumulate as one run (kernels._tile_rows' plane mode); the result is exactly
     that of one row at a time, in one thread and split across threads into tiles of a few rows. The second layer
     reads the first one's output in its padded input, which the first writes straight from its accumulators."""
     from jpq_core.engine import ops
@@ -100,10 +100,10 @@ def test_rows_accumulated_as_one_run_match_rows_one_by_one(shape, height, width,
     model = layer_then_same_padding_conv(shape, wbits)
     x = torch.randn(3, shape["c_in"], height + 2 * shape["dilation"] * (shape["k"] - 1), width + 2 * shape["k"])
     outputs = []
-    for plane_below, serial_outputs, threads in ((0, ops.SERIAL_OUTPUTS, 1), (ops.PLANE_BELOW_WIDTH, ops.SERIAL_OUTPUTS, 1),
-                                                 (ops.PLANE_BELOW_WIDTH, 0, 2)):
+    for planes, serial_outputs, threads in ((False, ops.SERIAL_OUTPUTS, 1), (True, ops.SERIAL_OUTPUTS, 1),
+                                            (True, 0, 2)):
         with pytest.MonkeyPatch.context() as patch, numba_threads(threads):
-            patch.setattr(ops, "PLANE_BELOW_WIDTH", plane_below)
+            patch.setattr(ops, "PLANES", planes)
             patch.setattr(ops, "SERIAL_OUTPUTS", serial_outputs)
             outputs.append(compile_network(model).run(x))
     np.testing.assert_array_equal(outputs[0], outputs[1])

@@ -433,9 +433,9 @@ class Conv:
         ptr, val, corr, mul = self._kernel_weights()
         threads = numba.get_num_threads()
         serial = threads == 1 or n * co * out_h * out_w < SERIAL_OUTPUTS
-        # Narrow maps (classifiers) accumulate several rows as one run (see kernels._tile_rows), as many as
-        # fit PLANE_RUN accumulators, split further only to give each thread about four tiles.
-        plane = out_h > 1 and out_w < PLANE_BELOW_WIDTH
+        # A tile's rows accumulate as one run (see kernels._tile_rows), as many as fit PLANE_RUN accumulators,
+        # split further only to give each thread about four tiles.
+        plane = out_h > 1 and PLANES
         products, dense = None, np.zeros(7, np.int64)
         if self.dense and (out_w0 < DENSE_BELOW_WIDTH or self.product_kind == "int8"):
             plane = False
@@ -619,8 +619,12 @@ DENSE_MIN_DEPTH = 128
 DENSE_BELOW_WIDTH = 64
 DENSE_CHUNK_BYTES = 1 << 20  # im2col columns per matrix product, at most (one sample at a time above it)
 SERIAL_OUTPUTS = 1 << 16  # below this many outputs a layer is not split across threads
-PLANE_BELOW_WIDTH = 128  # output rows narrower than this are accumulated several rows at a time
-PLANE_RUN = 2048  # accumulators of one such run (8 KB of float32, in L1 with the input rows it reads)
+PLANES = True  # a tile's output rows accumulated as one run (off: a row at a time, for comparisons)
+# Accumulators of one such run (32 KB). Classifiers' narrow maps (8-32 pixels) are one run a sample either way;
+# on stereo's 186-372 pixel rows, runs of 2,048 accumulators (then only for rows below 128 pixels, wide rows
+# one at a time) against 8,192 for every width: 90% 1.10x, 99% 1.12-1.14x, 12,000-16,000 no better, 5,000 1.08x
+# (whole network, interleaved A/B, Zen 4, docs/engine.md session 24).
+PLANE_RUN = 8192
 _RESIDUAL, _OUT, _KEEP, _PLACES = 6, 17, 18, 22  # positions in the kernel's arguments (kernels.sparse_conv)
 THREADS = "threads"  # key of the buffers dict: numba's thread count for this run (set by the program)
 FRESH = "fresh"  # key of the buffers dict: False when its arrays were filled by a complete earlier run
