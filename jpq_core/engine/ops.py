@@ -434,8 +434,9 @@ class Conv:
         threads = numba.get_num_threads()
         serial = threads == 1 or n * co * out_h * out_w < SERIAL_OUTPUTS
         # A tile's rows accumulate as one run (see kernels._tile_rows), as many as fit PLANE_RUN accumulators,
-        # split further only to give each thread about four tiles.
-        plane = out_h > 1 and PLANES
+        # split further only to give each thread about four tiles: rows of stride 1 at any width, strided ones
+        # only where narrow (the run computes the columns between rows too, as many again at stride 2).
+        plane = out_h > 1 and PLANES and (self.stride[0] == 1 or out_w < STRIDED_PLANE_BELOW_WIDTH)
         products, dense = None, np.zeros(7, np.int64)
         if self.dense and (out_w0 < DENSE_BELOW_WIDTH or self.product_kind == "int8"):
             plane = False
@@ -622,9 +623,12 @@ SERIAL_OUTPUTS = 1 << 16  # below this many outputs a layer is not split across 
 PLANES = True  # a tile's output rows accumulated as one run (off: a row at a time, for comparisons)
 # Accumulators of one such run (32 KB). Classifiers' narrow maps (8-32 pixels) are one run a sample either way;
 # on stereo's 186-372 pixel rows, runs of 2,048 accumulators (then only for rows below 128 pixels, wide rows
-# one at a time) against 8,192 for every width: 90% 1.10x, 99% 1.12-1.14x, 12,000-16,000 no better, 5,000 1.08x
-# (whole network, interleaved A/B, Zen 4, docs/engine.md session 24).
+# one at a time) against 8,192: 90% 1.10x, 99% 1.12-1.14x, 12,000-16,000 no better, 5,000 1.08x (whole network,
+# interleaved A/B, Zen 4, docs/engine.md session 24).
 PLANE_RUN = 8192
+# Strided rows this wide or wider go one at a time: stereo's stride-2 conv (186-pixel rows) took 2.35 ms at 90%
+# row by row, 2.89 ms in runs of rows (half of each run between rows); ResNet-20's 8-16 pixel ones are faster in runs.
+STRIDED_PLANE_BELOW_WIDTH = 128
 _RESIDUAL, _OUT, _KEEP, _PLACES = 6, 17, 18, 22  # positions in the kernel's arguments (kernels.sparse_conv)
 THREADS = "threads"  # key of the buffers dict: numba's thread count for this run (set by the program)
 FRESH = "fresh"  # key of the buffers dict: False when its arrays were filled by a complete earlier run
