@@ -253,13 +253,14 @@ def _float_and_quantized_row_by_type(acc, a0, w, corr, mul, bias, res, r0, res_s
 
 def _shared_row(acc, a0, w, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dest_a, place_a, dest_b, place_b, n, c,
                 oy):
-    """A stage end's row: `_quantize_row`'s bytes (one quantizer for both destinations), computed once per
-    16-lane chunk and stored from the register into dest_a and dest_b, each a stride-1 input (the bytes as they
-    are) or a stride-2 one (even and odd columns to their column phases), skipped where inactive or where sample
-    n lies past its part of the batch (`_chunk_target`). Only in chunks (`chunks.shared_chunk`), where
-    `_shared_in_chunks` holds; elsewhere it does nothing and the caller takes the loops through a scratch row.
-    Through the scratch row, each destination's split was a vectorised loop of its own with its setup and
-    remainders, per row: at ResNet-20's 16-32 pixel rows the two splits took 60% of a stage end's time."""
+    """A row read by two consumers with one quantizer (a ResNet's stage end, stereo's half-resolution features):
+    `_quantize_row`'s bytes, computed once per 16-lane chunk and stored from the register into dest_a and dest_b,
+    each a stride-1 input (the bytes as they are) or a stride-2 one (even and odd columns to their column phases),
+    skipped where inactive or where sample n lies past its part of the batch (`_chunk_target`). Only in chunks
+    (`chunks.shared_chunk`), where `_shared_in_chunks` holds; elsewhere it does nothing and the caller takes the
+    loops through a scratch row. Through the scratch row, each destination's split was a vectorised loop of its
+    own with its setup and remainders, per row: at ResNet-20's 16-32 pixel rows the two splits took 40-60% of a
+    stage end's time (docs/engine.md, session 24)."""
     raise NotImplementedError("called from compiled kernels only")
 
 
