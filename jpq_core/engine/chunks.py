@@ -25,7 +25,6 @@ from numba.np.arrayobj import make_array
 
 _I1, _I8, _I32, _F32 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.FloatType()
 LANES = _LANES = 16  # float32 lanes of an AVX-512 register: elements per chunk
-_LANE_INDEX = ir.Constant(ir.VectorType(_I32, _LANES), list(range(_LANES)))
 _MATH = ("nnan", "ninf", "nsz", "contract")  # as kernels.CONV_MATH
 _NAMES = {_I8: "i8", _I32: "i32", _F32: "f32"}
 _BYTES = {_I8: 1, _I32: 4, _F32: 4}
@@ -45,6 +44,14 @@ def _vector(element) -> ir.VectorType:
 def _splat(builder, value):
     one = builder.insert_element(ir.Constant(_vector(value.type), None), value, ir.Constant(_I32, 0))
     return builder.shuffle_vector(one, ir.Constant(_vector(value.type), None), ir.Constant(_vector(_I32), [0] * _LANES))
+
+
+def _lanes_below(builder, count, lanes: int):
+    """The mask of a `lanes`-lane vector's lanes below `count` (an int32)."""
+    vector = ir.VectorType(_I32, lanes)
+    one = builder.insert_element(ir.Constant(vector, None), count, ir.Constant(_I32, 0))
+    return builder.icmp_unsigned("<", ir.Constant(vector, list(range(lanes))),
+                                 builder.shuffle_vector(one, ir.Constant(vector, None), ir.Constant(vector, [0] * lanes)))
 
 
 def _call(builder, name: str, result, args):
@@ -72,8 +79,8 @@ class _Chunk:
         self.builder, self.context = builder, context
         self.values, self.types = dict(zip(names.split(), args)), dict(zip(names.split(), signature.args))
         count = self.values["count"]
-        lanes = builder.trunc(count, _I32) if count.type.width > 32 else count
-        self.mask = builder.icmp_unsigned("<", _LANE_INDEX, _splat(builder, lanes))
+        self.count = builder.trunc(count, _I32) if count.type.width > 32 else count
+        self.mask = _lanes_below(builder, self.count, _LANES)
 
     def pointer(self, array: str, offset: str):
         data = make_array(self.types[array])(self.context, self.builder, self.values[array]).data
@@ -127,18 +134,14 @@ class _Chunk:
         """The even lanes of the bytes q at array[even + x / 2], the odd ones at array[odd + (x - 1) / 2]: a row
         split into the two column phases of a stride-2 input, straight from the register."""
         b = self.builder
-        half = ir.VectorType(_I32, _LANES // 2)
-        lanes = b.trunc(self.values["count"], _I32) if self.values["count"].type.width > 32 else self.values["count"]
+        half = _LANES // 2
         for first, offset in ((0, even), (1, odd)):
             picked = b.shuffle_vector(q, ir.Constant(q.type, None),
-                                      ir.Constant(half, list(range(first, _LANES, 2))))
+                                      ir.Constant(ir.VectorType(_I32, half), list(range(first, _LANES, 2))))
             # lanes x = 2i + first below count: i < (count - first + 1) / 2
-            kept = b.lshr(b.add(lanes, ir.Constant(_I32, 1 - first)), ir.Constant(_I32, 1))
-            one = b.insert_element(ir.Constant(half, None), kept, ir.Constant(_I32, 0))
-            mask = b.icmp_unsigned("<", ir.Constant(half, list(range(_LANES // 2))),
-                                   b.shuffle_vector(one, ir.Constant(half, None), ir.Constant(half, [0] * (_LANES // 2))))
+            kept = b.lshr(b.add(self.count, ir.Constant(_I32, 1 - first)), ir.Constant(_I32, 1))
             _call(b, "llvm.masked.store.v8i8.p0", ir.VoidType(),
-                  [picked, self.pointer(array, offset), ir.Constant(_I32, 1), mask])
+                  [picked, self.pointer(array, offset), ir.Constant(_I32, 1), _lanes_below(b, kept, half)])
 
 
 def _contiguous(*arrays) -> bool:

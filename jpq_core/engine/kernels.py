@@ -307,17 +307,10 @@ def _shared_row_none(acc, a0, w, corr, mul, bias, low, qmax, res, r0, rmul, has_
     return None
 
 
-def _shared_row_chunked(acc, a0, w, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dest_a, place_a, dest_b,
-                        place_b, n, c, oy) -> bool:
-    return _by_chunks(acc, corr, mul, bias, low, qmax, rmul)
-
-
 @overload(_shared_row, jit_options=_ROW_OPTIONS, inline="always")
 def _shared_row_by_type(acc, a0, w, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dest_a, place_a, dest_b, place_b,
                         n, c, oy):
-    chunked = _shared_row_chunked(acc, a0, w, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dest_a, place_a,
-                                  dest_b, place_b, n, c, oy)
-    return _shared_row_chunks if chunked else _shared_row_none
+    return _shared_row_chunks if _by_chunks(acc, corr, mul, bias, low, qmax, rmul) else _shared_row_none
 
 
 @njit(inline="always")

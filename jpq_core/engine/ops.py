@@ -622,9 +622,9 @@ DENSE_CHUNK_BYTES = 1 << 20  # im2col columns per matrix product, at most (one s
 SERIAL_OUTPUTS = 1 << 16  # below this many outputs a layer is not split across threads
 PLANES = True  # a tile's output rows accumulated as one run (off: a row at a time, for comparisons)
 # Accumulators of one such run (32 KB). Classifiers' narrow maps (8-32 pixels) are one run a sample either way;
-# on stereo's 186-372 pixel rows, runs of 2,048 accumulators (then only for rows below 128 pixels, wide rows
-# one at a time) against 8,192: 90% 1.10x, 99% 1.12-1.14x, 12,000-16,000 no better, 5,000 1.08x (whole network,
-# interleaved A/B, Zen 4, docs/engine.md session 24).
+# on stereo's 186-372 pixel rows (before: runs of 2,048, and only below 128 pixels) whole network 90% 1.077x,
+# 99% 1.080x, 0% 1.033x with runs of 8,192; 5,000 gained less, 12,000-16,000 no more (interleaved A/B, Zen 4,
+# docs/engine.md session 24).
 PLANE_RUN = 8192
 # Strided rows this wide or wider go one at a time: stereo's stride-2 conv (186-pixel rows) took 2.35 ms at 90%
 # row by row, 2.89 ms in runs of rows (half of each run between rows); ResNet-20's 8-16 pixel ones are faster in runs.
