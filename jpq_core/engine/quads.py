@@ -88,41 +88,54 @@ _STEP = _U(16)
 
 
 @njit(inline="always")
-def accumulate_groups(acc, length, inp, base, off, quad, k0, k1):
-    """acc[x] = sum_{k0 <= g < k1} sum_i byte_i(quad[g]) * inp[base + off[g] + i + x] for x < length (a
-    multiple of 16), in passes like `kernels._accumulate`'s: the (k1 - k0) % 4 odd groups set the accumulators,
-    then four groups where eight would leave four, then eight per pass."""
+def accumulate_groups(acc, length, inp, base, off, quad, k0, k1, count, in_step, acc_step):
+    """For each of `count` runs r: acc[r * acc_step + x] = sum_{k0 <= g < k1} sum_i byte_i(quad[g]) *
+    inp[base + r * in_step + off[g] + i + x] for x < length (a multiple of 16), in passes like
+    `kernels._accumulate`'s: the (k1 - k0) % 4 odd groups set the accumulators, then four groups where eight
+    would leave four, then eight per pass. A pass covers every run, so that its offsets and broadcast weights are
+    set up once for several rows (a strided layer's rows, which cannot be one run)."""
     k = k0 + (k1 - k0) % _U(4)  # each name assigned once: inlined in numba's IR (`kernels._accumulate_kept`),
     if k == k0 + _U(1):  # a name assigned again raises numba's NumbaIRAssumptionWarning at every compile
         o0, q0 = base + off[k0], quad[k0]
-        for x in range(_U(0), length, _STEP):
-            _set1(acc, x, inp, (o0 + x,), (q0,))
+        for r1 in range(count):
+            for x in range(_U(0), length, _STEP):
+                _set1(acc, r1 * acc_step + x, inp, (o0 + r1 * in_step + x,), (q0,))
     elif k == k0 + _U(2):
         o0, o1, q0, q1 = base + off[k0], base + off[k0 + _U(1)], quad[k0], quad[k0 + _U(1)]
-        for x in range(_U(0), length, _STEP):
-            _set2(acc, x, inp, (o0 + x, o1 + x), (q0, q1))
+        for r2 in range(count):
+            i2 = r2 * in_step
+            for x in range(_U(0), length, _STEP):
+                _set2(acc, r2 * acc_step + x, inp, (o0 + i2 + x, o1 + i2 + x), (q0, q1))
     elif k == k0 + _U(3):
         o0, o1, o2 = base + off[k0], base + off[k0 + _U(1)], base + off[k0 + _U(2)]
         q0, q1, q2 = quad[k0], quad[k0 + _U(1)], quad[k0 + _U(2)]
-        for x in range(_U(0), length, _STEP):
-            _set3(acc, x, inp, (o0 + x, o1 + x, o2 + x), (q0, q1, q2))
+        for r3 in range(count):
+            i3 = r3 * in_step
+            for x in range(_U(0), length, _STEP):
+                _set3(acc, r3 * acc_step + x, inp, (o0 + i3 + x, o1 + i3 + x, o2 + i3 + x), (q0, q1, q2))
     else:
-        for x in range(length):
-            acc[x] = 0
+        for r0 in range(count):
+            for x in range(length):
+                acc[r0 * acc_step + x] = 0
     four = (k1 - k) % _U(8)  # 0 or 4
     if four == _U(4):
         o0, o1, o2, o3 = base + off[k], base + off[k + _U(1)], base + off[k + _U(2)], base + off[k + _U(3)]
         q0, q1, q2, q3 = quad[k], quad[k + _U(1)], quad[k + _U(2)], quad[k + _U(3)]
-        for x in range(_U(0), length, _STEP):
-            _add4(acc, x, inp, (o0 + x, o1 + x, o2 + x, o3 + x), (q0, q1, q2, q3))
+        for r4 in range(count):
+            i4 = r4 * in_step
+            for x in range(_U(0), length, _STEP):
+                _add4(acc, r4 * acc_step + x, inp, (o0 + i4 + x, o1 + i4 + x, o2 + i4 + x, o3 + i4 + x), (q0, q1, q2, q3))
     for g in range(k + four, k1, _U(8)):
         o0, o1, o2, o3 = base + off[g], base + off[g + _U(1)], base + off[g + _U(2)], base + off[g + _U(3)]
         o4, o5, o6, o7 = base + off[g + _U(4)], base + off[g + _U(5)], base + off[g + _U(6)], base + off[g + _U(7)]
         q0, q1, q2, q3 = quad[g], quad[g + _U(1)], quad[g + _U(2)], quad[g + _U(3)]
         q4, q5, q6, q7 = quad[g + _U(4)], quad[g + _U(5)], quad[g + _U(6)], quad[g + _U(7)]
-        for x in range(_U(0), length, _STEP):
-            _add8(acc, x, inp, (o0 + x, o1 + x, o2 + x, o3 + x, o4 + x, o5 + x, o6 + x, o7 + x),
-                  (q0, q1, q2, q3, q4, q5, q6, q7))
+        for r8 in range(count):
+            i8 = r8 * in_step
+            for x in range(_U(0), length, _STEP):
+                _add8(acc, r8 * acc_step + x, inp, (o0 + i8 + x, o1 + i8 + x, o2 + i8 + x, o3 + i8 + x, o4 + i8 + x,
+                                                    o5 + i8 + x, o6 + i8 + x, o7 + i8 + x),
+                      (q0, q1, q2, q3, q4, q5, q6, q7))
 
 
 @njit(cache=True)
