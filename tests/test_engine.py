@@ -513,9 +513,10 @@ def test_a_network_that_mixes_samples_runs_its_batch_whole(monkeypatch):
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 2), c=st.integers(1, 9), h=st.integers(2, 12), w=st.integers(2, 40), shifts=st.integers(1, 12),
        seed=st.integers(0, 10_000))
-# several correlation jobs (kernels.CORRELATION_RUN) per sample, the last of one row, and shifts up to the width
+# several correlation jobs (kernels.CORRELATION_RUN) per sample, the last of one row, shifts up to the width
 @example(n=2, c=9, h=39, w=20, shifts=12, seed=1)
 @example(n=1, c=6, h=30, w=37, shifts=40, seed=2)
+@example(n=2, c=32, h=20, w=50, shifts=24, seed=3)  # stereo's channels and shifts: blocks of shifts (`shift_blocks`)
 def test_glue_kernels_match_pytorch(n, c, h, w, shifts, seed):
     import torch.nn.functional as F
 

@@ -58,7 +58,7 @@ from numba.core.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 from numba.typed import List
 
-from jpq_core.engine import chunks, quads  # noqa: E402 (after the features: see above)
+from jpq_core.engine import chunks, quads, shift_blocks  # noqa: E402 (after the features: see above)
 
 # Every kernel uses NumPy's error model: a float division by zero gives inf instead of raising, so numba puts
 # no zero check on the divisor inside loops. With the check, loops dividing by a runtime value (the quantized
@@ -111,6 +111,7 @@ def _alive(typingctx, array):
 
 
 VECTOR = 16  # int32 lanes of an AVX-512 register: accumulator rows are computed in whole vectors
+SHIFT_BLOCKS = chunks.native()  # the correlation's shifts in blocks of registers (`shift_blocks`), read when compiled
 CHUNKED_ROWS = chunks.native()  # epilogue rows in masked 16-lane chunks (`chunks`), read when numba compiles
 
 # The convolution's float arithmetic may contract a multiply and an add into an FMA, but not reassociate or take
@@ -1012,16 +1013,19 @@ def correlation(left, right, shifts, channels, constant, out):
     (`constants.correlation_arguments`; all channels and 0 where none is known constant).
 
     A job is a few image rows (CORRELATION_RUN accumulators per shift) taken as one flat run per shift: the
-    columns whose shifted reads cross into the next row are computed and never stored. Per job four channels at
-    a time, four shifts per loop (`_correlate_four_shifts`), each pass in whole vectors (a multiple of VECTOR the
-    compiler can see: no scalar remainder); the extra lanes read on into the array and are never stored. A job
-    whose reads could pass the array's end is computed exactly, a shift at a time."""
+    columns whose shifted reads cross into the next row are computed and never stored. Where numba compiles for
+    AVX-512, shifts in blocks whose accumulators stay in registers over all channels (`shift_blocks`); the shifts
+    left over four channels at a time, four shifts per loop (`_correlate_four_shifts`), each pass in whole
+    vectors (a multiple of VECTOR the compiler can see: no scalar remainder); the extra lanes read on into the
+    array and are never stored. A job whose reads could pass the array's end is computed exactly by the loops,
+    a shift at a time."""
     n_batch, c_in, h, w = left.shape
     inv = np.float32(1.0) / np.float32(c_in)
     d_max = min(shifts, w)
     count = channels.shape[0]
     left = _borrowed(left.reshape(n_batch, c_in, h * w))  # channel planes as flat runs (see `_borrowed`)
     right = _borrowed(right.reshape(n_batch, c_in, h * w))
+    left_flat, right_flat, plane = _flat(left), _flat(right), np.uint64(h * w)
     out = _borrowed(out)
     rows = max(1, CORRELATION_RUN // w)
     jobs_per_sample = (h + rows - 1) // rows
@@ -1030,14 +1034,24 @@ def correlation(left, right, shifts, channels, constant, out):
         y0 = (job % jobs_per_sample) * rows
         job_rows = min(rows, h - y0)
         length = job_rows * w
-        own_acc = np.full((d_max, length + VECTOR), constant, np.float32)
+        own_acc = np.full((d_max, length + shift_blocks.PIXELS), constant, np.float32)
         acc = _borrowed(own_acc)  # its rows go to inlined calls: see `_tile_rows`
-        exact = n == n_batch - 1 and (y0 + job_rows) * w + VECTOR + 4 > h * w
+        acc_flat, acc_row = _flat(acc), np.uint64(length + shift_blocks.PIXELS)
+        exact = n == n_batch - 1 and (y0 + job_rows) * w + shift_blocks.READ_BEYOND > h * w
         p0 = np.uint64(y0 * w)
+        blocked = 0  # shifts below this one done in blocks, the rest by the loops
+        if SHIFT_BLOCKS and not exact:
+            blocked = d_max - d_max % shift_blocks.SHIFTS
+            sample = np.uint64(n * c_in * h * w) + p0
+            pixels = np.uint64(shift_blocks.PIXELS)
+            for d0 in range(0, blocked, shift_blocks.SHIFTS):
+                for x in range(np.uint64(0), (np.uint64(length - d0) + pixels - np.uint64(1)) // pixels * pixels, pixels):
+                    shift_blocks.correlate_block(acc_flat, np.uint64(d0) * acc_row + x, acc_row, left_flat, right_flat,
+                                                 sample + np.uint64(d0) + x, sample + x, plane, channels, count)
         i = 0
         while i + 4 <= count:
             c0, c1, c2, c3 = channels[i], channels[i + 1], channels[i + 2], channels[i + 3]
-            d = 0
+            d = blocked
             while not exact and d + 4 <= d_max:
                 span = _whole_vectors(np.uint64(length - d))
                 _correlate_four_shifts(left, right, n, c0, c1, c2, c3, p0, np.uint64(d), span, acc[d], acc[d + 1],
@@ -1049,7 +1063,7 @@ def correlation(left, right, shifts, channels, constant, out):
             i += 4
         while i < count:
             l0, r0 = left[n, channels[i]], right[n, channels[i]]
-            for d in range(d_max):
+            for d in range(blocked, d_max):
                 a = acc[d]
                 shift = p0 + np.uint64(d)
                 for x in range(np.uint64(length - d)):
