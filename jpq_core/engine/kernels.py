@@ -587,7 +587,9 @@ def _tile_rows(epilogue, t, args):
     end and the next row's start computed and never stored: at the 8-32 pixel widths of classifiers a row is
     one or two vectors, and one long run per kept weight is 1.5-3.5x faster than a short run per row. With
     stride 2 down the rows about as many columns again lie between rows, and one run is still faster (ResNet-20's
-    stride-2 stage3.0.conv1 at 90%, batch 8: 0.28 -> 0.07 ms). Otherwise each row is its own run.
+    stride-2 stage3.0.conv1 at 90%, batch 8: 0.28 -> 0.07 ms). Otherwise each row is its own run, and each pass
+    over the channel's kept weights covers all rows of the tile (`_accumulate_kept`'s count): wide strided rows,
+    where a run would compute as many columns again between the rows.
 
     With dense = (chunk, plane, pitch, n0, row0, t0, t1), chunk > 0, the accumulators were computed before
     the call by one matrix product (the dense path below the crossover, `gather_columns`) for samples n0 ..
@@ -627,8 +629,8 @@ def _tile_rows(epilogue, t, args):
         if steady[c] and not fresh:
             continue
         if chunk == 0 and plane:
-            _accumulate_kept(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1, np.uint64(1), np.uint64(0),
-                             np.uint64(0))
+            _accumulate_kept(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1, np.uint64(1),
+                             np.uint64(0), np.uint64(0))
         elif chunk == 0:  # each row a run, the rows of the tile in each pass
             _accumulate_kept(acc, wv, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1,
                              np.uint64(oy1 - oy0), rowstride, wv)
