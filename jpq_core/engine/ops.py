@@ -448,10 +448,11 @@ class Conv:
                 per_tile = max(1, min(per_tile, -(-n * out_h // (4 * threads))))
             run = (per_tile - 1) * g["rowstride"] + out_w
         else:  # each row a run of whole vectors, a tile's rows in each pass (see kernels._tile_rows)
-            per_tile = max(1, min(out_h, PLANE_RUN // (-(-out_w // kernels.VECTOR) * kernels.VECTOR)))
+            row = -(-out_w // kernels.VECTOR) * kernels.VECTOR
+            per_tile = max(1, min(out_h, PLANE_RUN // row))
             if not serial:
                 per_tile = max(1, min(per_tile, -(-n * out_h // (4 * threads))))
-            run = per_tile * (-(-out_w // kernels.VECTOR) * kernels.VECTOR)
+            run = per_tile * row
         if products is None:
             val = val if g["quads"] is None else g["quads"]
             tiles = n * -(-out_h // per_tile)

@@ -6,7 +6,7 @@ unaligned load of the left row, and the accumulators go to memory between channe
 x 24 shifts x 126 x 186 pixels that loop ran at about three cycles a vector product, bound by its loads.
 
 Here the accumulators of SHIFTS consecutive shifts for 16 pixels (VECTORS x 16) stay in registers while the
-channels pass: per channel one load of the right row, two of the left row (its 32 values from x + d0 on), and
+channels pass: per channel one load of the right row, two of the left (its 32 values from x + d0 on), and
 per shift the window left[x + d0 + s .. + 15] cut from those two registers by one two-source permute
 (`vpermt2ps`), then one fused multiply-add. The sums run channel by channel in the channels' order. Stereo's
 correlation alone, one thread: 1.09 -> 0.72-0.75 ms (more shifts or pixels per block, or channels in passes of
