@@ -2,7 +2,7 @@
 
 import contextlib
 import json
-import time
+import types
 
 import numba
 import numpy as np
@@ -663,14 +663,16 @@ def test_interleaved_timing_sizes_its_measurements_after_a_slow_second_call(monk
     from jpq_core.engine import bench
 
     monkeypatch.setattr(bench, "MIN_MEASURE_MS", 200.0)
+    clock = [0.0]  # a simulated clock: the call counts do not depend on this machine's load
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     calls = []
 
     def planning_once():
         calls.append(None)
-        time.sleep(0.05 if len(calls) == 2 else 0.001)
+        clock[0] += 2.0**-4 if len(calls) == 2 else 2.0**-10  # 62.5 ms once, then 0.977 ms (exact in binary)
 
     bench.time_interleaved({"engine": planning_once}, repeats=2)
-    assert len(calls) >= 3 + 2 * 50  # warm-up and sizing calls, then 50 or more a measurement (4 if sized on the 2nd)
+    assert len(calls) == 3 + 2 * 204  # warm-up and sizing calls, then 200 ms / 0.977 ms a measurement (not 3)
 
 
 def test_an_input_of_the_wrong_width_is_refused_after_a_good_run():
