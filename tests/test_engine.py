@@ -684,3 +684,25 @@ def test_an_input_of_the_wrong_width_is_refused_after_a_good_run():
     program.run(x)
     with pytest.raises(JPQError, match="expects 4 input channels, got 3"):
         program.run(x[:, :3])
+
+
+def test_the_engine_s_cached_kernels_are_dropped_when_any_of_their_sources_changes(tmp_path, monkeypatch):
+    """numba keys a cached kernel on its own file only; the engine's kernels inline code from other modules
+    (`numba_cache`): with no stamp or a changed one, the engine's entries go and other modules' stay."""
+    from jpq_core.engine import kernels, numba_cache
+
+    assert isinstance(kernels.sparse_conv._cache._cache_path, str)  # where this numba keeps the cache
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in ("kernels._tile-1.py311.nbi", "quads.group_weights-3.py311.1.nbc", "other.f-1.py311.nbi"):
+        (cache / name).write_bytes(b"compiled")
+    dispatcher = types.SimpleNamespace(_cache=types.SimpleNamespace(_cache_path=str(cache)))
+    numba_cache.drop_stale(dispatcher)
+    assert sorted(p.name for p in cache.iterdir()) == [numba_cache.STAMP, "other.f-1.py311.nbi"]
+    (cache / "kernels._tile-1.py311.nbi").write_bytes(b"compiled")
+    numba_cache.drop_stale(dispatcher)  # the same sources: kept
+    assert (cache / "kernels._tile-1.py311.nbi").exists()
+    monkeypatch.setattr(numba_cache, "sources_hash", lambda folder: "another")
+    numba_cache.drop_stale(dispatcher)
+    assert not (cache / "kernels._tile-1.py311.nbi").exists()
+    assert (cache / numba_cache.STAMP).read_text() == "another"

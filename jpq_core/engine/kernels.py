@@ -58,7 +58,7 @@ from numba.core.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 from numba.typed import List
 
-from jpq_core.engine import chunks, quads, shift_blocks  # noqa: E402 (after the features: see above)
+from jpq_core.engine import chunks, numba_cache, quads, shift_blocks  # noqa: E402 (after the features: see above)
 
 # Every kernel uses NumPy's error model: a float division by zero gives inf instead of raising, so numba puts
 # no zero check on the divisor inside loops. With the check, loops dividing by a runtime value (the quantized
@@ -1299,3 +1299,6 @@ def activation(x, kind, a, b, out):
     else:
         for i in prange(x.size):
             out[i] = np.tanh(x[i])
+
+
+numba_cache.drop_stale(sparse_conv)  # before any cached kernel loads: see `numba_cache`
