@@ -176,20 +176,26 @@ def test_a_layer_read_at_stride_1_and_2_stores_both_inputs(one_quantizer, thread
             assert np.abs(out - ref).mean() <= 1e-3 * np.abs(ref).max()
 
 
-def test_quads_take_each_channels_weights_within_four_bytes_of_the_first():
-    """A quad starts at a kept weight's offset and takes the channel's next weights below it + 4, their int8
-    codes as bytes (byte i for offset + i, zero where a tap is pruned); channels keep their own quads."""
-    from jpq_core.engine.quads import group_weights
+def test_groups_take_up_to_four_weights_from_one_or_two_segments_of_a_channel():
+    """A segment starts at a kept weight's offset and takes the channel's next weights up to SPAN bytes on (at
+    most four); a group is one segment or two whose sizes add up to at most four. Each slot's weight is a byte of
+    the group's first word (int8, -128 and 127 included) and its input byte within the two 32-byte loads a byte of
+    the second (0-16: the first segment, 64-80: the second); channels keep their own groups."""
+    from jpq_core.engine.quads import SPAN, group_weights
 
-    ptr = np.array([0, 7, 7, 10], np.uint64)
-    off = np.array([0, 1, 2, 5, 9, 10, 14, 3, 4, 6], np.uint64)
-    val = np.array([1, -2, 3, 4, -128, 127, 5, 6, 7, -1], np.float32)
-    gptr, goff, quad = group_weights(ptr, off, val)
-    np.testing.assert_array_equal(gptr, [0, 4, 4, 5])
-    np.testing.assert_array_equal(goff, [0, 5, 9, 14, 3])
-    as_bytes = quad.view(np.int8).reshape(-1, 4)  # little-endian: byte i of each uint32
-    np.testing.assert_array_equal(as_bytes, [[1, -2, 3, 0], [4, 0, 0, 0], [-128, 127, 0, 0], [5, 0, 0, 0],
-                                             [6, 7, 0, -1]])
+    assert SPAN == 16
+    ptr = np.array([0, 7, 7, 10, 17], np.uint64)
+    off = np.array([0, 1, 2, 5, 9, 10, 14, 3, 4, 6, 0, 30, 50, 100, 117, 200, 216], np.uint64)
+    val = np.array([1, -2, 3, 4, -128, 127, 5, 6, 7, -1, 1, 2, 3, 4, 5, 6, 7], np.float32)
+    gptr, goff, words = group_weights(ptr, off, val)
+    np.testing.assert_array_equal(gptr, [0, 2, 2, 3, 6])
+    np.testing.assert_array_equal(goff.reshape(-1, 2), [[0, 0], [9, 9], [3, 3], [200, 0], [30, 50], [100, 117]])
+    weights = words[0::2].copy().view(np.int8).reshape(-1, 4)  # little-endian: byte i is slot i
+    shifts = words[1::2].copy().view(np.uint8).reshape(-1, 4)
+    np.testing.assert_array_equal(weights, [[1, -2, 3, 4], [-128, 127, 5, 0], [6, 7, -1, 0], [6, 7, 1, 0],
+                                            [2, 3, 0, 0], [4, 5, 0, 0]])
+    np.testing.assert_array_equal(shifts, [[0, 1, 2, 5], [0, 1, 5, 0], [0, 1, 3, 0], [0, 16, 64, 0],
+                                           [0, 64, 0, 0], [0, 64, 0, 0]])
 
 
 @settings(max_examples=25, deadline=None)
@@ -198,10 +204,10 @@ def test_quads_take_each_channels_weights_within_four_bytes_of_the_first():
          height=20, width=70, wbits=8)  # dilated, rows one at a time (stereo's refinement)
 @example(shape=dict(seed=8, c_in=4, c_out=8, k=3, stride=2, padding=1, dilation=1, groups=1, sparsity=0.5),
          height=16, width=16, wbits=8)  # stride 2, several rows as one run (ResNet's stage starts)
-def test_quad_weights_give_the_accumulators_of_one_product_per_weight(shape, height, width, wbits):
-    """Where the CPU has VNNI the sparse kernel takes kept weights in quads (one dot product for up to four taps
-    of a kernel row, `quads`): the accumulators are exactly the reference's, and the outputs exactly those of
-    one product per weight, for rows one at a time and several rows as one run."""
+def test_grouped_weights_give_the_accumulators_of_one_product_per_weight(shape, height, width, wbits):
+    """Where the CPU has VNNI and VBMI the sparse kernel takes kept weights in groups (one dot product for up to
+    four taps from two segments, `quads`): the accumulators are exactly the reference's, and the outputs exactly
+    those of one product per weight, for rows one at a time and several rows as one run."""
     from jpq_core.engine import ops, quads
 
     model, _ = compressed_layer(**shape, wbits=wbits, abits=8)

@@ -1,20 +1,24 @@
-"""Kept weights in quads (groups of up to four bytes): one VNNI dot product per quad and 16 output pixels.
+"""Kept weights in groups of up to four from two segments: one VNNI dot product per group and 16 output pixels.
 
 The sparse kernel's accumulators are acc[x] = sum_k k_w[k] * q_a[base + off[k] + x] (`kernels._accumulate`), one
-product per kept weight: load 16 input bytes, widen, multiply-add. Kept weights whose offsets lie within four
-bytes of each other (taps of one kernel row: kx = 0, 1, 2 of a 3x3, or 0 and 2 of a dilated one) form a group
-(a quad) with offset o and weight bytes b_0..b_3 (zero where a tap is pruned), and
+product per kept weight: load 16 input bytes, widen, multiply-add. Here up to four kept weights of one output
+channel form a group, with weight bytes b_0..b_3 (zero in an unused slot): slot i reads its input at o_i + x, and
+for 16 pixels at once
 
-    acc[x] += sum_{i<4} b_i * q_a[base + o + i + x]
+    acc[x] += sum_{i<4} b_i * q_a[base + o_i + x]
 
-is, for 16 pixels at once, one `vpdpbusd` (AVX-512 VNNI: per 32-bit lane, four u8 x s8 products summed) of the
-input window (lane j holding q_a[.. + j .. + j + 3], one `vpermb` of a 32-byte load) with the group's four
-bytes broadcast. The input bytes go in as they are stored (no widening), and a group of two kept taps costs no
-more than one of one. Sums are exact int32, as the integer path's accumulators (`ops.Conv._kernel_weights`).
+is one `vpdpbusd` (AVX-512 VNNI: per 32-bit lane, four u8 x s8 products summed) of a window whose lane j holds
+the four slots' input bytes of pixel j, with the group's four bytes broadcast. The window is one `vpermi2b`
+(a byte permute over two registers) of two 32-byte loads, one per *segment*: a segment is a run of kept weights
+whose offsets lie within SPAN bytes of its first, o_i = segment start + s_i, s_i <= SPAN (the taps of one kernel
+row, dilated or not, and on small maps the next row's first). A group takes one or two segments, so that two
+kernel rows of one kept tap each (the usual case at 90% sparsity) cost one dot product, not two. The input bytes
+go in as they are stored (no widening). Sums are exact int32, as the integer path's accumulators
+(`ops.Conv._kernel_weights`).
 
-Only for a CPU with AVX-512 VNNI and VBMI (`native()`): the engine makes quads nowhere else, so these kernels are
-never compiled there (`kernels._accumulate_kept` picks them by the weights' type). Imported by `kernels`, after it
-has set the CPU features numba compiles for.
+Only for a CPU with AVX-512 VNNI and VBMI (`native()`): the engine makes groups nowhere else, so these kernels
+are never compiled there (`kernels._accumulate_kept` picks them by the weights' type). Imported by `kernels`,
+after it has set the CPU features numba compiles for.
 """
 
 from __future__ import annotations
@@ -31,19 +35,22 @@ from numba.np.arrayobj import make_array
 
 njit = functools.partial(numba.njit, error_model="numpy", nogil=True)
 
-_I8, _I32 = ir.IntType(8), ir.IntType(32)
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 _LANES = ir.VectorType(_I32, 16)  # one AVX-512 register of int32 accumulators
-_LOAD = ir.VectorType(_I8, 32)  # the input bytes a window needs (19 of them) in one 32-byte load
-# Window byte 4j + i = input byte j + i: lane j sees the four inputs of output pixel j.
-_WINDOW = ir.Constant(ir.VectorType(_I32, 64), [j + i for j in range(16) for i in range(4)])
+_BYTES = ir.VectorType(_I8, 64)
+_LOAD = ir.VectorType(_I8, 32)  # a segment's input bytes (up to SPAN + 16 of them) in one 32-byte load
+SPAN = 16  # the most a slot's offset may lie past its segment's start: pixel 15 then reads load byte 31
+# Window byte 4j + i (lane j, slot i) = j plus the slot's shift (byte i of the group's shifts, broadcast).
+_PIXEL = ir.Constant(_BYTES, [j for j in range(16) for _ in range(4)])
 _SPLAT = ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
+_WIDEN = ir.Constant(ir.VectorType(_I32, 64), list(range(64)))  # a 32-byte load as the low half of a register
 READ_BEYOND = 16  # bytes a group's loads read past what a product per weight would: 32-byte loads every 16
 
 
 @functools.lru_cache(maxsize=1)
 def native() -> bool:
     """Whether numba compiles for a CPU with AVX-512 VNNI and VBMI (its features, else the host's), where the
-    groups run as `vpdpbusd` and `vpermb`. The engine uses groups only there."""
+    groups run as `vpdpbusd` and `vpermi2b`. The engine uses groups only there."""
     features = numba.config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
     flags = set(features.split(","))
     return {"+avx512vnni", "+avx512vbmi", "+avx512bw"} <= flags
@@ -55,107 +62,164 @@ def _dot(builder, total, window, weights):
     return builder.call(fn, [total, builder.bitcast(window, _LANES), weights])
 
 
+def _broadcast(builder, word):
+    """A uint32 in all 16 lanes."""
+    one = builder.insert_element(ir.Constant(_LANES, None), word, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(_LANES, None), _SPLAT)
+
+
 def _group_pass(count: int, first: bool):
-    """An intrinsic (acc, a, inp, offsets, quads): acc[a:a + 16] (int32) = (0 if first else acc[a:a + 16]) plus
-    the `count` groups' dot products, group g reading inp[offsets[g]:offsets[g] + 19] with weights quads[g]
-    (a uint32 of four int8). Two chains of dot products, so that their latency overlaps."""
+    """An intrinsic (acc, a, inp, at, offsets, words): acc[a:a + 16] (int32) = (0 if first else acc[a:a + 16])
+    plus the `count` groups' dot products. Group g's segments are inp[offsets[2g] + at:][:32] and
+    inp[offsets[2g + 1] + at:][:32], its weights words[2g] (four int8) and its slots' shifts words[2g + 1] (byte i:
+    slot i's input byte within the two loads, 0-31 the first, 64-95 the second). Two chains of dot products, so
+    that their latency overlaps."""
     @intrinsic
-    def group_pass(typingctx, acc, a, inp, offsets, quads):
+    def group_pass(typingctx, acc, a, inp, at, offsets, words):
         def codegen(context, builder, signature, args):
             acc_data = make_array(signature.args[0])(context, builder, args[0]).data
             inp_data = make_array(signature.args[2])(context, builder, args[2]).data
             target = builder.bitcast(builder.gep(acc_data, [args[1]]), _LANES.as_pointer())
+            permute = builder.module.declare_intrinsic("llvm.x86.avx512.vpermi2var.qi.512",
+                                                       fnty=ir.FunctionType(_BYTES, [_BYTES] * 3))
+
+            def segment(k):
+                start = builder.gep(inp_data, [builder.add(builder.extract_value(args[4], k), args[3])])
+                loaded = builder.load(builder.bitcast(start, _LOAD.as_pointer()), align=1)
+                return builder.shuffle_vector(loaded, ir.Constant(_LOAD, None), _WIDEN)
+
             zero = ir.Constant(_LANES, [0] * 16)
             chains = [zero if first else builder.load(target, align=4), zero]
             for g in range(count):
-                at = builder.gep(inp_data, [builder.extract_value(args[3], g)])
-                loaded = builder.load(builder.bitcast(at, _LOAD.as_pointer()), align=1)
-                window = builder.shuffle_vector(loaded, ir.Constant(_LOAD, None), _WINDOW)
-                one = builder.insert_element(ir.Constant(_LANES, None), builder.extract_value(args[4], g),
-                                             ir.Constant(_I32, 0))
-                weights = builder.shuffle_vector(one, ir.Constant(_LANES, None), _SPLAT)
+                shifts = builder.bitcast(_broadcast(builder, builder.extract_value(args[5], 2 * g + 1)), _BYTES)
+                window = builder.call(permute, [segment(2 * g), builder.add(_PIXEL, shifts), segment(2 * g + 1)])
+                weights = _broadcast(builder, builder.extract_value(args[5], 2 * g))
                 chains[g % 2] = _dot(builder, chains[g % 2], window, weights)
             builder.store(builder.add(chains[0], chains[1]) if count > 1 else chains[0], target, align=4)
             return context.get_dummy_value()
-        return types.none(acc, a, inp, offsets, quads), codegen
+        return types.none(acc, a, inp, at, offsets, words), codegen
     return group_pass
+
+
+def _take(count: int):
+    """An intrinsic (array, k) -> the tuple array[2k], ..., array[2k + 2 * count - 1]: a pass's offsets or words,
+    read once before its loops."""
+    @intrinsic
+    def take(typingctx, array, k):
+        def codegen(context, builder, signature, args):
+            data = make_array(signature.args[0])(context, builder, args[0]).data
+            first = builder.mul(args[1], ir.Constant(_I64, 2))
+            items = [builder.load(builder.gep(data, [builder.add(first, ir.Constant(_I64, i))]))
+                     for i in range(2 * count)]
+            return context.make_tuple(builder, signature.return_type, items)
+        return types.UniTuple(array.dtype, 2 * count)(array, k), codegen
+    return take
 
 
 _set1, _set2, _set3 = _group_pass(1, True), _group_pass(2, True), _group_pass(3, True)
 _add4, _add8 = _group_pass(4, False), _group_pass(8, False)
+_take1, _take2, _take3, _take4, _take8 = _take(1), _take(2), _take(3), _take(4), _take(8)
 _U = np.uint64
 _STEP = _U(16)
 
 
 @njit(inline="always")
-def accumulate_groups(acc, length, inp, base, off, quad, k0, k1, count, in_step, acc_step):
-    """For each of `count` runs r: acc[r * acc_step + x] = sum_{k0 <= g < k1} sum_i byte_i(quad[g]) *
-    inp[base + r * in_step + off[g] + i + x] for x < length (a multiple of 16), in passes like
-    `kernels._accumulate`'s: the (k1 - k0) % 4 odd groups set the accumulators, then four groups where eight
-    would leave four, then eight per pass. A pass covers every run, so that its offsets and broadcast weights are
-    set up once for several rows (a strided layer's rows, which cannot be one run)."""
+def accumulate_groups(acc, length, inp, base, off, words, k0, k1, count, in_step, acc_step):
+    """For each of `count` runs r: acc[r * acc_step + x] = the dot products of groups k0 .. k1 - 1 (`_group_pass`:
+    offsets off[2g], off[2g + 1], words[2g], words[2g + 1]) over inp from base + r * in_step, for x < length (a
+    multiple of 16), in passes like `kernels._accumulate`'s: the (k1 - k0) % 4 odd groups set the accumulators,
+    then four groups where eight would leave four, then eight per pass. A pass covers every run, so that its
+    offsets and broadcast weights are set up once for several rows (a strided layer's rows, which cannot be one
+    run)."""
     k = k0 + (k1 - k0) % _U(4)  # each name assigned once: inlined in numba's IR (`kernels._accumulate_kept`),
     if k == k0 + _U(1):  # a name assigned again raises numba's NumbaIRAssumptionWarning at every compile
-        o0, q0 = base + off[k0], quad[k0]
+        o1, w1 = _take1(off, k0), _take1(words, k0)
         for r1 in range(count):
             for x in range(_U(0), length, _STEP):
-                _set1(acc, r1 * acc_step + x, inp, (o0 + r1 * in_step + x,), (q0,))
+                _set1(acc, r1 * acc_step + x, inp, base + r1 * in_step + x, o1, w1)
     elif k == k0 + _U(2):
-        o0, o1, q0, q1 = base + off[k0], base + off[k0 + _U(1)], quad[k0], quad[k0 + _U(1)]
+        o2, w2 = _take2(off, k0), _take2(words, k0)
         for r2 in range(count):
-            i2 = r2 * in_step
             for x in range(_U(0), length, _STEP):
-                _set2(acc, r2 * acc_step + x, inp, (o0 + i2 + x, o1 + i2 + x), (q0, q1))
+                _set2(acc, r2 * acc_step + x, inp, base + r2 * in_step + x, o2, w2)
     elif k == k0 + _U(3):
-        o0, o1, o2 = base + off[k0], base + off[k0 + _U(1)], base + off[k0 + _U(2)]
-        q0, q1, q2 = quad[k0], quad[k0 + _U(1)], quad[k0 + _U(2)]
+        o3, w3 = _take3(off, k0), _take3(words, k0)
         for r3 in range(count):
-            i3 = r3 * in_step
             for x in range(_U(0), length, _STEP):
-                _set3(acc, r3 * acc_step + x, inp, (o0 + i3 + x, o1 + i3 + x, o2 + i3 + x), (q0, q1, q2))
+                _set3(acc, r3 * acc_step + x, inp, base + r3 * in_step + x, o3, w3)
     else:
         for r0 in range(count):
             for x in range(length):
                 acc[r0 * acc_step + x] = 0
     four = (k1 - k) % _U(8)  # 0 or 4
     if four == _U(4):
-        o0, o1, o2, o3 = base + off[k], base + off[k + _U(1)], base + off[k + _U(2)], base + off[k + _U(3)]
-        q0, q1, q2, q3 = quad[k], quad[k + _U(1)], quad[k + _U(2)], quad[k + _U(3)]
+        o4, w4 = _take4(off, k), _take4(words, k)
         for r4 in range(count):
-            i4 = r4 * in_step
             for x in range(_U(0), length, _STEP):
-                _add4(acc, r4 * acc_step + x, inp, (o0 + i4 + x, o1 + i4 + x, o2 + i4 + x, o3 + i4 + x), (q0, q1, q2, q3))
+                _add4(acc, r4 * acc_step + x, inp, base + r4 * in_step + x, o4, w4)
     for g in range(k + four, k1, _U(8)):
-        o0, o1, o2, o3 = base + off[g], base + off[g + _U(1)], base + off[g + _U(2)], base + off[g + _U(3)]
-        o4, o5, o6, o7 = base + off[g + _U(4)], base + off[g + _U(5)], base + off[g + _U(6)], base + off[g + _U(7)]
-        q0, q1, q2, q3 = quad[g], quad[g + _U(1)], quad[g + _U(2)], quad[g + _U(3)]
-        q4, q5, q6, q7 = quad[g + _U(4)], quad[g + _U(5)], quad[g + _U(6)], quad[g + _U(7)]
+        o8, w8 = _take8(off, g), _take8(words, g)
         for r8 in range(count):
-            i8 = r8 * in_step
             for x in range(_U(0), length, _STEP):
-                _add8(acc, r8 * acc_step + x, inp, (o0 + i8 + x, o1 + i8 + x, o2 + i8 + x, o3 + i8 + x, o4 + i8 + x,
-                                                    o5 + i8 + x, o6 + i8 + x, o7 + i8 + x),
-                      (q0, q1, q2, q3, q4, q5, q6, q7))
+                _add8(acc, r8 * acc_step + x, inp, base + r8 * in_step + x, o8, w8)
+
+
+# (segment size, partner's size) in the order groups are made; partner 0: the segment alone
+_PAIRINGS = ((4, 0), (3, 1), (3, 0), (2, 2), (2, 1), (2, 0), (1, 1), (1, 0))
 
 
 @njit(cache=True)
 def group_weights(ptr, off, val):
     """Each output channel's kept weights (CSR: ptr, off, integer val in -128..127, offsets ascending within a
-    channel) in groups: a group starts at a weight's offset o and takes the following weights with offsets below
-    o + 4. Returns (group ptr, group offsets, groups as uint32 of four int8 weight bytes, byte i for offset o + i)."""
+    channel) in groups of one or two segments. A segment starts at a weight's offset o and takes the following
+    weights with offsets up to o + SPAN, at most four; each channel's segments then pair up into groups of at most
+    four weights (`_PAIRINGS`: three with one, two with two, two with one, one with one).
+    Returns (group ptr, offsets, words): group g's segments start at offsets[2g] and offsets[2g + 1] (the same
+    offset for a group of one segment); words[2g] holds its four int8 weights as bytes, words[2g + 1] its slots'
+    shifts (`_group_pass`), both zero in an unused slot."""
     channels = ptr.shape[0] - 1
+    n = off.shape[0]
     gptr = np.zeros(channels + 1, np.uint64)
-    goff = np.empty(off.shape[0], np.uint64)
-    quad = np.zeros(off.shape[0], np.uint32)
+    goff = np.empty(2 * n, np.uint64)
+    words = np.zeros(2 * n, np.uint32)
+    seg_start = np.empty(n, np.int64)
+    seg_size = np.empty(n, np.int64)
+    paired = np.empty(n, np.bool_)
     g = 0
     for c in range(channels):
+        segments = 0
         k, end = ptr[c], ptr[c + 1]
-        while k < end:
-            o = off[k]
-            goff[g] = o
-            while k < end and off[k] - o < _U(4):
-                quad[g] |= np.uint32(np.uint8(np.int8(val[k]))) << np.uint32(_U(8) * (off[k] - o))
+        while k < end:  # segments, greedy over ascending offsets
+            seg_start[segments] = k
+            first = off[k]
+            while k < end and off[k] - first <= _U(SPAN) and k - _U(seg_start[segments]) < _U(4):
                 k += _U(1)
-            g += 1
+            seg_size[segments] = k - _U(seg_start[segments])
+            segments += 1
+        paired[:segments] = False
+        for size, partner in _PAIRINGS:
+            for s in range(segments):
+                if paired[s] or seg_size[s] != size:
+                    continue
+                t = s  # a group of one segment reads it twice, its second load unused
+                for u in range(segments):
+                    if partner > 0 and u != s and not paired[u] and seg_size[u] == partner:
+                        t = u
+                        break
+                if partner > 0 and t == s:
+                    continue  # left for a later pairing
+                paired[s] = paired[t] = True
+                slot = 0
+                for which, segment in ((0, s), (1, t)):
+                    first = off[seg_start[segment]]
+                    goff[2 * g + which] = first
+                    if which == 1 and t == s:
+                        continue
+                    for j in range(seg_start[segment], seg_start[segment] + seg_size[segment]):
+                        shift = np.uint32(64 * which) + np.uint32(off[j] - first)
+                        words[2 * g] |= np.uint32(np.uint8(np.int8(val[j]))) << np.uint32(8 * slot)
+                        words[2 * g + 1] |= shift << np.uint32(8 * slot)
+                        slot += 1
+                g += 1
         gptr[c + 1] = g
-    return gptr, goff[:g].copy(), quad[:g].copy()
+    return gptr, goff[:2 * g].copy(), words[:2 * g].copy()
