@@ -594,8 +594,10 @@ INT8_FROM_DENSITY = 0.3
 DIRECT = True  # whether dense int8 layers may run `direct` (off: gathered columns and torch._int_mm, for comparisons)
 DIRECT_MIN_FILL = 0.75  # taps per group / 4 below which a layer's direct groups waste too much (1x1 convs: 0.5)
 # Layers the direct kernel runs (`by_groups`) are faster dense from this much kept (ResNet-20, one thread, after
-# 0.45 / 0.7: 90% 0.50 -> 0.47 ms at batch 1, 31.1 -> 27.9 at batch 64; docs/engine.md, session 20).
-DIRECT_FROM_DENSITY = 0.3
+# 0.45 / 0.7: 90% 0.50 -> 0.47 ms at batch 1, 31.1 -> 27.9 at batch 64; docs/engine.md, session 20). With groups
+# from two segments the sparse kernel runs stage 1's 34-37% kept at 90% faster: 0.3 -> 0.4, batch 64 at 90%
+# 1.10x -> 1.14x the code before them (batch 1 and 50% within noise; session 26).
+DIRECT_FROM_DENSITY = 0.4
 DIRECT_FROM_DENSITY_STRIDED = 0.15
 QUADS = True  # whether `Conv.quad_weights` may hold (off: one product per weight, for comparisons)
 # With quads the sparse kernel is faster (`quads`), and the crossovers move up. ResNet-20, one thread, the whole
