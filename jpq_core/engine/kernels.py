@@ -174,9 +174,13 @@ def _quantized_row_loop(acc, a0, length, corr, mul, bias, low, qmax, res, r0, rm
 
 def _quantized_row_chunks(acc, a0, length, corr, mul, bias, low, qmax, res, r0, rmul, has_res, dest, d0):
     end = np.uint64(length)
-    for x in range(np.uint64(0), end, np.uint64(chunks.LANES)):
-        chunks.quantized_chunk(acc, a0 + x, min(np.uint64(chunks.LANES), end - x), corr, mul, bias, res, r0 + x, rmul,
-                               has_res, low, qmax, dest, d0 + x)
+    whole = end & ~np.uint64(chunks.LANES - 1)
+    lanes = np.uint64(chunks.LANES)  # whole chunks with a constant count: their masks fold away (a mask per chunk
+    for x in range(np.uint64(0), whole, lanes):  # cost 0.124 against 0.098 ns an output, in C)
+        chunks.quantized_chunk(acc, a0 + x, lanes, corr, mul, bias, res, r0 + x, rmul, has_res, low, qmax, dest, d0 + x)
+    if whole < end:
+        chunks.quantized_chunk(acc, a0 + whole, end - whole, corr, mul, bias, res, r0 + whole, rmul, has_res, low,
+                               qmax, dest, d0 + whole)
 
 
 def _float_and_quantized_row(acc, a0, w, corr, mul, bias, res, r0, res_scale, has_res, slope, out, o0, keep, dest, d0,
@@ -367,19 +371,19 @@ def _copy_row(scratch, w, dest, n, c, oy, c0, pad_h, pad):
 
 
 @njit(inline="always")
-def _emit_run(acc, a0, w, rows, pitch, corr, mul, bias, low, qmax, dest, n, c, oy, c0, pad_h, pad, pad_value):
-    """`_emit_quantized` for `rows` rows of a stride-1 dest whose rows lie `pitch` apart, as in acc: one loop over
-    the run from row oy's first column to the last row's last, then the padding columns between the rows
-    (which the loop wrote) set back to pad_value. At classifier widths a loop per row cost more than its work."""
+def _emit_run(acc, a0, w, rows, pitch, corr, mul, bias, low, qmax, dest, n, c, oy, c0, pad_h, pad, pad_value, res):
+    """`_emit_quantized` for `rows` rows of a stride-1 dest whose rows lie `pitch` apart, as in acc: one row
+    (`_quantized_row`) over the run from row oy's first column to the last row's last, then the padding columns
+    between the rows (which it wrote) set back to pad_value. At classifier widths a loop per row cost more than
+    its work."""
     if n >= dest.shape[0]:
         return
     flat = _flat(dest)
     step, width = np.uint64(pitch), np.uint64(w)  # unsigned throughout: int64 with uint64 is float64 in numba
     row0 = ((np.uint64(n) * np.uint64(dest.shape[2]) + np.uint64(c0 + c)) * np.uint64(dest.shape[3])
             + np.uint64(oy + pad_h)) * step + np.uint64(pad)
-    for x in range(np.uint64(rows - 1) * step + width):  # a loop: runs this long were no faster in chunks
-        v = (np.float32(acc[a0 + x]) - corr) * mul + bias
-        flat[row0 + x] = _byte(v, low, qmax)
+    _quantized_row(acc, a0, np.uint64(rows - 1) * step + width, corr, mul, bias, low, qmax, res, np.uint64(0),
+                   np.float32(0.0), False, dest, row0)  # res: an unread float array (no residual here)
     fill = np.uint8(pad_value)
     for r in range(np.uint64(rows - 1)):
         for x in range(width, step):
@@ -640,10 +644,10 @@ def _tile_rows(epilogue, t, args):
                 a0 = np.uint64((c * chunk + n - dense[3]) * dense[1] + (oy0 - dense[4]) * dense[2])
             if place_a[2]:
                 _emit_run(acc, a0, out_w, oy1 - oy0, pitch, cr, m / sa, b / sa + za, low_a, qa, dest_a, n, c, oy0,
-                          place_a[0], place_a[1], place_a[3], za)
+                          place_a[0], place_a[1], place_a[3], za, res)
             if place_b[2]:
                 _emit_run(acc, a0, out_w, oy1 - oy0, pitch, cr, m / sb, b / sb + zb, low_b, qb, dest_b, n, c, oy0,
-                          place_b[0], place_b[1], place_b[3], zb)
+                          place_b[0], place_b[1], place_b[3], zb, res)
             continue
         for oy in range(oy0, oy1):
             if chunk > 0:
