@@ -198,16 +198,17 @@ def group_weights(ptr, off, val):
             segments += 1
         paired[:segments] = False
         for size, partner in _PAIRINGS:
+            u = 0  # the partner cursor: what it passes is paired or of another size for good, so it never goes back
             for s in range(segments):
                 if paired[s] or seg_size[s] != size:
                     continue
                 t = s  # a group of one segment reads it twice, its second load unused
-                for u in range(segments):
-                    if partner > 0 and u != s and not paired[u] and seg_size[u] == partner:
-                        t = u
-                        break
-                if partner > 0 and t == s:
-                    continue  # left for a later pairing
+                if partner > 0:
+                    while u < segments and (u == s or paired[u] or seg_size[u] != partner):
+                        u += 1
+                    if u == segments:
+                        break  # no partner left: the rest wait for a later pairing
+                    t = u
                 paired[s] = paired[t] = True
                 slot = 0
                 for which, segment in ((0, s), (1, t)):
