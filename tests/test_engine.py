@@ -426,6 +426,8 @@ def test_whole_stereo_net_matches_reference(sparsity):
     assert (empty > 0) == (sparsity == 0.99)
     # residual layers' channels without weights over constant residual channels are stored once too
     assert any(layer.residual is not None and layer.steady.any() for layer in program.layers) == (sparsity == 0.99)
+    # and the first conv computes only the channels that the next layer's kept weights read (`unread`)
+    assert (program.layers[0].unread is not None) == (sparsity == 0.99)
     g = torch.Generator().manual_seed(0)
     for h, w in [(60, 125), (60, 125), (37, 70), (60, 125)]:
         left, right = torch.rand(1, 3, h, w, generator=g), torch.rand(1, 3, h, w, generator=g)

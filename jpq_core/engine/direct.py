@@ -55,14 +55,17 @@ class Groups(NamedTuple):
 
     segments: np.ndarray  # uint64 (groups * 2): where each group's two segments start, relative to the run
     index: np.ndarray  # uint8 (groups * 64): window byte 4j + i = segment table byte index[.., 4j + i]
-    weights: np.ndarray  # uint32 (blocks, groups, CHANNELS): channel c's four weight bytes of each group
+    weights: np.ndarray  # uint32 (blocks, groups, CHANNELS): lane c's four weight bytes of each group
+    planes: np.ndarray  # uint64 (blocks * CHANNELS): the accumulator plane of each block's lane c
     fill: float  # taps per group / 4: how much of each dot product is used
 
 
-def group_taps(off: np.ndarray, weights: np.ndarray) -> Groups:
+def group_taps(off: np.ndarray, weights: np.ndarray, channels: np.ndarray | None = None) -> Groups:
     """The taps at offsets `off` (in the order given) of the dense int8 `weights` (C_out, taps) in groups: each
     group takes the next taps while it has fewer than four and each lies at most SPAN bytes after the start of one
-    of its (at most two) segments."""
+    of its (at most two) segments. Blocks of CHANNELS lanes hold the output `channels` (default: all) in order,
+    each lane's accumulators in the plane of its channel; the last block's spare lanes write planes C_out ..
+    C_out + CHANNELS - 1 (`accumulate`'s acc has them)."""
     groups = []  # [segment starts, [(tap, segment, shift)]]
     for k, o in enumerate(int(o) for o in off):
         if groups and len(groups[-1][1]) < 4:
@@ -76,7 +79,9 @@ def group_taps(off: np.ndarray, weights: np.ndarray) -> Groups:
                 continue
         groups.append([[o], [(k, 0, 0)]])
     count, c_out = len(groups), weights.shape[0]
-    blocks = -(-c_out // CHANNELS)
+    channels = np.arange(c_out) if channels is None else np.asarray(channels, np.int64)
+    blocks = -(-channels.size // CHANNELS)
+    planes = np.concatenate([channels, c_out + np.arange(blocks * CHANNELS - channels.size)]).astype(np.uint64)
     segments = np.zeros((count, 2), np.uint64)
     index = np.zeros((count, 16, 4), np.uint8)
     packed = np.zeros((blocks * CHANNELS, count, 4), np.uint8)
@@ -85,27 +90,27 @@ def group_taps(off: np.ndarray, weights: np.ndarray) -> Groups:
         segments[g] = starts[0], starts[-1]
         for i, (k, segment, shift) in enumerate(taps):
             index[g, :, i] = 64 * segment + shift + lanes  # the second segment's table starts at byte 64
-            packed[:c_out, g, i] = weights[:, k].view(np.uint8)
+            packed[:channels.size, g, i] = weights[channels, k].view(np.uint8)
     packed = packed.view(np.uint32)[..., 0].reshape(blocks, CHANNELS, count).transpose(0, 2, 1)
-    return Groups(segments.reshape(-1), index.reshape(-1), np.ascontiguousarray(packed).reshape(-1),
+    return Groups(segments.reshape(-1), index.reshape(-1), np.ascontiguousarray(packed).reshape(-1), planes,
                   len(off) / (4 * max(count, 1)))
 
 
 def _block(pixels: int):
-    """An intrinsic (acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
-    last_lanes): for the CHANNELS channels c and vectors p < pixels of 16 pixels x,
-    acc[a0 + c * pitch + p * out_step + x] = the sum over the groups of their dot products (int32; the windows of
+    """An intrinsic (acc, a0, out_step, pitch, planes, p0, inp, base, in_step, segments, index, weights, w0, groups,
+    lanes, last_lanes): for the CHANNELS lanes c and vectors p < pixels of 16 pixels x,
+    acc[a0 + planes[p0 + c] * pitch + p * out_step + x] = the sum over the groups of their dot products (int32; the windows of
     vector p from inp[base + p * in_step + segment start ..], weights from weights[w0 + g * CHANNELS + c]). One
     loop over the groups with the accumulators in registers, stored at its end: of each vector its first `lanes`
     elements, of the last one its first `last_lanes` (masked stores: a row's end, followed by rows computed
     before it). Vectors along a row have steps of 16; rows of at most 16 pixels go one per vector."""
     @intrinsic
-    def block(typingctx, acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
-              last_lanes):
+    def block(typingctx, acc, a0, out_step, pitch, planes, p0, inp, base, in_step, segments, index, weights, w0,
+              groups, lanes, last_lanes):
         def codegen(context, builder, signature, args):
-            acc_data, inp_data, seg_data, index_data, weight_data = (
-                make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 4, 7, 8, 9))
-            a0, out_step, pitch, base, in_step, w0, count = (args[i] for i in (1, 2, 3, 5, 6, 10, 11))
+            acc_data, plane_data, inp_data, seg_data, index_data, weight_data = (
+                make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 4, 6, 9, 10, 11))
+            a0, out_step, pitch, p0, base, in_step, w0, count = (args[i] for i in (1, 2, 3, 5, 7, 8, 12, 13))
             permute = builder.module.declare_intrinsic("llvm.x86.avx512.vpermi2var.qi.512",
                                                        fnty=ir.FunctionType(_BYTES, [_BYTES] * 3))
             entry, loop, done = builder.block, builder.append_basic_block("groups"), builder.append_basic_block("stored")
@@ -141,18 +146,19 @@ def _block(pixels: int):
                 total.add_incoming(value, loop)
             builder.cbranch(builder.icmp_unsigned("<", following, count), loop, done)
             builder.position_at_end(done)
-            masks = [_first_lanes(builder, args[12]), _first_lanes(builder, args[13])]
+            masks = [_first_lanes(builder, args[14]), _first_lanes(builder, args[15])]
             store = builder.module.declare_intrinsic("llvm.masked.store.v16i32.p0", fnty=ir.FunctionType(
                 ir.VoidType(), [_LANES, _LANES.as_pointer(), _I32, masks[0].type]))
             for c in range(CHANNELS):
-                row = builder.add(a0, builder.mul(pitch, ir.Constant(_I64, c)))
+                plane = builder.load(builder.gep(plane_data, [builder.add(p0, ir.Constant(_I64, c))]))
+                row = builder.add(a0, builder.mul(pitch, plane))
                 for p in range(pixels):
                     at = builder.gep(acc_data, [builder.add(row, builder.mul(out_step, ir.Constant(_I64, p)))])
                     builder.call(store, [new[c * pixels + p], builder.bitcast(at, _LANES.as_pointer()),
                                          ir.Constant(_I32, 4), masks[p == pixels - 1]])
             return context.get_dummy_value()
-        return (types.none(acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
-                           last_lanes), codegen)
+        return (types.none(acc, a0, out_step, pitch, planes, p0, inp, base, in_step, segments, index, weights, w0,
+                           groups, lanes, last_lanes), codegen)
     return block
 
 
@@ -167,41 +173,42 @@ _one_vector, _two_vectors, _three_vectors = _block(1), _block(2), _block(3)  # P
 
 
 @njit(inline="always")
-def _vectors(count, acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
-             last_lanes):
+def _vectors(count, acc, a0, out_step, pitch, planes, p0, inp, base, in_step, segments, index, weights, w0, groups,
+             lanes, last_lanes):
     """One block of `count` (1 to PIXELS) vectors (see `_block`)."""
     if count == 3:
-        _three_vectors(acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
-                       last_lanes)
+        _three_vectors(acc, a0, out_step, pitch, planes, p0, inp, base, in_step, segments, index, weights, w0, groups,
+                       lanes, last_lanes)
     elif count == 2:
-        _two_vectors(acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
-                     last_lanes)
+        _two_vectors(acc, a0, out_step, pitch, planes, p0, inp, base, in_step, segments, index, weights, w0, groups,
+                     lanes, last_lanes)
     else:
-        _one_vector(acc, a0, out_step, pitch, inp, base, in_step, segments, index, weights, w0, groups, lanes,
-                    last_lanes)
+        _one_vector(acc, a0, out_step, pitch, planes, p0, inp, base, in_step, segments, index, weights, w0, groups,
+                    lanes, last_lanes)
 
 
 @njit
-def accumulate(inp, in_sample, start, segments, index, weights, n0, count, rows, run, rowstep, acc, pitch):
+def accumulate(inp, in_sample, start, segments, index, weights, planes, n0, count, rows, run, rowstep, acc, pitch):
     """acc[c * pitch + (j * rows + r) * run + x] = sum_k w[c, k] * inp[(n0 + j) * in_sample + start + r * rowstep
-    + off[k] + x] for every block of CHANNELS channels c (`group_taps`), samples j < count, rows r < rows and x
-    below `run`: what `kernels.gather_columns` and a product compute, for int32 accumulators of u8 inputs.
-    Reads as far as the quads' loads (`quads.READ_BEYOND`) past a row's whole vectors; acc needs rows for the
-    padded channels of the last block."""
+    + off[k] + x] for the channels c that `group_taps` put in blocks (`planes`), samples j < count, rows r < rows
+    and x below `run`: what `kernels.gather_columns` and a product compute, for int32 accumulators of u8 inputs.
+    Reads as far as the quads' loads (`quads.READ_BEYOND`) past a row's whole vectors; acc needs the planes of
+    the last block's spare lanes."""
     groups = _U(index.shape[0] // 64)
     end, full, most = _U(run), _U(16), _U(PIXELS)
     row_step = _U(rowstep)
     for block in range(_U(0), _U(weights.shape[0]) // (groups * _U(CHANNELS))):
         w0 = block * groups * _U(CHANNELS)
+        p0 = block * _U(CHANNELS)
         for j in range(count):
             sample = _U(n0 + j) * _U(in_sample) + start
-            a_sample = block * _U(CHANNELS) * pitch + _U(j * rows) * end
+            a_sample = _U(j * rows) * end
             if rows > 1 and end <= full:  # short rows (stride 2): a vector per row, PIXELS rows per block
                 r = _U(0)
                 while r < _U(rows):
                     vectors = min(most, _U(rows) - r)
-                    _vectors(vectors, acc, a_sample + r * end, end, pitch, inp, sample + r * row_step, row_step,
-                             segments, index, weights, w0, groups, end, end)
+                    _vectors(vectors, acc, a_sample + r * end, end, pitch, planes, p0, inp, sample + r * row_step,
+                             row_step, segments, index, weights, w0, groups, end, end)
                     r += vectors
                 continue
             for r in range(rows):
@@ -211,6 +218,6 @@ def accumulate(inp, in_sample, start, segments, index, weights, n0, count, rows,
                 while x < end:  # blocks of PIXELS vectors, the rest (1-47 elements) as one of 1-3, its last masked
                     vectors = min(most, (end - x + _U(15)) // full)
                     last = min(full, end - x - (vectors - _U(1)) * full)
-                    _vectors(vectors, acc, a0 + x, full, pitch, inp, base + x, full, segments, index, weights, w0,
-                             groups, full, last)
+                    _vectors(vectors, acc, a0 + x, full, pitch, planes, p0, inp, base + x, full, segments, index,
+                             weights, w0, groups, full, last)
                     x += vectors * full

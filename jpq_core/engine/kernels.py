@@ -110,6 +110,7 @@ def _alive(typingctx, array):
     return types.none(array), codegen
 
 
+STEADY, UNREAD = 1, 2  # a channel's state in the kernel's index (`ops.Conv.channel_states`)
 VECTOR = 16  # int32 lanes of an AVX-512 register: accumulator rows are computed in whole vectors
 SHIFT_BLOCKS = chunks.native()  # the correlation's shifts in blocks of registers (`shift_blocks`), read when compiled
 CHUNKED_ROWS = chunks.native()  # epilogue rows in masked 16-lane chunks (`chunks`), read when numba compiles
@@ -599,7 +600,7 @@ def _tile_rows(epilogue, t, args):
     the call by one matrix product (the dense path below the crossover, `gather_columns`) for samples n0 ..
     n0 + chunk - 1 from output row row0 on: acc_buf is one row holding C_out x chunk planes of `plane`
     elements, output row oy at (oy - row0) * pitch; only the epilogue runs here, on tiles t0 .. t1 - 1."""
-    (inp, in_sample, rowstride, ptr, steady, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h,
+    (inp, in_sample, rowstride, ptr, states, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h,
      out_w, rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a,
      dest_b, place_b, mb, sb, zb, qb, low_b, fresh, dense) = args
     c_out = ptr.shape[0] - 1
@@ -630,7 +631,7 @@ def _tile_rows(epilogue, t, args):
         cr = corr[c]
         k0 = ptr[c]
         k1 = ptr[c + 1]
-        if steady[c] and not fresh:
+        if states[c] == UNREAD or (states[c] == STEADY and not fresh):
             continue
         if chunk == 0 and plane:
             _accumulate_kept(acc, run, inp, sample + np.uint64(oy0 * rowstride), off, val, k0, k1, np.uint64(1),
@@ -764,16 +765,17 @@ def _sparse_conv(inp, in_sample, index, val, corr, scale_bias, res, res_scale, h
     With dense[0] > 0 the accumulators of tiles dense[5] .. dense[6] - 1 are already in acc_buf (see
     `_tile_rows`) and only their epilogue runs.
 
-    index = ptr (C_out + 1, the CSR row starts), steady (C_out: 1 where no input changes the channel, see
-    `constants`), off. A steady channel is stored only when the output arrays are `fresh` (new this run);
-    arrays reused from an earlier run of the same program and input size already hold it.
+    index = ptr (C_out + 1, the CSR row starts), states (C_out: STEADY where no input changes the channel, see
+    `constants`; UNREAD where nothing reads it, see `unread`), off. A steady channel is stored only when the output
+    arrays are `fresh` (new this run); arrays reused from an earlier run of the same program and input size already
+    hold it. An unread channel is never computed.
     """
     c_out = scale_bias.shape[1]
     inp, val, corr, res, acc_buf, out = (_borrowed(inp), _borrowed(val), _borrowed(corr), _borrowed(res),
                                          _borrowed(acc_buf), _borrowed(out))
     dest_a, dest_b, index, scale_bias, places = (_borrowed(dest_a), _borrowed(dest_b), _borrowed(index),
                                                  _borrowed(scale_bias), _borrowed(places))
-    ptr, steady, off = index[:c_out + 1], index[c_out + 1:2 * c_out + 1], index[2 * c_out + 1:]
+    ptr, states, off = index[:c_out + 1], index[c_out + 1:2 * c_out + 1], index[2 * c_out + 1:]
     mul, bias = scale_bias[0], scale_bias[1]
     store_a, store_b = stores[0], stores[1]
     place_a, place_b, dense = places[0:4], places[4:8], places[8:]
@@ -802,7 +804,7 @@ def _sparse_conv(inp, in_sample, index, val, corr, scale_bias, res, res_scale, h
                     and low_a == low_b)
     if shared_mixed and dest_a.shape[1] == 2:  # the variant takes the stride-1 destination as dest_a
         dest_a, place_a, dest_b, place_b = dest_b, place_b, dest_a, place_a
-    args = (inp, in_sample, rowstride, ptr, steady, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h,
+    args = (inp, in_sample, rowstride, ptr, states, off, val, corr, mul, bias, res, res_scale, has_res, slope, out_h,
             out_w, rows_per_tile, tiles_per_sample, plane, acc_buf, out, keep, dest_a, place_a, ma, sa, za, qa, low_a,
             dest_b, place_b, mb, sb, zb, qb, low_b, fresh, dense)
     t0, t1 = (dense[5], dense[6]) if dense[0] > 0 else (0, tiles)

@@ -51,6 +51,7 @@ import torch.nn as nn
 from jpq_core.compressed import raw_weight, transform
 from jpq_core.engine import packing
 from jpq_core.engine.constants import mark_constant_channels
+from jpq_core.engine.unread import mark_unread_channels
 from jpq_core.engine.ops import INTEGER_ACTIVATION_BITS, INTEGER_WEIGHT_BITS, INTO, SHAPE_ARITHMETIC, Conv, Glue
 from jpq_core.errors import JPQError
 from jpq_core.models.stereo import INPUT_MEAN, INPUT_STD, StereoNet
@@ -988,12 +989,14 @@ def unused_glue_removed(ops: list, output: int) -> list:
         ops = kept
 
 
-def link(ops: list) -> None:
+def link(ops: list, output: int) -> None:
     """Resolve each producer's `targets` to the consuming op objects and mark the channels that no input changes
-    (`constants`), after lowering or loading."""
+    (`constants`) and those that nothing reads (`unread`; `output`: the program's output slot), after lowering or
+    loading."""
     for op in ops:
         op.consumers = [ops[t[0]] for t in op.targets or []] if hasattr(op, "targets") else []
     mark_constant_channels(ops)
+    mark_unread_channels(ops, output)
 
 
 def lower(model: nn.Module, fused: bool = True):
@@ -1010,5 +1013,5 @@ def lower(model: nn.Module, fused: bool = True):
     ops = residuals_folded(scales_folded(unused_glue_removed(lowering.ops, output), output), output)
     if fused:
         ops = fuse(ops, output)
-    link(ops)
+    link(ops, output)
     return ops, n_inputs, output, lowering.slots, lowering.origins

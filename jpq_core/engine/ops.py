@@ -75,6 +75,7 @@ class Conv:
     kind = "conv"
     consumers: list = field(default_factory=list, repr=False)
     steady: np.ndarray | None = field(default=None, repr=False)  # see `steady_channels`
+    unread: np.ndarray | None = field(default=None, repr=False)  # per output channel: nothing reads it (`unread`)
     _csr: tuple | None = field(default=None, repr=False)
     _geometry: dict = field(default_factory=dict, repr=False)
 
@@ -148,6 +149,15 @@ class Conv:
         if self.steady is None:
             self.steady = ~np.isnan(constants.conv_constants(self, None))
         return self.steady
+
+    def channel_states(self) -> np.ndarray:
+        """Per output channel what the kernel does with it (uint64, see `kernels._tile_rows`): kernels.UNREAD
+        where nothing reads it (`unread`: skipped), kernels.STEADY where steady (stored into new buffers only),
+        else 0 (computed)."""
+        states = np.where(self.steady_channels(), kernels.STEADY, 0).astype(np.uint64)
+        if self.unread is not None:
+            states[self.unread] = kernels.UNREAD
+        return states
 
     @property
     def per_sample(self) -> bool:
@@ -246,8 +256,8 @@ class Conv:
             off, weight_quads = off.astype(np.uint64), None
             if self.quad_weights:  # the kernel then takes the quads' ptr and offsets, and the quads for val
                 ptr, off, weight_quads = quads.group_weights(ptr, off, val)
-            # the kernel takes ptr, the steady channels and off as one array (see kernels._sparse_conv)
-            index = np.concatenate([ptr, self.steady_channels().astype(np.uint64), off])
+            # the kernel takes ptr, the channels' states and off as one array (see kernels._sparse_conv)
+            index = np.concatenate([ptr, self.channel_states(), off])
             self._geometry[(h, w)] = dict(hp=hp, wq=wq, out_h=out_h, out_w=out_w, index=index, quads=weight_quads,
                                           in_sample=s * c_total * hp * wq, rowstride=sh * wq, c_total=c_total)
         return self._geometry[(h, w)]
@@ -259,7 +269,7 @@ class Conv:
             raise JPQError(f"layer {self.name!r} runs on the float path; it has no integer accumulators.")
         ptr, val, corr, mul = self._kernel_weights()
         plain = copy.copy(self)
-        plain._csr = (ptr, val, corr, np.ones_like(mul))
+        plain._csr, plain._geometry, plain.unread = (ptr, val, corr, np.ones_like(mul)), {}, None
         plain.bias = np.zeros_like(self.bias)
         plain.inputs, plain.output, plain.residual, plain.slope = [0], 1, None, 1.0
         plain.targets, plain.keep, plain.fused, plain.consumers = None, True, None, []
@@ -487,7 +497,7 @@ class Conv:
         int8 = self.product_kind == "int8"
         corr = self._kernel_weights()[2]
         off = self.tap_offsets(g["hp"], g["wq"])
-        groups = self.direct_groups(off, weights)
+        groups = self.direct_groups(off, weights, np.flatnonzero(self.channel_states() != kernels.UNREAD))
         if int8 and groups is None:
             shifted = np.round(self.act["zero"]) - INT8_SHIFT
             corr = (shifted * weights.astype(np.float64).sum(1)).astype(corr.dtype)
@@ -526,11 +536,12 @@ class Conv:
                 pieces.append((n0, row0, t0, t1))
         inp, in_sample, rowstride = buffers[id(self)][3], int(g["in_sample"]), int(g["rowstride"])
         if groups is not None:
-            # rows for the last block's padded channels, which the direct kernel computes too
-            flat = np.empty(-(-co // direct.CHANNELS) * direct.CHANNELS * chunk * plane, np.int32)
+            # planes for the last block's spare lanes, which the direct kernel computes too
+            flat = np.empty((co + direct.CHANNELS) * chunk * plane, np.int32)
             acc = flat[:co * chunk * plane].reshape(co, chunk * plane)
-            args = [[inp, in_sample, np.uint64(row0 * rowstride), groups.segments, groups.index, groups.weights, n0,
-                     chunk, rows, run, rowstride, flat, np.uint64(chunk * plane)] for n0, row0, _, _ in pieces]
+            args = [[inp, in_sample, np.uint64(row0 * rowstride), groups.segments, groups.index, groups.weights,
+                     groups.planes, n0, chunk, rows, run, rowstride, flat, np.uint64(chunk * plane)]
+                    for n0, row0, _, _ in pieces]
             products = DenseProducts(pieces, direct.accumulate, args)
         else:
             # int8 products of a depth that is not a multiple of 4 (VNNI's dot products take 4 bytes) get zero rows
@@ -551,13 +562,15 @@ class Conv:
             products = DenseProducts(pieces, kernels.gather_columns, args, product)
         return products, acc.reshape(1, -1), np.array([chunk, plane, pitch, 0, 0, 0, 0], np.int64), corr, per_tile
 
-    def direct_groups(self, off: np.ndarray, weights: np.ndarray) -> direct.Groups | None:
+    def direct_groups(self, off: np.ndarray, weights: np.ndarray, channels: np.ndarray | None = None
+                      ) -> direct.Groups | None:
         """The taps of this layer's dense weights (C_out x K, at input offsets `off`) in groups for the direct
-        kernel (`direct`), or None where it does not run it: without int8 products, AVX-512 VNNI and VBMI, or
-        DIRECT, or where the groups would leave more than a quarter of their dot products unused."""
+        kernel (`direct`) to compute output `channels` (default: all), or None where it does not run it: without
+        int8 products, AVX-512 VNNI and VBMI, or DIRECT, or where the groups would leave more than a quarter of
+        their dot products unused."""
         if not (DIRECT and self.product_kind == "int8" and quads.native()):
             return None
-        groups = direct.group_taps(off, weights.astype(np.int8))
+        groups = direct.group_taps(off, weights.astype(np.int8), channels)
         return groups if groups.fill >= DIRECT_MIN_FILL else None
 
 

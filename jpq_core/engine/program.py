@@ -331,7 +331,7 @@ def load_program(path) -> Program:
         for i, d in enumerate(header["ops"]):
             mine = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.split(".", 1)[0] == str(i)}
             ops.append(op_from(d, mine))
-        link(ops)
+        link(ops, header["output"])
         return Program(ops, header["n_inputs"], header["output"], header["slots"], header.get("info"))
 
 
