@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 PORT ?= 8501
 
-.PHONY: app test setup clean-venv
+.PHONY: app test setup clean-venv deepsparse
 
 setup: $(STAMP)
 
@@ -25,3 +25,12 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Optional: DeepSparse 1.8 (the benchmark's third peer) in an interpreter of its own, since it needs numpy<2 and
+# onnx<1.15 and Python 3.8-3.11; then `bench engine --peers --deepsparse-python .venv-deepsparse/bin/python`.
+DEEPSPARSE_PYTHON ?= python3.11
+deepsparse: .venv-deepsparse/.installed
+.venv-deepsparse/.installed:
+	$(DEEPSPARSE_PYTHON) -m venv .venv-deepsparse
+	.venv-deepsparse/bin/python -m pip install --quiet "deepsparse==1.8.0" "numpy<2" "onnx<1.15"
+	touch $@

@@ -143,16 +143,16 @@ def qdq_network(net: nn.Module) -> nn.Module:
 # ---- export and check ---------------------------------------------------------------------------------------
 
 
-def to_onnx_model(model: nn.Module, example_inputs: tuple):
-    """`model` as an onnx.ModelProto traced at the shapes of `example_inputs`; an op the exporter cannot
-    translate is a JPQError naming it."""
+def to_onnx_model(model: nn.Module, example_inputs: tuple, opset: int = OPSET):
+    """`model` as an onnx.ModelProto at `opset`, traced at the shapes of `example_inputs`; an op the exporter
+    cannot translate is a JPQError naming it."""
     require_onnx()
     _quantized_ops()  # registered before the exporter's first call, which fixes the ops it can translate
     names = [f"input{i}" for i in range(len(example_inputs))] if len(example_inputs) > 1 else ["input"]
     quiet = io.StringIO()
     try:
         with contextlib.redirect_stdout(quiet), torch.inference_mode(False), torch.no_grad():
-            program = torch.onnx.export(model.eval(), tuple(example_inputs), None, dynamo=True, opset_version=OPSET,
+            program = torch.onnx.export(model.eval(), tuple(example_inputs), None, dynamo=True, opset_version=opset,
                                         input_names=names, output_names=["output"], verbose=False, optimize=False)
     except Exception as error:  # the exporter's errors are RuntimeErrors of several kinds
         raise JPQError(f"cannot export to ONNX: {_unexported_op(error)}") from error
@@ -215,9 +215,11 @@ def check_in_onnxruntime(model_or_path, reference: nn.Module, inputs: tuple, for
             "tolerance": tolerance, "output_scale": scale}
 
 
-def export_onnx(net: nn.Module, example_inputs: tuple, path, form: str = "float", threads: int = 1) -> dict:
+def export_onnx(net: nn.Module, example_inputs: tuple, path, form: str = "float", threads: int = 1,
+                opset: int = OPSET) -> dict:
     """Write the compressed `net` as ONNX in `form` ("float" or "qdq", see the module docstring) to `path`,
-    traced at `example_inputs`, after checking it in ONNX Runtime against PyTorch on those inputs.
+    traced at `example_inputs` at `opset` (the QDQ form's 16-bit types need OPSET), after checking it in ONNX
+    Runtime against PyTorch on those inputs.
 
     Returns {"path", "form", "bytes", "opset", "nodes": {op type: count}, "check": `check_in_onnxruntime`'s
     dict}. An unwritable path (found before the export's work), an op without ONNX translation or a failed
@@ -226,7 +228,7 @@ def export_onnx(net: nn.Module, example_inputs: tuple, path, form: str = "float"
         raise JPQError(f"the ONNX form must be one of {', '.join(FORMS)}, not {form!r}.")
     with atomic_output(Path(path)) as out:
         reference = detach(net).eval() if form == "float" else net.eval()
-        model = to_onnx_model(detach(net) if form == "float" else qdq_network(net), example_inputs)
+        model = to_onnx_model(detach(net) if form == "float" else qdq_network(net), example_inputs, opset)
         check = check_in_onnxruntime(model, reference, example_inputs, form, threads)
         if not check["ok"]:
             raise JPQError(f"the {form} ONNX export does not match PyTorch: {check}; nothing written.")
@@ -235,7 +237,7 @@ def export_onnx(net: nn.Module, example_inputs: tuple, path, form: str = "float"
     nodes: dict[str, int] = {}
     for node in model.graph.node:
         nodes[node.op_type] = nodes.get(node.op_type, 0) + 1
-    return {"path": str(path), "form": form, "bytes": len(data), "opset": OPSET, "nodes": nodes, "check": check}
+    return {"path": str(path), "form": form, "bytes": len(data), "opset": opset, "nodes": nodes, "check": check}
 
 
 @contextlib.contextmanager

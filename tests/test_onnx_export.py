@@ -233,3 +233,21 @@ def test_a_failing_deepsparse_interpreter_is_a_note(tmp_path, resnet20, digits_t
     with peer_runs(net, bench_inputs("resnet20", 1), digits_task, 1, 1, 0, str(broken), notes) as runs:
         assert set(runs) == {"onnxruntime", "onnxruntime_int8"}
     assert "No module named deepsparse" in notes["deepsparse"]
+
+
+def test_deepsparse_gets_an_export_it_reads(small_resnet, exports, tmp_path):
+    """DeepSparse 1.8 reads ONNX IR up to 9 and runs ReduceMean natively only with its axes as an attribute
+    (opset 17): the file it gets is that, and computes what the float export computes."""
+    import onnxruntime as ort
+
+    from jpq_core.engine.peers import for_deepsparse
+
+    net, inputs = small_resnet
+    model = onnx.load(for_deepsparse(net, inputs, tmp_path / "deepsparse.onnx", 1))
+    assert model.ir_version == 8 and [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    [mean] = [node for node in model.graph.node if node.op_type == "ReduceMean"]
+    assert {a.name for a in mean.attribute} == {"axes", "keepdims"} and len(mean.input) == 1
+    feed = {"input": inputs[0].numpy()}
+    ours = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+    theirs = ort.InferenceSession(exports["float"][1].SerializeToString()).run(None, feed)[0]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
