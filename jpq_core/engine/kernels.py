@@ -396,11 +396,12 @@ def _quantize_row(acc, a0, w, corr, mul, bias, low, qmax, res, n, c, oy, rmul, h
     """scratch[x] = `_emit_quantized`'s q of acc[a0 + x], for x < w. A loop, not chunks: `_split_pairs` reads the
     bytes back as pairs, and loads from masked stores wait for them to retire (the stage ends 27% slower)."""
     un, uc, uy = np.uint64(n), np.uint64(c), np.uint64(oy)
+    if not has_res:  # a loop of its own: with the residual's case inside it compiled to scalar code
+        for x in range(np.uint64(w)):
+            scratch[x] = _byte((np.float32(acc[a0 + x]) - corr) * mul + bias, low, qmax)
+        return
     for x in range(np.uint64(w)):
-        v = (np.float32(acc[a0 + x]) - corr) * mul + bias
-        if has_res:
-            v += rmul * res[un, uc, uy, x]
-        scratch[x] = _byte(v, low, qmax)
+        scratch[x] = _byte((np.float32(acc[a0 + x]) - corr) * mul + bias + rmul * res[un, uc, uy, x], low, qmax)
 
 
 @njit(inline="always")

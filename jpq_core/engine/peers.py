@@ -175,8 +175,8 @@ def peer_runs(net, inputs: tuple, task, threads: int, calibration_batches: int, 
 def for_deepsparse(net, inputs: tuple, path: Path, threads: int) -> Path:
     """The float export of `net` as DeepSparse 1.8 runs it best, written to `path`: traced at opset 18 (checked in
     ONNX Runtime like every export) and stamped IR version 9, then converted to opset 17 (IR 8) where onnx's
-    version converter can. At opset 18 ReduceMean takes its axes as an input, which DeepSparse leaves to its
-    ONNX Runtime: ResNet-20 at 90% ran 0.78 ms a call so, 0.28 with the axes an attribute (opset 17). The
+    version converter can. At opset 18 ReduceMean takes its axes as an input, which DeepSparse seems to leave to
+    its ONNX Runtime: ResNet-20 at 90% ran 0.78 ms a call so, 0.28 with the axes an attribute (opset 17). The
     converter leaves opset 18's `noop_with_empty_axes` on the node; at its default, 0, it is dropped. Pad has no
     converter to 17: the stereo network stays at 18."""
     import onnx
