@@ -181,9 +181,10 @@ def test_cli_export(tmp_path, capsys):
 
 @pytest.fixture
 def fake_deepsparse(tmp_path):
-    """An "interpreter" that answers every timing request with 1.5 ms (the DeepSparse timer's protocol)."""
+    """An "interpreter" that answers every timing request with 1.5 ms (the DeepSparse timer's protocol), and
+    "1.8.0-fake" when asked for deepsparse's version."""
     script = tmp_path / "fake-python"
-    script.write_text("#!/bin/sh\nwhile read calls; do echo 1.5; done\n")
+    script.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo 1.8.0-fake; exit 0; fi\nwhile read calls; do echo 1.5; done\n')
     script.chmod(0o755)
     return str(script)
 
@@ -195,6 +196,7 @@ def test_bench_engine_peers(fake_deepsparse):
     assert row["onnxruntime_ms"] > 0 and row["onnxruntime_int8_ms"] > 0
     assert row["deepsparse_ms"] == 1.5
     assert result["peer_notes"] == {} and "onnxruntime" in result["peer_versions"]
+    assert result["peer_versions"]["deepsparse"] == "1.8.0-fake"  # asked of the interpreter that times it
     fastest = min(row["onnxruntime_ms"], row["onnxruntime_int8_ms"], 1.5)
     assert row["vs_fastest_peer"] == pytest.approx(fastest / row["engine_ms"])
     [target] = result["targets"]  # ResNet-20 at 90%: at least 1.0x the fastest peer

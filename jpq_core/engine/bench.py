@@ -262,7 +262,7 @@ def benchmark(network: str = "stereo", sparsities=SPARSITIES, wbits=WBITS, batch
     result = {"network": network, "threads": threads, "batch": batch, "input": [list(x.shape) for x in inputs],
               "allocation": allocation, "machine": machine(),
               "repeats": repeats, "results": results, "crossover": {str(b): crossover(results, b) for b in wbits},
-              **({"peer_notes": peer_notes, "peer_versions": versions()} if peers else {}),
+              **({"peer_notes": peer_notes, "peer_versions": versions(deepsparse_python)} if peers else {}),
               # a user factory is loaded in this process only: a new one cannot build it
               "first_call_s": first_call_seconds(network, threads) if first_call and is_shipped_or_zoo(network) else None}
     result["targets"] = target_report(result)

@@ -206,10 +206,17 @@ def _session_run(session, inputs, feeds):
     return lambda: session.run(None, feed)
 
 
-def versions() -> dict:
-    """{package: version} of the peers installed here, for the benchmark's output."""
+def versions(deepsparse_python: str | None = None) -> dict:
+    """{package: version} of the peers installed here, and DeepSparse's in `deepsparse_python` where it answers,
+    for the benchmark's output."""
     found = {}
     for package in ("onnxruntime", "onnx"):
         with contextlib.suppress(ImportError):
             found[package] = __import__(package).__version__
+    if deepsparse_python:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            answer = subprocess.run([deepsparse_python, "-c", "import deepsparse; print(deepsparse.__version__)"],
+                                    stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+            if answer.returncode == 0 and answer.stdout.strip():
+                found["deepsparse"] = answer.stdout.strip().splitlines()[-1]
     return found
