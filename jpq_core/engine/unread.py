@@ -12,10 +12,9 @@ that each consumer's own unread channels are known when its producers are marked
 
 - the program's output, a glue op (correlation, soft-argmin, ...), or a conv that takes the output through its
   own store of the float tensor (not written into its input buffer by the producer): every channel;
-- a consumer written directly (the producer's `targets`) reads what it reads, whichever slot it names;
 - a conv that runs dense (matrix products over all taps) or as a linear layer: every channel;
-- a sparse conv into whose input buffer the producer writes, at channel offset c0: channels ci - c0 of its kept
-  weights (o, ci) whose output channel o is read;
+- a sparse conv into whose input buffer the producer writes (its `targets`, at channel offset c0; whichever slot
+  the conv names as its input): channels ci - c0 of its kept weights (o, ci) whose output channel o is read;
 - a conv that adds the output as its residual: the channels it reads of its own output.
 
     mark_unread_channels(ops, output)   # after linking, before the first run (`lowering.link`)
@@ -27,18 +26,15 @@ from collections import defaultdict
 
 import numpy as np
 
-_RESIDUAL = -1  # a reader's role: the output is its residual (else: the position among its inputs)
-
-
 def mark_unread_channels(ops: list, output: int) -> None:
     """Set each conv's `unread` (bool per output channel, or None where every channel is read); `output` is the
     program's output slot."""
-    readers = defaultdict(list)  # slot -> [(op, role)]
+    readers = defaultdict(list)  # slot -> [(op, whether it takes the slot as its residual)]
     for op in ops:
-        for position, slot in enumerate(op.inputs):
-            readers[slot].append((op, position))
+        for slot in op.inputs:
+            readers[slot].append((op, False))
         if op.kind == "conv" and op.residual is not None:
-            readers[op.residual].append((op, _RESIDUAL))
+            readers[op.residual].append((op, True))
     for op in reversed(ops):
         if op.kind == "conv":
             read = _channels_read(op, readers[op.output], output)
@@ -54,10 +50,10 @@ def _channels_read(conv, readers: list, output: int) -> np.ndarray | None:
         return None
     c_out = conv.shape[0]
     read = np.zeros(c_out, bool)
-    for reader, role in readers:
+    for reader, as_residual in readers:
         if reader.kind != "conv" or reader.linear:
             return None
-        if role == _RESIDUAL:
+        if as_residual:
             if reader.shape[0] != c_out:
                 return None
             read |= _read_outputs(reader)
