@@ -24,7 +24,7 @@ def test_planned_runs_give_a_fresh_programs_outputs(sparsity):
     """Run after run over the same buffers (the third on takes the plan), for new inputs of the same shape
     and after a run at another size, ResNet-20 gives what a program that never ran gives for that input;
     at 0% most layers take the dense path (products, then the kernel's epilogue), at 95% most are sparse.
-    The stem and the fc store their inputs (the image, the pooled features) themselves, each run anew."""
+    The stem stores its input (the image) itself, each run anew; the pool writes the fc's input."""
     from jpq_core.models import load_network
     from jpq_core.tasks import make_task
 
@@ -35,8 +35,8 @@ def test_planned_runs_give_a_fresh_programs_outputs(sparsity):
     outputs = [program.run(x) for x in inputs]
     steps = planned_steps(program)
     planned = [name for names, step in steps if step is not None for name in names]
-    assert planned == [layer.name for layer in program.layers]  # every conv, stem and fc too
-    assert [names for names, step in steps if step is not None and step[3]] == [["stem.0"], ["fc"]]  # store inputs
+    assert planned == [op.name for op in program.ops]  # every conv, stem and fc too, and the pool
+    assert [names for names, step in steps if step is not None and step[3]] == [["stem.0"]]  # stores its input
     if sparsity:  # runs of sparse layers as one call each
         assert max(len(names) for names, _ in steps) >= 5
     for x, out in zip(inputs, outputs):
@@ -95,3 +95,74 @@ def test_a_plan_is_per_thread_count():
         numba.set_num_threads(before)
     for out in runs[1:]:
         np.testing.assert_array_equal(out, runs[0])
+
+
+class PooledHead(nn.Module):
+    """conv -> global average pool -> linear (as torchvision's classifiers); with `features`, the pooled vector is
+    an output too."""
+
+    def __init__(self, features: bool = False):
+        super().__init__()
+        self.features = features
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        pooled = torch.flatten(self.pool(torch.relu(self.conv(x))), 1)
+        logits = self.fc(pooled)
+        return torch.cat([logits, pooled], 1) if self.features else logits
+
+
+def _pooled_head(features: bool):
+    torch.manual_seed(0)
+    model = PooledHead(features)
+    attach(model, {"conv": torch.rand_like(model.conv.weight) >= 0.5, "fc": torch.rand_like(model.fc.weight) >= 0.3}, 8)
+    add_activation_quantizers(model, 8)
+    model.eval()
+    model(torch.randn(4, 3, 10, 12))
+    for layer in (model.conv, model.fc):
+        layer.input_quantizer.finish_calibration()
+    return model
+
+
+def test_a_pool_read_by_a_linear_layer_alone_writes_its_input():
+    """The pool stores its means straight into the linear layer's quantized input, the bytes the layer's own store
+    of the pooled floats would write, run after run (planned: one compiled call); the outputs are the unfused
+    program's and PyTorch's."""
+    from jpq_core.engine import kernels
+
+    model = _pooled_head(features=False)
+    program = compile_network(model)
+    pool = next(op for op in program.ops if getattr(op, "op", None) == "global_avg_pool")
+    fc = program.layers[-1]
+    assert pool.consumers == [fc] and fc.fused
+    unfused = compile_network(model)
+    for op in unfused.ops:
+        op.targets, op.consumers = None, []
+    unfused.layers[-1].fused = None
+    for seed, n in enumerate((3, 1, 1, 1, 1)):
+        x = torch.randn(n, 3, 10, 12, generator=torch.Generator().manual_seed(seed))
+        out = program.run(x)
+        np.testing.assert_array_equal(out, unfused.run(x))
+        with torch.no_grad():
+            np.testing.assert_allclose(out, model(x).numpy(), atol=0.05)
+    names, step = planned_steps(program)[1]
+    assert names == [pool.name] and step is not None  # a compiled call in later runs
+    conv_out = program._buffers[(id(program.layers[0]), "out")]
+    pooled = np.empty((1, 8, 1, 1), np.float32)
+    kernels.global_avg_pool_serial(conv_out, pooled)
+    expected = np.zeros_like(program._buffers[id(fc)][0])
+    kernels.pad_input_serial(pooled, expected, 0, 0, 0, *fc.store_params())
+    np.testing.assert_array_equal(program._buffers[id(fc)][0], expected)
+
+
+def test_a_pool_that_something_else_reads_keeps_its_output():
+    model = _pooled_head(features=True)
+    program = compile_network(model)
+    pool = next(op for op in program.ops if getattr(op, "op", None) == "global_avg_pool")
+    assert not pool.consumers
+    for seed in range(3):
+        x = torch.randn(1, 3, 10, 12, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            np.testing.assert_allclose(program.run(x), model(x).numpy(), atol=0.05)

@@ -1209,22 +1209,41 @@ def upsample2x(x, out):
             orow[ox] = _bilinear_column(r0, r1, ox, w, ky, ly)
 
 
+@njit(cache=True, fastmath=True)
+def _channel_mean(x, n, c):
+    """The mean over (y, x) of x[n, c]: a function of its own, so that the pool and the pool into a consumer's
+    input (compiled with other flags) sum in the same order."""
+    h, w = x.shape[2], x.shape[3]
+    s = np.float32(0.0)
+    for y in range(h):
+        for j in range(w):
+            s += x[n, c, y, j]
+    return s / np.float32(h * w)
+
+
 def _global_avg_pool(x, out):
     """out[n, c, 0, 0] = mean over (y, x) of x[n, c]."""
-    n_batch, c_in, h, w = x.shape
+    n_batch, c_in = x.shape[0], x.shape[1]
     for job in prange(n_batch * c_in):
         n = job // c_in
         c = job % c_in
-        s = np.float32(0.0)
-        for y in range(h):
-            for j in range(w):
-                s += x[n, c, y, j]
-        out[n, c, 0, 0] = s / np.float32(h * w)
+        out[n, c, 0, 0] = _channel_mean(x, n, c)
 
 
 global_avg_pool = njit(parallel=True, cache=True, fastmath=True)(_global_avg_pool)
 # without threads, for small inputs (a classifier's last map at batch 1), where a parallel region costs more
 global_avg_pool_serial = njit(cache=True, fastmath=True)(_global_avg_pool)
+
+
+@njit(cache=True)
+def global_avg_pool_into(x, out, c0, mode, scale, zero, qmax):
+    """`global_avg_pool` written as `pad_input` writes it (each mean through `_store(mode)`) into channels c0.. of
+    out (N, 1, C_total, 1, 1): the input of a linear layer (or an unpadded conv on a 1 x 1 map), without the
+    pooled float tensor and a store of it between two calls. Serial: at most a few thousand means."""
+    n_batch, c_in = x.shape[0], x.shape[1]
+    for n in range(n_batch):
+        for c in range(c_in):
+            out[n, 0, c0 + c, 0, 0] = _store(_channel_mean(x, n, c), mode, scale, zero, qmax)
 
 
 @njit(parallel=True, cache=True)

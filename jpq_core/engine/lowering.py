@@ -52,7 +52,8 @@ from jpq_core.compressed import raw_weight, transform
 from jpq_core.engine import packing
 from jpq_core.engine.constants import mark_constant_channels
 from jpq_core.engine.unread import mark_unread_channels
-from jpq_core.engine.ops import INTEGER_ACTIVATION_BITS, INTEGER_WEIGHT_BITS, INTO, SHAPE_ARITHMETIC, Conv, Glue
+from jpq_core.engine.ops import (INTEGER_ACTIVATION_BITS, INTEGER_WEIGHT_BITS, INTO, INTO_ACCEPTS, SHAPE_ARITHMETIC,
+                                 Conv, Glue)
 from jpq_core.errors import JPQError
 from jpq_core.models.stereo import INPUT_MEAN, INPUT_STD, StereoNet
 from jpq_core.quantization import uniform_params
@@ -875,7 +876,8 @@ def fuse(ops: list, output: int) -> list:
     """Let producers write their consumers' padded, quantized input buffers directly, so that no float
     tensor and no separate padding pass sits in between: a conv (or the stereo input normalisation) whose
     output is (part of) a conv's input writes that conv's buffer in its epilogue, for up to MAX_TARGETS
-    consumers, also through `batch_part` 0 (StereoNet's left-view features: the first part of the batch).
+    consumers, also through `batch_part` 0 (StereoNet's left-view features: the first part of the batch); so does
+    a global average pool read by a linear layer alone (`ops.INTO_ACCEPTS`).
     The float output is kept only where something else still reads it (`Conv.keep`). Returns the ops
     without the `batch_part` glue that fusion made unused."""
     uses = _uses(ops, output)
@@ -886,14 +888,17 @@ def fuse(ops: list, output: int) -> list:
     links = {id(p): [] for p in producers.values()}
     dead = set()
     for consumer in ops:
-        if not isinstance(consumer, Conv) or consumer.linear:
+        if not isinstance(consumer, Conv):
             continue
         total = consumer.groups * consumer.shape[1]
         sources, channels = [], []
         for slot in consumer.inputs:
             src, parts = halves[slot] if slot in halves and uses[slot] == 1 else (slot, 1)
             producer = producers.get(src)
-            if isinstance(producer, Glue) and (len(consumer.inputs) > 1 or parts != 1):
+            if isinstance(producer, Glue) and (len(consumer.inputs) > 1 or parts != 1 or uses[src] != 1
+                                               or not INTO_ACCEPTS[producer.op](consumer)):
+                producer = None
+            if isinstance(producer, Conv) and consumer.linear:
                 producer = None
             sources.append((producer, parts, slot))
             channels.append(None if producer is None else producer.shape[0] if isinstance(producer, Conv) else total)

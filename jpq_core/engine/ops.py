@@ -28,10 +28,11 @@ INTEGER_ACTIVATION_BITS = (4, 5, 6, 7, 8)
 
 
 class Planned(NamedTuple):
-    """A conv's work in a planned run (`Conv.planned`, `Program._run_plan`)."""
+    """An op's work in a planned run (`Conv.planned`, `Glue.planned`, `Program._run_plan`)."""
 
     call: Callable[[], None]
-    residual: tuple  # (slot, the array bound) where it adds a residual: it holds only while that slot has that array
+    residual: tuple  # (slot, the array bound) where it reads an array made elsewhere (a residual, glue's input): it
+    # holds only while that slot has that array
     outputs: tuple  # ((slot, float output),) where it keeps one, else ()
     stores: tuple  # ((slot, store), ...): the inputs it stores itself, each store taking that slot's array
     serial_args: tuple | None  # `kernels.sparse_conv_serial`'s arguments where `call` is that kernel alone
@@ -729,6 +730,19 @@ class Glue:
         check = PER_SAMPLE.get(self.op)
         return check is not None and bool(check(**self.params))
 
+    def planned(self, env: list, buffers: dict) -> Planned | None:
+        """This op's work as a later run of the same buffers can do it without `run`'s Python (see
+        `Program._run_plan`): one compiled call where it writes its consumer's input with one kernel
+        (`PLANNED_INTO`), holding while its input is the array bound here; else None."""
+        if not self.consumers or self.op not in PLANNED_INTO:
+            return None
+        kernel, make_args = PLANNED_INTO[self.op]
+        x = env[self.inputs[0]]
+        args = make_args(x, self.consumers[0], self.targets[0][1], buffers)
+        if args[0] is not x:  # a copy made per run: nothing fixed to bind
+            return None
+        return Planned(functools.partial(entry_point(kernel, args), *args), (self.inputs[0], x), (), (), None)
+
     def run(self, env: list, buffers: dict) -> None:
         xs = [env[i] for i in self.inputs]
         if self.consumers:
@@ -803,9 +817,21 @@ def _divide(xs, divisor):
 def _global_avg_pool(xs):
     x = np.ascontiguousarray(xs[0])
     out = np.empty((x.shape[0], x.shape[1], 1, 1), np.float32)
-    serial = numba.get_num_threads() == 1 or x.size < SERIAL_OUTPUTS
+    serial = x.size < SERIAL_OUTPUTS or numba.get_num_threads() == 1
     (kernels.global_avg_pool_serial if serial else kernels.global_avg_pool)(x, out)
     return out
+
+
+def _pool_into_args(x, consumer, c0, buffers) -> list:
+    """`kernels.global_avg_pool_into`'s arguments: x's means into channels c0.. of linear layer `consumer`'s input."""
+    x = np.ascontiguousarray(x, np.float32)
+    mode, scale, zero, qmax = consumer.store_params()
+    return [x, consumer.input_buffer(buffers, x.shape[0], 1, 1), c0, int(mode), scale, zero, qmax]
+
+
+def _global_avg_pool_into_linear(xs, consumer, c0, buffers):
+    """`_global_avg_pool` written straight into the consuming linear layer's (quantized) input."""
+    kernels.global_avg_pool_into(*_pool_into_args(xs[0], consumer, c0, buffers))
 
 
 def _channel(xs, index):
@@ -1030,7 +1056,13 @@ PER_SAMPLE = {
 }
 
 
-INTO = {"normalize_pad": _normalize_pad_into_conv}  # glue ops that can write a conv's input directly
+# Glue ops that can write a conv's input directly, and which convs: StereoNet's input normalisation a conv's
+# padded input; the global average pool a linear layer's (a classifier's head), one call instead of the pool,
+# its float tensor and the layer's store of it.
+INTO = {"normalize_pad": _normalize_pad_into_conv, "global_avg_pool": _global_avg_pool_into_linear}
+INTO_ACCEPTS = {"normalize_pad": lambda conv: not conv.linear, "global_avg_pool": lambda conv: conv.linear}
+# Those among them that a planned run calls compiled (`Glue.planned`): (kernel, its arguments from the op's input).
+PLANNED_INTO = {"global_avg_pool": (kernels.global_avg_pool_into, _pool_into_args)}
 
 
 def op_from(description: dict, arrays: dict):

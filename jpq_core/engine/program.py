@@ -140,7 +140,7 @@ class Program:
         unboxing 24 arguments a layer cost 4% of a run). `residuals` are the (slot, array) a call holds for; a
         residual that a planned conv's kept output is always holds (the same array every run), so only others
         are checked, and a conv with one stays alone."""
-        planned = [op.planned(env, buffers) if isinstance(op, Conv) else None for op in self.ops]
+        planned = [op.planned(env, buffers) for op in self.ops]
         kept = {id(array) for step in planned if step is not None for _, array in step.outputs}
         plan, group = [], []
 
@@ -249,8 +249,10 @@ class Program:
         size divides the batch (every part alike, so the buffers of one part size are reused), else the batch
         runs whole."""
         n = arrays[0].shape[0]
+        if n == 1:
+            return 1
         first = next((op for op in self.ops if isinstance(op, Conv)), None)
-        if (n == 1 or first is None or not self.samples_independent or self.nbytes > MICRO_BATCH_MAX_WEIGHTS
+        if (first is None or not self.samples_independent or self.nbytes > MICRO_BATCH_MAX_WEIGHTS
                 or any(x.shape[0] != n for x in arrays)):
             return n
         h, w = arrays[0].shape[2:]
