@@ -386,8 +386,8 @@ def _emit_run(acc, a0, w, rows, pitch, corr, mul, bias, low, qmax, dest, n, c, o
     _quantized_row(acc, a0, np.uint64(rows - 1) * step + width, corr, mul, bias, low, qmax, res, np.uint64(0),
                    np.float32(0.0), False, dest, row0)  # res: an unread float array (no residual here)
     fill = np.uint8(pad_value)
-    for r in range(np.uint64(rows - 1)):
-        for x in range(width, step):
+    for x in range(width, step):  # down the rows: a row's few bytes in a loop of their own became a memset call
+        for r in range(np.uint64(rows - 1)):  # per row, and each call spilled the vector registers around it
             flat[row0 + r * step + x] = fill
 
 
