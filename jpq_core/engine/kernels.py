@@ -465,6 +465,25 @@ def _emit(y, w, dest, n, c, oy, c0, pad_h, pad, mode, scale, zero, qmax, scratch
 
 
 @njit(inline="always")
+def _four_products(acc, length, inp, base, off, val, k, add):
+    """acc[x] = (acc[x] where `add`, else 0) + sum_{k <= j < k + 4} val[j] * inp[base + off[j] + x], x < length."""
+    v0 = val[k]
+    v1 = val[k + np.uint64(1)]
+    v2 = val[k + np.uint64(2)]
+    v3 = val[k + np.uint64(3)]
+    o0 = base + off[k]
+    o1 = base + off[k + np.uint64(1)]
+    o2 = base + off[k + np.uint64(2)]
+    o3 = base + off[k + np.uint64(3)]
+    if add:
+        for x in range(length):
+            acc[x] += v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x] + v3 * inp[o3 + x]
+    else:
+        for x in range(length):
+            acc[x] = v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x] + v3 * inp[o3 + x]
+
+
+@njit(inline="always")
 def _accumulate(acc, length, inp, base, off, val, k0, k1):
     """acc[x] = sum_{k0 <= k < k1} val[k] * inp[base + off[k] + x] for x < length (a multiple of VECTOR).
 
@@ -497,30 +516,12 @@ def _accumulate(acc, length, inp, base, off, val, k0, k1):
         for x in range(length):
             acc[x] = v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x]
     elif k == k0 + np.uint64(4):
-        v0 = val[k0]
-        v1 = val[k0 + np.uint64(1)]
-        v2 = val[k0 + np.uint64(2)]
-        v3 = val[k0 + np.uint64(3)]
-        o0 = base + off[k0]
-        o1 = base + off[k0 + np.uint64(1)]
-        o2 = base + off[k0 + np.uint64(2)]
-        o3 = base + off[k0 + np.uint64(3)]
-        for x in range(length):
-            acc[x] = v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x] + v3 * inp[o3 + x]
+        _four_products(acc, length, inp, base, off, val, k0, False)
     else:
         for x in range(length):
             acc[x] = 0
     if (k1 - k) % np.uint64(8) == np.uint64(4):
-        v0 = val[k]
-        v1 = val[k + np.uint64(1)]
-        v2 = val[k + np.uint64(2)]
-        v3 = val[k + np.uint64(3)]
-        o0 = base + off[k]
-        o1 = base + off[k + np.uint64(1)]
-        o2 = base + off[k + np.uint64(2)]
-        o3 = base + off[k + np.uint64(3)]
-        for x in range(length):
-            acc[x] += v0 * inp[o0 + x] + v1 * inp[o1 + x] + v2 * inp[o2 + x] + v3 * inp[o3 + x]
+        _four_products(acc, length, inp, base, off, val, k, True)
         k += np.uint64(4)
     while k < k1:
         v0 = val[k]
