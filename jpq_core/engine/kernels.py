@@ -1239,8 +1239,8 @@ global_avg_pool_serial = njit(cache=True, fastmath=True)(_global_avg_pool)
 @njit(cache=True)
 def global_avg_pool_into(x, out, c0, mode, scale, zero, qmax):
     """`global_avg_pool` written as `pad_input` writes it (each mean through `_store(mode)`) into channels c0.. of
-    out (N, 1, C_total, 1, 1): the input of a linear layer (or an unpadded conv on a 1 x 1 map), without the
-    pooled float tensor and a store of it between two calls. Serial: at most a few thousand means."""
+    out (N, 1, C_total, 1, 1), a linear layer's input (`ops.INTO_ACCEPTS`), without the pooled float tensor and
+    a store of it between two calls. Serial: at most a few thousand means."""
     n_batch, c_in = x.shape[0], x.shape[1]
     for n in range(n_batch):
         for c in range(c_in):
